@@ -1,0 +1,16 @@
+"""mech-vtokens: mechanistic interpretability of the visual tokens of multimodal LLMs, on nnsight.
+
+    import mech_vtokens as mv
+    from probes import EmbedLens
+    vlm = mv.load("llava-hf/llava-1.5-7b-hf")            # or a local dir, or mv.testing.tiny_model(...)
+    lens, = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5)])
+    lens.to_pandas()
+"""
+
+from .errors import InputError
+from .experiment import Experiment
+from .run import run
+from .vlm import VLM, Batch, load, register_remote
+
+__all__ = ["VLM", "Batch", "Experiment", "InputError", "load", "register_remote", "run"]
+__version__ = "0.1.0"

@@ -1,0 +1,33 @@
+"""Model-family adapters: one file per family, each a declaration (see ``base.Adapter`` and docs/DESIGN.md).
+
+Adding a family = one file with an ``Adapter`` subclass + its entry in ``ADAPTERS`` + a tiny fixture in
+``mech_vtokens.testing``.
+"""
+
+from ..errors import InputError
+from .base import Adapter
+from .internvl import InternVLAdapter
+from .llava import LlavaAdapter
+from .qwen2_5_vl import Qwen25VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, InternVLAdapter)
+
+
+def supported() -> str:
+    return ", ".join(f"{a.family} (model_type {'/'.join(a.model_types)})" for a in ADAPTERS)
+
+
+def adapter_class_for(config) -> type[Adapter]:
+    """The adapter class serving ``config.model_type``; a clear error listing the supported families otherwise."""
+    model_type = getattr(config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    raise InputError(
+        f"unsupported model type {model_type!r}. Supported families: {supported()}. To add one, write an Adapter "
+        f"subclass in mech_vtokens/adapters/<family>.py (module paths, geometry, processor class), list it in "
+        f"mech_vtokens.adapters.ADAPTERS and add a tiny fixture to mech_vtokens.testing (see docs/DESIGN.md)")
+
+
+__all__ = ["ADAPTERS", "Adapter", "adapter_class_for", "supported"]

@@ -1,0 +1,193 @@
+"""The adapter contract: what a model family declares, and the behaviour every family shares.
+
+A family file (``llava.py``, ``qwen2_vl.py``, ...) is a subclass of :class:`Adapter` that is mostly declarations:
+module paths, how the image features reach the LM, its patch geometry. Everything computed from those declarations
+(the site table in forward order, visual positions, the layout check, processor loading) lives here, once.
+See ``docs/DESIGN.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from .components import Geometry
+
+# Per decoder layer, in forward order: (site suffix, module path relative to the layer, accessor kind, index).
+# "input" = the module's first input; "output" with an index = that element of a tuple output.
+_BLOCK_SITES = (
+    ("hook_resid_pre", "", "input", None),
+    ("hook_attn_out", "{attn}", "output", 0),
+    ("hook_resid_mid", "{ln2}", "input", None),
+    ("hook_mlp_out", "{mlp}", "output", None),
+    ("hook_resid_post", "", "output", None),
+)
+BLOCK_SITE_NAMES = tuple(s[0] for s in _BLOCK_SITES)
+
+
+class Adapter:
+    """What one model family declares. Subclasses set the class attributes; nothing else in the project branches
+    on the family.
+
+    Declarations (all paths are attribute paths from the ``*ForConditionalGeneration`` root):
+
+    - ``family``: short name; ``model_types``: the ``config.model_type`` values it serves.
+    - ``vision_layers``: the ModuleList of vision-encoder blocks; ``vision_layer_output_index``: tuple index of a
+      block's output (None when it returns a tensor).
+    - ``projector``: the module whose output is the projected image features (native order).
+    - ``language_model``: the decoder stack that receives ``inputs_embeds``; ``decoder_layers``: its ModuleList;
+      ``attn`` / ``mlp`` / ``ln2``: paths inside a decoder layer; ``final_norm``; ``lm_head``.
+    - ``geometry``: a :class:`~mech_vtokens.adapters.components.Geometry` subclass (patch grid, tiles, merge).
+    - ``processor_class``: the processor class to build when ``AutoProcessor`` cannot (video parts need
+      torchvision); ``processor_kwargs_from_config``: processor settings taken from the model config.
+    """
+
+    family: str = ""
+    model_types: tuple = ()
+    vision_layers: str = ""
+    vision_layer_output_index: int | None = None
+    projector: str = ""
+    language_model: str = "model.language_model"
+    decoder_layers: str = "model.language_model.layers"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    ln2: str = "post_attention_layernorm"
+    final_norm: str = "model.language_model.norm"
+    lm_head: str = "lm_head"
+    geometry: type[Geometry] = Geometry
+    processor_class: str = ""
+
+    def __init__(self, hf_model: torch.nn.Module):
+        self.config = hf_model.config
+        self.n_layers = len(_resolve(hf_model, self.decoder_layers))
+        self.n_vision_layers = len(_resolve(hf_model, self.vision_layers))
+        self.d_model = _resolve(hf_model, self.lm_head).in_features
+        self.image_token_id = int(self.image_token_id_of(self.config))
+        self._sites = self._site_table()
+
+    # ---- declarations with a default -------------------------------------------------------------------------
+    @staticmethod
+    def image_token_id_of(config) -> int:
+        """The id that marks visual positions in ``input_ids``."""
+        return config.image_token_id
+
+    # ---- sites ----------------------------------------------------------------------------------------------
+    def _site_table(self) -> dict:
+        """name -> (order, module path, accessor kind, index), in forward order."""
+        rows = []
+        vidx = self.vision_layer_output_index
+        for i in range(self.n_vision_layers):
+            rows.append((f"vision.blocks.{i}.hook_resid_post", f"{self.vision_layers}.{i}", "output", vidx))
+        rows.append(("vision_projector.hook_out", self.projector, "output", None))
+        rows.append(("hook_embed", self.language_model, "kwarg", "inputs_embeds"))
+        for i in range(self.n_layers):
+            layer = f"{self.decoder_layers}.{i}"
+            for name, rel, kind, index in _BLOCK_SITES:
+                rel = rel.format(attn=self.attn, ln2=self.ln2, mlp=self.mlp)
+                rows.append((f"blocks.{i}.{name}", f"{layer}.{rel}" if rel else layer, kind, index))
+        rows.append(("ln_final.hook_normalized", self.final_norm, "output", None))
+        rows.append(("unembed.hook_out", self.lm_head, "output", None))
+        return {name: (order, path, kind, index) for order, (name, path, kind, index) in enumerate(rows)}
+
+    @property
+    def site_names(self) -> list[str]:
+        """Every site of this model, in forward order (TransformerLens-style names)."""
+        return list(self._sites)
+
+    def site(self, name: str) -> tuple:
+        """(order, module path, accessor kind, index) of a site; a clear error for unknown names."""
+        if name in self._sites:
+            return self._sites[name]
+        m = re.fullmatch(r"(vision\.)?blocks\.(-?\d+)\.(\w+)", name)
+        if m:
+            vision, layer, hook = m.group(1), int(m.group(2)), m.group(3)
+            n = self.n_vision_layers if vision else self.n_layers
+            if layer < 0 and -n <= layer:
+                return self.site(name.replace(f"blocks.{layer}.", f"blocks.{layer + n}.", 1))
+            if not 0 <= layer < n:
+                raise InputError(
+                    f"site {name!r}: layer {layer} is out of range; this {self.family} model has {n} "
+                    f"{'vision' if vision else 'decoder'} layers (use 0..{n - 1}, or a negative index from the end)")
+            valid = ["hook_resid_post"] if vision else list(BLOCK_SITE_NAMES)
+            raise InputError(f"site {name!r}: the {self.family} adapter has no hook {hook!r} per "
+                             f"{'vision ' if vision else ''}block; valid hooks: {', '.join(valid)}")
+        raise InputError(
+            f"unknown site {name!r} for a {self.family} model. Valid sites: 'vision.blocks.{{i}}.hook_resid_post', "
+            f"'vision_projector.hook_out', 'hook_embed', 'blocks.{{i}}.{{{','.join(BLOCK_SITE_NAMES)}}}', "
+            f"'ln_final.hook_normalized', 'unembed.hook_out' (vlm.sites lists them all)")
+
+    def canonical(self, name: str) -> str:
+        """The site's name with negative layer indices resolved."""
+        order = self.site(name)[0]
+        return self.site_names[order]
+
+    # ---- visual tokens --------------------------------------------------------------------------------------
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: True at visual positions (``input_ids == image_token_id``; padding-aware by
+        construction)."""
+        return input_ids == self.image_token_id
+
+    # ---- processor ------------------------------------------------------------------------------------------
+    # Processor settings that must agree with the model config: processor kwarg -> config attribute.
+    processor_kwargs_from_config: dict = {}
+
+    @classmethod
+    def load_processor(cls, source: str, config=None, **kwargs):
+        """``AutoProcessor`` when it works; else this family's processor without its video part. Settings listed
+        in ``processor_kwargs_from_config`` are then taken from the model config."""
+        from transformers import AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, ImportError, AttributeError) as err:
+            if not cls.processor_class:
+                raise
+            import transformers
+
+            from .components import videoless
+
+            try:
+                processor = videoless(getattr(transformers, cls.processor_class)).from_pretrained(source, **kwargs)
+            except Exception:
+                raise err from None
+        for attr, config_attr in cls.processor_kwargs_from_config.items():
+            if config is not None and getattr(config, config_attr, None) is not None:
+                setattr(processor, attr, getattr(config, config_attr))
+        return processor
+
+    def check_processor(self, processor) -> None:
+        """Raise if ``processor`` does not belong to this model (its image token is not the model's)."""
+        tok = getattr(processor, "tokenizer", None)
+        if tok is None or not hasattr(processor, "image_processor"):
+            raise InputError(f"the processor {type(processor).__name__} has no tokenizer or image processor; pass "
+                             f"the multimodal processor of this checkpoint (AutoProcessor.from_pretrained(<same id>))")
+        pid = getattr(processor, "image_token_id", None)
+        if pid is not None and int(pid) != self.image_token_id:
+            raise InputError(
+                f"the processor does not match the model: its image token id is {pid} but the model's "
+                f"config.image_token_id is {self.image_token_id}; load the processor from the same checkpoint")
+        vocab = self.config.get_text_config().vocab_size
+        if len(tok) > vocab:
+            raise InputError(f"the processor does not match the model: its tokenizer has {len(tok)} tokens but the "
+                             f"model's vocabulary has {vocab}; load the processor from the same checkpoint")
+
+    def image_placeholder(self, processor) -> str:
+        """The string a user puts in a prompt where the image goes."""
+        return getattr(processor, "image_token", None) or processor.tokenizer.decode([self.image_token_id])
+
+    max_images_per_prompt: int | None = None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(family={self.family!r}, decoder_layers={self.n_layers}, "
+                f"vision_layers={self.n_vision_layers}, d_model={self.d_model})")
+
+
+def _resolve(root: Any, path: str) -> Any:
+    """Follow a dotted attribute path; integer parts index into ModuleLists."""
+    obj = root
+    for part in path.split(".") if path else []:
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj

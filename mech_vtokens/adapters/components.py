@@ -1,0 +1,214 @@
+"""Shared behaviour of all adapters, written once (the family files are declarations)."""
+
+from __future__ import annotations
+
+_VIDEOLESS: dict = {}
+
+
+def videoless(processor_cls):
+    """A subclass of ``processor_cls`` without its video processor.
+
+    Qwen2-VL / Qwen2.5-VL / InternVL processors fail to build when no video processor can be loaded (their video
+    processors need torchvision). Images + text need none, so this subclass leaves video out of its attributes.
+    """
+    if processor_cls in _VIDEOLESS:
+        return _VIDEOLESS[processor_cls]
+
+    class Videoless(processor_cls):
+        @classmethod
+        def get_attributes(cls):
+            return [a for a in super().get_attributes() if "video" not in a]
+
+        def __init__(self, image_processor=None, tokenizer=None, video_processor=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, **kwargs)
+
+    Videoless.__name__ = Videoless.__qualname__ = processor_cls.__name__
+    _VIDEOLESS[processor_cls] = Videoless
+    return Videoless
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patch geometry: where each visual token comes from.
+# ---------------------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+
+class Geometry:
+    """Maps every visual token of a processed batch to its image, tile, grid cell and box in the ORIGINAL image,
+    and to the rows of the vision-encoder and projector outputs it is computed from.
+
+    ``tokens(enc, image_sizes)`` returns a dict of tensors, one entry per visual token in the order of
+    ``visual_mask.nonzero()`` (batch row, then position):
+
+    - ``image`` index of the image in the batch (in processor order); ``tile`` (-1 = no tiling; InternVL tiles
+      count from 0, the thumbnail is the last tile); ``row`` / ``col`` in that image's (or tile's) token grid;
+    - ``box`` (x0, y0, x1, y1) in original-image pixels; ``vision_rows`` (n, m): the flat rows of a vision-block
+      output (flattened to (-1, d)) merged into the token; ``projector_rows``: the flat row of the projector output.
+
+    ``grids(enc, image_sizes)`` gives per image the token-grid shape: a list of dicts (rows, cols, tiles).
+    """
+
+    def __init__(self, adapter, hf_model, processor):
+        self.adapter = adapter
+        self.model = hf_model
+        self.processor = processor
+        self.ip = processor.image_processor
+
+    def tokens(self, enc: dict, image_sizes: list[tuple[int, int]]) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def _pack(items: list[tuple]) -> dict:
+        """items: (image, tile, row, col, (x0, y0, x1, y1), vision_rows list, projector_row)."""
+        if not items:
+            return {"image": torch.zeros(0, dtype=torch.long)}
+        return {
+            "image": torch.tensor([t[0] for t in items]),
+            "tile": torch.tensor([t[1] for t in items]),
+            "row": torch.tensor([t[2] for t in items]),
+            "col": torch.tensor([t[3] for t in items]),
+            "box": torch.tensor([t[4] for t in items], dtype=torch.float64),
+            "vision_rows": torch.tensor([t[5] for t in items]),
+            "projector_rows": torch.tensor([t[6] for t in items]),
+        }
+
+
+class CLIPGridGeometry(Geometry):
+    """A square ViT grid after resize (+ centre crop or square pad), CLS first (LLaVA-1.5).
+
+    Vision-block output: (images, 1 + P, d); with ``vision_feature_select_strategy == "default"`` the CLS row is
+    dropped and token j is patch j in raster order; projector output: (images, P, d).
+    """
+
+    def _to_original(self, w: int, h: int):
+        ip, side = self.ip, self.adapter.config.vision_config.image_size
+        if getattr(ip, "do_pad", False):  # pad to a square (centred), then resize to side x side
+            s = max(w, h)
+            scale = side / s
+            return scale, (s - w) / 2 * scale, (s - h) / 2 * scale
+        size = dict(ip.size) if ip.size else {}
+        short = size.get("shortest_edge")
+        scale = short / min(w, h) if short else side / h
+        rw, rh = w * scale, h * scale
+        if getattr(ip, "do_center_crop", False):
+            crop = dict(ip.crop_size)
+            return scale, -((rw - crop["width"]) // 2), -((rh - crop["height"]) // 2)
+        return scale, 0.0, 0.0
+
+    def tokens(self, enc, image_sizes):
+        cfg = self.adapter.config
+        p = cfg.vision_config.patch_size
+        n = cfg.vision_config.image_size // p
+        full = getattr(cfg, "vision_feature_select_strategy", "default") == "full"
+        items = []
+        for i, (w, h) in enumerate(image_sizes):
+            scale, ox, oy = self._to_original(w, h)
+            if full:
+                items.append((i, -1, -1, -1, (0.0, 0.0, float(w), float(h)), [i * (n * n + 1)], i * (n * n + 1)))
+            for j in range(n * n):
+                r, c = divmod(j, n)
+                box = ((c * p - ox) / scale, (r * p - oy) / scale, ((c + 1) * p - ox) / scale,
+                       ((r + 1) * p - oy) / scale)
+                box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
+                prow = i * (n * n + full) + j + full
+                items.append((i, -1, r, c, box, [i * (n * n + 1) + 1 + j], prow))
+        return self._pack(items)
+
+    def grids(self, enc, image_sizes):
+        n = self.adapter.config.vision_config.image_size // self.adapter.config.vision_config.patch_size
+        return [{"rows": n, "cols": n, "tiles": 1} for _ in image_sizes]
+
+
+class QwenMergedGeometry(Geometry):
+    """Qwen2-VL / Qwen2.5-VL: a variable grid (``image_grid_thw``) of patches, 2x2 merged into one token.
+
+    All images of a batch are packed into one vision sequence; each token's ``merge**2`` patches are consecutive
+    (merge-block order). Qwen2.5-VL's vision blocks and merger work in WINDOW order: ``window_order`` returns the
+    permutation (for Qwen2-VL the identity), so a token's vision/projector rows are looked up through it.
+    """
+
+    def window_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """For each merged unit in processing order, the token (raster) index it holds."""
+        n = int((grid_thw.prod(-1) // self.merge ** 2).sum())
+        return torch.arange(n)
+
+    @property
+    def merge(self) -> int:
+        return self.adapter.config.vision_config.spatial_merge_size
+
+    def tokens(self, enc, image_sizes):
+        grid = enc["image_grid_thw"]
+        p = self.adapter.config.vision_config.patch_size
+        m = self.merge
+        order = self.window_order(grid)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        items, start = [], 0
+        for i, ((t, gh, gw), (w, h)) in enumerate(zip(grid.tolist(), image_sizes)):
+            rows, cols = gh // m, gw // m
+            sx, sy = w / (gw * p), h / (gh * p)
+            for j in range(t * rows * cols):
+                r, c = divmod(j % (rows * cols), cols)
+                k = int(inverse[start + j])
+                box = (c * m * p * sx, r * m * p * sy, (c + 1) * m * p * sx, (r + 1) * m * p * sy)
+                items.append((i, -1, r, c, box, list(range(k * m * m, (k + 1) * m * m)), k))
+            start += t * rows * cols
+        return self._pack(items)
+
+    def grids(self, enc, image_sizes):
+        m = self.merge
+        return [{"rows": gh // m, "cols": gw // m, "tiles": 1} for _, gh, gw in enc["image_grid_thw"].tolist()]
+
+
+class TiledGeometry(Geometry):
+    """InternVL: the image is resized onto a canvas of ``cols x rows`` square tiles (closest aspect ratio, within
+    ``min_patches..max_patches``), plus a thumbnail of the whole image when there is more than one tile. Each tile is
+    a ViT grid of g x g patches (CLS first, dropped), pixel-shuffled to (g/2) x (g/2) tokens in raster order.
+    """
+
+    def _canvas(self, w: int, h: int) -> tuple[int, int]:
+        ip = self.ip
+        if not getattr(ip, "crop_to_patches", False):
+            return 1, 1
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+        size = dict(ip.size)
+        return get_optimal_tiled_canvas((h, w), (size["height"], size["width"]), ip.min_patches, ip.max_patches)
+
+    def tokens(self, enc, image_sizes):
+        vc = self.adapter.config.vision_config
+        side, p = vc.image_size[0], vc.patch_size[0]
+        g = side // p
+        k = int(round(1 / self.adapter.config.downsample_ratio))
+        gt = g // k
+        items, tile0 = [], 0
+        for i, (w, h) in enumerate(image_sizes):
+            cols, rows = self._canvas(w, h)
+            tiles = cols * rows + (1 if cols * rows > 1 else 0)
+            for t in range(tiles):
+                if t < cols * rows:
+                    tr, tc = divmod(t, cols)
+                    x0, y0, tw, th = tc * w / cols, tr * h / rows, w / cols, h / rows
+                else:  # thumbnail
+                    x0, y0, tw, th = 0.0, 0.0, float(w), float(h)
+                for j in range(gt * gt):
+                    r, c = divmod(j, gt)
+                    box = (x0 + c * tw / gt, y0 + r * th / gt, x0 + (c + 1) * tw / gt, y0 + (r + 1) * th / gt)
+                    vrows = [(tile0 + t) * (g * g + 1) + 1 + (r * k + a) * g + (c * k + b)
+                             for a in range(k) for b in range(k)]
+                    items.append((i, t, r, c, box, vrows, (tile0 + t) * gt * gt + j))
+            tile0 += tiles
+        return self._pack(items)
+
+    def grids(self, enc, image_sizes):
+        vc = self.adapter.config.vision_config
+        gt = vc.image_size[0] // vc.patch_size[0] // int(round(1 / self.adapter.config.downsample_ratio))
+        out = []
+        for w, h in image_sizes:
+            cols, rows = self._canvas(w, h)
+            out.append({"rows": gt, "cols": gt, "tiles": cols * rows + (1 if cols * rows > 1 else 0),
+                        "tile_rows": rows, "tile_cols": cols})
+        return out

@@ -1,0 +1,13 @@
+"""Qwen2-VL: packed ViT over a variable patch grid, 2x2 merger (token order), Qwen2 decoder with M-RoPE."""
+
+from .base import Adapter
+from .components import QwenMergedGeometry
+
+
+class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    vision_layers = "model.visual.blocks"
+    projector = "model.visual.merger"
+    geometry = QwenMergedGeometry
+    processor_class = "Qwen2VLProcessor"

@@ -1,0 +1,60 @@
+"""The contract every probe and intervention implements.
+
+A component is a small object that says which sites it needs and what it does there. The runner collects the sites
+of every component, sorts them in forward order, and at each site hands the current value to the components that
+asked for it — interventions first (in the order listed), then probes — so a probe at a site sees the value the
+forward continues with. This is what lets any list of components share ONE forward without nnsight's out-of-order
+error.
+
+Subclass :class:`Probe` or :class:`Intervention` and implement:
+
+- ``sites(vlm) -> list[str]``: the site names it needs (``vlm.sites`` lists them; negative layers allowed).
+- ``check(vlm, batch)``: raise :class:`~mech_vtokens.errors.InputError` for bad input (called before the forward).
+- ``at(site, value, ctx, out)``: runs INSIDE the trace when the forward reaches ``site``. ``value`` is the tensor
+  there; ``ctx`` a dict of batch facts (``visual_mask``, ``attention_mask``, ``model``: the nnsight root envoy,
+  ``paths``: module paths of ``embed``, ``final_norm``, ``lm_head``, and what ``extras`` returned); ``out`` this
+  component's dict for reduced results. A probe stores small reduced tensors in ``out``; an intervention returns
+  the replacement value (or None to leave it).
+- ``extras(vlm, batch) -> dict``: optional small tensors computed outside the trace and shipped into it.
+- ``collect(raw, batch, vlm) -> Result``: turns ``out`` into a result object (outside the trace).
+
+Code in ``at`` may import only torch / numpy / transformers / einops / nnsight / the stdlib (it is shipped by value
+to NDIF for remote runs), must not rely on dataclass methods, and must keep no state on ``self``.
+"""
+
+from __future__ import annotations
+
+
+class Component:
+    kind = "component"
+
+    def sites(self, vlm) -> list[str]:
+        raise NotImplementedError
+
+    def check(self, vlm, batch) -> None:
+        return None
+
+    def extras(self, vlm, batch) -> dict:
+        return {}
+
+    def at(self, site, value, ctx, out):
+        raise NotImplementedError
+
+    def collect(self, raw, batch, vlm):
+        return raw
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class Probe(Component):
+    """Reads sites and reduces what it reads inside the trace; never changes the forward."""
+
+    kind = "probe"
+
+
+class Intervention(Component):
+    """Changes the value at its sites (returns the replacement from ``at``)."""
+
+    kind = "intervention"

@@ -1,0 +1,5 @@
+"""Errors raised before any work is done, each naming the problem and the fix."""
+
+
+class InputError(ValueError):
+    """Bad input to the public API: the message says what is wrong and how to fix it."""

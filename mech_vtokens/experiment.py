@@ -1,0 +1,121 @@
+"""Scheduling: any list of probes and interventions in ONE forward, each acting at its sites in forward order.
+
+``Experiment`` is built outside the trace (it validates everything and computes the plan), ``execute(model)`` runs
+inside it, ``results(raw)`` turns what came back into result objects. ``mech_vtokens.run`` wraps the three; use
+them directly to compose probes inside your own ``with vlm.trace(...)`` block::
+
+    batch = vlm.prepare(images, prompts)
+    exp = vlm.experiment(batch, probes=[EmbedLens(k=5)])
+    with vlm.trace(**batch.inputs) as tracer:
+        raw = nnsight.save(exp.execute(vlm.model))
+        mine = nnsight.save(vlm.model.model.language_model.layers[1].output)
+    lens = exp.results(raw)[0]
+
+Everything that runs inside the trace is in this module's ``_execute`` and the components' ``at`` methods:
+torch and stdlib only (remote-safe, shipped by value).
+"""
+
+from __future__ import annotations
+
+from .adapters.base import _resolve
+from .errors import InputError
+
+
+def _read(env, kind, index):
+    if kind == "output":
+        value = env.output
+        return value if index is None else value[index]
+    if kind == "input":
+        return env.input
+    return env.inputs[1][index]  # kind == "kwarg"
+
+
+def _write(env, kind, index, value):
+    if kind == "output":
+        if index is None:
+            env.output = value
+        else:
+            old = env.output
+            env.output = tuple(old[:index]) + (value,) + tuple(old[index + 1:])
+    elif kind == "input":
+        env.input = value
+    else:
+        args, kwargs = env.inputs
+        kwargs = dict(kwargs)
+        kwargs[index] = value
+        env.inputs = (args, kwargs)
+
+
+def _execute(model, plan, comps, ctx):
+    """Runs inside the trace: visit each planned site in forward order, hand its value to the components."""
+    ctx = dict(ctx)
+    ctx["model"] = model
+    out = {}
+    for name, path, kind, index, cids in plan:
+        env = _resolve(model, path)
+        value = _read(env, kind, index)
+        changed = False
+        for cid in cids:
+            comp = comps[cid]
+            slot = out.setdefault(cid, {})
+            new = comp.at(name, value, ctx, slot)
+            if new is not None:
+                value, changed = new, True
+        if changed:
+            _write(env, kind, index, value)
+    return out
+
+
+class Experiment:
+    """A validated plan for one batch: which component acts at which site, in forward order."""
+
+    def __init__(self, vlm, batch, probes=(), interventions=()):
+        from .component import Intervention, Probe
+
+        probes, interventions = list(probes), list(interventions)
+        for c in probes:
+            if not isinstance(c, Probe):
+                raise InputError(f"{c!r} is not a Probe; pass interventions with interventions=[...]")
+        for c in interventions:
+            if not isinstance(c, Intervention):
+                raise InputError(f"{c!r} is not an Intervention; pass probes with probes=[...]")
+        if not probes and not interventions:
+            raise InputError("nothing to run: pass probes=[...] and/or interventions=[...]")
+        comps = interventions + probes  # interventions act first at a shared site
+        for c in comps:
+            c.check(vlm, batch)
+        by_site: dict[str, list[int]] = {}
+        for cid, c in enumerate(comps):
+            for name in c.sites(vlm):
+                canon = vlm.adapter.canonical(name)
+                if cid not in by_site.setdefault(canon, []):
+                    by_site[canon].append(cid)
+        plan = []
+        for name in sorted(by_site, key=lambda n: vlm.adapter.site(n)[0]):
+            _, path, kind, index = vlm.adapter.site(name)
+            plan.append((name, path, kind, index, by_site[name]))
+        self.plan = plan
+        self.comps = comps
+        self.n_interventions = len(interventions)
+        self.ctx = dict(batch.ctx)
+        self.ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(comps)}
+        self._vlm, self._batch = vlm, batch
+
+    def execute(self, model):
+        """Call INSIDE a trace of ``model`` (the nnsight model, ``vlm.model``); returns the raw reduced results."""
+        return _execute(model, self.plan, self.comps, self.ctx)
+
+    def results(self, raw) -> list:
+        """One result per component, in the order probes then interventions were given."""
+        res = [c.collect(raw.get(cid, {}), self._batch, self._vlm) for cid, c in enumerate(self.comps)]
+        n = self.n_interventions
+        return res[n:] + res[:n]
+
+    def __getstate__(self):  # shipped into a (remote) trace: no model, processor or batch
+        state = dict(self.__dict__)
+        state["_vlm"] = state["_batch"] = None
+        return state
+
+    def __repr__(self) -> str:
+        sites = ", ".join(p[0] for p in self.plan[:6]) + (" ..." if len(self.plan) > 6 else "")
+        return f"Experiment({len(self.comps)} components, {len(self.plan)} sites: {sites})"

@@ -1,0 +1,31 @@
+"""Result objects: small, reduced, with ``.to_pandas()`` in long format (named columns, one row per observation)."""
+
+from __future__ import annotations
+
+
+class Result:
+    """Base result: ``to_pandas()`` builds a long-format DataFrame; ``plot()`` draws it where a picture helps."""
+
+    name = "result"
+
+    def to_pandas(self):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        df = self.to_pandas()
+        return f"{type(self).__name__}({len(df)} rows; columns: {', '.join(df.columns)})"
+
+    def _repr_html_(self):  # notebooks: the table's head
+        return self.to_pandas().head(20)._repr_html_()
+
+
+def visual_index_frame(batch):
+    """Columns identifying each visual token of a batch, in ``batch.visual_positions`` order."""
+    import pandas as pd
+
+    pos = batch.visual_positions
+    t = batch.tokens
+    return pd.DataFrame({
+        "row": pos[:, 0].numpy(), "position": pos[:, 1].numpy(), "visual_index": range(len(pos)),
+        "image": t["image"].numpy(), "tile": t["tile"].numpy(), "grid_row": t["row"].numpy(),
+        "grid_col": t["col"].numpy()})

@@ -1,0 +1,222 @@
+"""Tiny, seeded, offline models of every supported family — for tests, notebooks and benchmarks.
+
+``tiny_model(family, path)`` builds a random model of that family from configs (no hub), with a real
+offline processor (word-level tokenizer, PIL image processor), saves both with ``save_pretrained``
+and returns ``path``: load it back with ``mech_vtokens.load(path)``, the same code path as a real
+checkpoint. ``medium_llava(path)`` builds a model with LLaVA-1.5-7B shapes for benchmarks.
+
+Everything here is deterministic: the same family and seed give the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl")
+
+# A small word-level vocabulary: enough to tokenize every prompt the tests and notebooks use.
+WORDS = (
+    "a an the is are of on in at to and with what which how many color colour shape object image picture "
+    "photo there this that it here left right top bottom middle center red green blue yellow black white "
+    "gray orange purple pink brown circle square triangle star cross one two three four five describe "
+    "USER ASSISTANT user assistant system you helpful answer question word letter text ? : . , ! "
+    "cat dog car tree sky house person ball"
+).split()
+
+_SPECIALS = {
+    "llava": ["<pad>", "<unk>", "<s>", "</s>", "<image>"],
+    "qwen2_vl": ["<pad>", "<unk>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>"],
+    "internvl": ["<pad>", "<unk>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+}
+_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen2_vl"]
+
+# The text each family's processor expects where one image goes.
+IMAGE_PLACEHOLDER = {
+    "llava": "<image>",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "internvl": "<IMG_CONTEXT>",
+}
+
+
+def prompt(family: str, question: str = "what color is the object ?", n_images: int = 1) -> str:
+    """A prompt in the fixture's format with ``n_images`` image placeholders."""
+    return "USER : " + IMAGE_PLACEHOLDER[family] * n_images + " " + question + " ASSISTANT :"
+
+
+def _tokenizer(family: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = _SPECIALS[family]
+    vocab = {tok: i for i, tok in enumerate(specials + [w for w in WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kwargs = dict(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    if family == "llava":
+        kwargs.update(bos_token="<s>", eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    elif family == "internvl":
+        kwargs.update(bos_token="<s>", eos_token="</s>", extra_special_tokens={
+            "start_image_token": "<img>", "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    else:
+        kwargs.update(eos_token="<|endoftext|>", extra_special_tokens={
+            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    tok = PreTrainedTokenizerFast(**kwargs)
+    tok.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in ("<pad>", "<unk>")]})
+    tok.padding_side = "left"
+    return tok
+
+
+def _llava(seed: int, medium: bool = False):
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = _tokenizer("llava")
+    if medium:  # LLaVA-1.5-7B shapes: CLIP-L/14-336 (576 patches), LLaMA-7B widths, vocab 32000, 2 + 2 layers
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
+                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+        size = 336
+    else:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=84, patch_size=14, projection_dim=32)
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512)
+        size = 84
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=(size // 14) ** 2)
+    config.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                               do_center_crop=True, do_resize=True)
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, image_token="<image>")
+    return model, proc
+
+
+def _qwen(seed: int, v25: bool):
+    from transformers import Qwen2VLImageProcessorPil
+
+    tok = _tokenizer("qwen2_5_vl" if v25 else "qwen2_vl")
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    if v25:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as M
+        from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor as P
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
+                      fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        arch = "Qwen2_5_VLForConditionalGeneration"
+    else:
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as M
+        from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor as P
+
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        arch = "Qwen2VLForConditionalGeneration"
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = M(config).eval()
+    # 56*56 .. 112*112 pixels: an image becomes at most 8x8 patches = 4x4 merged visual tokens.
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    from .adapters.components import videoless
+
+    proc = videoless(P)(image_processor=ip, tokenizer=tok)
+    return model, proc
+
+
+def _internvl(seed: int):
+    from transformers import (GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration,
+                              InternVLVisionConfig, Qwen2Config)
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+    from .adapters.components import videoless
+
+    tok = _tokenizer("internvl")
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=[112, 112], patch_size=[14, 14], use_mean_pooling=False)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512)
+    config = InternVLConfig(vision_config=vision, text_config=text,
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=16,
+                            downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False)
+    config.architectures = ["InternVLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    ip = GotOcr2ImageProcessorPil(size={"height": 112, "width": 112}, crop_to_patches=True, min_patches=1,
+                                  max_patches=4)
+    proc = videoless(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=16)
+    return model, proc
+
+
+def build(family: str, seed: int = 0):
+    """(model, processor) of a tiny random model of ``family``, in memory."""
+    if family == "llava":
+        return _llava(seed)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return _qwen(seed, family == "qwen2_5_vl")
+    if family == "internvl":
+        return _internvl(seed)
+    raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+
+
+def _save(model, proc, path) -> str:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+def tiny_model(family: str, path: str | os.PathLike, seed: int = 0) -> str:
+    """Build a tiny random ``family`` model + processor, ``save_pretrained`` them into ``path``; return the path.
+
+    Cached: if ``path`` already holds a saved model it is returned as is.
+    """
+    if (Path(path) / "config.json").exists():
+        return str(path)
+    return _save(*build(family, seed), path)
+
+
+def medium_llava(path: str | os.PathLike, seed: int = 0) -> str:
+    """A random model with real LLaVA-1.5-7B shapes (CLIP-L/14-336, 576 patches; LLaMA-7B widths, vocab 32000)
+    but 2 vision + 2 text layers, saved in bf16 into ``path``. For benchmarks."""
+    if (Path(path) / "config.json").exists():
+        return str(path)
+    model, proc = _llava(seed, medium=True)
+    return _save(model.to(torch.bfloat16), proc, path)
+
+
+def image(size: int = 112, seed: int = 0, marker: tuple[int, int, int, int] | None = None) -> "PIL.Image.Image":
+    """A seeded smooth random RGB image; ``marker=(x0, y0, x1, y1)`` paints that box pure white."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(4, 4, 3)).astype(np.uint8)
+    img = Image.fromarray(base).resize((size, size), Image.BILINEAR)
+    if marker is not None:
+        arr = np.array(img)
+        x0, y0, x1, y1 = marker
+        arr[y0:y1, x0:x1] = 255
+        img = Image.fromarray(arr)
+    return img

@@ -1,0 +1,271 @@
+"""Loading a multimodal LLM and preparing its inputs: ``load`` -> :class:`VLM`, ``VLM.prepare`` -> :class:`Batch`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .adapters import adapter_class_for
+from .errors import InputError
+
+_REGISTERED = False
+
+
+def register_remote() -> None:
+    """Ship this package's code by value with remote (NDIF) requests: ``nnsight.register`` on its packages."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import nnsight
+
+    for name in ("mech_vtokens", "probes", "interventions"):
+        nnsight.register(name)
+    _REGISTERED = True
+
+
+class Batch:
+    """Processed inputs of one batch plus the facts about its visual tokens (computed once, outside the trace).
+
+    - ``inputs``: the processor output, ready for ``vlm.trace(**batch.inputs)``.
+    - ``visual_mask`` (batch, seq) bool; ``visual_positions``: (n_visual, 2) [row, position] in that order.
+    - ``tokens``: the geometry of every visual token (see ``Geometry``): image, tile, row, col, box, vision/projector
+      rows; ``grids``: the token grid of each image; ``image_sizes``: (width, height) of the original images.
+    - ``ctx``: the small dict shipped into the trace.
+    """
+
+    def __init__(self, inputs, visual_mask, tokens, grids, image_sizes, prompts, image_of_row):
+        self.inputs = inputs
+        self.visual_mask = visual_mask
+        self.visual_positions = visual_mask.nonzero()
+        self.tokens = tokens
+        self.grids = grids
+        self.image_sizes = image_sizes
+        self.prompts = prompts
+        self.image_of_row = image_of_row
+        self.ctx = {"visual_mask": visual_mask, "attention_mask": inputs.get("attention_mask"),
+                    "input_ids": inputs["input_ids"]}
+
+    @property
+    def n_visual(self) -> int:
+        return int(self.visual_mask.sum())
+
+    def __len__(self) -> int:
+        return int(self.visual_mask.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"Batch({len(self)} prompts, {len(self.image_sizes)} images, {self.n_visual} visual tokens, "
+                f"seq {self.visual_mask.shape[1]})")
+
+
+class VLM:
+    """A loaded multimodal LLM: the nnsight model (``.model``), its HF module (``.hf``), processor and adapter.
+
+    nnsight's API stays reachable: ``vlm.trace``, ``vlm.generate``, ``vlm.session`` and attribute access to envoys
+    (``vlm.model.language_model.layers[3]``) delegate to the nnsight ``TransformersModel``.
+    """
+
+    def __init__(self, model, processor, adapter, source: str | None = None):
+        self.model = model
+        self.hf = model._module
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.adapter = adapter
+        self.source = source
+        self.geometry = adapter.geometry(adapter, self.hf, processor)
+
+    # ---- nnsight passthrough --------------------------------------------------------------------------------
+    def trace(self, *args, **kwargs):
+        self._check_remote(kwargs.get("remote", False))
+        return self.model.trace(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        self._check_remote(kwargs.get("remote", False))
+        return self.model.generate(*args, **kwargs)
+
+    def session(self, *args, **kwargs):
+        self._check_remote(kwargs.get("remote", False))
+        return self.model.session(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("model", "adapter"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    # ---- facts ----------------------------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def sites(self) -> list[str]:
+        """Every site, in forward order."""
+        return self.adapter.site_names
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def n_vision_layers(self) -> int:
+        return self.adapter.n_vision_layers
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        """The LM's INPUT embedding matrix (vocab, d): what EmbedLens compares against."""
+        return self.hf.get_input_embeddings().weight
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        from .adapters.base import _resolve
+
+        return _resolve(self.hf, self.adapter.final_norm)
+
+    @property
+    def unembed(self) -> torch.nn.Module:
+        from .adapters.base import _resolve
+
+        return _resolve(self.hf, self.adapter.lm_head)
+
+    @property
+    def image_placeholder(self) -> str:
+        return self.adapter.image_placeholder(self.processor)
+
+    def _check_remote(self, remote) -> None:
+        if remote is True:
+            if self.source is None or os.path.isdir(str(self.source)):
+                raise InputError(
+                    "remote=True needs a model that NDIF can load by its hub id, but this model was loaded "
+                    f"{'from a local directory' if self.source else 'from an in-memory module'}; load it with "
+                    "mech_vtokens.load('<org>/<name>') or use remote='local' to simulate the remote path here")
+            register_remote()
+        elif remote == "local":
+            register_remote()
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def prepare(self, images, prompts, **processor_kwargs) -> Batch:
+        """Validate and process images + prompts into a :class:`Batch` (one processor call for the whole batch).
+
+        ``images``: a PIL image, a list with one image per prompt, or a list of lists (several images per prompt;
+        each prompt holds one placeholder per image). ``prompts``: a string or a list of strings; each must contain
+        the image placeholder (``vlm.image_placeholder``) once per image.
+        """
+        from PIL import Image
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if images is None:
+            images = [[] for _ in prompts]
+        elif isinstance(images, Image.Image):
+            images = [[images]]
+        else:
+            images = [[im] if isinstance(im, Image.Image) else list(im or []) for im in images]
+        if len(images) != len(prompts):
+            raise InputError(f"got {len(images)} image entries for {len(prompts)} prompts; pass one image (or one "
+                             f"list of images) per prompt")
+        ph = self.image_placeholder
+        flat, image_of_row = [], []
+        for row, (ims, text) in enumerate(zip(images, prompts)):
+            if not isinstance(text, str):
+                raise InputError(f"prompt {row} is a {type(text).__name__}, not a string")
+            n_ph = text.count(ph)
+            for im in ims:
+                if not isinstance(im, Image.Image):
+                    raise InputError(f"prompt {row}: images must be PIL images, got {type(im).__name__}; open files "
+                                     f"with PIL.Image.open(path).convert('RGB')")
+            if n_ph != len(ims):
+                if n_ph == 0 and ims:
+                    fix = f"put the image placeholder {ph!r} in the prompt where the image goes"
+                elif not ims:
+                    fix = f"pass an image for each of its {n_ph} placeholder(s), or remove them"
+                else:
+                    fix = "use exactly one placeholder per image"
+                raise InputError(f"prompt {row} has {n_ph} image placeholder(s) {ph!r} but {len(ims)} image(s): {fix}")
+            limit = self.adapter.max_images_per_prompt
+            if limit is not None and len(ims) > limit:
+                raise InputError(f"prompt {row} has {len(ims)} images but the {self.family} family takes at most "
+                                 f"{limit} per prompt; split them over several prompts")
+            flat.extend(im.convert("RGB") for im in ims)
+            image_of_row.extend([row] * len(ims))
+        kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)
+        if flat:
+            kwargs["images"] = flat
+        inputs = dict(self.processor(**kwargs))
+        dtype = self.hf.dtype
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        mask = self.adapter.visual_mask(inputs["input_ids"])
+        sizes = [im.size for im in flat]
+        tokens = self.geometry.tokens(inputs, sizes) if flat else self.geometry._pack([])
+        if len(tokens["image"]) != int(mask.sum()):
+            raise InputError(f"the processor produced {int(mask.sum())} image-token positions but the geometry of "
+                             f"the {self.family} adapter expects {len(tokens['image'])}; the processor does not "
+                             f"match the model (load both from the same checkpoint)")
+        grids = self.geometry.grids(inputs, sizes) if flat else []
+        return Batch(inputs, mask, tokens, grids, sizes, list(prompts), image_of_row)
+
+    def experiment(self, batch: Batch, probes=(), interventions=()):
+        from .experiment import Experiment
+
+        return Experiment(self, batch, probes, interventions)
+
+    def __repr__(self) -> str:
+        return f"VLM({self.source or type(self.hf).__name__}, {self.adapter!r})"
+
+
+def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: Any = None,
+         attn_implementation: str | None = None, **hf_kwargs) -> VLM:
+    """Load a supported multimodal LLM as a :class:`VLM`.
+
+    ``model``: an HF hub id, a local directory (``save_pretrained`` output), or an in-memory
+    ``*ForConditionalGeneration`` (then pass its ``processor`` too). ``dtype`` / ``device_map`` (e.g. ``"auto"``
+    for several GPUs) / ``attn_implementation`` and any other keyword pass through to ``from_pretrained``.
+    A layout check runs at load and proves every declared site exists.
+    """
+    from nnsight import TransformersModel
+    from transformers import AutoConfig, PreTrainedModel
+
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    kwargs = dict(hf_kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if isinstance(model, PreTrainedModel):
+        adapter_cls = adapter_class_for(model.config)
+        if processor is None:
+            raise InputError("an in-memory model needs its processor: mech_vtokens.load(model, processor)")
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        hf, source = model, None
+        nn_model = None
+    elif isinstance(model, (str, os.PathLike)):
+        source = str(model)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError as err:
+            raise InputError(f"cannot load a config from {source!r}: give a hub id that is reachable or a local "
+                             f"directory written by save_pretrained ({err})") from None
+        adapter_cls = adapter_class_for(config)
+        if processor is None:
+            processor = adapter_cls.load_processor(source, config)
+        # nnsight loads the weights itself from the id, so remote runs get the right model key.
+        nn_model = TransformersModel(source, task="image-text-to-text", processor=processor, dispatch=True,
+                                     **kwargs)
+        hf = nn_model._module.eval()
+    else:
+        raise InputError(f"load() takes a hub id, a local directory or a *ForConditionalGeneration module, not "
+                         f"{type(model).__name__}")
+    adapter = adapter_cls(hf)
+    adapter.check_processor(processor)
+    if nn_model is None:
+        nn_model = TransformersModel(hf, task="image-text-to-text", processor=processor)
+    vlm = VLM(nn_model, processor, adapter, source)
+    from .layout import check_layout
+
+    check_layout(vlm)
+    return vlm
