@@ -15,7 +15,8 @@ Subclass :class:`Probe` or :class:`Intervention` and implement:
   ``paths``: module paths of ``embed``, ``final_norm``, ``lm_head``, and what ``extras`` returned); ``out`` this
   component's dict for reduced results. A probe stores small reduced tensors in ``out``; an intervention returns
   the replacement value (or None to leave it).
-- ``extras(vlm, batch) -> dict``: optional small tensors computed outside the trace and shipped into it.
+- ``extras(vlm, batch) -> dict``: optional small tensors computed outside the trace and shipped into it; inside
+  ``at`` they are ``ctx["mine"]`` (this component's own extras).
 - ``collect(raw, batch, vlm) -> Result``: turns ``out`` into a result object (outside the trace).
 
 Code in ``at`` may import only torch / numpy / transformers / einops / nnsight / the stdlib (it is shipped by value

@@ -58,6 +58,7 @@ def _execute(model, plan, comps, ctx):
         for cid in cids:
             comp = comps[cid]
             slot = out.setdefault(cid, {})
+            ctx["mine"] = ctx.get("extras", {}).get(cid, {})  # this component's extras(...)
             new = comp.at(name, value, ctx, slot)
             if new is not None:
                 value, changed = new, True
