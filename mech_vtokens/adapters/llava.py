@@ -11,3 +11,4 @@ class LlavaAdapter(Adapter):
     projector = "model.multi_modal_projector"
     geometry = CLIPGridGeometry
     processor_class = "LlavaProcessor"
+    max_images_per_prompt = 1  # LLaVA-1.5 was trained on one image per conversation
