@@ -1,0 +1,430 @@
+"""EmbedLens (paper Sec. 3.1, eq. 1): which INPUT-embedding rows a hidden state is closest to, by cosine.
+
+    EmbedLens(h) = TopK_i  h·e_i / (||h|| ||e_i||)      (W_E = the LM's input embedding matrix, no norm applied to h)
+
+At each read site the selected rows of the hidden state are compared with every row of the input embedding matrix,
+chunk by chunk over the vocabulary with a running top-k, so memory stays O(tokens x chunk). Only ids + scores leave
+the trace.
+
+Exactness (the contract the tests and the bench check): the chunked pass runs in the model's dtype (bf16 on big
+models) and keeps ``candidates`` (default ``max(4k, 16)``) per token; those are re-scored exactly in fp32 (a gather of
+their embedding rows, never an fp32 copy of the matrix) and re-ranked. A token whose fp32 k-th score is not safely
+above the best score the cheap pass could have missed (the last candidate's score plus a 2^-6 relative rounding
+bound) is recomputed over the whole vocabulary in fp32. So the top-k ids equal an fp32 computation. Scores are fp32
+cosines. The pass multiplies by the raw matrix and scales by precomputed inverse row norms (computed once per
+forward and shared by every EmbedLens in it).
+
+``sites``: default ``hook_embed`` and ``blocks.{i}.hook_resid_post`` of every layer; any LM site
+(``vision_projector.hook_out``, ``hook_embed``, any ``blocks.{i}.*``, ``ln_final.hook_normalized``) may be given.
+``layer`` in the table: -1 for ``hook_embed`` / ``vision_projector.hook_out`` (the LM input), ``i`` for
+``blocks.{i}.*``, ``n_layers`` for ``ln_final``. ``positions``: ``"visual"`` (default), ``"text"``, ``"all"``
+(every attended position) or a list of sequence positions (applied to every prompt row). The projector site reads
+visual tokens only (its rows are mapped through ``batch.tokens["projector_rows"]``). ``skip_special=True`` leaves
+special tokens, byte-fallback tokens (``<0x..>``) and embedding rows beyond the tokenizer out of the search (so k
+real tokens still come back).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mech_vtokens.component import Probe
+from mech_vtokens.errors import InputError
+from mech_vtokens.results import Result
+
+_LM_SITES_MSG = ("the lenses read LM sites only: 'vision_projector.hook_out', 'hook_embed', 'blocks.{i}.<hook>', "
+                 "'ln_final.hook_normalized'")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# In-trace math (torch only: shipped by value for remote runs).
+# ------------------------------------------------------------------------------------------------------------------
+
+def _select(site, value, mine):
+    """The (n, d) rows a lens reads at ``site``: projector rows, or the selected (row, position) pairs."""
+    if site == "vision_projector.hook_out":
+        return value.reshape(-1, value.shape[-1])[mine["projector_rows"]]
+    return value[mine["select"]]
+
+
+def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=None, normalize=False,
+                 want_lse=False):
+    """Top-k over ``(h @ weight.T + bias) * row_scale + penalty`` with ids equal to an fp32 computation.
+
+    h: (n, d); weight: (V, d) in the model dtype; row_scale: (V,) fp32 or None; penalty: (V,) fp32 with 0 / -inf or
+    None. Returns fp32 scores (n, k) (divided by ||h|| when ``normalize``) and int64 ids (n, k); with ``want_lse``
+    also the (n,) fp32 log-sum-exp of the cheap pass's scores (exact for fp32 models).
+    """
+    n, vocab = h.shape[0], weight.shape[0]
+    n_cand = min(n_cand, vocab)
+    hw = h.to(weight.dtype)
+    best_v = best_i = lse = None
+    for s in range(0, vocab, chunk):
+        e = min(vocab, s + chunk)
+        sc = hw @ weight[s:e].T
+        if bias is not None:
+            sc = sc + bias[s:e].to(sc.dtype)
+        if row_scale is not None:
+            sc = sc * row_scale[s:e].to(sc.dtype)
+        if penalty is not None:
+            sc = sc.float() + penalty[s:e]
+        if want_lse:
+            part = torch.logsumexp(sc.float(), dim=1)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        v, i = sc.topk(min(n_cand, e - s), dim=1)
+        i = i + s
+        if best_v is not None:
+            v = torch.cat([best_v, v.to(best_v.dtype)], 1)
+            i = torch.cat([best_i, i], 1)
+            v, j = v.topk(n_cand, dim=1)
+            i = i.gather(1, j)
+        best_v, best_i = v, i
+    hf = h.float()
+
+    def exact(ids):  # fp32 scores of the given (m, c) ids for the rows of hf
+        out = torch.empty(ids.shape, dtype=torch.float32)
+        step = max(1, 4096 // max(1, ids.shape[1]))
+        for t in range(0, ids.shape[0], step):
+            rows = weight[ids[t:t + step]].float()  # (b, c, d)
+            out[t:t + step] = torch.einsum("bcd,bd->bc", rows, hf[t:t + step])
+        if bias is not None:
+            out += bias.float()[ids]
+        if row_scale is not None:
+            out *= row_scale[ids]
+        if penalty is not None:
+            out += penalty[ids]
+        return out
+
+    ex = exact(best_i)
+    top_v, j = ex.topk(k, dim=1)
+    top_i = best_i.gather(1, j)
+    if weight.dtype != torch.float32 or h.dtype != torch.float32:
+        # Anything outside the candidates scored <= the last candidate in the cheap pass; its fp32 score is at most
+        # that plus the rounding bound. Tokens without that margin are redone over the whole vocabulary in fp32.
+        last = best_v[:, -1].float()
+        bound = last + torch.maximum(last.abs(), top_v[:, -1].abs()) * 2.0 ** -6 + 1e-6
+        unsafe = (top_v[:, -1] <= bound) & (n_cand < vocab)
+        if bool(unsafe.any()):
+            rows = unsafe.nonzero()[:, 0]
+            hu = hf[rows]
+            fv = fi = None
+            for s in range(0, vocab, 2048):
+                e = min(vocab, s + 2048)
+                sc = hu @ weight[s:e].float().T
+                if bias is not None:
+                    sc += bias[s:e].float()
+                if row_scale is not None:
+                    sc *= row_scale[s:e]
+                if penalty is not None:
+                    sc += penalty[s:e]
+                v, i = sc.topk(min(k, e - s), dim=1)
+                i = i + s
+                if fv is not None:
+                    v, i2 = torch.cat([fv, v], 1), torch.cat([fi, i], 1)
+                    v, jj = v.topk(k, dim=1)
+                    i = i2.gather(1, jj)
+                fv, fi = v, i
+            top_v[rows], top_i[rows] = fv, fi
+    if normalize:
+        top_v = top_v / hf.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    if want_lse:
+        return top_v, top_i, lse
+    return top_v, top_i
+
+
+def _store(out, site, v, i, small_ids):
+    out[site] = {"ids": i.to(torch.int16 if small_ids else torch.int32), "scores": v}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shared lens machinery (EmbedLens here, LogitLens in logit_lens.py).
+# ------------------------------------------------------------------------------------------------------------------
+
+def _special_ids(tokenizer, vocab: int) -> list[int]:
+    """Special tokens, byte-fallback tokens (<0x..>) and embedding rows the tokenizer does not name."""
+    import re
+
+    n = len(tokenizer)
+    ids = set(int(i) for i in tokenizer.all_special_ids)
+    for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(t, "special", False):
+            ids.add(int(i))
+    toks = tokenizer.convert_ids_to_tokens(list(range(min(n, vocab))))
+    pat = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+    ids.update(i for i, t in enumerate(toks) if t is None or pat.match(t))
+    ids.update(range(n, vocab))
+    return sorted(i for i in ids if 0 <= i < vocab)
+
+
+def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, m in root.named_modules():
+        if m is module:
+            return name
+    raise InputError("the input embedding module is not part of the model tree; cannot read its weights")
+
+
+def _layer_of(site: str, n_layers: int) -> int:
+    if site in ("hook_embed", "vision_projector.hook_out"):
+        return -1
+    if site.startswith("blocks."):
+        return int(site.split(".")[1])
+    if site.startswith("ln_final"):
+        return n_layers
+    return -1
+
+
+def _default_sites(vlm):
+    return ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
+
+
+def _check_sites(vlm, names, lens, allow_final=True):
+    out = []
+    for s in names:
+        canon = vlm.adapter.canonical(s)  # raises InputError for unknown sites / layers out of range
+        ok = canon in ("vision_projector.hook_out", "hook_embed") or canon.startswith("blocks.") or (
+            allow_final and canon == "ln_final.hook_normalized")
+        if not ok:
+            raise InputError(f"{lens} cannot read site {s!r}: {_LM_SITES_MSG}"
+                             + ("" if allow_final else " (not ln_final: LogitLens applies the final norm itself)"))
+        out.append(canon)
+    if len(set(out)) != len(out):
+        raise InputError(f"{lens}: site list {names!r} names a site twice; give each site once")
+    return out
+
+
+def _selection(positions, batch):
+    """(batch, seq) bool mask of the positions a lens reads (projector site aside)."""
+    vm = batch.visual_mask
+    att = batch.inputs.get("attention_mask")
+    att = torch.ones_like(vm) if att is None else att.bool()
+    if isinstance(positions, str):
+        if positions == "visual":
+            return vm.clone()
+        if positions == "text":
+            return att & ~vm
+        if positions == "all":
+            return att.clone()
+        raise InputError(f"positions={positions!r}: use 'visual', 'text', 'all' or a list of sequence positions")
+    pos = [int(p) for p in positions]
+    seq = vm.shape[1]
+    bad = [p for p in pos if not -seq <= p < seq]
+    if bad or not pos:
+        raise InputError(f"positions {bad or pos!r} are outside the sequence (length {seq}); give positions in "
+                         f"0..{seq - 1} (negative counts from the end)")
+    mask = torch.zeros_like(vm)
+    mask[:, [p % seq for p in pos]] = True
+    return mask & att
+
+
+class _Lens(Probe):
+    _name = "lens"
+    _allow_final = True
+
+    def __init__(self, k: int = 5, sites=None, positions="visual", chunk: int = 8192, skip_special: bool = False,
+                 candidates: int | None = None):
+        if not isinstance(k, int) or k <= 0:
+            raise InputError(f"{type(self).__name__}: k={k!r}; give a positive integer number of tokens (e.g. k=5)")
+        if not isinstance(chunk, int) or chunk <= 0:
+            raise InputError(f"{type(self).__name__}: chunk={chunk!r}; give a positive vocabulary chunk (e.g. 8192)")
+        if isinstance(sites, str):
+            sites = [sites]
+        if sites is not None and not sites:
+            raise InputError(f"{type(self).__name__}: empty site list; leave sites=None for the defaults")
+        if not isinstance(positions, str):
+            positions = list(positions)
+        elif positions not in ("visual", "text", "all"):
+            raise InputError(f"positions={positions!r}: use 'visual', 'text', 'all' or a list of sequence positions")
+        if candidates is not None and candidates < k:
+            raise InputError(f"candidates={candidates} < k={k}: candidates must be at least k (or None)")
+        self.k, self.site_names, self.positions = k, sites, positions
+        self.chunk, self.skip_special, self.candidates = chunk, skip_special, candidates
+
+    # -- outside the trace -------------------------------------------------------------------------------------
+    def _vocab(self, vlm) -> int:
+        raise NotImplementedError
+
+    def sites(self, vlm):
+        names = self.site_names if self.site_names is not None else _default_sites(vlm)
+        return _check_sites(vlm, names, type(self).__name__, self._allow_final)
+
+    def check(self, vlm, batch):
+        sites = self.sites(vlm)
+        vocab = self._vocab(vlm)
+        if self.k > vocab:
+            raise InputError(f"{type(self).__name__}: k={self.k} exceeds the vocabulary ({vocab} tokens); use k <= "
+                             f"{vocab}")
+        if self.positions == "visual" or "vision_projector.hook_out" in sites:
+            if batch.n_visual == 0:
+                raise InputError(f"{type(self).__name__} reads visual tokens but the batch has none: pass an image "
+                                 f"(and its placeholder in the prompt) or use positions='text'/'all'")
+        if "vision_projector.hook_out" in sites and self.positions != "visual":
+            raise InputError(f"{type(self).__name__}: the projector site holds visual tokens only; use "
+                             f"positions='visual' or read 'hook_embed' (the LM input) instead")
+        sel = _selection(self.positions, batch)
+        if not bool(sel.any()):
+            raise InputError(f"{type(self).__name__}: positions={self.positions!r} select no attended token in "
+                             f"this batch")
+
+    def _base_extras(self, vlm, batch) -> dict:
+        vocab = self._vocab(vlm)
+        mine = {"select": _selection(self.positions, batch), "k": self.k, "chunk": self.chunk,
+                "n_cand": max(self.candidates or 4 * self.k, 16), "small_ids": vocab <= 32767,
+                "skip": None}
+        if "vision_projector.hook_out" in self.sites(vlm):
+            mine["projector_rows"] = batch.tokens["projector_rows"]
+        if self.skip_special:
+            mine["skip"] = torch.tensor(_special_ids(vlm.tokenizer, vocab), dtype=torch.long)
+        return mine
+
+    @staticmethod
+    def _penalty(ctx, mine, vocab):
+        if mine["skip"] is None:
+            return None
+        key = ("_lens_penalty", vocab, int(mine["skip"].sum()), len(mine["skip"]))
+        if key not in ctx:
+            p = torch.zeros(vocab, dtype=torch.float32)
+            p[mine["skip"]] = float("-inf")
+            ctx[key] = p
+        return ctx[key]
+
+    def collect(self, raw, batch, vlm):
+        sites = self.sites(vlm)
+        data = {}
+        for s in sites:
+            d = raw[s]
+            data[s] = (d["ids"].long(), d["scores"].float())
+        return LensResult(type(self).__name__, data, _token_frame(batch, self.positions, sites), vlm.tokenizer,
+                          vlm.n_layers, batch)
+
+
+def _token_frame(batch, positions, sites):
+    """Identity columns of the rows a lens read, per site kind (LM sites vs projector)."""
+    import pandas as pd
+
+    sel = _selection(positions, batch)
+    pos = sel.nonzero()
+    vm = batch.visual_mask
+    vindex = torch.full(vm.shape, -1, dtype=torch.long)
+    vindex[vm] = torch.arange(int(vm.sum()))
+    vi = vindex[pos[:, 0], pos[:, 1]]
+    img = torch.full_like(vi, -1)
+    if len(batch.tokens["image"]):
+        img[vi >= 0] = batch.tokens["image"][vi[vi >= 0]]
+    frame = pd.DataFrame({"row": pos[:, 0].numpy(), "image": img.numpy(), "position": pos[:, 1].numpy(),
+                          "visual_index": vi.numpy()})
+    frames = {"lm": frame}
+    if "vision_projector.hook_out" in sites:
+        vp = batch.visual_positions
+        frames["projector"] = pd.DataFrame({"row": vp[:, 0].numpy(), "image": batch.tokens["image"].numpy(),
+                                            "position": vp[:, 1].numpy(), "visual_index": range(len(vp))})
+    return frames
+
+
+class LensResult(Result):
+    """Top-k tokens per read token per site. ``ids[site]`` / ``scores[site]``: (n_tokens, k) tensors;
+    ``to_pandas()``: columns row, image, site, layer, position, visual_index, rank, token_id, token, score."""
+
+    name = "lens"
+
+    def __init__(self, lens, data, frames, tokenizer, n_layers, batch):
+        self.lens = lens
+        self.ids = {s: v[0] for s, v in data.items()}
+        self.scores = {s: v[1] for s, v in data.items()}
+        self._frames, self._tok, self._n_layers, self._batch = frames, tokenizer, n_layers, batch
+
+    def _decode(self, ids):
+        uniq = sorted(set(int(i) for i in ids))
+        table = {i: self._tok.decode([i]) for i in uniq}
+        return [table[int(i)] for i in ids]
+
+    def to_pandas(self):
+        import numpy as np
+        import pandas as pd
+
+        parts = []
+        for site, ids in self.ids.items():
+            frame = self._frames["projector" if site == "vision_projector.hook_out" else "lm"]
+            n, k = ids.shape
+            df = frame.loc[frame.index.repeat(k)].reset_index(drop=True)
+            df.insert(2, "site", site)
+            df.insert(3, "layer", _layer_of(site, self._n_layers))
+            df["rank"] = np.tile(np.arange(k), n)
+            df["token_id"] = ids.reshape(-1).numpy()
+            parts.append(df.assign(score=self.scores[site].reshape(-1).numpy()))
+        df = pd.concat(parts, ignore_index=True)
+        df.insert(df.columns.get_loc("score"), "token", self._decode(df["token_id"].to_numpy()))
+        df["lens"] = self.lens
+        return df
+
+    def top1(self, site):
+        """(n_tokens,) top-1 ids at ``site``."""
+        return self.ids[site][:, 0]
+
+    def plot(self, site=None, image=0, ax=None):
+        """The top-1 token of every visual token of ``image`` on its token grid, coloured by score."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        site = site or next(iter(self.ids))
+        frame = self._frames["projector" if site == "vision_projector.hook_out" else "lm"]
+        t = self._batch.tokens
+        keep = (frame["visual_index"] >= 0).to_numpy()
+        vi = frame["visual_index"].to_numpy()[keep]
+        on = (t["image"][vi] == image).numpy()
+        vi = vi[on]
+        if not len(vi):
+            raise InputError(f"image {image} has no visual tokens in this result")
+        rows, cols = t["row"][vi].numpy(), t["col"][vi].numpy()
+        ids = self.ids[site][keep][on][:, 0].numpy()
+        sc = self.scores[site][keep][on][:, 0].numpy()
+        import numpy as np
+
+        grid = np.full((rows.max() + 1, cols.max() + 1), np.nan)
+        grid[rows, cols] = sc
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(4, grid.shape[1] * 0.5), max(4, grid.shape[0] * 0.5)))
+        ax.imshow(grid, cmap="viridis")
+        toks = self._decode(ids)
+        if grid.size <= 1024:
+            for r, c, tk in zip(rows, cols, toks):
+                ax.text(c, r, tk.strip()[:6], ha="center", va="center", fontsize=6, color="w")
+        ax.set_title(f"{self.lens} top-1 at {site} (image {image})")
+        return ax
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+class EmbedLens(_Lens):
+    """EmbedLens (paper Sec. 3.1, eq. 1): top-k cosine neighbours of hidden states among the INPUT embeddings.
+
+    ``EmbedLens(k=5, sites=None, positions="visual", chunk=8192, skip_special=False, candidates=None)``; see the
+    module docstring for sites, positions, exactness (ids equal an fp32 computation) and the table's columns.
+    """
+
+    def _vocab(self, vlm):
+        return int(vlm.embedding_matrix.shape[0])
+
+    def extras(self, vlm, batch):
+        mine = self._base_extras(vlm, batch)
+        mine["embed"] = _module_path(vlm.hf, vlm.hf.get_input_embeddings())
+        return mine
+
+    def at(self, site, value, ctx, out):
+        from mech_vtokens.adapters.base import _resolve
+
+        mine = ctx["mine"]
+        with torch.no_grad():
+            weight = _resolve(ctx["model"], mine["embed"]).weight.detach()
+            key = ("_embed_inv_norm", mine["embed"])
+            if key not in ctx:  # once per forward, shared by every EmbedLens
+                norms = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32)
+                ctx[key] = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
+            h = _select(site, value.detach(), mine)
+            v, i = _topk_rerank(h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=ctx[key],
+                                penalty=self._penalty(ctx, mine, weight.shape[0]), normalize=True)
+        _store(out, site, v, i, mine["small_ids"])
+
+
+__all__ = ["EmbedLens", "LensResult"]

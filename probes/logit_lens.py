@@ -1,0 +1,73 @@
+"""LogitLens (the comparison lens of paper Sec. 3.2 / Fig. 3): final norm, then the unembedding, top-k.
+
+    LogitLens(h) = TopK_i  (lm_head(final_norm(h)))_i
+
+Same signature, sites, positions and table as :class:`~probes.embed_lens.EmbedLens`, so both lenses sit side by
+side in one table (column ``lens``). Scores are fp32 logits (``logprobs=True``: log-probabilities, the log-sum-exp
+taken over the cheap pass's logits, so exact for fp32 models and bf16-accurate for bf16 ones).
+
+How the norm is applied inside the trace: the final-norm module is CALLED through its nnsight envoy
+(``envoy(h)``). nnsight 0.8 runs such an ad-hoc call with the trace stood down (no hooks served, no occurrence
+spent), so it does not collide with the module's real place in the forward: reading ``ln_final.hook_normalized``
+in the same forward still gets the real value (tested). The module's own forward is the math, so any norm type
+(RMSNorm, Gemma's 1+w, LayerNorm) is right without re-implementing it. The unembedding is NOT called as a module:
+its weight (and bias, if any) are read and the same chunked top-k + exact fp32 re-ranking as EmbedLens runs, so
+top-k ids equal an fp32 computation ``normed.float() @ W.float().T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mech_vtokens.errors import InputError
+
+from .embed_lens import LensResult, _Lens, _select, _store, _topk_rerank
+
+
+class LogitLens(_Lens):
+    """LogitLens: top-k of ``lm_head(final_norm(h))`` at each site (paper Sec. 3.2, Fig. 3 comparison).
+
+    ``LogitLens(k=5, sites=None, positions="visual", chunk=8192, skip_special=False, candidates=None,
+    logprobs=False)``. Default sites as EmbedLens (``hook_embed`` + every ``blocks.{i}.hook_resid_post``);
+    ``ln_final.hook_normalized`` is not accepted (the norm would be applied twice).
+    """
+
+    _allow_final = False
+
+    def __init__(self, k: int = 5, sites=None, positions="visual", chunk: int = 8192, skip_special: bool = False,
+                 candidates: int | None = None, logprobs: bool = False):
+        super().__init__(k, sites, positions, chunk, skip_special, candidates)
+        if not isinstance(logprobs, bool):
+            raise InputError(f"logprobs={logprobs!r}: pass True (log-probabilities) or False (logits)")
+        self.logprobs = logprobs
+
+    def _vocab(self, vlm):
+        return int(vlm.unembed.weight.shape[0])
+
+    def extras(self, vlm, batch):
+        mine = self._base_extras(vlm, batch)
+        mine["final_norm"] = vlm.adapter.final_norm
+        mine["lm_head"] = vlm.adapter.lm_head
+        mine["logprobs"] = self.logprobs
+        return mine
+
+    def at(self, site, value, ctx, out):
+        from mech_vtokens.adapters.base import _resolve
+
+        mine = ctx["mine"]
+        with torch.no_grad():
+            head = _resolve(ctx["model"], mine["lm_head"])
+            weight = head.weight.detach()
+            bias = getattr(head, "bias", None)
+            bias = None if bias is None else bias.detach()
+            h = _select(site, value.detach(), mine)
+            normed = _resolve(ctx["model"], mine["final_norm"])(h)
+            res = _topk_rerank(normed, weight, mine["k"], mine["n_cand"], mine["chunk"], bias=bias,
+                               penalty=self._penalty(ctx, mine, weight.shape[0]), want_lse=mine["logprobs"])
+            v, i = res[0], res[1]
+            if mine["logprobs"]:
+                v = v - res[2][:, None]
+        _store(out, site, v, i, mine["small_ids"])
+
+
+__all__ = ["LogitLens", "LensResult"]

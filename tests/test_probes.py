@@ -1,0 +1,246 @@
+"""Probes against independent computations: plain torch on HF ``output_hidden_states`` / torch forward hooks,
+planted truths, composition (one forward, any order, remote="local"), and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mech_vtokens as mv
+from mech_vtokens import testing as T
+from mech_vtokens.errors import InputError
+from probes import EmbedLens, LogitLens
+from probes.embed_lens import _topk_rerank
+
+FAMILIES = T.FAMILIES
+ATOL = 1e-5
+
+
+def _inputs(fam):
+    return ([T.image(112, 0), T.image(96, 1)],
+            [T.prompt(fam), T.prompt(fam, "is there a red circle on the left ?")])
+
+
+def _reference_states(vlm, batch):
+    """Per LM site (hook_embed, blocks.i.hook_resid_post): the full (batch, seq, d) hidden state, from HF
+    ``output_hidden_states`` (index 0 = the LM input, i + 1 = after block i) except the last block, whose
+    ``hidden_states`` entry is the final-NORMED state in transformers 5: that one comes from a torch forward hook."""
+    from mech_vtokens.adapters.base import _resolve
+
+    layers = _resolve(vlm.hf, vlm.adapter.decoder_layers)
+    got = {}
+    hook = layers[-1].register_forward_hook(lambda m, i, o: got.__setitem__("last", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            out = vlm.hf(**batch.inputs, output_hidden_states=True)
+    finally:
+        hook.remove()
+    hs = out.hidden_states
+    n = vlm.n_layers
+    states = {"hook_embed": hs[0]}
+    for i in range(n - 1):
+        states[f"blocks.{i}.hook_resid_post"] = hs[i + 1]
+    states[f"blocks.{n - 1}.hook_resid_post"] = got["last"]
+    return states, out.logits
+
+
+@pytest.fixture(scope="module")
+def lens_runs(tiny_vlm):
+    cache = {}
+
+    def get(fam):
+        if fam not in cache:
+            vlm = tiny_vlm(fam)
+            ims, prs = _inputs(fam)
+            batch = vlm.prepare(ims, prs)
+            el, ll = mv.run(vlm, ims, prs, probes=[EmbedLens(k=4), LogitLens(k=4)])
+            cache[fam] = (vlm, batch, el, ll, *_reference_states(vlm, batch))
+        return cache[fam]
+
+    return get
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_embed_lens_equals_plain_torch(lens_runs, fam):
+    vlm, batch, el, _, states, _ = lens_runs(fam)
+    W = vlm.hf.get_input_embeddings().weight.float()
+    assert set(el.ids) == set(states)
+    for site, h in states.items():
+        h = h[batch.visual_mask].float()
+        cos = F.normalize(h, dim=1) @ F.normalize(W, dim=1).T
+        v, i = cos.topk(4, dim=1)
+        assert torch.equal(el.ids[site], i), site
+        torch.testing.assert_close(el.scores[site], v, atol=ATOL, rtol=0)
+    df = el.to_pandas()
+    assert list(df.columns[:10]) == ["row", "image", "site", "layer", "position", "visual_index", "rank",
+                                     "token_id", "token", "score"]
+    assert len(df) == len(states) * batch.n_visual * 4
+    assert sorted(df.layer.unique()) == list(range(-1, vlm.n_layers))
+    first = df[(df.site == "hook_embed") & (df["rank"] == 0)]
+    assert (first.token == [vlm.tokenizer.decode([i]) for i in first.token_id]).all()
+    assert (first.visual_index.to_numpy() == range(batch.n_visual)).all()
+    assert (first.image.to_numpy() == batch.tokens["image"].numpy()).all()
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_logit_lens_equals_lm_head_of_norm(lens_runs, fam):
+    vlm, batch, _, ll, states, logits = lens_runs(fam)
+    for site, h in states.items():
+        with torch.no_grad():
+            ref = vlm.unembed(vlm.final_norm(h[batch.visual_mask])).float()
+        v, i = ref.topk(4, dim=1)
+        assert torch.equal(ll.ids[site], i), site
+        torch.testing.assert_close(ll.scores[site], v, atol=ATOL, rtol=0)
+    # the last layer's lens is the model's own prediction
+    last = f"blocks.{vlm.n_layers - 1}.hook_resid_post"
+    torch.testing.assert_close(ll.scores[last][:, 0], logits[batch.visual_mask].max(-1).values, atol=ATOL, rtol=0)
+
+
+def test_lens_sites_positions_and_ad_hoc_norm_does_not_collide(tiny_vlm):
+    """Any LM site; text positions; the projector site; and LogitLens's ad-hoc final-norm call leaves the real
+    ``ln_final.hook_normalized`` read in the same forward intact."""
+    from probes import Activations
+
+    vlm = tiny_vlm("llava")
+    ims, prs = _inputs("llava")
+    sites = ["vision_projector.hook_out", "hook_embed", "blocks.0.hook_attn_out", "blocks.-1.hook_mlp_out"]
+    el, ll, act, el_text = mv.run(vlm, ims, prs, probes=[
+        EmbedLens(k=3, sites=sites), LogitLens(k=3, sites=sites), Activations(["ln_final.hook_normalized",
+                                                                              "blocks.0.hook_attn_out"]),
+        EmbedLens(k=3, sites=["hook_embed"], positions="text")])
+    batch = vlm.prepare(ims, prs)
+    states, logits = _reference_states(vlm, batch)
+    with torch.no_grad():
+        assert torch.allclose(act["ln_final.hook_normalized"], vlm.final_norm(states["blocks.2.hook_resid_post"]),
+                              atol=ATOL)
+    # projector output == LM input at the visual positions (LLaVA), so the two sites agree
+    assert torch.equal(el.ids["vision_projector.hook_out"], el.ids["hook_embed"])
+    h = act["blocks.0.hook_attn_out"][batch.visual_mask]
+    W = vlm.embedding_matrix.float()
+    ref = (F.normalize(h, dim=1) @ F.normalize(W, dim=1).T).topk(3, dim=1)
+    assert torch.equal(el.ids["blocks.0.hook_attn_out"], ref.indices)
+    text = batch.inputs["attention_mask"].bool() & ~batch.visual_mask
+    ht = states["hook_embed"][text]
+    ref = (F.normalize(ht, dim=1) @ F.normalize(W, dim=1).T).topk(3, dim=1)
+    assert torch.equal(el_text.ids["hook_embed"], ref.indices)
+    df = el_text.to_pandas()
+    assert (df.visual_index == -1).all() and (df.image == -1).all()
+    # text tokens at the input are their own embeddings: top-1 is the token itself
+    assert torch.equal(el_text.ids["hook_embed"][:, 0], batch.inputs["input_ids"][text])
+    assert set(ll.to_pandas().layer) == {-1, 0, 2}
+
+
+def test_skip_special_leaves_special_tokens_out(tiny_vlm):
+    vlm = tiny_vlm("qwen2_5_vl")
+    ims, prs = _inputs("qwen2_5_vl")
+    el, = mv.run(vlm, ims, prs, probes=[EmbedLens(k=10, sites=["hook_embed"], skip_special=True)])
+    special = set(vlm.tokenizer.all_special_ids)
+    assert special and not special & set(el.ids["hook_embed"].flatten().tolist())
+    assert el.ids["hook_embed"].shape[1] == 10
+
+
+def test_rerank_ids_equal_fp32_for_bf16_inputs():
+    """The bf16 pass + fp32 re-rank gives the fp32 top-k ids, including planted near-ties that bf16 alone flips
+    and tokens whose margin forces the full fp32 fallback."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3000, 64, generator=g).to(torch.bfloat16)
+    h = torch.randn(40, 64, generator=g).to(torch.bfloat16)
+    # near-ties: rows 0..9 get two embedding rows that differ by one bf16 ulp in one coordinate
+    for r in range(10):
+        W[100 + r] = h[r] * 3
+        W[200 + r] = W[100 + r]
+        W[200 + r, 0] = (W[100 + r, 0].float() * (1 + 2 ** -7)).to(torch.bfloat16)
+    inv = 1.0 / torch.linalg.vector_norm(W, dim=1, dtype=torch.float32)
+    ref = (h.float() @ W.float().T * inv).topk(5, dim=1)
+    for n_cand, chunk in [(16, 512), (5, 700), (40, 3000)]:
+        v, i = _topk_rerank(h, W, 5, n_cand, chunk, row_scale=inv)
+        assert torch.equal(i, ref.indices), (n_cand, chunk)
+        torch.testing.assert_close(v, ref.values, atol=1e-5, rtol=0)
+
+
+def _llava_with_planted_tokens(path, targets: dict, default: int):
+    """A tiny LLaVA whose projector output at visual token j is EXACTLY the input embedding of ``targets[j]``
+    (``default`` elsewhere), whatever the image: patch conv and CLS zeroed, vision layers made the identity, the
+    position embedding of patch j set to a pattern (e_{2m} - e_{2m+1}) that the pre-LN maps to 4(e_{2m} - e_{2m+1}),
+    and the projector picks that pattern's coordinate and writes the embedding row."""
+    model, proc = T.build("llava")
+    v = model.model.vision_tower
+    with torch.no_grad():
+        v.embeddings.patch_embedding.weight.zero_()
+        v.embeddings.class_embedding.zero_()
+        for layer in v.encoder.layers:
+            for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        v.pre_layrnorm.weight.fill_(1.0)
+        v.pre_layrnorm.bias.zero_()
+        pos = v.embeddings.position_embedding.weight
+        pos.zero_()
+        d_v = pos.shape[1]
+        slots = {}
+        for j in range(pos.shape[0] - 1):
+            m = list(targets).index(j) if j in targets else (d_v // 2 - 1)
+            pos[1 + j, 2 * m], pos[1 + j, 2 * m + 1] = 1.0, -1.0
+            slots[m] = targets.get(j, default)
+        proj = model.model.multi_modal_projector
+        proj.linear_1.weight.zero_()
+        proj.linear_1.bias.zero_()
+        proj.linear_1.weight[:d_v, :d_v] = torch.eye(d_v)
+        g4 = F.gelu(torch.tensor(4.0)).item()
+        E = model.get_input_embeddings().weight
+        proj.linear_2.weight.zero_()
+        proj.linear_2.bias.zero_()
+        for m, tok in slots.items():
+            proj.linear_2.weight[:, 2 * m] = E[tok] / g4
+            proj.linear_2.weight[:, 2 * m + 1] = 0.0
+    return T._save(model, proc, path)
+
+
+def test_planted_visual_tokens_are_found_by_embed_lens(tmp_path):
+    tok = T.build("llava")[1].tokenizer
+    words = ["cat", "dog", "red", "circle", "tree", "sky"]
+    ids = tok.convert_tokens_to_ids(words)
+    targets = dict(zip([0, 7, 14, 20, 29, 35], ids))
+    default = tok.convert_tokens_to_ids("the")
+    vlm = mv.load(_llava_with_planted_tokens(tmp_path / "planted", targets, default))
+    ims, prs = [T.image(84, 3)], [T.prompt("llava")]
+    el, = mv.run(vlm, ims, prs, probes=[EmbedLens(k=3, sites=["vision_projector.hook_out", "hook_embed"])])
+    top1 = el.ids["hook_embed"][:, 0]
+    for j, t in targets.items():
+        assert int(top1[j]) == t
+        assert el.scores["hook_embed"][j, 0] == pytest.approx(1.0, abs=1e-4)
+    others = [j for j in range(len(top1)) if j not in targets]
+    assert (top1[others] == default).all()
+    df = el.to_pandas()
+    hit = df[(df.site == "hook_embed") & (df["rank"] == 0) & (df.visual_index == 7)]
+    assert hit.token.item() == "dog"
+
+
+@pytest.mark.parametrize("make, fix", [
+    (lambda: EmbedLens(k=0), "positive integer"),
+    (lambda: LogitLens(k=-2), "positive integer"),
+    (lambda: EmbedLens(k=3, positions="nowhere"), "positions"),
+])
+def test_bad_lens_arguments(make, fix):
+    with pytest.raises(InputError, match=fix):
+        make()
+
+
+def test_bad_lens_input_before_the_forward(tiny_vlm):
+    vlm = tiny_vlm("llava")
+    ims, prs = _inputs("llava")
+    vocab = vlm.embedding_matrix.shape[0]
+    cases = [
+        (EmbedLens(k=vocab + 1), "exceeds the vocabulary"),
+        (EmbedLens(sites=["blocks.1.hook_nothing"]), "no hook"),
+        (EmbedLens(sites=["blocks.9.hook_resid_post"]), "out of range"),
+        (LogitLens(sites=["vision.blocks.0.hook_resid_post"]), "LM sites only"),
+        (LogitLens(sites=["ln_final.hook_normalized"]), "final norm"),
+        (EmbedLens(sites=["nowhere"]), "unknown site"),
+    ]
+    for probe, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            mv.run(vlm, ims, prs, probes=[probe])
+    with pytest.raises(InputError, match="has none"):
+        mv.run(vlm, None, ["USER : what color is it ? ASSISTANT :"], probes=[EmbedLens()])
