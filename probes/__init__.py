@@ -1,3 +1,7 @@
 from .activations import Activations
 from .embed_lens import EmbedLens
 from .logit_lens import LogitLens
+from .label_matching import LabelMatching
+from .norm_tracker import NormTracker
+from .sink_channels import SinkChannels
+from .vit_sinks import ViTSinks

@@ -244,3 +244,245 @@ def test_bad_lens_input_before_the_forward(tiny_vlm):
             mv.run(vlm, ims, prs, probes=[probe])
     with pytest.raises(InputError, match="has none"):
         mv.run(vlm, None, ["USER : what color is it ? ASSISTANT :"], probes=[EmbedLens()])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# φ, norms, BOS cosine, ViT sinks: hand computations on states caught with plain torch hooks.
+# ------------------------------------------------------------------------------------------------------------------
+
+def _hooked_states(vlm, batch):
+    """Plain-torch forward hooks: every vision block output (flattened), LM input, resid_mid and resid_post."""
+    from mech_vtokens.adapters.base import _resolve
+
+    a, hf = vlm.adapter, vlm.hf
+    got, hooks = {}, []
+
+    def keep(name, idx=None):
+        def f(m, i, o):
+            o = o if idx is None or not isinstance(o, tuple) else o[idx]
+            got[name] = (o[0] if isinstance(o, tuple) else o).detach().clone()
+        return f
+
+    for i, layer in enumerate(_resolve(hf, a.vision_layers)):
+        hooks.append(layer.register_forward_hook(keep(f"vision.blocks.{i}.hook_resid_post",
+                                                      a.vision_layer_output_index)))
+    hooks.append(_resolve(hf, a.language_model).register_forward_pre_hook(
+        lambda m, args, kw: got.__setitem__("hook_embed", kw["inputs_embeds"].detach().clone()), with_kwargs=True))
+    for i, layer in enumerate(_resolve(hf, a.decoder_layers)):
+        hooks.append(layer.register_forward_hook(keep(f"blocks.{i}.hook_resid_post")))
+        hooks.append(_resolve(layer, a.ln2).register_forward_pre_hook(
+            lambda m, args, i=i: got.__setitem__(f"blocks.{i}.hook_resid_mid", args[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            hf(**batch.inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_phi_norms_cosines_vit_norms_equal_hand_computation(tiny_vlm, fam):
+    from probes import NormTracker, SinkChannels, ViTSinks
+
+    vlm = tiny_vlm(fam)
+    ims, prs = _inputs(fam)
+    batch = vlm.prepare(ims, prs)
+    dims = [3, 10, 41]
+    sc, nt, vs = mv.run(vlm, ims, prs, probes=[SinkChannels(dims=dims, threshold=2.5), NormTracker(),
+                                               ViTSinks(threshold=3.0)])
+    st = _hooked_states(vlm, batch)
+    att = batch.inputs["attention_mask"].bool()
+    bos_pos = att.int().argmax(1)
+    rows = att.nonzero()[:, 0]
+    # φ and BOS cosine at every sublayer
+    for site in sc.sites:
+        x = st[site].float()
+        xs = x[att]
+        phi = xs[:, dims].abs().max(-1).values / xs.pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(sc.phi[site], phi, atol=ATOL, rtol=0)
+        bos = x[torch.arange(len(x)), bos_pos][rows]
+        cos = (xs * bos).sum(-1) / (xs.norm(dim=-1) * bos.norm(dim=-1))
+        torch.testing.assert_close(sc.bos_cos[site], cos, atol=ATOL, rtol=0)
+    df = sc.to_pandas()
+    assert (df.sink == (df.phi > 2.5)).all()
+    assert len(sc.sites) == 1 + 2 * vlm.n_layers
+    # rank tracking: the tracked tokens are rank 1..5 at the reference site
+    rt = sc.rank_tracking()
+    ref = rt[rt.site == sc.reference_site]
+    for _, g in ref.groupby("row"):
+        assert sorted(g["rank"]) == list(range(1, min(5, len(g)) + 1))
+    # norms + layer-to-layer cosine, both towers
+    nd = nt.to_pandas()
+    prev = None
+    for site in nt.data:
+        x = st[site].float()
+        x = x.reshape(-1, x.shape[-1]) if site.startswith("vision.") else x[att]
+        torch.testing.assert_close(nt.data[site]["l2"], x.norm(dim=-1), atol=ATOL, rtol=1e-6)
+        torch.testing.assert_close(nt.data[site]["l1"], x.abs().sum(-1), atol=ATOL, rtol=1e-6)
+        if site in ("vision.blocks.0.hook_resid_post", "hook_embed"):
+            assert nt.data[site]["cos_prev"].isnan().all()
+        else:
+            torch.testing.assert_close(nt.data[site]["cos_prev"], F.cosine_similarity(x, prev, dim=-1),
+                                       atol=ATOL, rtol=0)
+        prev = x
+    g = nt.by_group()
+    lm0 = g[(g.site == "hook_embed") & (g.group == "visual")].l2.item()
+    assert lm0 == pytest.approx(st["hook_embed"][batch.visual_mask].norm(dim=-1).mean().item(), abs=1e-4)
+    assert set(nd.group) >= {"visual", "text"}
+    # ViT sinks: last vision layer, max over the merged rows
+    last = f"vision.blocks.{vlm.n_vision_layers - 1}.hook_resid_post"
+    norms = st[last].float().reshape(-1, st[last].shape[-1]).norm(dim=-1)
+    ref = norms[batch.tokens["vision_rows"]].max(-1).values
+    torch.testing.assert_close(vs.l2, ref, atol=ATOL, rtol=1e-6)
+    assert torch.equal(vs.sinks, ref > 3.0)
+    assert vs.site == last
+
+
+def _llava_with_massive_activations(path, words, dims, value=1.0):
+    """A tiny LLaVA whose input embeddings of ``words`` carry ``value`` in channels ``dims``."""
+    model, proc = T.build("llava")
+    ids = proc.tokenizer.convert_tokens_to_ids(words)
+    with torch.no_grad():
+        E = model.get_input_embeddings().weight
+        for i in ids:
+            E[i, dims] = value
+    return T._save(model, proc, path), ids
+
+
+def test_planted_massive_activations_are_discovered_and_flagged(tmp_path):
+    from probes import SinkChannels
+
+    dims = [5, 17]
+    path, ids = _llava_with_massive_activations(tmp_path / "massive", ["USER", "red"], dims)
+    vlm = mv.load(path)
+    ims = [T.image(84, 0), T.image(84, 1)]
+    prs = [T.prompt("llava", "is the red circle on the left ?"), T.prompt("llava", "what is it ?")]
+    sc, = mv.run(vlm, ims, prs, probes=[SinkChannels(dims="auto", threshold=4.0)])
+    assert sc.sink_dims == dims
+    batch = vlm.prepare(ims, prs)
+    att = batch.inputs["attention_mask"].bool()
+    want = torch.isin(batch.inputs["input_ids"], torch.tensor(ids))[att]
+    assert want.sum() == 3  # USER twice (the BOS role) + red once
+    for site in sc.sites:
+        assert torch.equal(sc.sinks(site), want), site
+    st = _hooked_states(vlm, batch)
+    for site in sc.sites:
+        xs = st[site][att].float()
+        phi = xs[:, dims].abs().max(-1).values / xs.pow(2).mean(-1).sqrt()
+        got = sc.phi[site]
+        known = ~got.isnan()
+        assert known[want].all()
+        torch.testing.assert_close(got[known], phi[known], atol=ATOL, rtol=0)
+        assert (phi[~known] < 4.0).all()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Label matching A(ℓ)
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_label_matching_on_planted_tokens(tmp_path):
+    from probes import LabelMatching
+
+    tok = T.build("llava")[1].tokenizer
+    targets = dict(zip([0, 7], tok.convert_tokens_to_ids(["cat", "dog"])))
+    vlm = mv.load(_llava_with_planted_tokens(tmp_path / "planted2", targets, tok.convert_tokens_to_ids("the")))
+    ims, prs = [T.image(84, 3), T.image(84, 4)], [T.prompt("llava"), T.prompt("llava")]
+    labels = [["cat", "dog", "house"], ["Cat"]]
+    lm, el = mv.run(vlm, ims, prs, probes=[LabelMatching(labels, k=1), EmbedLens(k=1)])
+    df = lm.to_pandas()
+    emb = df[(df.lens == "EmbedLens") & (df.site == "hook_embed")]
+    assert emb.accuracy.item() == pytest.approx(3 / 4) and emb.n_labels.item() == 4
+    hits = lm.hits()
+    h = hits[(hits.lens == "EmbedLens") & (hits.site == "hook_embed")].set_index(["image", "label"]).hit
+    assert h[(0, "cat")] and h[(0, "dog")] and not h[(0, "house")] and h[(1, "Cat")]
+    # same numbers from an EmbedLens result computed alongside
+    again = LabelMatching.score(el, labels, vlm.tokenizer, vlm.prepare(ims, prs)).to_pandas()
+    pd_emb = df[df.lens == "EmbedLens"].reset_index(drop=True)
+    assert (again.accuracy.to_numpy() == pd_emb.accuracy.to_numpy()).all()
+    assert set(df.lens) == {"EmbedLens", "LogitLens"}
+
+
+def test_label_rules():
+    from probes.label_matching import label_token_ids
+
+    tok = T.build("llava")[1].tokenizer
+    cat = tok.convert_tokens_to_ids("cat")
+    assert label_token_ids(tok, "cat") == [[cat]]
+    assert label_token_ids(tok, "red circle") == []
+    red, circle = tok.convert_tokens_to_ids(["red", "circle"])
+    assert label_token_ids(tok, "red circle", "first") == [[red]]
+    assert label_token_ids(tok, "red circle", "all") == [[red, circle]]
+    assert label_token_ids(tok, "zebra", "all") == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Composition: every probe in one forward, any order, remote="local" == each alone.
+# ------------------------------------------------------------------------------------------------------------------
+
+def _suite():
+    from probes import LabelMatching, NormTracker, SinkChannels, ViTSinks
+
+    return [EmbedLens(k=3), LogitLens(k=3, logprobs=True), SinkChannels(threshold=3.0), NormTracker(),
+            ViTSinks(threshold=3.0), LabelMatching([["cat"], ["red", "dog"]], k=5)]
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl"])
+def test_all_probes_in_one_forward_any_order_and_remote_local(tiny_vlm, fam):
+    import pandas as pd
+
+    vlm = tiny_vlm(fam)
+    ims, prs = _inputs(fam)
+    alone = [mv.run(vlm, ims, prs, probes=[p])[0].to_pandas() for p in _suite()]
+    together = [r.to_pandas() for r in mv.run(vlm, ims, prs, probes=_suite())]
+    rev = [r.to_pandas() for r in mv.run(vlm, ims, prs, probes=_suite()[::-1])][::-1]
+    remote = [r.to_pandas() for r in mv.run(vlm, ims, prs, probes=_suite()[::-1], remote="local")][::-1]
+    for a, t, r, rm in zip(alone, together, rev, remote):
+        for other in (t, r, rm):
+            pd.testing.assert_frame_equal(a, other, check_exact=False, atol=1e-6, rtol=0)
+
+
+def test_plots_draw(tiny_vlm):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vlm = tiny_vlm("internvl")
+    ims, prs = _inputs("internvl")
+    for r in mv.run(vlm, ims, prs, probes=_suite()):
+        r.plot()
+        plt.close("all")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input of the other probes, before the forward.
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_bad_probe_input_before_the_forward(tiny_vlm):
+    from probes import LabelMatching, NormTracker, SinkChannels, ViTSinks
+
+    vlm = tiny_vlm("llava")
+    ims, prs = _inputs("llava")
+    cases = [
+        (SinkChannels(dims="llama2-7b"), "outside the hidden size"),
+        (SinkChannels(dims=[3, 64]), "outside the hidden size"),
+        (SinkChannels(reference_site="blocks.0.hook_attn_out"), "reference_site"),
+        (SinkChannels(sites=["vision.blocks.0.hook_resid_post"]), "residual stream"),
+        (ViTSinks(layer=5), "out of range"),
+        (LabelMatching([["zebra"], ["cat"]]), "zebra"),
+        (LabelMatching([["red circle"], ["cat"]]), "single token"),
+        (LabelMatching([["cat"]]), "one list of label strings per image"),
+        (NormTracker(groups=["a", "b"]), "labels but the batch has"),
+    ]
+    for probe, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            mv.run(vlm, ims, prs, probes=[probe])
+    for probe in (ViTSinks(), NormTracker(), LabelMatching([])):
+        with pytest.raises(InputError, match="none|needs an image|per image"):
+            mv.run(vlm, None, ["USER : what color is it ? ASSISTANT :"], probes=[probe])
+    for make, msg in [(lambda: SinkChannels(dims="llama3"), "preset"), (lambda: SinkChannels(threshold=0), "positive"),
+                      (lambda: LabelMatching([["cat"]], rule="stem"), "rule"),
+                      (lambda: NormTracker(vision=False, lm=False), "reads nothing")]:
+        with pytest.raises(InputError, match=msg):
+            make()

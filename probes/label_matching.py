@@ -1,0 +1,206 @@
+"""Label–token matching A(ℓ) (paper Sec. 3.2, eq. 2, Fig. 3) for EmbedLens and LogitLens side by side.
+
+For each object label t* of an image: is t* among the top-k tokens (k = 5 in the paper) of ANY visual token of that
+image at layer ℓ? A(ℓ) = the fraction of (image, label) pairs for which it is. Computed for both lenses at the same
+sites (default ``hook_embed`` = layer -1 and ``blocks.{i}.hook_resid_post``), in the one forward.
+
+How a label becomes token ids (``rule``); each label is tried as written and with a leading space (the word-start
+form: "▁cat" in SentencePiece, "Ġcat" in byte-level BPE); unknown / special tokens are dropped:
+
+- ``"whole_word"`` (default): the label must BE a token: the variants that encode to exactly one token; a match is
+  any of those ids in the top-k. Labels with no single-token form raise an InputError before the forward (use
+  ``"first"`` or ``"all"`` for them). This is eq. 2 read literally (t* is a token).
+- ``"first"``: the first sub-token of each variant ("giraffe" -> "▁gir").
+- ``"all"``: every sub-token of one variant must appear in the top-k of some visual token of the image (not
+  necessarily the same one).
+
+``LabelMatching.score(embed_result, labels, tokenizer, batch)`` computes A(ℓ) from lens results you already have.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mech_vtokens.component import Probe
+from mech_vtokens.errors import InputError
+from mech_vtokens.results import Result
+
+from .embed_lens import EmbedLens
+from .logit_lens import LogitLens
+
+RULES = ("whole_word", "first", "all")
+
+
+def label_token_ids(tokenizer, label: str, rule: str = "whole_word") -> list[list[int]]:
+    """The id lists a label may match: one list per accepted variant (see the module docstring)."""
+    if rule not in RULES:
+        raise InputError(f"rule={rule!r}: choose one of {RULES}")
+    bad = set(int(i) for i in tokenizer.all_special_ids)
+    if tokenizer.unk_token_id is not None:
+        bad.add(int(tokenizer.unk_token_id))
+    out = []
+    for text in dict.fromkeys([label, " " + label, label.lower(), " " + label.lower()]):
+        ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+        ids = [i for i in ids if i not in bad and tokenizer.decode([i]).strip()]
+        if not ids:
+            continue
+        if rule == "whole_word":
+            if len(ids) == 1:
+                out.append(ids)
+        elif rule == "first":
+            out.append(ids[:1])
+        else:
+            out.append(ids)
+    uniq = []
+    for ids in out:
+        if ids not in uniq:
+            uniq.append(ids)
+    return uniq
+
+
+def _labels_ids(tokenizer, labels, rule, n_images):
+    if isinstance(labels, str) or len(labels) != n_images:
+        raise InputError(f"labels: give one list of label strings per image ({n_images} image(s) in the batch, in "
+                         f"processor order), e.g. [['cat', 'dog'], ['car']]")
+    table = []
+    for im, labs in enumerate(labels):
+        if isinstance(labs, str):
+            labs = [labs]
+        row = []
+        for lab in labs:
+            ids = label_token_ids(tokenizer, str(lab), rule)
+            if not ids:
+                hint = ("it is not a single token: use rule='first' or rule='all'" if rule == "whole_word"
+                        else "it tokenizes to nothing but unknown/special tokens: check the spelling")
+                raise InputError(f"label {lab!r} of image {im}: {hint}")
+            row.append((str(lab), ids))
+        table.append(row)
+    return table
+
+
+def _hits(result, table, batch, k=None):
+    """(image, label, site) -> hit, from a LensResult (visual rows only)."""
+    recs = []
+    for site, ids in result.ids.items():
+        frame = result._frames["projector" if site == "vision_projector.hook_out" else "lm"]
+        if k is not None:
+            ids = ids[:, :k]
+        vi = frame.visual_index.to_numpy()
+        img = frame.image.to_numpy()
+        for im, labs in enumerate(table):
+            rows = torch.as_tensor(((vi >= 0) & (img == im)).nonzero()[0])
+            found = set(ids[rows].flatten().tolist())
+            for lab, variants in labs:
+                hit = any(all(i in found for i in var) for var in variants)
+                recs.append({"image": im, "label": lab, "site": site, "hit": hit})
+    return recs
+
+
+class LabelMatching(Probe):
+    """A(ℓ) of eq. 2 (paper Sec. 3.2, Fig. 3) for EmbedLens and LogitLens, in one forward.
+
+    ``LabelMatching(labels, k=5, rule="whole_word", sites=None, lenses=("EmbedLens", "LogitLens"),
+    skip_special=False)``; ``labels``: one list of label strings per image of the batch (processor order).
+    """
+
+    def __init__(self, labels, k: int = 5, rule: str = "whole_word", sites=None,
+                 lenses=("EmbedLens", "LogitLens"), skip_special: bool = False):
+        if rule not in RULES:
+            raise InputError(f"rule={rule!r}: choose one of {RULES}")
+        known = {"EmbedLens": EmbedLens, "LogitLens": LogitLens}
+        lenses = [lenses] if isinstance(lenses, str) else list(lenses)
+        if not lenses or any(lens not in known for lens in lenses):
+            raise InputError(f"lenses={lenses!r}: choose from {tuple(known)}")
+        self.labels, self.k, self.rule, self.lens_names = labels, k, rule, lenses
+        self._lenses = [known[n](k=k, sites=sites, skip_special=skip_special) for n in lenses]
+
+    def sites(self, vlm):
+        out = []
+        for lens in self._lenses:
+            out += [s for s in lens.sites(vlm) if s not in out]
+        return out
+
+    def check(self, vlm, batch):
+        for lens in self._lenses:
+            lens.check(vlm, batch)
+        _labels_ids(vlm.tokenizer, self.labels, self.rule, len(batch.image_sizes))
+
+    def extras(self, vlm, batch):
+        return {"lenses": [lens.extras(vlm, batch) for lens in self._lenses]}
+
+    def at(self, site, value, ctx, out):
+        mine = ctx["mine"]
+        try:
+            for j, lens in enumerate(self._lenses):
+                ctx["mine"] = mine["lenses"][j]
+                lens.at(site, value, ctx, out.setdefault(j, {}))
+        finally:
+            ctx["mine"] = mine
+
+    def collect(self, raw, batch, vlm):
+        table = _labels_ids(vlm.tokenizer, self.labels, self.rule, len(batch.image_sizes))
+        results = [lens.collect(raw[j], batch, vlm) for j, lens in enumerate(self._lenses)]
+        return LabelMatchingResult(self._records(results, table, batch), vlm.n_layers, results)
+
+    @staticmethod
+    def _records(results, table, batch):
+        recs = []
+        for res in results:
+            for r in _hits(res, table, batch):
+                r["lens"] = res.lens
+                recs.append(r)
+        return recs
+
+    @staticmethod
+    def score(lens_results, labels, tokenizer, batch, rule: str = "whole_word", k: int | None = None):
+        """A(ℓ) from existing EmbedLens / LogitLens results (no forward); ``k`` may be smaller than theirs."""
+        if not isinstance(lens_results, (list, tuple)):
+            lens_results = [lens_results]
+        table = _labels_ids(tokenizer, labels, rule, len(batch.image_sizes))
+        recs = []
+        for res in lens_results:
+            for r in _hits(res, table, batch, k):
+                r["lens"] = res.lens
+                recs.append(r)
+        return LabelMatchingResult(recs, res._n_layers, list(lens_results))
+
+
+class LabelMatchingResult(Result):
+    """``to_pandas()``: lens, site, layer, accuracy (A(ℓ)), n_labels. ``hits()``: one row per (lens, site, image,
+    label). ``lenses``: the underlying LensResults (their top-k tables)."""
+
+    name = "label_matching"
+
+    def __init__(self, records, n_layers, lenses):
+        self._records, self._n_layers, self.lenses = records, n_layers, lenses
+
+    def hits(self):
+        import pandas as pd
+
+        from .embed_lens import _layer_of
+
+        df = pd.DataFrame(self._records)
+        df.insert(2, "layer", [_layer_of(s, self._n_layers) for s in df.site])
+        return df[["lens", "site", "layer", "image", "label", "hit"]]
+
+    def to_pandas(self):
+        h = self.hits()
+        g = h.groupby(["lens", "site", "layer"], sort=False).hit
+        return g.mean().rename("accuracy").to_frame().join(g.size().rename("n_labels")).reset_index()
+
+    def plot(self, ax=None):
+        """Fig. 3: A(ℓ) per layer for each lens."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        df = self.to_pandas()
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 4))
+        for lens, d in df.groupby("lens", sort=False):
+            ax.plot(d.layer, d.accuracy, marker="o", label=lens)
+        ax.set_xlabel("layer (-1 = LM input)")
+        ax.set_ylabel("label-token matching A(ℓ)")
+        ax.legend()
+        return ax

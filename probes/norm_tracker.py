@@ -1,0 +1,173 @@
+"""Norm tracker (paper Secs. 5.2 and 6.2, Figs. 5, 6 and 8): L1 / L2 norms per token at every vision-encoder layer
+and every LM layer, and the layer-to-layer cosine similarity (how much each layer changes a token).
+
+Sites: ``vision.blocks.{i}.hook_resid_post`` for every vision layer (``vision=True``) and ``hook_embed`` +
+``blocks.{i}.hook_resid_post`` for every LM layer (``lm=True``). ``cos_prev`` is the cosine between a token's state
+at a site and at the previous site of the same tower (NaN at the first site of each tower). LM rows: every attended
+position; vision rows: every row of the block output flattened to (-1, d) (LLaVA keeps its CLS row, Qwen packs all
+images in one sequence; ``vision_row`` says which).
+
+Groups: LM tokens are ``"visual"`` or ``"text"``; a vision row takes the group of the visual token it is merged into
+(``batch.tokens["vision_rows"]``; rows no visual token uses, e.g. CLS, are ``"unused"``). Pass ``groups`` (to the
+probe or later to ``by_group``/``plot``) to split visual tokens further: a sequence with one label per visual token
+(``batch.visual_positions`` order) or a dict ``{label: [visual indices]}`` (e.g. sink / dead / alive).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mech_vtokens.component import Probe
+from mech_vtokens.errors import InputError
+from mech_vtokens.results import Result
+
+
+class NormTracker(Probe):
+    """L1 / L2 norm and layer-to-layer cosine per token at every vision and LM layer (paper Secs. 5.2, 6.2)."""
+
+    def __init__(self, vision: bool = True, lm: bool = True, groups=None):
+        if not (vision or lm):
+            raise InputError("NormTracker(vision=False, lm=False) reads nothing; enable at least one tower")
+        self.vision, self.lm, self.groups = vision, lm, groups
+
+    def sites(self, vlm):
+        out = []
+        if self.vision:
+            out += [f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)]
+        if self.lm:
+            out += ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
+        return out
+
+    def check(self, vlm, batch):
+        if self.vision and batch.n_visual == 0:
+            raise InputError("NormTracker(vision=True) needs an image in the batch; pass one or use vision=False")
+        if self.groups is not None:
+            _labels(self.groups, batch.n_visual)
+
+    def extras(self, vlm, batch):
+        att = batch.inputs.get("attention_mask")
+        att = torch.ones_like(batch.visual_mask) if att is None else att.bool()
+        sites = self.sites(vlm)
+        firsts = [s for s in sites if s in ("vision.blocks.0.hook_resid_post", "hook_embed")]
+        return {"select": att, "first": firsts, "last": sites[-1]}
+
+    def at(self, site, value, ctx, out):
+        mine = ctx["mine"]
+        with torch.no_grad():
+            x = value.detach()
+            x = x.reshape(-1, x.shape[-1]) if site.startswith("vision.") else x[mine["select"]]
+            x = x.float()
+            rec = {"l1": x.abs().sum(-1), "l2": x.norm(dim=-1)}
+            prev = out.get("_prev")
+            if site in mine["first"] or prev is None or prev.shape != x.shape:
+                rec["cos_prev"] = torch.full_like(rec["l2"], float("nan"))
+            else:
+                rec["cos_prev"] = torch.nn.functional.cosine_similarity(x, prev, dim=-1)
+            out[site] = rec
+            if site == mine["last"]:
+                out.pop("_prev", None)
+            else:
+                out["_prev"] = x
+
+    def collect(self, raw, batch, vlm):
+        return NormResult({s: raw[s] for s in self.sites(vlm)}, batch, self.extras(vlm, batch)["select"],
+                          self.groups)
+
+
+def _labels(groups, n_visual):
+    """One label per visual token from a sequence or a {label: indices} dict."""
+    if isinstance(groups, dict):
+        lab = ["visual"] * n_visual
+        for name, idx in groups.items():
+            for i in idx:
+                if not 0 <= int(i) < n_visual:
+                    raise InputError(f"group {name!r} names visual index {i}, but the batch has {n_visual} visual "
+                                     f"tokens (0..{n_visual - 1})")
+                lab[int(i)] = str(name)
+        return lab
+    lab = [str(g) for g in groups]
+    if len(lab) != n_visual:
+        raise InputError(f"groups has {len(lab)} labels but the batch has {n_visual} visual tokens; give one label "
+                         f"per visual token (batch.visual_positions order) or a dict {{label: [visual indices]}}")
+    return lab
+
+
+class NormResult(Result):
+    """``to_pandas()``: per token and site: tower, site, layer, row, image, position, visual_index, vision_row,
+    group, l1, l2, cos_prev. ``by_group()``: means per (tower, site, layer, group)."""
+
+    name = "norms"
+
+    def __init__(self, data, batch, select, groups):
+        self.data, self._batch, self._select, self.groups = data, batch, select, groups
+
+    def to_pandas(self, groups=None):
+        import numpy as np
+        import pandas as pd
+
+        b = self._batch
+        groups = groups if groups is not None else self.groups
+        vlab = _labels(groups, b.n_visual) if groups is not None else ["visual"] * b.n_visual
+        pos = self._select.nonzero()
+        vm = b.visual_mask
+        vindex = torch.full(vm.shape, -1, dtype=torch.long)
+        vindex[vm] = torch.arange(int(vm.sum()))
+        vi = vindex[pos[:, 0], pos[:, 1]].numpy()
+        img = np.full(len(vi), -1)
+        if b.n_visual:
+            img[vi >= 0] = b.tokens["image"].numpy()[vi[vi >= 0]]
+        lm = pd.DataFrame({"row": pos[:, 0].numpy(), "image": img, "position": pos[:, 1].numpy(),
+                           "visual_index": vi, "vision_row": -1,
+                           "group": [vlab[v] if v >= 0 else "text" for v in vi]})
+        parts = []
+        for s, rec in self.data.items():
+            if s.startswith("vision."):
+                n = len(rec["l2"])
+                owner = np.full(n, -1)
+                if b.n_visual:
+                    vr = b.tokens["vision_rows"]
+                    for j in range(vr.shape[1]):
+                        owner[vr[:, j].numpy()] = np.arange(b.n_visual)
+                df = pd.DataFrame({"row": -1, "image": -1, "position": -1, "visual_index": owner,
+                                   "vision_row": np.arange(n),
+                                   "group": [vlab[o] if o >= 0 else "unused" for o in owner]})
+                if b.n_visual:
+                    df.loc[owner >= 0, "image"] = b.tokens["image"].numpy()[owner[owner >= 0]]
+                tower, layer = "vision", int(s.split(".")[2])
+            else:
+                df = lm.copy()
+                tower, layer = "lm", int(s.split(".")[1]) if s.startswith("blocks.") else -1
+            df.insert(0, "tower", tower)
+            df.insert(1, "site", s)
+            df.insert(2, "layer", layer)
+            for key in ("l1", "l2", "cos_prev"):
+                df[key] = rec[key].numpy()
+            parts.append(df)
+        return pd.concat(parts, ignore_index=True)
+
+    def by_group(self, groups=None):
+        df = self.to_pandas(groups)
+        return (df.groupby(["tower", "site", "layer", "group"], sort=False)[["l1", "l2", "cos_prev"]].mean()
+                .reset_index())
+
+    def plot(self, groups=None, axes=None):
+        """Figs. 6 / 8: mean L2 (and L1 for the vision tower) and layer-to-layer cosine per group, per tower."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        g = self.by_group(groups)
+        towers = list(dict.fromkeys(g.tower))
+        if axes is None:
+            _, axes = plt.subplots(2, len(towers), figsize=(5 * len(towers), 7), squeeze=False)
+        for c, t in enumerate(towers):
+            sub = g[g.tower == t]
+            for name, d in sub.groupby("group", sort=False):
+                axes[0][c].plot(d.layer, d.l2, marker="o", label=name)
+                axes[1][c].plot(d.layer, d.cos_prev, marker="o", label=name)
+            axes[0][c].set_title(f"{t}: mean L2 norm")
+            axes[1][c].set_title(f"{t}: cosine to previous layer")
+            axes[1][c].set_xlabel("layer (-1 = LM input)" if t == "lm" else "vision layer")
+            axes[0][c].legend(fontsize=7)
+        return axes

@@ -1,0 +1,266 @@
+"""BOS sink-channel ratio φ(x) and BOS alignment (paper Sec. 4.2 and Fig. 4, "Layer 2 as sinks aligner").
+
+    φ(x) = max_{d ∈ D_sink} |x[d]| / RMS(x),   RMS(x) = sqrt(mean_d x[d]^2);   a token is an LLM sink if φ(x) > τ (20)
+
+per token (every attended position by default) at every read site. Sites: ``hook_embed`` and, per decoder layer,
+``hook_resid_mid`` (after attention, "MHA-ℓ") and ``hook_resid_post`` (after the MLP, "MLP-ℓ"): the sublayers of
+Fig. 4. ``layer`` in the table: -1 for ``hook_embed``, ``i`` for ``blocks.{i}.*``.
+
+Sink dims ``dims``: a list of channel indices, a preset (``"llama2-7b"`` = {1415, 2533}, ``"llama2-13b"`` =
+{2100, 4743}) or ``"auto"`` (default): discovered from the BOS token's massive activations. Rule: D_sink = every
+channel d with |x_bos[d]| / RMS(x_bos) >= ``discover_ratio`` (default: ``threshold``) at ANY read site, where x_bos is
+the state at the first attended position of each prompt row (the BOS token when the tokenizer adds one; otherwise the
+first token, which plays the sink role). Note that the ratio is bounded by sqrt(d_model) (64 for LLaMA-7B, 8 for a
+64-wide test model): lower ``threshold`` on narrow models.
+
+Exactness with ``"auto"`` (the dims are only known after the forward): each token keeps its top-m channels by
+|x|/RMS with m = floor(d_model / τ^2) + 1. Since Σ_d (x[d]/RMS)^2 = d_model, fewer than m channels can reach τ, so
+every channel at or above τ is among the kept ones: the ``sink`` flag is exact, and φ is exact whenever a sink
+channel is among the token's top-m (always for flagged tokens); otherwise φ < τ and the table shows NaN.
+With given dims φ is computed exactly in the trace.
+
+Also (Fig. 4): ``bos_cos``, the cosine of every token with its row's BOS state at each site, and
+``rank_tracking()``: the ``top`` (5) visual tokens most similar to BOS at ``reference_site`` (default
+``blocks.1.hook_resid_post``, i.e. after MLP-2) and their rank (1 = most BOS-similar visual token of the row) at
+every site.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mech_vtokens.component import Probe
+from mech_vtokens.errors import InputError
+from mech_vtokens.results import Result
+
+PRESETS = {"llama2-7b": (1415, 2533), "llama2-13b": (2100, 4743)}
+
+
+def _sublayer_sites(n_layers):
+    out = ["hook_embed"]
+    for i in range(n_layers):
+        out += [f"blocks.{i}.hook_resid_mid", f"blocks.{i}.hook_resid_post"]
+    return out
+
+
+def _lm_frame(batch, sel):
+    import pandas as pd
+
+    pos = sel.nonzero()
+    vm = batch.visual_mask
+    vindex = torch.full(vm.shape, -1, dtype=torch.long)
+    vindex[vm] = torch.arange(int(vm.sum()))
+    vi = vindex[pos[:, 0], pos[:, 1]]
+    img = torch.full_like(vi, -1)
+    if int(vm.sum()):
+        img[vi >= 0] = batch.tokens["image"][vi[vi >= 0]]
+    return pd.DataFrame({"row": pos[:, 0].numpy(), "image": img.numpy(), "position": pos[:, 1].numpy(),
+                         "visual_index": vi.numpy()})
+
+
+def _layer(site):
+    return int(site.split(".")[1]) if site.startswith("blocks.") else -1
+
+
+class SinkChannels(Probe):
+    """φ(x) sink-channel ratio per token per site, sink-dim discovery from BOS, BOS cosine and rank tracking
+    (paper Sec. 4.2, Fig. 4). See the module docstring for the rules."""
+
+    def __init__(self, dims="auto", threshold: float = 20.0, sites=None, discover_ratio: float | None = None,
+                 reference_site: str | None = None, top: int = 5):
+        if isinstance(dims, str):
+            if dims != "auto" and dims not in PRESETS:
+                raise InputError(f"dims={dims!r}: give 'auto', a preset ({', '.join(PRESETS)}) or a list of channels")
+        else:
+            dims = [int(d) for d in dims]
+            if not dims:
+                raise InputError("dims=[] : give at least one sink channel, a preset, or 'auto'")
+        if not threshold > 0:
+            raise InputError(f"threshold={threshold!r}: give a positive ratio (the paper uses 20)")
+        if discover_ratio is not None and not discover_ratio > 0:
+            raise InputError(f"discover_ratio={discover_ratio!r}: give a positive ratio or None (= threshold)")
+        if not isinstance(top, int) or top <= 0:
+            raise InputError(f"top={top!r}: give a positive number of BOS-similar tokens to track (paper: 5)")
+        if isinstance(sites, str):
+            sites = [sites]
+        self.dims, self.threshold, self.site_names = dims, float(threshold), sites
+        self.discover_ratio, self.reference_site, self.top = discover_ratio, reference_site, top
+
+    def _dims(self):
+        return list(PRESETS[self.dims]) if isinstance(self.dims, str) and self.dims in PRESETS else self.dims
+
+    def sites(self, vlm):
+        names = self.site_names or _sublayer_sites(vlm.n_layers)
+        out = []
+        for s in names:
+            c = vlm.adapter.canonical(s)
+            if not (c == "hook_embed" or c.startswith("blocks.")):
+                raise InputError(f"SinkChannels reads the residual stream: 'hook_embed' or 'blocks.{{i}}.<hook>', "
+                                 f"not {s!r}")
+            out.append(c)
+        return out
+
+    def _reference(self, vlm):
+        ref = self.reference_site or ("blocks.1.hook_resid_post" if vlm.n_layers > 1 else self.sites(vlm)[-1])
+        return vlm.adapter.canonical(ref)
+
+    def check(self, vlm, batch):
+        sites = self.sites(vlm)
+        d = vlm.adapter.d_model
+        dims = self._dims()
+        if dims != "auto":
+            bad = [x for x in dims if not 0 <= x < d]
+            if bad:
+                raise InputError(f"sink dims {bad} are outside the hidden size {d} of this model (channels 0..{d - 1});"
+                                 f" the presets are for LLaMA-2 widths: pass this model's channels or dims='auto'")
+        ref = self._reference(vlm)
+        if ref not in sites:
+            raise InputError(f"reference_site {ref!r} is not among the read sites; add it to sites or choose one of "
+                             f"them")
+
+    def extras(self, vlm, batch):
+        att = batch.inputs.get("attention_mask")
+        att = torch.ones_like(batch.visual_mask) if att is None else att.bool()
+        dims = self._dims()
+        thr = min(self.threshold, self.discover_ratio or self.threshold)
+        d = vlm.adapter.d_model
+        return {"select": att, "bos": att.int().argmax(dim=1),
+                "dims": None if dims == "auto" else torch.tensor(dims, dtype=torch.long),
+                "m": min(d, int(math.floor(d / thr ** 2)) + 1)}
+
+    def at(self, site, value, ctx, out):
+        mine = ctx["mine"]
+        with torch.no_grad():
+            x = value.detach().float()
+            rows = torch.arange(x.shape[0])
+            bos = x[rows, mine["bos"]]  # (rows, d)
+            sel = mine["select"]
+            xs = x[sel]  # (n, d)
+            rms = xs.pow(2).mean(-1).sqrt().clamp_min(1e-30)
+            row_of = sel.nonzero()[:, 0]
+            cos = torch.nn.functional.cosine_similarity(xs, bos[row_of], dim=-1)
+            rec = {"bos_cos": cos}
+            if mine["dims"] is not None:
+                rec["phi"] = xs[:, mine["dims"]].abs().amax(-1) / rms
+            else:
+                ratio = xs.abs() / rms[:, None]
+                v, i = ratio.topk(mine["m"], dim=-1)
+                rec["top_ratio"], rec["top_dim"] = v, i.to(torch.int32)
+                brms = bos.pow(2).mean(-1).sqrt().clamp_min(1e-30)
+                rec["bos_ratio"] = bos.abs() / brms[:, None]
+            out[site] = rec
+
+    def collect(self, raw, batch, vlm):
+        sites = self.sites(vlm)
+        dims = self._dims()
+        disc = self.discover_ratio or self.threshold
+        if dims == "auto":
+            found = set()
+            for s in sites:
+                found |= set((raw[s]["bos_ratio"] >= disc).any(0).nonzero()[:, 0].tolist())
+            dims = sorted(found)
+        phi = {}
+        for s in sites:
+            r = raw[s]
+            if "phi" in r:
+                phi[s] = r["phi"]
+            else:
+                v, i = r["top_ratio"], r["top_dim"].long()
+                if dims:
+                    member = torch.isin(i, torch.tensor(dims))
+                    has = member.any(-1)
+                    first = member.float().argmax(-1)  # top-m is sorted: the first member is the max over D
+                    phi[s] = torch.where(has, v.gather(1, first[:, None])[:, 0], torch.full_like(v[:, 0], float("nan")))
+                else:
+                    phi[s] = torch.full_like(v[:, 0], float("nan"))
+        ex = self.extras(vlm, batch)
+        return SinkChannelsResult(sites, phi, {s: raw[s]["bos_cos"] for s in sites}, dims, self.threshold,
+                                  _lm_frame(batch, ex["select"]), self._reference(vlm), self.top)
+
+
+class SinkChannelsResult(Result):
+    """``to_pandas()``: row, image, site, layer, position, visual_index, phi, sink, bos_cos. ``sink_dims``: the
+    channels used (given or discovered). ``rank_tracking()``: Fig. 4 (right)."""
+
+    name = "sink_channels"
+
+    def __init__(self, sites, phi, bos_cos, dims, threshold, frame, reference, top):
+        self.sites, self.phi, self.bos_cos = sites, phi, bos_cos
+        self.sink_dims, self.threshold, self._frame = list(dims), threshold, frame
+        self.reference_site, self.top = reference, top
+
+    def to_pandas(self):
+        import pandas as pd
+
+        parts = []
+        for s in self.sites:
+            df = self._frame.copy()
+            df.insert(2, "site", s)
+            df.insert(3, "layer", _layer(s))
+            p = self.phi[s].numpy()
+            df["phi"] = p
+            df["sink"] = p > self.threshold  # NaN (auto mode, no sink channel in the top-m) -> False, exactly
+            df["bos_cos"] = self.bos_cos[s].numpy()
+            parts.append(df)
+        return pd.concat(parts, ignore_index=True)
+
+    def sinks(self, site):
+        """(n_tokens,) bool: φ > threshold at ``site`` (rows in the table's token order)."""
+        return torch.nan_to_num(self.phi[site], nan=0.0) > self.threshold
+
+    def rank_tracking(self, reference_site: str | None = None, top: int | None = None):
+        """Per row: the ``top`` visual tokens most BOS-similar at the reference site, and their rank among the row's
+        visual tokens (1 = most similar) at every site. Columns: row, tracked (0..top-1), visual_index, site, layer,
+        rank, bos_cos."""
+        import pandas as pd
+
+        ref = reference_site or self.reference_site
+        top = top or self.top
+        f = self._frame
+        out = []
+        for row in sorted(f.row.unique()):
+            keep = ((f.row == row) & (f.visual_index >= 0)).to_numpy()
+            if not keep.any():
+                continue
+            idx = torch.as_tensor(keep.nonzero()[0])
+            vis = f.visual_index.to_numpy()[keep]
+            chosen = self.bos_cos[ref][idx].argsort(descending=True)[:top]
+            for s in self.sites:
+                c = self.bos_cos[s][idx]
+                rank = torch.empty_like(c, dtype=torch.long)
+                rank[c.argsort(descending=True)] = torch.arange(1, len(c) + 1)
+                for t, j in enumerate(chosen.tolist()):
+                    out.append({"row": int(row), "tracked": t, "visual_index": int(vis[j]), "site": s,
+                                "layer": _layer(s), "rank": int(rank[j]), "bos_cos": float(c[j])})
+        return pd.DataFrame(out)
+
+    def plot(self, axes=None):
+        """Fig. 4: mean BOS cosine per sublayer (visual tokens, flagged sinks, text) and the rank tracking."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        df = self.to_pandas()
+        if axes is None:
+            _, axes = plt.subplots(1, 2, figsize=(11, 4))
+        x = range(len(self.sites))
+        groups = {"visual": df.visual_index >= 0, "text": df.visual_index < 0,
+                  "visual sinks (φ>τ at any site)": df.set_index(["row", "position"]).index.isin(
+                      df[df.sink & (df.visual_index >= 0)].set_index(["row", "position"]).index)}
+        for name, m in groups.items():
+            if m.any():
+                means = df[m].groupby("site", sort=False).bos_cos.mean().reindex(self.sites)
+                axes[0].plot(x, means.to_numpy(), marker="o", label=name)
+        axes[0].set_xticks(list(x), self.sites, rotation=90, fontsize=6)
+        axes[0].set_ylabel("cos(token, BOS)")
+        axes[0].legend(fontsize=7)
+        rt = self.rank_tracking()
+        for (row, t), g in rt.groupby(["row", "tracked"]):
+            axes[1].plot(range(len(g)), g["rank"].to_numpy(), marker=".", label=f"row {row} #{t}")
+        axes[1].set_xticks(list(x), self.sites, rotation=90, fontsize=6)
+        axes[1].set_ylabel(f"rank by BOS cosine (tracked from {self.reference_site})")
+        axes[1].invert_yaxis()
+        return axes

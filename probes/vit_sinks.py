@@ -1,0 +1,104 @@
+"""ViT sinks (paper Sec. 4.1): visual tokens whose vision-encoder state has an abnormally high L2 norm.
+
+Following the paper (after Darcet et al.), a token is a ViT sink if its L2 norm at the LAST vision layer exceeds
+τ = 75. ``layer`` (default -1) and ``threshold`` are parameters: 75 is calibrated for CLIP ViT-L; other encoders
+(and tiny test models) need their own.
+
+Mapping to the LM's visual tokens: each visual token is built from the rows ``batch.tokens["vision_rows"]`` of the
+vision-block output (LLaVA: its one patch, CLS dropped; Qwen2-VL/2.5-VL: the 2x2 merged patches, looked up through
+the window order; InternVL: the pixel-shuffled patches). A token's ``l2`` is the MAX over its merged rows (a
+token is a sink if any patch it merges is one); ``l2_mean`` gives the mean too. ``row_norms`` keeps the norm of
+every vision row (CLS and unused rows included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mech_vtokens.component import Probe
+from mech_vtokens.errors import InputError
+from mech_vtokens.results import Result
+
+
+class ViTSinks(Probe):
+    """L2 norm at a vision layer per LM visual token (max over merged rows), sink = norm > threshold (Sec. 4.1)."""
+
+    def __init__(self, layer: int = -1, threshold: float = 75.0):
+        if not isinstance(layer, int):
+            raise InputError(f"layer={layer!r}: give a vision layer index (negative counts from the end)")
+        if not threshold > 0:
+            raise InputError(f"threshold={threshold!r}: give a positive L2 norm (the paper uses 75)")
+        self.layer, self.threshold = layer, float(threshold)
+
+    def sites(self, vlm):
+        return [vlm.adapter.canonical(f"vision.blocks.{self.layer}.hook_resid_post")]
+
+    def check(self, vlm, batch):
+        self.sites(vlm)
+        if batch.n_visual == 0:
+            raise InputError("ViTSinks needs visual tokens, but the batch has none: pass an image (and its "
+                             "placeholder in the prompt)")
+
+    def extras(self, vlm, batch):
+        return {"vision_rows": batch.tokens["vision_rows"]}
+
+    def at(self, site, value, ctx, out):
+        with torch.no_grad():
+            x = value.detach()
+            norms = x.reshape(-1, x.shape[-1]).float().norm(dim=-1)
+            per = norms[ctx["mine"]["vision_rows"]]  # (n_visual, merged)
+            out[site] = {"rows": norms, "max": per.amax(-1), "mean": per.mean(-1)}
+
+    def collect(self, raw, batch, vlm):
+        site = self.sites(vlm)[0]
+        return ViTSinksResult(site, raw[site], batch, self.threshold)
+
+
+class ViTSinksResult(Result):
+    """``to_pandas()``: row, image, position, visual_index, grid_row, grid_col, site, l2, l2_mean, sink."""
+
+    name = "vit_sinks"
+
+    def __init__(self, site, rec, batch, threshold):
+        self.site, self.threshold, self._batch = site, threshold, batch
+        self.l2, self.l2_mean, self.row_norms = rec["max"], rec["mean"], rec["rows"]
+
+    @property
+    def sinks(self):
+        return self.l2 > self.threshold
+
+    def to_pandas(self):
+        from mech_vtokens.results import visual_index_frame
+
+        df = visual_index_frame(self._batch)
+        df["site"] = self.site
+        df["l2"], df["l2_mean"] = self.l2.numpy(), self.l2_mean.numpy()
+        df["sink"] = self.sinks.numpy()
+        return df
+
+    def plot(self, image=0, ax=None):
+        """The token grid of ``image`` coloured by L2 norm; sinks marked with a dot."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        t = self._batch.tokens
+        on = (t["image"] == image).numpy()
+        if not on.any():
+            raise InputError(f"image {image} has no visual tokens in this batch")
+        tiles = t["tile"].numpy()[on]
+        keep = tiles == tiles.max() if (tiles >= 0).any() and len(set(tiles)) > 1 else np.ones(on.sum(), bool)
+        r, c = t["row"].numpy()[on][keep], t["col"].numpy()[on][keep]
+        v = self.l2.numpy()[on][keep]
+        grid = np.full((r.max() + 1, c.max() + 1), np.nan)
+        grid[r, c] = v
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 5))
+        im = ax.imshow(grid, cmap="magma")
+        s = v > self.threshold
+        ax.scatter(c[s], r[s], s=8, c="cyan")
+        ax.set_title(f"L2 norm at {self.site} (image {image}; dots: > {self.threshold:g})")
+        plt.colorbar(im, ax=ax)
+        return ax
