@@ -18,6 +18,8 @@ Subclass :class:`Probe` or :class:`Intervention` and implement:
 - ``extras(vlm, batch) -> dict``: optional small tensors computed outside the trace and shipped into it; inside
   ``at`` they are ``ctx["mine"]`` (this component's own extras).
 - ``collect(raw, batch, vlm) -> Result``: turns ``out`` into a result object (outside the trace).
+- optional ``conflicts(other, vlm, batch) -> str | None``: a message when this component contradicts ``other``
+  (e.g. pruning a token another intervention zeroes); the Experiment raises it as an ``InputError``.
 
 Code in ``at`` may import only torch / numpy / transformers / einops / nnsight / the stdlib (it is shipped by value
 to NDIF for remote runs), must not rely on dataclass methods, and must keep no state on ``self``.

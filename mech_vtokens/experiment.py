@@ -17,6 +17,8 @@ torch and stdlib only (remote-safe, shipped by value).
 
 from __future__ import annotations
 
+import torch
+
 from .adapters.base import _resolve
 from .errors import InputError
 
@@ -27,6 +29,8 @@ def _read(env, kind, index):
         return value if index is None else value[index]
     if kind == "input":
         return env.input
+    if kind == "inputs":
+        return env.inputs
     return env.inputs[1][index]  # kind == "kwarg"
 
 
@@ -39,6 +43,8 @@ def _write(env, kind, index, value):
             env.output = tuple(old[:index]) + (value,) + tuple(old[index + 1:])
     elif kind == "input":
         env.input = value
+    elif kind == "inputs":
+        env.inputs = value
     else:
         args, kwargs = env.inputs
         kwargs = dict(kwargs)
@@ -50,16 +56,19 @@ def _execute(model, plan, comps, ctx):
     """Runs inside the trace: visit each planned site in forward order, hand its value to the components."""
     ctx = dict(ctx)
     ctx["model"] = model
+    after = ctx.get("after_layout")  # masks of the shortened sequence, for the sites after a sequence change
+    ctx_after = dict(ctx, **after["ctx"]) if after else ctx
     out = {}
     for name, path, kind, index, cids in plan:
         env = _resolve(model, path)
         value = _read(env, kind, index)
         changed = False
+        c = ctx_after if after and name in after["sites"] else ctx
         for cid in cids:
             comp = comps[cid]
             slot = out.setdefault(cid, {})
-            ctx["mine"] = ctx.get("extras", {}).get(cid, {})  # this component's extras(...)
-            new = comp.at(name, value, ctx, slot)
+            c["mine"] = c.get("extras", {}).get(cid, {})  # this component's extras(...)
+            new = comp.at(name, value, c, slot)
             if new is not None:
                 value, changed = new, True
         if changed:
@@ -85,6 +94,11 @@ class Experiment:
         comps = interventions + probes  # interventions act first at a shared site
         for c in comps:
             c.check(vlm, batch)
+        for a in comps:  # contradicting components (e.g. prune a token and zero it): components may define conflicts
+            for b in comps:
+                msg = a.conflicts(b, vlm, batch) if a is not b and hasattr(a, "conflicts") else None
+                if msg:
+                    raise InputError(msg)
         by_site: dict[str, list[int]] = {}
         for cid, c in enumerate(comps):
             for name in c.sites(vlm):
@@ -100,6 +114,25 @@ class Experiment:
         self.n_interventions = len(interventions)
         self.ctx = dict(batch.ctx)
         self.ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(comps)}
+        # An intervention that shortens the sequence (Prune, VisualExit) defines ``layout(vlm, batch)`` -> dict with
+        # "keep" (batch, seq) bool, "index"/"valid" (batch, seq') gather index into the old sequence; sites after
+        # ``lm.hook_inputs`` then get the visual and attention masks of the shortened sequence in ``ctx`` (and
+        # ``ctx["layout"]`` to map full-length masks; see ``interventions.token_sets.fit``).
+        layouts = [c for c in interventions if hasattr(c, "layout")]
+        if len(layouts) > 1:
+            raise InputError(f"{layouts[0]!r} and {layouts[1]!r} both change the sequence length; combine their token "
+                             f"sets into one intervention")
+        if layouts:
+            lay = layouts[0].layout(vlm, batch)
+            idx, valid = lay["index"], lay["valid"]
+            am = batch.ctx["attention_mask"]
+            am = torch.ones_like(batch.visual_mask, dtype=torch.long) if am is None else am
+            start = vlm.adapter.site("lm.hook_inputs")[0]
+            self.ctx["layout"] = lay
+            self.ctx["after_layout"] = {
+                "sites": [p[0] for p in plan if vlm.adapter.site(p[0])[0] > start],
+                "ctx": {"shortened": True, "visual_mask": batch.visual_mask.gather(1, idx) & valid,
+                        "attention_mask": am.gather(1, idx) * valid.to(am.dtype)}}
         self._vlm, self._batch = vlm, batch
 
     def execute(self, model):

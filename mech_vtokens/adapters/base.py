@@ -17,7 +17,8 @@ from ..errors import InputError
 from .components import Geometry
 
 # Per decoder layer, in forward order: (site suffix, module path relative to the layer, accessor kind, index).
-# "input" = the module's first input; "output" with an index = that element of a tuple output.
+# "input" = the module's first input; "output" with an index = that element of a tuple output; "kwarg" = one keyword
+# input; "inputs" = the whole (args, kwargs) pair (site ``lm.hook_inputs``).
 _BLOCK_SITES = (
     ("hook_resid_pre", "", "input", None),
     ("hook_attn_out", "{attn}", "output", 0),
@@ -83,6 +84,8 @@ class Adapter:
             rows.append((f"vision.blocks.{i}.hook_resid_post", f"{self.vision_layers}.{i}", "output", vidx))
         rows.append(("vision_projector.hook_out", self.projector, "output", None))
         rows.append(("hook_embed", self.language_model, "kwarg", "inputs_embeds"))
+        # The LM call's whole (args, kwargs): for interventions that change the sequence itself (pruning, entry).
+        rows.append(("lm.hook_inputs", self.language_model, "inputs", None))
         for i in range(self.n_layers):
             layer = f"{self.decoder_layers}.{i}"
             for name, rel, kind, index in _BLOCK_SITES:
