@@ -1,0 +1,15 @@
+"""Interventions on visual tokens (paper Secs. 4.3, 5.1, 6.2, 7.2): one file each, composable with every probe in
+one forward (``mech_vtokens.run(..., interventions=[...])``) and usable on a plain HF model / HF ``generate`` through
+``applied(...)``."""
+
+from .prune import Prune
+from .rescale import Rescale
+from .token_sets import AllVisual, Complement, Group, MatchedRandom, Positions, TokenSet, resolve
+from .zero_sublayer import ZeroSublayer
+
+__all__ = ["AllVisual", "Complement", "Group", "MatchedRandom", "Positions", "Prune", "Rescale", "TokenSet",
+           "ZeroSublayer", "resolve"]
+
+from .harness import applied  # noqa: E402
+
+__all__ += ["applied"]

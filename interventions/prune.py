@@ -1,0 +1,114 @@
+"""Prune: remove a token set from the sequence before the language model (paper Sec. 4.3 "sinks pruning", Sec. 5.1
+"-Dead" / "-Remaining", Sec. 6.2 "-Alive"; Tables 1-2).
+
+As in the authors' code the selected visual positions are REMOVED (not masked): the LM runs on a really shorter
+sequence (the compute saving), and the kept tokens keep their ORIGINAL position ids, gaps left
+(``positions="original"``). ``positions="repacked"`` gives the kept tokens consecutive positions instead
+(``0..n_kept-1`` over the non-padding tokens of each row, the same on all three M-RoPE axes for Qwen), as if the
+shortened sequence had been the input.
+
+Acts at ``lm.hook_inputs`` (the language model's ``(args, kwargs)``, right after ``hook_embed``): slices
+``inputs_embeds``, ``attention_mask`` and ``position_ids`` (Qwen: the 3-D M-RoPE ids (3, B, L) along L; LLaVA /
+InternVL pass None: the ids the LM would have built are used). Rows that lose different numbers of tokens are
+LEFT-padded to one width, so logits come back with length ``seq'``; the last position stays each row's last token.
+Sites after the prune see the shortened sequence (``ctx["visual_mask"]`` is the shortened one); probes at
+``hook_embed`` still see the full one.
+
+In generation (``interventions.applied(...)`` around ``generate``) later steps continue the kept positions (original
+or repacked) and attend to the shortened cache. Deliberate difference: the authors' code is unseeded for the random
+control; ``MatchedRandom`` is seeded.
+"""
+
+from __future__ import annotations
+
+from mech_vtokens.component import Intervention
+from mech_vtokens.errors import InputError
+
+from ._util import overlap
+from .token_sets import as_token_set, packed_layout, resolve
+from .zero_sublayer import InterventionResult
+
+
+class Prune(Intervention):
+    def __init__(self, tokens="all", positions: str = "original"):
+        if positions not in ("original", "repacked"):
+            raise InputError(f"Prune: positions must be 'original' (the paper's code: gaps left) or 'repacked', "
+                             f"not {positions!r}")
+        self.tokens = as_token_set(tokens)
+        self.positions = positions
+
+    def sites(self, vlm):
+        return ["lm.hook_inputs"]
+
+    def check(self, vlm, batch):
+        resolve(self.tokens, batch, "Prune")
+
+    def conflicts(self, other, vlm, batch):
+        if isinstance(other, Intervention) and not isinstance(other, Prune):
+            if overlap(self, other, vlm, batch):
+                return (f"{self!r} removes tokens that {other!r} also acts on ({overlap(self, other, vlm, batch)} "
+                        f"shared): a pruned token cannot be changed later; make the token sets disjoint "
+                        f"(e.g. Complement(...))")
+        return None
+
+    def layout(self, vlm, batch):
+        return packed_layout(~resolve(self.tokens, batch, "Prune"))
+
+    def extras(self, vlm, batch):
+        return self.layout(vlm, batch)
+
+    def at(self, site, value, ctx, out):
+        import torch
+
+        args, kwargs = value
+        kwargs = dict(kwargs)
+        emb = kwargs["inputs_embeds"]
+        mine = ctx["mine"]
+        index, valid = mine["index"].to(emb.device), mine["valid"].to(emb.device)
+        b, n, d = emb.shape
+        width = index.shape[1]
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        am = kwargs.get("attention_mask")
+        if am is not None and not (isinstance(am, torch.Tensor) and am.ndim == 2):
+            raise ValueError("Prune needs a 2-D attention mask (or None) at the language model; got "
+                             f"{type(am).__name__} — compiled/static caches are not supported")
+        pos = kwargs.get("position_ids")
+        if past == 0:  # prefill (or a generation step without a cache: the full sequence again)
+            full = mine["keep"].shape[1]
+            if n > full:  # tokens appended by generation without a cache: all kept
+                extra = torch.arange(full, n, device=emb.device).expand(b, -1)
+                index = torch.cat([index, extra], 1)
+                valid = torch.cat([valid, torch.ones_like(extra, dtype=torch.bool)], 1)
+            if pos is None:
+                pos = torch.arange(n, device=emb.device).expand(b, n)
+            am_full = torch.ones(b, n, dtype=torch.long, device=emb.device) if am is None else am
+            new_am = am_full.gather(1, index) * valid.to(am_full.dtype)
+            if self.positions == "original":
+                if pos.ndim == 3:
+                    new_pos = pos.gather(2, index.unsqueeze(0).expand(pos.shape[0], -1, -1))
+                else:
+                    new_pos = pos.gather(1, index)
+                nxt = pos[..., -1:] + 1
+            else:
+                rep = (new_am.long().cumsum(1) - 1).clamp(min=0)
+                new_pos = rep.unsqueeze(0).expand(pos.shape[0], -1, -1) if pos.ndim == 3 else rep
+                nxt = new_pos[..., -1:] + 1
+            kwargs["inputs_embeds"] = emb.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
+            kwargs["attention_mask"] = new_am
+            kwargs["position_ids"] = new_pos.contiguous()
+            out["_state"] = {"am": new_am, "next": nxt, "width": index.shape[1]}
+        else:  # a cached decode step: attend to the shortened cache, continue the positions
+            st = out.get("_state")
+            if st is None:
+                raise ValueError("Prune: a decode step without its prefill; apply Prune for the whole generate call")
+            tail = torch.ones(b, past + n - st["width"], dtype=st["am"].dtype, device=emb.device)
+            kwargs["attention_mask"] = torch.cat([st["am"], tail], 1)
+            step = torch.arange(n, device=emb.device) + (past - st["width"])
+            kwargs["position_ids"] = (st["next"] + step).contiguous()
+        if "cache_position" in kwargs and kwargs["cache_position"] is not None:
+            kwargs["cache_position"] = torch.arange(past, past + kwargs["inputs_embeds"].shape[1], device=emb.device)
+        return (args, kwargs)
+
+    def collect(self, raw, batch, vlm):
+        return InterventionResult(self)
