@@ -14,8 +14,10 @@ LEFT-padded to one width, so logits come back with length ``seq'``; the last pos
 Sites after the prune see the shortened sequence (``ctx["visual_mask"]`` is the shortened one); probes at
 ``hook_embed`` still see the full one.
 
-In generation (``interventions.applied(...)`` around ``generate``) later steps continue the kept positions (original
-or repacked) and attend to the shortened cache. Deliberate difference: the authors' code is unseeded for the random
+In generation, wrap ``generate`` (HF's, or nnsight's ``vlm.model.generate``) in ``interventions.applied(...)``: later
+steps then continue the kept positions (original or repacked) and attend to the shortened cache. An Experiment inside
+an nnsight generate trace visits the prefill only, so it prunes the prefill but does NOT fix the decode steps' attention
+mask; use ``applied`` for generation with Prune. Deliberate difference: the authors' code is unseeded for the random
 control; ``MatchedRandom`` is seeded.
 """
 
