@@ -11,6 +11,7 @@ def run(vlm, images, prompts, probes=(), interventions=(), remote=False, **proce
     Returns one result per probe, then one per intervention. ``remote``: False (local), True (NDIF; the model must
     have been loaded by hub id) or ``"local"`` (the whole remote code path, simulated here).
     """
+    vlm.check_remote(remote)
     batch = vlm.prepare(images, prompts, **processor_kwargs)
     exp = vlm.experiment(batch, probes, interventions)
     model = vlm.model

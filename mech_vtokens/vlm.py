@@ -76,17 +76,8 @@ class VLM:
         self.geometry = adapter.geometry(adapter, self.hf, processor)
 
     # ---- nnsight passthrough --------------------------------------------------------------------------------
-    def trace(self, *args, **kwargs):
-        self._check_remote(kwargs.get("remote", False))
-        return self.model.trace(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        self._check_remote(kwargs.get("remote", False))
-        return self.model.generate(*args, **kwargs)
-
-    def session(self, *args, **kwargs):
-        self._check_remote(kwargs.get("remote", False))
-        return self.model.session(*args, **kwargs)
+    # ``vlm.trace`` / ``vlm.generate`` / ``vlm.session`` / envoys resolve to the nnsight model through __getattr__,
+    # so nnsight sees the user's own frame (a wrapper frame in between breaks ``with vlm.generate(...)``).
 
     def __getattr__(self, name):
         if name.startswith("__") or name in ("model", "adapter"):
@@ -132,16 +123,14 @@ class VLM:
     def image_placeholder(self) -> str:
         return self.adapter.image_placeholder(self.processor)
 
-    def _check_remote(self, remote) -> None:
+    def check_remote(self, remote) -> None:
+        """Raise before any work if ``remote=True`` cannot work for this model."""
         if remote is True:
             if self.source is None or os.path.isdir(str(self.source)):
                 raise InputError(
                     "remote=True needs a model that NDIF can load by its hub id, but this model was loaded "
                     f"{'from a local directory' if self.source else 'from an in-memory module'}; load it with "
                     "mech_vtokens.load('<org>/<name>') or use remote='local' to simulate the remote path here")
-            register_remote()
-        elif remote == "local":
-            register_remote()
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def prepare(self, images, prompts, **processor_kwargs) -> Batch:
@@ -264,6 +253,7 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
     adapter.check_processor(processor)
     if nn_model is None:
         nn_model = TransformersModel(hf, task="image-text-to-text", processor=processor)
+    register_remote()  # harmless locally; lets any trace of this model run with remote=True / "local"
     vlm = VLM(nn_model, processor, adapter, source)
     from .layout import check_layout
 

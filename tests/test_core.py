@@ -217,3 +217,17 @@ def test_load_in_memory_and_repr(tiny_dir):
     assert vlm.embedding_matrix.shape == (len(proc.tokenizer), 64)
     # nnsight's own API stays reachable
     assert hasattr(vlm, "trace") and hasattr(vlm.model, "generate")
+
+
+def test_nnsight_generate_passthrough(tiny_vlm):
+    """``with vlm.generate(...)`` is nnsight's own generate and equals HF greedy generate."""
+    import nnsight
+
+    vlm = tiny_vlm("llava")
+    imgs, prompts = _batch(vlm, "llava")
+    batch = vlm.prepare(imgs, prompts)
+    with vlm.generate(**batch.inputs, max_new_tokens=3, do_sample=False) as tracer:
+        out = nnsight.save(tracer.result)
+    with torch.no_grad():
+        ref = vlm.hf.generate(**batch.inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
