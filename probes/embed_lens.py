@@ -7,11 +7,12 @@ chunk by chunk over the vocabulary with a running top-k, so memory stays O(token
 the trace.
 
 Exactness (the contract the tests and the bench check): the chunked pass runs in the model's dtype (bf16 on big
-models) and keeps ``candidates`` (default ``max(4k, 16)``) per token; those are re-scored exactly in fp32 (a gather of
+models) and keeps ``candidates`` (default ``max(2k, k + 3)``) per token; those are re-scored exactly in fp32 (a gather of
 their embedding rows, never an fp32 copy of the matrix) and re-ranked. A token whose fp32 k-th score is not safely
-above the best score the cheap pass could have missed (the last candidate's score plus a 2^-6 relative rounding
-bound) is recomputed over the whole vocabulary in fp32. So the top-k ids equal an fp32 computation. Scores are fp32
-cosines. The pass multiplies by the raw matrix and scales by precomputed inverse row norms (computed once per
+above the best score the cheap pass could have missed (the last candidate's score plus a 2^-7 relative rounding
+bound) gets a second look (``fallbacks[site]`` in the result counts them): one cheap pass over the whole
+vocabulary, then exact fp32 scores for every id within the rounding bound of its k-th score. So the top-k ids equal
+an fp32 computation. Scores are fp32 cosines. The pass multiplies by the raw matrix and scales by precomputed inverse row norms (computed once per
 forward and shared by every EmbedLens in it).
 
 ``sites``: default ``hook_embed`` and ``blocks.{i}.hook_resid_post`` of every layer; any LM site
@@ -81,12 +82,13 @@ def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias
         best_v, best_i = v, i
     hf = h.float()
 
-    def exact(ids):  # fp32 scores of the given (m, c) ids for the rows of hf
+    def exact_rows(hrows, ids):  # fp32 scores of the given (m, c) ids for the rows hrows (m, d)
         out = torch.empty(ids.shape, dtype=torch.float32)
-        step = max(1, 4096 // max(1, ids.shape[1]))
+        step = max(1, 256 // max(1, ids.shape[1]))  # small blocks: a few MB of fp32 rows at a time
         for t in range(0, ids.shape[0], step):
-            rows = weight[ids[t:t + step]].float()  # (b, c, d)
-            out[t:t + step] = torch.einsum("bcd,bd->bc", rows, hf[t:t + step])
+            for c0 in range(0, ids.shape[1], 4096):
+                rows = weight[ids[t:t + step, c0:c0 + 4096]].float()  # (b, c, d)
+                out[t:t + step, c0:c0 + 4096] = torch.bmm(rows, hrows[t:t + step, :, None])[..., 0]
         if bias is not None:
             out += bias.float()[ids]
         if row_scale is not None:
@@ -95,45 +97,50 @@ def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias
             out += penalty[ids]
         return out
 
+    def exact(ids):
+        return exact_rows(hf, ids)
+
     ex = exact(best_i)
+    n_fallback = 0
     top_v, j = ex.topk(k, dim=1)
     top_i = best_i.gather(1, j)
     if weight.dtype != torch.float32 or h.dtype != torch.float32:
         # Anything outside the candidates scored <= the last candidate in the cheap pass; its fp32 score is at most
         # that plus the rounding bound. Tokens without that margin are redone over the whole vocabulary in fp32.
         last = best_v[:, -1].float()
-        bound = last + torch.maximum(last.abs(), top_v[:, -1].abs()) * 2.0 ** -6 + 1e-6
+        # bf16 gemm accumulates in fp32 and rounds once (2^-9); the bf16 scale adds two more roundings: < 2^-7
+        bound = last + torch.maximum(last.abs(), top_v[:, -1].abs()) * 2.0 ** -7 + 1e-6
         unsafe = (top_v[:, -1] <= bound) & (n_cand < vocab)
         if bool(unsafe.any()):
+            # Those tokens: one cheap full-vocabulary pass each, then exact fp32 scores for EVERY id whose cheap
+            # score is within the rounding bound of the k-th fp32 score (a superset of the true top-k).
             rows = unsafe.nonzero()[:, 0]
-            hu = hf[rows]
-            fv = fi = None
-            for s in range(0, vocab, 2048):
-                e = min(vocab, s + 2048)
-                sc = hu @ weight[s:e].float().T
-                if bias is not None:
-                    sc += bias[s:e].float()
-                if row_scale is not None:
-                    sc *= row_scale[s:e]
+            n_fallback = len(rows)
+            full = hw[rows] @ weight.T  # (m, V) in the model dtype: a few MB
+            if bias is not None:
+                full = full + bias.to(full.dtype)
+            if row_scale is not None:
+                full = full * row_scale.to(full.dtype)
+            for m, r in enumerate(rows.tolist()):
+                sc = full[m].float()
                 if penalty is not None:
-                    sc += penalty[s:e]
-                v, i = sc.topk(min(k, e - s), dim=1)
-                i = i + s
-                if fv is not None:
-                    v, i2 = torch.cat([fv, v], 1), torch.cat([fi, i], 1)
-                    v, jj = v.topk(k, dim=1)
-                    i = i2.gather(1, jj)
-                fv, fi = v, i
-            top_v[rows], top_i[rows] = fv, fi
+                    sc = sc + penalty
+                kth = float(top_v[r, -1])
+                err = max(abs(kth), float(top_v[r, 0].abs())) * 2.0 ** -6 + 1e-6
+                ids = (sc >= kth - err).nonzero()[:, 0]
+                exr = exact_rows(hf[r:r + 1], ids[None])[0]
+                v, j = exr.topk(k)
+                top_v[r], top_i[r] = v, ids[j]
     if normalize:
         top_v = top_v / hf.norm(dim=1, keepdim=True).clamp_min(1e-30)
     if want_lse:
-        return top_v, top_i, lse
-    return top_v, top_i
+        return top_v, top_i, n_fallback, lse
+    return top_v, top_i, n_fallback
 
 
-def _store(out, site, v, i, small_ids):
-    out[site] = {"ids": i.to(torch.int16 if small_ids else torch.int32), "scores": v}
+def _store(out, site, v, i, small_ids, n_fallback=0):
+    out[site] = {"ids": i.to(torch.int16 if small_ids else torch.int32), "scores": v,
+                 "fallbacks": torch.tensor(n_fallback)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -268,7 +275,7 @@ class _Lens(Probe):
     def _base_extras(self, vlm, batch) -> dict:
         vocab = self._vocab(vlm)
         mine = {"select": _selection(self.positions, batch), "k": self.k, "chunk": self.chunk,
-                "n_cand": max(self.candidates or 4 * self.k, 16), "small_ids": vocab <= 32767,
+                "n_cand": self.candidates or max(2 * self.k, self.k + 3), "small_ids": vocab <= 32767,
                 "skip": None}
         if "vision_projector.hook_out" in self.sites(vlm):
             mine["projector_rows"] = batch.tokens["projector_rows"]
@@ -292,7 +299,7 @@ class _Lens(Probe):
         data = {}
         for s in sites:
             d = raw[s]
-            data[s] = (d["ids"].long(), d["scores"].float())
+            data[s] = (d["ids"].long(), d["scores"].float(), int(d["fallbacks"]))
         return LensResult(type(self).__name__, data, _token_frame(batch, self.positions, sites), vlm.tokenizer,
                           vlm.n_layers, batch)
 
@@ -330,6 +337,7 @@ class LensResult(Result):
         self.lens = lens
         self.ids = {s: v[0] for s, v in data.items()}
         self.scores = {s: v[1] for s, v in data.items()}
+        self.fallbacks = {s: v[2] for s, v in data.items()}  # tokens redone over the full vocabulary in fp32
         self._frames, self._tok, self._n_layers, self._batch = frames, tokenizer, n_layers, batch
 
     def _decode(self, ids):
@@ -419,12 +427,13 @@ class EmbedLens(_Lens):
             weight = _resolve(ctx["model"], mine["embed"]).weight.detach()
             key = ("_embed_inv_norm", mine["embed"])
             if key not in ctx:  # once per forward, shared by every EmbedLens
-                norms = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32)
+                norms = torch.cat([torch.linalg.vector_norm(weight[s:s + 2048].float(), dim=1)
+                                   for s in range(0, weight.shape[0], 2048)])  # no fp32 copy of the matrix
                 ctx[key] = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
             h = _select(site, value.detach(), mine)
-            v, i = _topk_rerank(h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=ctx[key],
-                                penalty=self._penalty(ctx, mine, weight.shape[0]), normalize=True)
-        _store(out, site, v, i, mine["small_ids"])
+            v, i, nf = _topk_rerank(h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=ctx[key],
+                                    penalty=self._penalty(ctx, mine, weight.shape[0]), normalize=True)
+        _store(out, site, v, i, mine["small_ids"], nf)
 
 
 __all__ = ["EmbedLens", "LensResult"]

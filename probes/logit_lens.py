@@ -66,8 +66,8 @@ class LogitLens(_Lens):
                                penalty=self._penalty(ctx, mine, weight.shape[0]), want_lse=mine["logprobs"])
             v, i = res[0], res[1]
             if mine["logprobs"]:
-                v = v - res[2][:, None]
-        _store(out, site, v, i, mine["small_ids"])
+                v = v - res[3][:, None]
+        _store(out, site, v, i, mine["small_ids"], res[2])
 
 
 __all__ = ["LogitLens", "LensResult"]

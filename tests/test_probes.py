@@ -153,10 +153,13 @@ def test_rerank_ids_equal_fp32_for_bf16_inputs():
         W[200 + r, 0] = (W[100 + r, 0].float() * (1 + 2 ** -7)).to(torch.bfloat16)
     inv = 1.0 / torch.linalg.vector_norm(W, dim=1, dtype=torch.float32)
     ref = (h.float() @ W.float().T * inv).topk(5, dim=1)
-    for n_cand, chunk in [(16, 512), (5, 700), (40, 3000)]:
-        v, i = _topk_rerank(h, W, 5, n_cand, chunk, row_scale=inv)
+    fallbacks = 0
+    for n_cand, chunk in [(16, 512), (5, 700), (6, 3000), (40, 3000)]:
+        v, i, nf = _topk_rerank(h, W, 5, n_cand, chunk, row_scale=inv)
         assert torch.equal(i, ref.indices), (n_cand, chunk)
         torch.testing.assert_close(v, ref.values, atol=1e-5, rtol=0)
+        fallbacks += nf
+    assert fallbacks > 0  # the full-vocabulary fp32 path ran and was right too
 
 
 def _llava_with_planted_tokens(path, targets: dict, default: int):
