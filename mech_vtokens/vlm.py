@@ -32,11 +32,12 @@ class Batch:
     - ``visual_mask`` (batch, seq) bool; ``visual_positions``: (n_visual, 2) [row, position] in that order.
     - ``tokens``: the geometry of every visual token (see ``Geometry``): image, tile, row, col, box, vision/projector
       rows; ``grids``: the token grid of each image; ``image_sizes``: (width, height) of the original images.
-    - ``ctx``: the small dict shipped into the trace.
+    - ``images``: the original images (RGB), in processor order; ``ctx``: the small dict shipped into the trace.
     """
 
-    def __init__(self, inputs, visual_mask, tokens, grids, image_sizes, prompts, image_of_row):
+    def __init__(self, inputs, visual_mask, tokens, grids, image_sizes, prompts, image_of_row, images=()):
         self.inputs = inputs
+        self.images = list(images)  # the original (RGB) images, in processor order: for views
         self.visual_mask = visual_mask
         self.visual_positions = visual_mask.nonzero()
         self.tokens = tokens
@@ -192,7 +193,7 @@ class VLM:
                              f"the {self.family} adapter expects {len(tokens['image'])}; the processor does not "
                              f"match the model (load both from the same checkpoint)")
         grids = self.geometry.grids(inputs, sizes) if flat else []
-        return Batch(inputs, mask, tokens, grids, sizes, list(prompts), image_of_row)
+        return Batch(inputs, mask, tokens, grids, sizes, list(prompts), image_of_row, flat)
 
     def experiment(self, batch: Batch, probes=(), interventions=()):
         from .experiment import Experiment
