@@ -1,10 +1,14 @@
-"""``mech-vtokens`` command line.
+"""mech-vtokens: probe the visual tokens of a multimodal LLM and write an HTML report.
 
-    mech-vtokens demo [--model ID_OR_PATH] [--out DIR] [--k 5]
-        Runs EmbedLens and LogitLens on the embedded default model (the shipped organism when present, else a tiny
-        seeded LLaVA built offline) and a few bundled images, prints a table per lens and writes CSVs to --out.
-    mech-vtokens sites --model ID_OR_PATH
-        Lists the model's sites in forward order.
+  mech-vtokens demo [--out DIR]
+      The full suite (EmbedLens, LogitLens, norms, sink channels, ViT sinks, label matching) on the embedded default
+      model (the shipped organism; a tiny fixture if absent) and a few bundled synthetic scenes. No download.
+  mech-vtokens analyze --model ID_OR_PATH --images DIR [--probes embed_lens,norms,...] [--remote] [--out DIR]
+      The same on your model (hub id or local directory) and your images (a folder).
+  mech-vtokens sites --model ID_OR_PATH
+      List the model's sites (TransformerLens-style names) in forward order.
+
+Every command prints where it writes; open report.html in a browser (it is self-contained and works offline).
 """
 
 from __future__ import annotations
@@ -13,62 +17,94 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def default_model() -> tuple[str, str]:
-    """(path, description) of the embedded default model: the organism checkpoint if shipped, else a tiny LLaVA."""
-    try:
-        from .organism import CHECKPOINT_DIR
-
-        if (Path(CHECKPOINT_DIR) / "config.json").exists():
-            return str(CHECKPOINT_DIR), "the shipped model organism (tiny LLaVA trained on synthetic scenes)"
-    except ImportError:
-        pass
-    from . import testing as T
-
-    cache = Path.home() / ".cache" / "mech-vtokens" / "tiny-llava"
-    return T.tiny_model("llava", cache), "a tiny random LLaVA fixture (no semantics: random weights)"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _demo_images(vlm, n: int):
-    try:
-        from .organism.world import demo_scenes
+def _summary(results) -> None:
+    import pandas as pd
 
-        return demo_scenes(n)
-    except (ImportError, AttributeError):
-        from . import testing as T
-
-        return [T.image(224, seed=i) for i in range(n)], ["what color is the object ?"] * n
+    with pd.option_context("display.width", 140, "display.max_columns", 20):
+        for name in ("embed_lens", "logit_lens"):
+            if name not in results:
+                continue
+            df = pd.concat([r.to_pandas() for r in results[name]], ignore_index=True)
+            top1 = df[df["rank"] == 0]
+            summary = (top1.groupby(["site", "token"]).size().rename("visual_tokens").reset_index()
+                       .sort_values(["site", "visual_tokens"], ascending=[True, False]).groupby("site").head(3))
+            n_tokens = sum(int((r.to_pandas()["rank"] == 0).sum()) for r in results[name]) // max(1, top1.site.nunique())
+            print(f"\n{name}: most frequent top-1 token per site (over {n_tokens} visual tokens)")
+            print(summary.to_string(index=False))
+        if "labels" in results:
+            print("\nlabel matching A(l), first batch:")
+            print(results["labels"][0].to_pandas().to_string(index=False))
 
 
 def demo(args) -> int:
-    import pandas as pd
-
     import mech_vtokens as mv
-    from probes import EmbedLens, LogitLens
+
+    from .defaults import default_model, demo_inputs, prompt
+    from .suite import analyze
 
     path, what = (args.model, args.model) if args.model else default_model()
     print(f"[mech-vtokens] model: {what}\n[mech-vtokens] loading {path}", flush=True)
     vlm = mv.load(path)
-    images, questions = _demo_images(vlm, args.images)
-    prompts = [f"USER : {vlm.image_placeholder} {q} ASSISTANT :" for q in questions]
-    sites = ["hook_embed", f"blocks.{vlm.n_layers // 2}.hook_resid_post", f"blocks.{vlm.n_layers - 1}.hook_resid_post"]
-    print(f"[mech-vtokens] one forward over {len(images)} images: EmbedLens + LogitLens (top-{args.k}) at "
-          f"{', '.join(sites)}", flush=True)
-    embed, logit = mv.run(vlm, images, prompts, probes=[EmbedLens(k=args.k, sites=sites),
-                                                        LogitLens(k=args.k, sites=sites)])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with pd.option_context("display.width", 140, "display.max_columns", 20):
-        for name, res in (("embed_lens", embed), ("logit_lens", logit)):
-            df = res.to_pandas()
-            df.to_csv(out / f"{name}.csv", index=False)
-            top1 = df[df["rank"] == 0]
-            summary = (top1.groupby(["site", "token"]).size().rename("visual_tokens").reset_index()
-                       .sort_values(["site", "visual_tokens"], ascending=[True, False]).groupby("site").head(3))
-            print(f"\n{name}: most frequent top-1 token per site (over {top1['visual_index'].nunique()} visual "
-                  f"tokens in {len(images)} images)")
-            print(summary.to_string(index=False))
-    print(f"\n[mech-vtokens] full tables: {out / 'embed_lens.csv'}, {out / 'logit_lens.csv'}")
+    images, questions, objects = demo_inputs(args.images)
+    prompts = [prompt(vlm, q) for q in questions]
+    from probes.label_matching import label_token_ids
+
+    # label matching needs labels that are whole tokens of this vocabulary (a tiny fixture lacks some)
+    objects = [[o for o in objs if label_token_ids(vlm.tokenizer, o)] for objs in objects]
+    print(f"[mech-vtokens] {len(images)} bundled scenes, probes: all, top-{args.k}, one forward per batch", flush=True)
+    results, report = analyze(vlm, images, prompts, labels=objects, k=args.k, out=args.out,
+                              batch_size=args.batch_size)
+    _summary(results)
+    print(f"\n[mech-vtokens] report: {report}\n[mech-vtokens] tables: {Path(args.out)}/*.csv")
+    return 0
+
+
+def _load_folder(folder: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        from .errors import InputError
+
+        raise InputError(f"--images {folder}: not a directory; give a folder of image files")
+    images, names = [], []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+            names.append(p.name)
+        except (UnidentifiedImageError, OSError) as err:
+            print(f"[mech-vtokens] skipped {p.name}: not a readable image ({err})", file=sys.stderr)
+    return images, names
+
+
+def analyze_cmd(args) -> int:
+    import mech_vtokens as mv
+
+    from .defaults import prompt
+    from .errors import InputError
+    from .suite import ALL_PROBES, analyze
+
+    probes = [p.strip() for p in args.probes.split(",")] if args.probes else list(ALL_PROBES)
+    unknown = [p for p in probes if p not in ALL_PROBES]
+    if unknown:
+        raise InputError(f"--probes: unknown {unknown}; choose from {', '.join(ALL_PROBES)}")
+    images, names = _load_folder(Path(args.images))
+    if not images:
+        raise InputError(f"--images {args.images}: no readable images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    print(f"[mech-vtokens] loading {args.model}", flush=True)
+    vlm = mv.load(args.model, dtype=args.dtype, device_map=args.device_map)
+    prompts = [prompt(vlm, args.question) for _ in images]
+    remote = {"none": False, "ndif": True, "local": "local"}[args.remote]
+    results, report = analyze(vlm, images, prompts, probes=[p for p in probes if p != "labels"], k=args.k,
+                              out=args.out, batch_size=args.batch_size, remote=remote)
+    _summary(results)
+    print(f"\n[mech-vtokens] {len(images)} images ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})")
+    print(f"[mech-vtokens] report: {report}\n[mech-vtokens] tables: {Path(args.out)}/*.csv")
     return 0
 
 
@@ -84,12 +120,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mech-vtokens", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="EmbedLens vs LogitLens on the embedded default model (no download)")
-    d.add_argument("--model", help="hub id or local directory (default: the embedded model)")
-    d.add_argument("--out", default="mech-vtokens-demo", help="where to write the tables (default: %(default)s)")
+    d = sub.add_parser("demo", help="the full suite on the embedded default model (no download)")
+    d.add_argument("--model", help="hub id or local directory instead of the embedded model")
+    d.add_argument("--out", default="mech-vtokens-demo", help="output folder (default: %(default)s)")
     d.add_argument("--k", type=int, default=5, help="top-k tokens per lens (default: %(default)s)")
-    d.add_argument("--images", type=int, default=3, help="how many bundled images (default: %(default)s)")
+    d.add_argument("--images", type=int, default=4, help="how many bundled scenes (default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
     d.set_defaults(fn=demo)
+    a = sub.add_parser("analyze", help="the full suite on your model and a folder of images")
+    a.add_argument("--model", required=True, help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
+    a.add_argument("--images", required=True, help="folder of images (png, jpg, ...)")
+    a.add_argument("--probes", help="comma-separated subset of: embed_lens,logit_lens,norms,sinks,vit_sinks "
+                                    "(default: all)")
+    a.add_argument("--question", default="describe the image .", help="the text after the image placeholder")
+    a.add_argument("--remote", choices=["none", "ndif", "local"], default="none",
+                   help="run on NDIF (ndif), simulate the remote path here (local), or not (default: %(default)s)")
+    a.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
+    a.add_argument("--device-map", default=None, help='e.g. "auto" to spread over several GPUs')
+    a.add_argument("--k", type=int, default=5)
+    a.add_argument("--batch-size", type=int, default=4)
+    a.add_argument("--out", default="mech-vtokens-report", help="output folder (default: %(default)s)")
+    a.set_defaults(fn=analyze_cmd)
     s = sub.add_parser("sites", help="list a model's sites in forward order")
     s.add_argument("--model", required=True)
     s.set_defaults(fn=sites)

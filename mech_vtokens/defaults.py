@@ -1,0 +1,40 @@
+"""The embedded default model, demo inputs and prompts — what the demo, notebooks and README examples use offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def default_model() -> tuple[str, str]:
+    """(path, description) of the embedded default: the shipped organism if present, else a tiny seeded LLaVA
+    (built offline into ~/.cache/mech-vtokens on first use)."""
+    from .organism import CHECKPOINT_DIR
+
+    if (Path(CHECKPOINT_DIR) / "config.json").exists():
+        return str(CHECKPOINT_DIR), "the shipped model organism (tiny LLaVA trained on synthetic scenes)"
+    from . import testing as T
+
+    cache = Path.home() / ".cache" / "mech-vtokens" / "tiny-llava"
+    return T.tiny_model("llava", cache), "a tiny random LLaVA fixture (random weights: no semantics)"
+
+
+def prompt(vlm, question: str, n_images: int = 1) -> str:
+    """A prompt for ``vlm`` with ``n_images`` images and ``question``: the processor's chat template when it has one
+    (real checkpoints), else ``"<placeholder> question"``."""
+    proc = vlm.processor
+    if getattr(proc, "chat_template", None):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return " ".join([vlm.image_placeholder] * n_images + [question])
+
+
+def demo_inputs(n: int = 3, seed: int = 1234):
+    """(images, questions, objects): ``n`` synthetic scenes from the organism's world with a question each and the
+    objects drawn (labels for label matching)."""
+    from .organism.world import make_samples
+
+    samples = make_samples(n, seed)
+    images = [s.image for s in samples]
+    questions = [s.qa[0][1] for s in samples]
+    objects = [[o.colour if o.shape == "text" else o.shape for o in s.objects] for s in samples]
+    return images, questions, objects
