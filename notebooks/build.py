@@ -1,0 +1,126 @@
+"""Writes the notebooks of this folder from the cell lists below (so they stay reviewable as code).
+
+    python notebooks/build.py        # regenerate every .ipynb here
+
+Every notebook takes MODEL (hub id or local directory) in its first cell and defaults to the embedded offline model.
+CI executes them all (tests/test_notebooks.py).
+"""
+
+from pathlib import Path
+
+import nbformat
+
+HERE = Path(__file__).parent
+
+SETUP = '''MODEL = None  # a hub id (e.g. "llava-hf/llava-1.5-7b-hf") or a local directory; None = the embedded default
+import mech_vtokens as mv
+from mech_vtokens.defaults import default_model, demo_inputs, prompt
+
+path, what = (MODEL, MODEL) if MODEL else default_model()
+print("model:", what)
+vlm = mv.load(path)
+vlm'''
+
+NOTEBOOKS = {
+    "01_quickstart.ipynb": [
+        ("md", "# Quickstart: EmbedLens on one image\n\nLoad a model, read its visual tokens with **EmbedLens** "
+               "(cosine top-k against the *input* embedding matrix, paper Sec. 3) next to **LogitLens** (final norm + "
+               "unembedding), in one forward, and look at them on the image."),
+        ("code", SETUP),
+        ("code", "images, questions, objects = demo_inputs(2)\nprompts = [prompt(vlm, q) for q in questions]\n"
+                 "print(questions, objects)\nimages[0].resize((192, 192))"),
+        ("code", "from probes import EmbedLens, LogitLens\n\n"
+                 "embed, logit = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5), LogitLens(k=5)])\n"
+                 "embed.to_pandas().head(10)"),
+        ("md", "Most frequent top-1 token per site, for both lenses:"),
+        ("code", "import pandas as pd\n\ndf = pd.concat([embed.to_pandas(), logit.to_pandas()])\n"
+                 "top1 = df[df['rank'] == 0].groupby(['lens', 'site'])['token'].agg(lambda s: s.value_counts().index[0])\n"
+                 "top1.unstack(0)"),
+        ("md", "The patch-grid overlay: hover a patch to see its top-k tokens at the layer of the slider."),
+        ("code", "from mech_vtokens.views import PatchOverlay\n\nbatch = vlm.prepare(images, prompts)\n"
+                 "PatchOverlay(batch, 0, lenses=[embed, logit], title='image 0')"),
+    ],
+    "03_interventions.ipynb": [
+        ("md", "# Interventions: zero vFFN / vMHA, prune vs a matched random set, compare answers\n\n"
+               "Paper Secs. 4.3, 5.1, 7.2 (Tables 1–3). Every intervention runs inside `mv.run` (one forward, with "
+               "probes) and on a plain HF model / `generate` through `interventions.applied`."),
+        ("code", SETUP),
+        ("code", "import torch\nfrom interventions import AllVisual, Group, MatchedRandom, Prune, ZeroSublayer, applied\n\n"
+                 "images, questions, _ = demo_inputs(4)\nprompts = [prompt(vlm, q) for q in questions]\n"
+                 "batch = vlm.prepare(images, prompts)\n\n"
+                 "from contextlib import nullcontext\n\n"
+                 "def answers(interventions=()):\n"
+                 "    ctx = applied(vlm, list(interventions), batch) if interventions else nullcontext()\n"
+                 "    with ctx, torch.no_grad():\n"
+                 "        out = vlm.hf.generate(**batch.inputs, max_new_tokens=3, do_sample=False)\n"
+                 "    return [vlm.tokenizer.decode(o[batch.visual_mask.shape[1]:], skip_special_tokens=True) for o in out]\n\n"
+                 "layers = list(range(vlm.n_layers))\n"
+                 "table = {\n"
+                 "    'baseline': answers(),\n"
+                 "    '-vMHA': answers([ZeroSublayer(AllVisual(), layers, 'attn')]),\n"
+                 "    '-vFFN': answers([ZeroSublayer(AllVisual(), layers, 'mlp')]),\n"
+                 "}\n"
+                 "import pandas as pd\npd.DataFrame(table, index=questions)"),
+        ("md", "Prune at the LLM input: the sequence really gets shorter. Here the target set is the 30 % of visual "
+               "tokens with the lowest L2 norm at the LM input (a stand-in for the calibrated *dead* group of the "
+               "partition notebook), against a seeded random set of the same size per image."),
+        ("code", "from probes import NormTracker\n\nnorms, = mv.run(vlm, images, prompts, probes=[NormTracker(vision=False)])\n"
+                 "df = norms.to_pandas()\nemb = df[(df.site == 'hook_embed') & (df.visual_index >= 0)].sort_values('visual_index')\n"
+                 "low = emb.groupby('image').l2.transform(lambda s: s <= s.quantile(0.3)).to_numpy()\n"
+                 "target = Group(low, name='low-norm')\ncontrol = MatchedRandom(target, seed=0)\n\n"
+                 "with torch.no_grad():\n    base = vlm.hf(**batch.inputs).logits[:, -1]\n"
+                 "def last_logits(iv):\n"
+                 "    with applied(vlm, [iv], batch), torch.no_grad():\n"
+                 "        return vlm.hf(**batch.inputs).logits[:, -1]\n"
+                 "for name, iv in [('prune low-norm', Prune(target)), ('prune matched random', Prune(control))]:\n"
+                 "    d = (last_logits(iv) - base).norm(dim=-1)\n"
+                 "    print(f'{name:22s} |Δ last logits| per prompt: {d.numpy().round(3)}')"),
+        ("code", "pd.DataFrame({'baseline': answers(), 'prune low-norm': answers([Prune(target)]),\n"
+                 "              'prune random': answers([Prune(control)])}, index=questions)"),
+    ],
+    "04_compose_in_your_trace.ipynb": [
+        ("md", "# Compose probes inside your own nnsight trace\n\n`vlm.experiment(...)` plans the probes' sites in "
+               "forward order; `exp.execute(vlm.model)` runs them inside *your* `with vlm.trace(...)` block, next to "
+               "your own reads (which must follow forward order too)."),
+        ("code", SETUP),
+        ("code", "import nnsight\nfrom probes import EmbedLens, NormTracker\n\n"
+                 "images, questions, _ = demo_inputs(2)\nbatch = vlm.prepare(images, [prompt(vlm, q) for q in questions])\n"
+                 "exp = vlm.experiment(batch, probes=[EmbedLens(k=3), NormTracker()])\nexp"),
+        ("code", "lm = vlm.model.model.language_model\nwith vlm.trace(**batch.inputs):\n"
+                 "    raw = nnsight.save(exp.execute(vlm.model))\n"
+                 "    # your own read, after the probes' last site in forward order:\n"
+                 "    logits = nnsight.save(vlm.model.lm_head.output)\n"
+                 "lens, norms = exp.results(raw)\nprint(logits.shape)\nlens.to_pandas().head()"),
+        ("md", "Your own reads can also come *before* the probes' sites, as long as the whole body follows forward "
+               "order. `vlm.sites` lists every site; the adapter maps each to its module:"),
+        ("code", "for s in vlm.sites[:8]:\n    print(s, '->', vlm.adapter.site(s)[1:])"),
+    ],
+    "05_remote_ndif.ipynb": [
+        ("md", "# Remote on NDIF\n\nThe same code runs on NDIF with `remote=True` (a model loaded by its hub id, an NDIF "
+               "API key configured with `nnsight.CONFIG.set_default_api_key(...)`). By default this notebook uses "
+               "`remote='local'`, which runs the whole remote code path here: the trace is serialised, every module "
+               "that NDIF does not have is hidden, the package's code is shipped by value (`nnsight.register`), then "
+               "it runs — so a passing local run is strong evidence the real one works."),
+        ("code", "REMOTE = 'local'  # True for the real NDIF service (needs MODEL = a hub id and an API key)\n" + SETUP),
+        ("code", "from probes import EmbedLens, SinkChannels\n\nimages, questions, _ = demo_inputs(2)\n"
+                 "prompts = [prompt(vlm, q) for q in questions]\n"
+                 "lens, sinks = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()], remote=REMOTE)\n"
+                 "local_lens, _ = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()])\n"
+                 "print('identical to a local run:', lens.to_pandas().equals(local_lens.to_pandas()))\n"
+                 "sinks.to_pandas().head()"),
+    ],
+}
+
+
+def build():
+    for name, cells in NOTEBOOKS.items():
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+                    for kind, src in cells]
+        nbformat.write(nb, HERE / name)
+        print("wrote", HERE / name)
+
+
+if __name__ == "__main__":
+    build()
