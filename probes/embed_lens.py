@@ -12,8 +12,10 @@ their embedding rows, never an fp32 copy of the matrix) and re-ranked. A token w
 above the best score the cheap pass could have missed (the last candidate's score plus a 2^-7 relative rounding
 bound) gets a second look (``fallbacks[site]`` in the result counts them): one cheap pass over the whole
 vocabulary, then exact fp32 scores for every id within the rounding bound of its k-th score. So the top-k ids equal
-an fp32 computation. Scores are fp32 cosines. The pass multiplies by the raw matrix and scales by precomputed inverse row norms (computed once per
-forward and shared by every EmbedLens in it).
+an fp32 computation. Scores are fp32 cosines. The pass multiplies by the raw matrix and scales by precomputed
+inverse row norms (computed once per model outside the trace, shipped in as a (V,) fp32 extra). For fp32 models the
+cheap pass is already fp32 and is the answer. Ordering within the top-k always comes from fp32 scores: the k ids
+are rescored in fp32 when the bf16 gap between ranks k and k+1 exceeds the rounding bound, all candidates otherwise.
 
 ``sites``: default ``hook_embed`` and ``blocks.{i}.hook_resid_post`` of every layer; any LM site
 (``vision_projector.hook_out``, ``hook_embed``, any ``blocks.{i}.*``, ``ln_final.hook_normalized``) may be given.
@@ -97,40 +99,55 @@ def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias
             out += penalty[ids]
         return out
 
-    def exact(ids):
-        return exact_rows(hf, ids)
-
-    ex = exact(best_i)
     n_fallback = 0
-    top_v, j = ex.topk(k, dim=1)
-    top_i = best_i.gather(1, j)
-    if weight.dtype != torch.float32 or h.dtype != torch.float32:
-        # Anything outside the candidates scored <= the last candidate in the cheap pass; its fp32 score is at most
-        # that plus the rounding bound. Tokens without that margin are redone over the whole vocabulary in fp32.
-        last = best_v[:, -1].float()
-        # bf16 gemm accumulates in fp32 and rounds once (2^-9); the bf16 scale adds two more roundings: < 2^-7
-        bound = last + torch.maximum(last.abs(), top_v[:, -1].abs()) * 2.0 ** -7 + 1e-6
-        unsafe = (top_v[:, -1] <= bound) & (n_cand < vocab)
-        if bool(unsafe.any()):
-            # Those tokens: one cheap full-vocabulary pass each, then exact fp32 scores for EVERY id whose cheap
-            # score is within the rounding bound of the k-th fp32 score (a superset of the true top-k).
-            rows = unsafe.nonzero()[:, 0]
-            n_fallback = len(rows)
-            full = hw[rows] @ weight.T  # (m, V) in the model dtype: a few MB
-            if bias is not None:
-                full = full + bias.to(full.dtype)
-            if row_scale is not None:
-                full = full * row_scale.to(full.dtype)
-            for m, r in enumerate(rows.tolist()):
-                sc = full[m].float()
-                if penalty is not None:
-                    sc = sc + penalty
-                kth = float(top_v[r, -1])
-                err = max(abs(kth), float(top_v[r, 0].abs())) * 2.0 ** -6 + 1e-6
-                ids = (sc >= kth - err).nonzero()[:, 0]
-                exr = exact_rows(hf[r:r + 1], ids[None])[0]
-                v, j = exr.topk(k)
-                top_v[r], top_i[r] = v, ids[j]
+    if weight.dtype == torch.float32 and h.dtype == torch.float32:
+        # the cheap pass WAS fp32: its sorted candidates are the answer
+        top_v, top_i = best_v[:, :k].float(), best_i[:, :k]
+    else:
+        # bf16 gemm accumulates in fp32 and rounds once (2^-9); the bf16 scale adds two more roundings: < 2^-7.
+        bv = best_v.float()
+        err = bv.abs() * 2.0 ** -7 + 1e-6
+        if n_cand > k:  # k-th and (k+1)-th apart by more than both errors: the top-k SET is certain
+            sure = (bv[:, k - 1] - err[:, k - 1]) > (bv[:, k] + err[:, k])
+        else:
+            sure = torch.zeros(n, dtype=torch.bool)
+        # exact fp32 scores: the k ids of the sure tokens (to order them), all candidates of the others
+        top_v = torch.empty(n, k, dtype=torch.float32)
+        top_i = torch.empty(n, k, dtype=torch.long)
+        rows = sure.nonzero()[:, 0]
+        if len(rows):
+            ids = best_i[rows, :k]
+            v, j = exact_rows(hf[rows], ids).topk(k, dim=1)
+            top_v[rows], top_i[rows] = v, ids.gather(1, j)
+        rows = (~sure).nonzero()[:, 0]
+        if len(rows):
+            ids = best_i[rows]
+            v, j = exact_rows(hf[rows], ids).topk(k, dim=1)
+            top_v[rows], top_i[rows] = v, ids.gather(1, j)
+            # Anything outside the candidates scored <= the last candidate in the cheap pass; its fp32 score is at
+            # most that plus the rounding bound. Tokens without that margin get a second look.
+            last = bv[rows, -1]
+            bound = last + torch.maximum(last.abs(), v[:, -1].abs()) * 2.0 ** -7 + 1e-6
+            unsafe = (v[:, -1] <= bound) & (n_cand < vocab)
+            if bool(unsafe.any()):
+                # one cheap pass over the whole vocabulary for those tokens, then exact fp32 scores for EVERY id
+                # whose cheap score is within the rounding bound of the k-th score (a superset of the true top-k)
+                rows = rows[unsafe]
+                n_fallback = len(rows)
+                full = hw[rows] @ weight.T  # (m, V) in the model dtype: a few MB
+                if bias is not None:
+                    full = full + bias.to(full.dtype)
+                if row_scale is not None:
+                    full = full * row_scale.to(full.dtype)
+                for m, r in enumerate(rows.tolist()):
+                    sc = full[m].float()
+                    if penalty is not None:
+                        sc = sc + penalty
+                    kth = float(top_v[r, -1])
+                    e = max(abs(kth), float(top_v[r, 0].abs())) * 2.0 ** -6 + 1e-6
+                    ids = (sc >= kth - e).nonzero()[:, 0]
+                    v, j = exact_rows(hf[r:r + 1], ids[None])[0].topk(k)
+                    top_v[r], top_i[r] = v, ids[j]
     if normalize:
         top_v = top_v / hf.norm(dim=1, keepdim=True).clamp_min(1e-30)
     if want_lse:
@@ -161,6 +178,22 @@ def _special_ids(tokenizer, vocab: int) -> list[int]:
     ids.update(i for i, t in enumerate(toks) if t is None or pat.match(t))
     ids.update(range(n, vocab))
     return sorted(i for i in ids if 0 <= i < vocab)
+
+
+_INV_NORMS: dict = {}
+
+
+def _inverse_row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """(V,) fp32 1/||e_i|| (0 for all-zero rows, e.g. a padding embedding), computed in fp32 chunk by chunk (no fp32
+    copy of the matrix) OUTSIDE the trace and cached per weight tensor; shipped in as a small extra."""
+    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight._version)
+    if key not in _INV_NORMS:
+        with torch.no_grad():
+            norms = torch.cat([torch.linalg.vector_norm(weight[s:s + 2048].float(), dim=1)
+                               for s in range(0, weight.shape[0], 2048)])
+        _INV_NORMS.clear()
+        _INV_NORMS[key] = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
+    return _INV_NORMS[key]
 
 
 def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -417,6 +450,7 @@ class EmbedLens(_Lens):
     def extras(self, vlm, batch):
         mine = self._base_extras(vlm, batch)
         mine["embed"] = _module_path(vlm.hf, vlm.hf.get_input_embeddings())
+        mine["inv_norm"] = _inverse_row_norms(vlm.embedding_matrix)
         return mine
 
     def at(self, site, value, ctx, out):
@@ -425,13 +459,8 @@ class EmbedLens(_Lens):
         mine = ctx["mine"]
         with torch.no_grad():
             weight = _resolve(ctx["model"], mine["embed"]).weight.detach()
-            key = ("_embed_inv_norm", mine["embed"])
-            if key not in ctx:  # once per forward, shared by every EmbedLens
-                norms = torch.cat([torch.linalg.vector_norm(weight[s:s + 2048].float(), dim=1)
-                                   for s in range(0, weight.shape[0], 2048)])  # no fp32 copy of the matrix
-                ctx[key] = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
             h = _select(site, value.detach(), mine)
-            v, i, nf = _topk_rerank(h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=ctx[key],
+            v, i, nf = _topk_rerank(h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=mine["inv_norm"],
                                     penalty=self._penalty(ctx, mine, weight.shape[0]), normalize=True)
         _store(out, site, v, i, mine["small_ids"], nf)
 
