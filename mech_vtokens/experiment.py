@@ -116,7 +116,8 @@ class Experiment:
         self.ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(comps)}
         # An intervention that shortens the sequence (Prune, VisualExit) defines ``layout(vlm, batch)`` -> dict with
         # "keep" (batch, seq) bool, "index"/"valid" (batch, seq') gather index into the old sequence; sites after
-        # ``lm.hook_inputs`` then get the visual and attention masks of the shortened sequence in ``ctx`` (and
+        # ``lm.hook_inputs`` (or in the layout's "start"/"stop" window) then get the visual and attention masks of the
+        # shortened sequence in ``ctx`` (and
         # ``ctx["layout"]`` to map full-length masks; see ``interventions.token_sets.fit``).
         layouts = [c for c in interventions if hasattr(c, "layout")]
         if len(layouts) > 1:
@@ -127,10 +128,14 @@ class Experiment:
             idx, valid = lay["index"], lay["valid"]
             am = batch.ctx["attention_mask"]
             am = torch.ones_like(batch.visual_mask, dtype=torch.long) if am is None else am
-            start = vlm.adapter.site("lm.hook_inputs")[0]
+            # the shortened window: after ``lay["start"]`` (default ``lm.hook_inputs``) and, if given, before
+            # ``lay["stop"]`` (VisualEntry restores the full sequence there; VisualExit starts at a decoder layer)
+            start = vlm.adapter.site(lay.get("start", "lm.hook_inputs"))[0]
+            stop = vlm.adapter.site(lay["stop"])[0] if lay.get("stop") else len(vlm.adapter._sites)
+            lay = {k: v for k, v in lay.items() if k not in ("start", "stop")}
             self.ctx["layout"] = lay
             self.ctx["after_layout"] = {
-                "sites": [p[0] for p in plan if vlm.adapter.site(p[0])[0] > start],
+                "sites": [p[0] for p in plan if start < vlm.adapter.site(p[0])[0] < stop],
                 "ctx": {"shortened": True, "visual_mask": batch.visual_mask.gather(1, idx) & valid,
                         "attention_mask": am.gather(1, idx) * valid.to(am.dtype)}}
         self._vlm, self._batch = vlm, batch

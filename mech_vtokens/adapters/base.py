@@ -18,15 +18,23 @@ from .components import Geometry
 
 # Per decoder layer, in forward order: (site suffix, module path relative to the layer, accessor kind, index).
 # "input" = the module's first input; "output" with an index = that element of a tuple output; "kwarg" = one keyword
-# input; "inputs" = the whole (args, kwargs) pair (site ``lm.hook_inputs``).
+# input; "inputs" = the whole (args, kwargs) pair (sites ``lm.hook_inputs``, ``blocks.{i}.hook_inputs``).
 _BLOCK_SITES = (
+    ("hook_inputs", "", "inputs", None),
     ("hook_resid_pre", "", "input", None),
+    ("attn.hook_pattern", "{attn}.{pattern}", "output", None),
     ("hook_attn_out", "{attn}", "output", 0),
     ("hook_resid_mid", "{ln2}", "input", None),
     ("hook_mlp_out", "{mlp}", "output", None),
     ("hook_resid_post", "", "output", None),
 )
 BLOCK_SITE_NAMES = tuple(s[0] for s in _BLOCK_SITES)
+# Block sites for interventions only, resolvable by name but NOT listed in ``site_names`` / ``vlm.sites`` (so code that
+# reads every listed site still gets residual-stream tensors): ``hook_inputs`` is a decoder layer's (args, kwargs)
+# (hidden_states + attention_mask / position_embeddings / position_ids ...: what VisualEntry / VisualExit change);
+# ``attn.hook_pattern`` is the post-softmax attention weights (batch, heads, query, key) inside eager attention,
+# reachable only in an nnsight trace (``.source``) of a model loaded with ``attn_implementation="eager"``.
+HIDDEN_BLOCK_SITES = ("hook_inputs", "attn.hook_pattern")
 
 
 class Adapter:
@@ -58,6 +66,10 @@ class Adapter:
     ln2: str = "post_attention_layernorm"
     final_norm: str = "model.language_model.norm"
     lm_head: str = "lm_head"
+    # The LM's rotary embedding module; the softmax inside eager attention as an nnsight ``.source`` path from the
+    # attention module (site ``blocks.{i}.attn.hook_pattern``).
+    rotary_emb: str = "model.language_model.rotary_emb"
+    attn_pattern: str = "source.attention_interface_1.source.nn_functional_softmax_0"
     geometry: type[Geometry] = Geometry
     processor_class: str = ""
 
@@ -89,7 +101,7 @@ class Adapter:
         for i in range(self.n_layers):
             layer = f"{self.decoder_layers}.{i}"
             for name, rel, kind, index in _BLOCK_SITES:
-                rel = rel.format(attn=self.attn, ln2=self.ln2, mlp=self.mlp)
+                rel = rel.format(attn=self.attn, ln2=self.ln2, mlp=self.mlp, pattern=self.attn_pattern)
                 rows.append((f"blocks.{i}.{name}", f"{layer}.{rel}" if rel else layer, kind, index))
         rows.append(("ln_final.hook_normalized", self.final_norm, "output", None))
         rows.append(("unembed.hook_out", self.lm_head, "output", None))
@@ -97,14 +109,15 @@ class Adapter:
 
     @property
     def site_names(self) -> list[str]:
-        """Every site of this model, in forward order (TransformerLens-style names)."""
-        return list(self._sites)
+        """Every site of this model, in forward order (TransformerLens-style names); without the intervention-only
+        block sites (``HIDDEN_BLOCK_SITES``), which ``site()`` still resolves."""
+        return [n for n in self._sites if n.split(".", 2)[-1] not in HIDDEN_BLOCK_SITES or not n.startswith("blocks.")]
 
     def site(self, name: str) -> tuple:
         """(order, module path, accessor kind, index) of a site; a clear error for unknown names."""
         if name in self._sites:
             return self._sites[name]
-        m = re.fullmatch(r"(vision\.)?blocks\.(-?\d+)\.(\w+)", name)
+        m = re.fullmatch(r"(vision\.)?blocks\.(-?\d+)\.([\w.]+)", name)
         if m:
             vision, layer, hook = m.group(1), int(m.group(2)), m.group(3)
             n = self.n_vision_layers if vision else self.n_layers
@@ -114,9 +127,10 @@ class Adapter:
                 raise InputError(
                     f"site {name!r}: layer {layer} is out of range; this {self.family} model has {n} "
                     f"{'vision' if vision else 'decoder'} layers (use 0..{n - 1}, or a negative index from the end)")
-            valid = ["hook_resid_post"] if vision else list(BLOCK_SITE_NAMES)
+            valid = ["hook_resid_post"] if vision else [h for h in BLOCK_SITE_NAMES if h not in HIDDEN_BLOCK_SITES]
+            extra = "" if vision else f" (for interventions also: {', '.join(HIDDEN_BLOCK_SITES)})"
             raise InputError(f"site {name!r}: the {self.family} adapter has no hook {hook!r} per "
-                             f"{'vision ' if vision else ''}block; valid hooks: {', '.join(valid)}")
+                             f"{'vision ' if vision else ''}block; valid hooks: {', '.join(valid)}{extra}")
         raise InputError(
             f"unknown site {name!r} for a {self.family} model. Valid sites: 'vision.blocks.{{i}}.hook_resid_post', "
             f"'vision_projector.hook_out', 'hook_embed', 'blocks.{{i}}.{{{','.join(BLOCK_SITE_NAMES)}}}', "
@@ -125,7 +139,7 @@ class Adapter:
     def canonical(self, name: str) -> str:
         """The site's name with negative layer indices resolved."""
         order = self.site(name)[0]
-        return self.site_names[order]
+        return next(n for n, row in self._sites.items() if row[0] == order)
 
     # ---- visual tokens --------------------------------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
