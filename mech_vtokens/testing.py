@@ -220,3 +220,240 @@ def image(size: int = 112, seed: int = 0, marker: tuple[int, int, int, int] | No
         arr[y0:y1, x0:x1] = 255
         img = Image.fromarray(arr)
     return img
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A planted sink / dead / alive partition (for the partition analyses; paper Secs. 4-6)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Per family: image side (px) = the model's input side, so the processor does not resample; cell = the pixels of one
+# visual token (patches are 14 px); where the two kinds of sink markers are painted (token grid cells).
+_PLANTED = {
+    "llava": dict(side=84, cell=14, patch=14, grid=6, vit=[(0, 0), (0, 5)], llm=[(5, 5)]),
+    "qwen2_5_vl": dict(side=112, cell=28, patch=14, grid=4, vit=[(0, 0)], llm=[(3, 3)]),
+    "internvl": dict(side=112, cell=28, patch=14, grid=4, vit=[(0, 0)], llm=[(3, 3)]),
+}
+_CONTENT_WORDS = ("cat", "dog", "car", "tree", "person", "red", "green", "blue", "yellow", "circle", "square",
+                  "star")
+
+
+def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0):
+    """A tiny ``family`` model (llava, qwen2_5_vl, internvl) whose weights plant a known token partition.
+
+    Returns ``(path, truth)``; draw images with :func:`planted_image` (``truth`` says where the sinks are).
+
+    How the images code the groups (each token's cell is painted with one pattern, aligned to the patches):
+    ViT-sink cells carry a 1-pixel checkerboard, LLM-sink cells vertical 1-pixel stripes, background cells horizontal
+    1-pixel stripes, content cells four random uniform colours (one per quadrant of each patch). The sink cells sit
+    at fixed grid positions (``truth["vit"]``, ``truth["llm"]``), so sinks are image-independent; background (dead)
+    cells are the same pattern in every image; content (alive) cells differ.
+
+    How the weights turn that into the partition (vision blocks are made the identity; channels come in (+x, -x)
+    pairs so LayerNorms keep their direction): the patch convolution computes, per patch, the 12 quadrant-mean
+    colours and three texture responses (checker, vertical, horizontal filters; exactly 0 on uniform colours) plus a
+    constant. ViT sinks: the checker response is huge in the LAST vision block (``truth["vit_norm_min"]`` vs
+    ``truth["other_norm_max"]``). The projector (its GELU kept in the linear regime) writes, in the LM's input space:
+
+    - ViT sink: a fixed vector whose nearest embedding is the word ``truth["ref_words"]["vit_sink"]``;
+    - LLM sink: massive values in channels ``truth["sink_dims"]`` (as the BOS-role first token ``USER`` has, so
+      φ(x) > ``truth["phi_threshold"]`` and the dims are discoverable from BOS);
+    - dead: one fixed vector far from the text embeddings (negative cosine to their centroid), nearest word
+      ``truth["ref_words"]["dead"]``;
+    - alive: ``base + s * Σ colour_j * e(content word j)``: image-dependent, near the text centroid.
+
+    The LM's input embeddings share a constant channel ``truth["z"]`` (a non-zero text centroid); in every layer one
+    low-frequency rotary dim of each query/key head reads that channel, so keys of dead tokens (negative there) get
+    ~ -40 attention logits: dead tokens receive no attention (the paper's "inert residues").
+    """
+    import json
+
+    import torch.nn.functional as F
+
+    if family not in _PLANTED:
+        raise ValueError(f"planted_partition_model supports {tuple(_PLANTED)}, not {family!r}")
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "planted_truth.json").exists():
+        return str(path), json.loads((path / "planted_truth.json").read_text())
+    spec = _PLANTED[family]
+    model, proc = build(family, seed)
+    tok = proc.tokenizer
+    ip = proc.image_processor
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    p = spec["patch"]
+    h = p // 2
+    # conv filters over NORMALISED pixels: (32, 3, p, p); pair j -> channels (2j, 2j+1)
+    filt = torch.zeros(16, 3, p, p)
+    for q, (r0, c0) in enumerate([(0, 0), (0, h), (h, 0), (h, h)]):
+        for c in range(3):
+            filt[3 * q + c, c, r0:r0 + h, c0:c0 + h] = 1.0 / (h * h)
+    yy, xx = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    sign = {12: 2.0 * ((xx + yy) % 2) - 1, 13: 2.0 * (xx % 2) - 1, 14: 2.0 * (yy % 2) - 1}  # +1 where the pattern is bright
+    is_llava = family == "llava"
+    gains = {12: 10.0, 13: 10.0, 14: 10.0} if is_llava else {12: 50.0, 13: 3.0, 14: 3.0}
+    for j, s in sign.items():
+        filt[j] = s / (p * p) * gains[j]
+    w = torch.zeros(32, 3, p, p)
+    w[0::2], w[1::2] = filt, -filt
+    const = torch.zeros(32)
+    const[30], const[31] = 1.0, -1.0
+    with torch.no_grad():
+        if is_llava:
+            v = model.model.vision_tower
+            v.embeddings.patch_embedding.weight.copy_(w)
+            v.embeddings.class_embedding.zero_()
+            v.embeddings.position_embedding.weight.copy_(const.expand_as(v.embeddings.position_embedding.weight))
+            v.pre_layrnorm.weight.fill_(1.0)
+            v.pre_layrnorm.bias.zero_()
+            for layer in v.encoder.layers:
+                for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+            last = v.encoder.layers[-1]  # ViT-sink detector: huge checker channel in the last block only
+            last.layer_norm2.weight.fill_(1.0)
+            last.layer_norm2.bias.zero_()
+            last.mlp.fc1.weight.zero_()
+            last.mlp.fc1.bias.fill_(-20.0)
+            last.mlp.fc1.weight[0, 24] = 10.0
+            last.mlp.fc2.weight[24, 0], last.mlp.fc2.weight[25, 0] = 15.0, -15.0
+            proj_in, act_lin, out_lin = 32, model.model.multi_modal_projector.linear_1, \
+                model.model.multi_modal_projector.linear_2
+        elif family == "qwen2_5_vl":
+            v = model.model.visual
+            v.patch_embed.proj.weight.copy_(w[:, :, None].expand(-1, -1, 2, -1, -1) / 2)
+            for b in v.blocks:
+                for lin in (b.attn.proj, b.mlp.down_proj):
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+            v.blocks[0].mlp.down_proj.bias.copy_(const)  # the constant channel pair
+            v.merger.ln_q.weight.fill_(1.0)
+            proj_in, act_lin, out_lin = 128, v.merger.mlp[0], v.merger.mlp[2]
+        else:  # internvl
+            v = model.model.vision_tower
+            v.embeddings.patch_embeddings.projection.weight.copy_(w)
+            v.embeddings.patch_embeddings.projection.bias.copy_(const)
+            v.embeddings.cls_token.zero_()
+            v.embeddings.position_embeddings.zero_()
+            for layer in v.encoder.layer:
+                layer.lambda_1.zero_()
+                layer.lambda_2.zero_()
+            v.layernorm.weight.fill_(1.0)
+            v.layernorm.bias.zero_()
+            pr = model.model.multi_modal_projector
+            pr.layer_norm.weight.fill_(1.0)
+            pr.layer_norm.bias.zero_()
+            proj_in, act_lin, out_lin = 128, pr.linear_1, pr.linear_2
+
+        # ---- the LM's input space -------------------------------------------------------------------------
+        E = model.get_input_embeddings().weight
+        d = E.shape[1]
+        z, dims = d - 1, [5, 17]
+        gen = torch.Generator().manual_seed(seed + 7)
+        E[:, z] = 0.1
+        user = tok.convert_tokens_to_ids("USER")
+        E[user, dims] = 3.0  # the BOS role: massive activations in the sink dims
+        cw = tok.convert_tokens_to_ids(list(_CONTENT_WORDS))
+        Et = E.clone()
+        Et[:, z] = 0.0
+        basis = torch.linalg.qr(Et[cw].T)[0]  # (d, 12) orthonormal span of the content words (z part left out)
+        refs = {"vit_sink": "sky", "dead": "house"}
+        for word in refs.values():  # reference words orthogonal to the content words: alive tokens never hit them
+            i = tok.convert_tokens_to_ids(word)
+            row = Et[i] - basis @ (basis.T @ Et[i])
+            row[dims] = 0.0
+            E[i, :z] = row[:z] * (0.16 / row.norm())
+        Et = E.clone()
+        Et[:, z] = 0.0
+
+        def unit(i):
+            r = Et[tok.convert_tokens_to_ids(refs[i])]
+            return r / r.norm()
+
+        ez = torch.zeros(d)
+        ez[z] = 1.0
+        base = 0.1 * ez
+        s_vit = 0.1 * ez + 0.15 * unit("vit_sink")
+        s_llm = 0.1 * ez + 0.01 * torch.randn(d, generator=gen)
+        s_llm[dims] = 3.0
+        v_dead = -0.1 * ez + 0.15 * unit("dead")
+        v_dead[dims] = -0.05  # away from the BOS-role token too
+        dev = model.get_input_embeddings().weight.dtype
+        act_lin.weight.zero_()
+        act_lin.bias.zero_()
+        for j in range(16):
+            act_lin.weight[j, 2 * j] = 1.0
+            act_lin.bias[j] = 30.0  # GELU(x + 30) = x + 30 to fp32 precision for |x| < 20
+        out_lin.weight.zero_()
+        for j, wi in enumerate(cw):
+            out_lin.weight[:, j] = 0.12 * Et[wi]
+        # the marker pair reads ~4 after the LayerNorms (one dominant (+x, -x) pair over 32 channels): target / 4
+        out_lin.weight[:, 12] = (s_vit - base) / 4
+        out_lin.weight[:, 13] = (s_llm - base) / 4
+        out_lin.weight[:, 14] = (v_dead - base) / 4
+        out_lin.bias.copy_(base - 30.0 * out_lin.weight[:, :16].sum(1))
+        del proj_in, dev
+
+        # ---- attention: keys negative on channel z (dead tokens) get ~no attention -------------------------
+        lm = model.model.language_model
+        for layer in lm.layers:
+            att = layer.self_attn
+            hd = att.head_dim
+            for lin in (att.q_proj, att.k_proj):
+                for hh in range(lin.weight.shape[0] // hd):
+                    for r in (hd // 2 - 1, hd - 1):  # the lowest-frequency rotary pair
+                        lin.weight[hh * hd + r] = 0.0
+                        if lin.bias is not None:
+                            lin.bias[hh * hd + r] = 0.0
+                    lin.weight[hh * hd + hd // 2 - 1, z] = 2.0
+        del F
+    _save(model, proc, path)
+    # measured facts of the construction (no code under test involved)
+    truth = {"family": family, "side": spec["side"], "cell": spec["cell"], "grid": spec["grid"],
+             "vit": spec["vit"], "llm": spec["llm"], "sink_dims": dims, "z": z, "phi_threshold": 4.0,
+             "ref_words": {"vit_sink": refs["vit_sink"], "dead": refs["dead"], "llm_sink": "USER"},
+             "ref_ids": {"vit_sink": tok.convert_tokens_to_ids(refs["vit_sink"]),
+                         "dead": tok.convert_tokens_to_ids(refs["dead"]), "llm_sink": user},
+             "content_words": list(_CONTENT_WORDS), "vit_threshold": 100.0}
+    (path / "planted_truth.json").write_text(json.dumps(truth, indent=1))
+    return str(path), truth
+
+
+def planted_image(truth: dict, seed: int = 0, content: float | None = None):
+    """An image for :func:`planted_partition_model` and its true labels.
+
+    Returns ``(PIL image, labels)``: ``labels`` is a (grid, grid) list of lists with "vit_sink", "llm_sink", "dead"
+    or "alive" per token cell (raster order). ``content``: fraction of the non-sink cells that carry content (default:
+    drawn in 0.3..0.7 per image).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    g, cell, side = truth["grid"], truth["cell"], truth["side"]
+    arr = np.zeros((side, side, 3), np.uint8)
+    yy, xx = np.mgrid[0:cell, 0:cell]
+    pats = {"vit_sink": (xx + yy) % 2, "llm_sink": xx % 2, "dead": yy % 2}
+    lo_hi = {"vit_sink": (30, 220), "llm_sink": (60, 200), "dead": (100, 156)}
+    sinks = {tuple(c): "vit_sink" for c in truth["vit"]}
+    sinks.update({tuple(c): "llm_sink" for c in truth["llm"]})
+    free = [(r, c) for r in range(g) for c in range(g) if (r, c) not in sinks]
+    frac = rng.uniform(0.3, 0.7) if content is None else content
+    n_content = max(1, int(round(frac * len(free))))
+    chosen = set(tuple(free[i]) for i in rng.choice(len(free), n_content, replace=False))
+    labels = [[None] * g for _ in range(g)]
+    # content: per patch four uniform blocks split at an EVEN offset (8 | 6 px), so every +-1 texture filter sums to
+    # exactly 0 over them (textures and colours stay separate channels)
+    spans = [(0, 8), (8, 14)]
+    for r in range(g):
+        for c in range(g):
+            y0, x0 = r * cell, c * cell
+            kind = sinks.get((r, c)) or ("alive" if (r, c) in chosen else "dead")
+            labels[r][c] = kind
+            if kind == "alive":
+                for py in range(0, cell, 14):
+                    for px in range(0, cell, 14):
+                        for a, b in spans:
+                            for e, f in spans:
+                                arr[y0 + py + a:y0 + py + b, x0 + px + e:x0 + px + f] = rng.integers(0, 256, 3)
+            else:
+                lo, hi = lo_hi[kind]
+                arr[y0:y0 + cell, x0:x0 + cell] = np.where(pats[kind][..., None] == 1, hi, lo)
+    return Image.fromarray(arr), labels

@@ -1,0 +1,11 @@
+"""The token partition (paper Secs. 2, 4-6, App. B): anchor clustering, cross-image stability, sink / dead / alive
+classification (statistical and reference-token rules), group dynamics, semantic sparsity, per-model summary."""
+
+from .calibrate import calibrate
+from .clustering import (Clusters, CrossImage, anchor_clusters, centroid_labels, cross_image_similarity,
+                         max_similarity)
+from .partition import GROUPS, PRESETS, Partition, PartitionGroup, PartitionResult, model_identity
+
+__all__ = ["GROUPS", "PRESETS", "Clusters", "CrossImage", "Partition", "PartitionGroup", "PartitionResult",
+           "anchor_clusters", "calibrate", "centroid_labels", "cross_image_similarity", "max_similarity",
+           "model_identity"]
