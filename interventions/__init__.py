@@ -13,3 +13,8 @@ __all__ = ["AllVisual", "Complement", "Group", "MatchedRandom", "Positions", "Pr
 from .harness import applied  # noqa: E402
 
 __all__ += ["applied"]
+
+from .attention_knockout import AttentionKnockout  # noqa: E402
+from .entry_exit import VisualEntry, VisualExit  # noqa: E402
+
+__all__ += ["AttentionKnockout", "VisualEntry", "VisualExit"]

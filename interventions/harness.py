@@ -16,6 +16,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from mech_vtokens.adapters.base import _resolve
+from mech_vtokens.errors import InputError
 
 
 class _ModelFacts:
@@ -57,8 +58,15 @@ def applied(model, interventions, batch_or_inputs, probes=()):
     hf, adapter = facts.hf, facts.adapter
     batch = _batch(adapter, batch_or_inputs)
     exp = Experiment(facts, batch, probes=probes, interventions=interventions)
+    for _, path, _, _, cids in exp.plan:
+        if ".source." in f".{path}.":
+            who = ", ".join(repr(exp.comps[c]) for c in cids)
+            raise InputError(f"{who} acts inside a function of the model (nnsight .source: {path!r}), which plain torch "
+                             f"hooks cannot reach; run it in an nnsight trace (mech_vtokens.run / an Experiment) "
+                             f"instead of applied(...)")
     ctx = dict(exp.ctx)
     ctx["model"] = hf
+    ctx["harness"] = True  # components may tell the plain-hook harness from an nnsight trace (Prune does)
     after = ctx.get("after_layout")
     ctx_after = dict(ctx, **after["ctx"]) if after else ctx
     raw: dict = {}

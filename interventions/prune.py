@@ -15,9 +15,10 @@ Sites after the prune see the shortened sequence (``ctx["visual_mask"]`` is the 
 ``hook_embed`` still see the full one.
 
 In generation, wrap ``generate`` (HF's, or nnsight's ``vlm.model.generate``) in ``interventions.applied(...)``: later
-steps then continue the kept positions (original or repacked) and attend to the shortened cache. An Experiment inside
-an nnsight generate trace visits the prefill only, so it prunes the prefill but does NOT fix the decode steps' attention
-mask; use ``applied`` for generation with Prune. Deliberate difference: the authors' code is unseeded for the random
+steps then continue the kept positions (original or repacked) and attend to the shortened cache. That harness is the
+supported path: an Experiment inside an nnsight generate trace visits each site once (the prefill), so it could not fix
+the decode steps' attention mask and positions; Prune therefore RAISES when the language model receives a KV cache
+from its caller (``generate``) outside ``applied`` (in a plain trace / forward the LM gets none). Deliberate difference: the authors' code is unseeded for the random
 control; ``MatchedRandom`` is seeded.
 """
 
@@ -76,6 +77,13 @@ class Prune(Intervention):
             raise ValueError("Prune needs a 2-D attention mask (or None) at the language model; got "
                              f"{type(am).__name__} — compiled/static caches are not supported")
         pos = kwargs.get("position_ids")
+        if past == 0 and cache is not None and not ctx.get("harness"):
+            raise ValueError(
+                "Prune inside an nnsight generate trace through an Experiment would prune the prefill only: the "
+                "Experiment visits each site once, so the decode steps would run with the unpruned attention mask and "
+                "positions against the shortened KV cache (wrong tokens, silently). Wrap the generate call in "
+                "interventions.applied(vlm, [Prune(...)], batch) instead — it fixes every decode step — e.g. "
+                "`with applied(vlm, ivs, batch): vlm.hf.generate(**batch.inputs, ...)`")
         if past == 0:  # prefill (or a generation step without a cache: the full sequence again)
             full = mine["keep"].shape[1]
             if n > full:  # tokens appended by generation without a cache: all kept

@@ -1,0 +1,261 @@
+"""VisualEntry / VisualExit: visual tokens enter the language model at layer k, or leave it at layer k (paper Sec. 7.2
+"Shallow-Layer Skipping", Table 3's L_in rows; the notes' inference-time L_in of the authors' code).
+
+``VisualEntry(k)``: layers ``< k`` run on the TEXT ONLY — the selected visual positions are removed from the sequence
+(really shorter, as ``Prune`` does) — and at layer ``k`` the raw projected visual embeddings (the LM's
+``inputs_embeds`` at those positions, exactly what the LM would have received at layer 0) are re-inserted at their
+original positions, next to the text hidden states coming out of layer ``k-1``. Positions and mask, precisely:
+
+- layers ``< k``: the text runs as its own sequence. ``text_positions="repacked"`` (default) gives it position ids
+  ``0..T-1`` over the real tokens of each row (Qwen: the same on all three M-RoPE axes, which is what Qwen gives a
+  text-only prompt); ``"original"`` keeps the text tokens' ids from the full sequence (gaps). The LM builds the causal
+  mask (with padding) of this shortened sequence itself.
+- layer ``k`` on: the position ids are RESET to those of the full sequence — the ids the LM receives for the
+  unmodified input: ``0..L-1`` for LLaVA / InternVL (the authors' reset), the 3-D M-RoPE ids for Qwen — and the
+  position embeddings are recomputed from them by the LM's own rotary module. The attention mask is rebuilt for the
+  full sequence: causal over the ``L`` positions plus the batch's padding, in the format the LM passes its layers
+  (eager: additive float with ``finfo.min``; sdpa: bool, or None when nothing is masked but causality) — the same mask
+  the LM builds for the clean input.
+- KV cache: a single forward only. Layers ``< k`` would cache ``T`` keys, layers ``>= k`` ``L`` keys, so HF's cache
+  (one length for all layers) cannot continue; ``VisualEntry`` raises a clear error when the LM receives a cache
+  from its caller (``generate``; in a plain forward the LM makes its own, which is returned inconsistent and unused).
+  Scoring a prompt (+ answer) in one forward is the supported use.
+
+``VisualExit(k)``: layers ``< k`` see the full sequence; at layer ``k`` the selected visual tokens are dropped
+(hidden states, positions and mask sliced). The kept text tokens KEEP their position ids (no reset: their keys in
+earlier layers were computed at those positions); the mask is the causal + padding mask of the shortened sequence.
+Logits come back shortened (rows left-padded to one width, as after ``Prune``). Same single-forward restriction.
+
+Both act at the decoder layers' ``(args, kwargs)`` (sites ``blocks.{i}.hook_inputs`` for every ``i >= k``: the LM
+builds one mask and one position embedding for all its layers, so each layer from ``k`` on gets the ones computed at
+``k``) and at ``lm.hook_inputs`` and take a token set (default: all visual tokens). Sites between the shortening and the restoring
+see the shortened sequence (``ctx["visual_mask"]`` has no selected token there); an intervention that acts on the
+selected tokens inside that window is a contradiction and is refused before the forward. Deliberate differences: the
+authors' code is LLaVA-1.5 only and single-prompt (no padding); for Qwen we reset to the model's own M-RoPE ids rather
+than a flat ``0..L-1``.
+"""
+
+from __future__ import annotations
+
+from mech_vtokens.component import Intervention
+from mech_vtokens.errors import InputError
+
+from ._util import layer_list
+from .prune import Prune
+from .token_sets import as_token_set, packed_layout, resolve
+from .zero_sublayer import InterventionResult
+
+
+def _no_cache(kwargs, who):
+    if kwargs.get("past_key_values") is not None:
+        raise ValueError(
+            f"{who} runs in one forward only (trace / a plain model call): the language model received a KV cache "
+            f"(generate), and layers before and after the change would cache different sequence lengths. Score the "
+            f"prompt (+ candidate answers) in a single forward instead")
+
+
+def _full_mask(like, am, n):
+    """Causal + padding mask over ``n`` positions for the 2-D ``am`` (batch, n), in the format of ``like`` (what the LM
+    passes its layers): None (sdpa, only causality), a bool (True = attend) or an additive float (batch, 1, n, n)."""
+    import torch
+
+    if like is not None and not (isinstance(like, torch.Tensor) and like.ndim == 4):
+        raise ValueError(f"expected the decoder layer's attention_mask to be None or a 4-D tensor, got "
+                         f"{type(like).__name__} (flash / flex attention are not supported; load with "
+                         f"attn_implementation='eager' or 'sdpa')")
+    keys = am.bool()
+    if like is None and bool(keys.all()):
+        return None
+    dev = like.device if like is not None else am.device
+    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    allowed = (causal[None] & keys.to(dev)[:, None, :])[:, None]
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=dev).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def _layer_io(value):
+    args, kwargs = value
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], tuple(args[1:]), kwargs, True
+    return kwargs.pop("hidden_states"), (), kwargs, False
+
+
+def _pack(h, rest, kwargs, positional):
+    if positional:
+        return ((h,) + rest, kwargs)
+    kwargs["hidden_states"] = h
+    return (rest, kwargs)
+
+
+class _Window(Intervention):
+    """Shared checks: layer, token set, contradictions with interventions inside the shortened window."""
+
+    who = "window"
+
+    def _layer(self, vlm):
+        return layer_list(vlm, self.layer, self.who)[0]
+
+    def check(self, vlm, batch):
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise InputError(f"{self.who}: layer must be one int, got {self.layer!r}")
+        k = self._layer(vlm)
+        self._check_layer(vlm, k)
+        resolve(self.tokens, batch, self.who)
+        cfg = vlm.hf.config.get_text_config()
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise InputError(f"{self.who}: this model has {sorted(kinds)} layers; only full-attention layers are "
+                             f"supported (the rebuilt mask would ignore the sliding window)")
+
+    def _check_layer(self, vlm, k):
+        pass
+
+    def _window(self, vlm):
+        raise NotImplementedError
+
+    def conflicts(self, other, vlm, batch):
+        if other is self or not isinstance(other, Intervention) or getattr(other, "tokens", None) is None:
+            return None
+        lo, hi = self._window(vlm)
+        inside = [s for s in other.sites(vlm) if lo < vlm.adapter.site(s)[0] < hi]
+        if not inside:
+            return None
+        sel = resolve(self.tokens, batch, self.who)
+        if bool((resolve(other.tokens, batch) & sel).any()):
+            return (f"{self!r} removes the selected visual tokens at {inside[0]!r}, where {other!r} acts on some of "
+                    f"them: they are not in the sequence there; move that intervention outside layers "
+                    f"{self._span(vlm)} or make the token sets disjoint")
+        return None
+
+    def extras(self, vlm, batch):
+        return packed_layout(~resolve(self.tokens, batch, self.who))
+
+    def collect(self, raw, batch, vlm):
+        return InterventionResult(self)
+
+
+class VisualEntry(_Window):
+    who = "VisualEntry"
+
+    def __init__(self, layer: int, tokens="all", text_positions: str = "repacked"):
+        if text_positions not in ("repacked", "original"):
+            raise InputError(f"VisualEntry: text_positions must be 'repacked' (the text as its own sequence, "
+                             f"0..T-1) or 'original' (gaps where the visual tokens were), not {text_positions!r}")
+        self.layer = layer
+        self.tokens = as_token_set(tokens)
+        self.text_positions = text_positions
+        self._prune = Prune(self.tokens, positions=text_positions)
+
+    def _check_layer(self, vlm, k):
+        if k == 0:
+            raise InputError("VisualEntry: layer 0 is where visual tokens enter anyway (an entry at 0 changes "
+                             "nothing); use 1..n_layers-1")
+
+    def _span(self, vlm):
+        return f"0..{self._layer(vlm) - 1}"
+
+    def _window(self, vlm):
+        a = vlm.adapter
+        return a.site("lm.hook_inputs")[0], a.site(f"blocks.{self._layer(vlm)}.hook_inputs")[0]
+
+    def sites(self, vlm):  # the LM builds one mask / position embedding for all layers: every layer >= k gets ours
+        return ["lm.hook_inputs"] + [f"blocks.{i}.hook_inputs" for i in range(self._layer(vlm), vlm.n_layers)]
+
+    def layout(self, vlm, batch):
+        return dict(self.extras(vlm, batch), start="lm.hook_inputs", stop=f"blocks.{self._layer(vlm)}.hook_inputs")
+
+    def extras(self, vlm, batch):
+        return dict(super().extras(vlm, batch), rotary=vlm.adapter.rotary_emb)
+
+    def at(self, site, value, ctx, out):
+        import torch
+
+        if site == "lm.hook_inputs":
+            _no_cache(value[1], "VisualEntry")
+            kw = value[1]
+            out["_full"] = {"emb": kw["inputs_embeds"], "am": kw.get("attention_mask"), "pos": kw.get("position_ids")}
+            return self._prune.at(site, value, ctx, {})
+        h, rest, kwargs, positional = _layer_io(value)
+        if "_kw" in out:  # a layer after k: the full sequence's mask / positions computed at layer k
+            kwargs.update(out["_kw"])
+            return _pack(h, rest, kwargs, positional)
+        # at layer k: re-insert the raw embeddings, restore the full sequence's mask and positions
+        full = out["_full"]
+        emb = full["emb"]
+        b, n, d = emb.shape
+        mine = ctx["mine"]
+        index, valid = mine["index"].to(h.device), mine["valid"].to(h.device)
+        # the text hidden states go back to their original columns; invalid (padding) slots go to a spare column n
+        dest = torch.where(valid, index, torch.full_like(index, n))
+        new = torch.cat([emb.to(h.dtype), emb.new_zeros(b, 1, d).to(h.dtype)], 1)
+        new = new.scatter(1, dest.unsqueeze(-1).expand(-1, -1, d), h)[:, :n]
+        am = full["am"]
+        am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am
+        kw = {"attention_mask": _full_mask(kwargs.get("attention_mask"), am, n)}
+        pos = full["pos"]
+        if pos is None:  # what the LM builds when it gets none: 0..n-1
+            pos = torch.arange(n, device=h.device).unsqueeze(0)
+        model = ctx["model"]
+        for part in mine["rotary"].split("."):
+            model = model[int(part)] if part.isdigit() else getattr(model, part)
+        rot = getattr(model, "_module", model)  # the plain torch module (nnsight envoy or HF module)
+        kw["position_embeddings"] = type(rot).forward(rot, new, pos)  # class forward: no hooks, no nnsight call
+        if kwargs.get("position_ids") is not None and pos.ndim == 2:
+            kw["position_ids"] = pos
+        if kwargs.get("cache_position") is not None:
+            kw["cache_position"] = torch.arange(n, device=h.device)
+        out["_kw"] = kw
+        kwargs.update(kw)
+        return _pack(new, rest, kwargs, positional)
+
+
+class VisualExit(_Window):
+    who = "VisualExit"
+
+    def __init__(self, layer: int, tokens="all"):
+        self.layer = layer
+        self.tokens = as_token_set(tokens)
+
+    def _span(self, vlm):
+        return f"{self._layer(vlm)}..{vlm.n_layers - 1}"
+
+    def _window(self, vlm):
+        return vlm.adapter.site(f"blocks.{self._layer(vlm)}.hook_inputs")[0], len(vlm.adapter._sites)
+
+    def sites(self, vlm):  # lm.hook_inputs: only to refuse a KV cache (generate) before any layer runs
+        return ["lm.hook_inputs"] + [f"blocks.{i}.hook_inputs" for i in range(self._layer(vlm), vlm.n_layers)]
+
+    def layout(self, vlm, batch):
+        return dict(self.extras(vlm, batch), start=f"blocks.{self._layer(vlm)}.hook_inputs")
+
+    def at(self, site, value, ctx, out):
+        import torch
+
+        if site == "lm.hook_inputs":
+            _no_cache(value[1], "VisualExit")
+            return None
+        h, rest, kwargs, positional = _layer_io(value)
+        if "_kw" in out:  # a layer after k: the shortened sequence's mask / positions computed at layer k
+            kwargs.update(out["_kw"])
+            return _pack(h, rest, kwargs, positional)
+        b, n, d = h.shape
+        mine = ctx["mine"]
+        index, valid = mine["index"].to(h.device), mine["valid"].to(h.device)
+        new = h.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
+        am = ctx.get("attention_mask")  # the full-length 2-D mask (this site is before the shortened window)
+        am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am.to(h.device)
+        am = am.gather(1, index) * valid.to(am.dtype)
+        kw = {"attention_mask": _full_mask(kwargs.get("attention_mask"), am, index.shape[1])}
+        cos, sin = kwargs["position_embeddings"]
+        idx = index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+        kw["position_embeddings"] = (cos.expand(b, -1, -1).gather(1, idx), sin.expand(b, -1, -1).gather(1, idx))
+        pid = kwargs.get("position_ids")
+        if pid is not None and pid.ndim == 2:
+            kw["position_ids"] = pid.expand(b, -1).gather(1, index)
+        if kwargs.get("cache_position") is not None:
+            kw["cache_position"] = torch.arange(index.shape[1], device=h.device)
+        out["_kw"] = kw
+        kwargs.update(kw)
+        return _pack(new, rest, kwargs, positional)

@@ -1,0 +1,403 @@
+"""VisualEntry / VisualExit / AttentionKnockout (interventions/entry_exit.py, attention_knockout.py): each does what it
+says (measured), agrees with an independent implementation written here (decoder layers run by hand in plain torch; a
+monkey-patched eager attention function) on the tiny fixtures of all four families, leaves no residue, and refuses
+bad input before the forward. Also: Prune inside an nnsight generate trace raises (use ``applied``)."""
+
+from __future__ import annotations
+
+import sys
+
+import nnsight
+import pytest
+import torch
+
+import mech_vtokens as mv
+from interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer,
+                           applied, resolve)
+from mech_vtokens import InputError
+from mech_vtokens import testing as T
+from probes.activations import Activations
+
+FAMILIES = T.FAMILIES
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def eager_vlm(tiny_dir):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = mv.load(tiny_dir(family), attn_implementation="eager")
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def plain_eager(tiny_dir):
+    """A fresh plain HF model (no nnsight) for the monkey-patched references: nnsight's ``.source`` instruments an
+    attention module for good (numerically inert), and an instrumented module no longer looks the eager function up in
+    its module's globals, so patching those would not reach it."""
+    cache = {}
+
+    def get(vlm, family):
+        if family not in cache:
+            cache[family] = type(vlm.hf).from_pretrained(tiny_dir(family), attn_implementation="eager").eval()
+        return cache[family]
+
+    return get
+
+
+def batch_of(vlm, family, seeds=(1, 2)):
+    # two rows of different lengths: the shorter one is left-padded
+    return vlm.prepare([T.image(seed=seeds[0]), T.image(seed=seeds[1])],
+                       [T.prompt(family), T.prompt(family, "describe the image")])
+
+
+def lm_of(vlm):  # a VLM or a plain HF model
+    return getattr(vlm, "hf", vlm).model.language_model
+
+
+def clean_lm_kwargs(vlm, batch):
+    got = {}
+
+    def grab(mod, args, kwargs):
+        for k in ("inputs_embeds", "attention_mask", "position_ids"):
+            v = kwargs.get(k)
+            got[k] = None if v is None else v.detach().clone()
+
+    h = lm_of(vlm).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            got["logits"] = vlm.hf(**batch.inputs).logits
+    finally:
+        h.remove()
+    return got
+
+
+def nn_run(vlm, batch, interventions, probes=(), remote=False):
+    exp = vlm.experiment(batch, probes=probes, interventions=interventions)
+    with vlm.trace(**batch.inputs, remote=remote):
+        raw = nnsight.save(exp.execute(vlm.model))
+        logits = nnsight.save(vlm.model.output.logits)
+    return logits, exp.results(raw)
+
+
+# ---- the independent implementation: decoder layers by hand ------------------------------------------------------
+
+def run_layers(vlm, x, pos, layers):
+    """Decoder layers ``layers`` on ONE unpadded row ``x`` (1, n, d) at position ids ``pos``: rotary from the LM's
+    rotary module, a hand-built additive causal mask."""
+    lm = lm_of(vlm)
+    n = x.shape[1]
+    mask = torch.full((n, n), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)[None, None]
+    pe = lm.rotary_emb(x, pos)
+    for i in layers:
+        x = lm.layers[i](x, attention_mask=mask, position_embeddings=pe)
+    return x
+
+
+def head(vlm, x):
+    return getattr(vlm, "hf", vlm).lm_head(lm_of(vlm).norm(x))[0]
+
+
+def row_facts(clean, r):
+    """Real (non-padding) columns of row r, its embeddings and the LM's own position ids there."""
+    emb, am, pos = clean["inputs_embeds"], clean["attention_mask"], clean["position_ids"]
+    L = emb.shape[1]
+    cols = torch.arange(L) if am is None else am[r].bool().nonzero().flatten()
+    p = torch.arange(L)[None][:, cols] if pos is None else pos[:, r:r + 1, cols]
+    return cols, emb[r:r + 1, cols], p
+
+
+def flat_pos(n, like):
+    p = torch.arange(n)[None]
+    return p if like.ndim == 2 else p[None].expand(like.shape[0], -1, -1)
+
+
+def entry_reference(vlm, clean, sel, k):
+    """Per row: layers < k on the text alone at 0..T-1, then re-insert the raw embeddings, positions reset to the
+    full sequence's, layers >= k."""
+    out = []
+    with torch.no_grad():
+        for r in range(clean["inputs_embeds"].shape[0]):
+            cols, e, p = row_facts(clean, r)
+            s = sel[r, cols]
+            x = run_layers(vlm, e[:, ~s], flat_pos(int((~s).sum()), p), range(k))
+            full = e.clone()
+            full[:, ~s] = x
+            out.append((cols, head(vlm, run_layers(vlm, full, p, range(k, len(lm_of(vlm).layers))))))
+    return out
+
+
+def exit_reference(vlm, clean, sel, k):
+    """Per row: layers < k on the full sequence, then drop the selected tokens (text keeps its positions)."""
+    out = []
+    with torch.no_grad():
+        for r in range(clean["inputs_embeds"].shape[0]):
+            cols, e, p = row_facts(clean, r)
+            s = sel[r, cols]
+            x = run_layers(vlm, e, p, range(k))[:, ~s]
+            out.append(head(vlm, run_layers(vlm, x, p[..., ~s], range(k, vlm.n_layers))))
+    return out
+
+
+# ---- VisualEntry -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_entry_matches_manual_and_layers_before_never_see_visual(tiny_vlm, family):
+    vlm = tiny_vlm(family)
+    b = batch_of(vlm, family)
+    k = 2
+    clean = clean_lm_kwargs(vlm, b)
+    sites = [f"blocks.{i}.hook_resid_pre" for i in range(vlm.n_layers)] + ["blocks.1.hook_resid_post"]
+    logits, (acts, _) = nn_run(vlm, b, [VisualEntry(k)], [Activations(sites + ["hook_embed"])])
+    L = b.visual_mask.shape[1]
+    assert logits.shape[1] == L
+    for r, (cols, ref) in enumerate(entry_reference(vlm, clean, b.visual_mask, k)):
+        assert (logits[r, cols] - ref).abs().max() < TOL
+
+    # measured: layers < k run on the text only (shorter by the visual count) ...
+    n_text = (~b.visual_mask).sum(1)
+    for i in range(k):
+        assert acts[f"blocks.{i}.hook_resid_pre"].shape[1] == int(n_text.max())
+    for i in range(k, vlm.n_layers):
+        assert acts[f"blocks.{i}.hook_resid_pre"].shape[1] == L
+    # ... at layer k the visual positions hold exactly the raw projected embeddings ...
+    vm = b.visual_mask
+    assert torch.equal(acts[f"blocks.{k}.hook_resid_pre"][vm], clean["inputs_embeds"][vm])
+    assert torch.equal(acts["hook_embed"], clean["inputs_embeds"])
+    # ... and nothing before layer k depends on the image: another image, bit-identical layers < k
+    b2 = batch_of(vlm, family, seeds=(7, 8))
+    assert b2.visual_mask.equal(vm) and not torch.equal(b2.inputs["pixel_values"], b.inputs["pixel_values"])
+    _, (acts2, _) = nn_run(vlm, b2, [VisualEntry(k)], [Activations(sites)])
+    for i in range(k):
+        assert torch.equal(acts2[f"blocks.{i}.hook_resid_pre"], acts[f"blocks.{i}.hook_resid_pre"])
+    assert torch.equal(acts2["blocks.1.hook_resid_post"], acts["blocks.1.hook_resid_post"])
+    assert not torch.equal(acts2[f"blocks.{k}.hook_resid_pre"], acts[f"blocks.{k}.hook_resid_pre"])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_entry_options_harness_remote_and_eager(tiny_vlm, eager_vlm, family):
+    """text_positions='original', a token subset, the plain-hook harness, remote='local' and eager attention all
+    agree with the reference / with each other."""
+    vlm = tiny_vlm(family)
+    b = batch_of(vlm, family)
+    clean = clean_lm_kwargs(vlm, b)
+    sub = Positions(list(range(0, b.n_visual, 2)))
+    sel = resolve(sub, b)
+    logits, _ = nn_run(vlm, b, [VisualEntry(1, tokens=sub)])
+    for r, (cols, ref) in enumerate(entry_reference(vlm, clean, sel, 1)):
+        assert (logits[r, cols] - ref).abs().max() < TOL
+    with applied(vlm, [VisualEntry(1, tokens=sub)], b):
+        with torch.no_grad():
+            hooked = vlm.hf(**b.inputs).logits
+    assert (hooked - logits).abs().max() < TOL
+    remote, _ = nn_run(vlm, b, [VisualEntry(1, tokens=sub)], remote="local")
+    assert (remote - logits).abs().max() < TOL
+    ev = eager_vlm(family)
+    eager, _ = nn_run(ev, b, [VisualEntry(1, tokens=sub)])
+    real = b.inputs["attention_mask"].bool()  # padding rows differ between eager and sdpa in the clean model too
+    assert (eager[real] - logits[real]).abs().max() < TOL
+
+    # original text positions: layers < k see the text at its full-sequence ids (gaps)
+    orig, _ = nn_run(vlm, b, [VisualEntry(2, text_positions="original")])
+    with torch.no_grad():
+        for r in range(2):
+            cols, e, p = row_facts(clean, r)
+            s = b.visual_mask[r, cols]
+            x = run_layers(vlm, e[:, ~s], p[..., ~s], range(2))
+            full = e.clone()
+            full[:, ~s] = x
+            ref = head(vlm, run_layers(vlm, full, p, range(2, vlm.n_layers)))
+            assert (orig[r, cols] - ref).abs().max() < TOL
+
+
+# ---- VisualExit ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exit_matches_manual(tiny_vlm, family):
+    vlm = tiny_vlm(family)
+    b = batch_of(vlm, family)
+    k = 1
+    clean = clean_lm_kwargs(vlm, b)
+    sites = [f"blocks.{i}.hook_resid_pre" for i in range(vlm.n_layers)]
+    logits, (acts, _) = nn_run(vlm, b, [VisualExit(k)], [Activations(sites)])
+    L = b.visual_mask.shape[1]
+    kept = int((~b.visual_mask).sum(1).max())
+    assert logits.shape[1] == kept
+    assert acts[f"blocks.{k - 1}.hook_resid_pre"].shape[1] == L
+    for i in range(k, vlm.n_layers):
+        assert acts[f"blocks.{i}.hook_resid_pre"].shape[1] == kept
+    am = clean["attention_mask"]
+    for r, ref in enumerate(exit_reference(vlm, clean, b.visual_mask, k)):
+        assert (logits[r, -ref.shape[0]:] - ref).abs().max() < TOL
+        if am is not None:  # the rest of the row is padding
+            assert ref.shape[0] == int((am[r].bool() & ~b.visual_mask[r]).sum())
+    with applied(vlm, [VisualExit(k)], b):
+        with torch.no_grad():
+            hooked = vlm.hf(**b.inputs).logits
+    assert (hooked - logits).abs().max() < TOL
+
+
+# ---- AttentionKnockout -----------------------------------------------------------------------------------------
+
+def patched_eager(hf, monkeypatch, cut, layers):
+    """Monkey-patch the family's eager attention function: plain torch, weights * (not cut) after the softmax."""
+    mod = sys.modules[type(lm_of(hf).layers[0].self_attn).__module__]
+    orig = mod.eager_attention_forward
+    index = {id(layer.self_attn): i for i, layer in enumerate(lm_of(hf).layers)}  # Qwen's ViT uses it too
+
+    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        if index.get(id(module)) not in layers:
+            return orig(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        g = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        w = query @ k.transpose(2, 3) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = torch.softmax(w.float(), -1).to(query.dtype)
+        w = w.masked_fill(cut[:, None], 0.0)
+        return (w @ v).transpose(1, 2).contiguous(), w
+
+    monkeypatch.setattr(mod, "eager_attention_forward", eager)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_knockout_matches_patched_eager(eager_vlm, plain_eager, monkeypatch, family):
+    vlm = eager_vlm(family)
+    hf = plain_eager(vlm, family)
+    b = batch_of(vlm, family)
+    vm = b.visual_mask
+    pat = "blocks.1.attn.hook_pattern"
+    clean = nn_run(vlm, b, [], [Activations([pat])])[1][0][pat]
+    for kind, queries in (("vv", vm), ("vt", ~vm)):
+        layers = [1, 2]
+        logits, (acts, _) = nn_run(vlm, b, [AttentionKnockout(kind, layers)], [Activations([pat])])
+        cut = queries[:, :, None] & vm[:, None, :]
+        w = acts[pat]
+        # measured: exactly zero at the cut (every head), untouched elsewhere, and NOT renormalised
+        assert (w[cut[:, None].expand_as(w)] == 0).all()
+        assert torch.equal(w[~cut[:, None].expand_as(w)], clean[~cut[:, None].expand_as(clean)])
+        lost = (clean * cut[:, None]).sum(-1)
+        assert (w.sum(-1) - (clean.sum(-1) - lost)).abs().max() < 1e-5 and lost.max() > 0.1
+        with monkeypatch.context() as m:
+            patched_eager(hf, m, cut, layers)
+            with torch.no_grad():
+                ref = hf(**b.inputs).logits
+        real = b.inputs["attention_mask"].bool()
+        assert (logits[real] - ref[real]).abs().max() < TOL
+        assert (logits[real] - clean_lm_kwargs(vlm, b)["logits"][real]).abs().max() > 1e-3  # it did something
+
+
+# ---- Prune in an nnsight generate trace; entry/exit refuse generation --------------------------------------------
+
+def test_generate_trace_refusals(tiny_vlm):
+    vlm = tiny_vlm("llava")
+    b = batch_of(vlm, "llava")
+    g = dict(max_new_tokens=2, do_sample=False)
+    for iv, msg in ((Prune(Positions([0, 1])), "applied"), (VisualEntry(1), "one forward only"),
+                    (VisualExit(1), "one forward only")):
+        exp = vlm.experiment(b, interventions=[iv])
+        with pytest.raises(ValueError, match=msg):
+            with vlm.generate(**b.inputs, **g):
+                exp.execute(vlm.model)
+    with pytest.raises(ValueError, match="one forward only"):
+        with applied(vlm, [VisualEntry(1)], b):
+            with torch.no_grad():
+                vlm.hf.generate(**b.inputs, **g)
+    # the supported path still works: applied(Prune) around nnsight's generate
+    with applied(vlm, [Prune(Positions([0, 1]))], b):
+        with vlm.generate(**b.inputs, **g) as tr:
+            ids = nnsight.save(tr.result)
+    assert ids.shape[1] == b.visual_mask.shape[1] + 2
+
+
+# ---- no residue, composition ---------------------------------------------------------------------------------
+
+def hook_snapshot(module):
+    return [(name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in module.named_modules()]
+
+
+def test_no_residue(eager_vlm):
+    vlm = eager_vlm("qwen2_vl")
+    b = batch_of(vlm, "qwen2_vl")
+    before = clean_lm_kwargs(vlm, b)["logits"]
+    hooks = hook_snapshot(vlm.hf)
+    for iv in (VisualEntry(1), VisualExit(2), AttentionKnockout("vt", 0)):
+        nn_run(vlm, b, [iv])
+        if not isinstance(iv, AttentionKnockout):
+            with applied(vlm, [iv], b):
+                with torch.no_grad():
+                    vlm.hf(**b.inputs)
+    with pytest.raises(RuntimeError, match="boom"):
+        exp = vlm.experiment(b, interventions=[VisualEntry(1), AttentionKnockout("vv", 2)])
+        with vlm.trace(**b.inputs):
+            exp.execute(vlm.model)
+            raise RuntimeError("boom")
+    assert hook_snapshot(vlm.hf) == hooks
+    assert torch.equal(clean_lm_kwargs(vlm, b)["logits"], before)
+    with vlm.trace(**b.inputs):
+        traced = nnsight.save(vlm.model.output.logits)
+    assert torch.equal(traced, before)
+
+
+def test_compose_entry_knockout_rescale(eager_vlm, plain_eager):
+    """VisualEntry + AttentionKnockout after k + Rescale of the embeddings in one forward (Rescale before the entry:
+    the re-inserted raw embeddings are the rescaled ones) == hand reference with the patched eager function."""
+    vlm = eager_vlm("llava")
+    hf = plain_eager(vlm, "llava")
+    b = batch_of(vlm, "llava")
+    ivs = [Rescale("all", 0.5), VisualEntry(1), AttentionKnockout("vt", 2)]
+    logits, _ = nn_run(vlm, b, ivs)
+    clean = clean_lm_kwargs(vlm, b)
+    vm = b.visual_mask
+    clean["inputs_embeds"] = torch.where(vm[..., None], clean["inputs_embeds"] * 0.5, clean["inputs_embeds"])
+    for r in range(2):
+        cols = clean["attention_mask"][r].bool().nonzero().flatten()
+        v = vm[r:r + 1, cols]
+        mp = pytest.MonkeyPatch()
+        try:
+            patched_eager(hf, mp, (~v)[:, :, None] & v[:, None, :], [2])
+            (c, ref), = entry_reference(hf, {k: (x[r:r + 1] if x is not None and k != "position_ids" else x)
+                                              for k, x in clean.items()}, vm[r:r + 1], 1)
+        finally:
+            mp.undo()
+        assert (logits[r, cols] - ref).abs().max() < TOL
+    remote, _ = nn_run(vlm, b, ivs, remote="local")
+    assert torch.equal(remote, logits)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+def test_bad_input(tiny_vlm, eager_vlm):
+    vlm = tiny_vlm("llava")
+    b = batch_of(vlm, "llava")
+    n = vlm.n_layers
+    for bad, msg in ((VisualEntry(n), "out of range"), (VisualEntry(-n - 1), "out of range"),
+                     (VisualEntry(0), "layer 0"), (VisualExit(n), "out of range"), (VisualEntry(1.5), "one int"),
+                     (VisualEntry(1, Positions([b.n_visual])), "outside the visual span"),
+                     (VisualExit(1, torch.zeros(b.n_visual, dtype=torch.bool)), "selects no token"),
+                     (AttentionKnockout("vv", 0), 'attn_implementation="eager"')):
+        with pytest.raises(InputError, match=msg):
+            vlm.experiment(b, interventions=[bad])
+    with pytest.raises(InputError, match="text_positions"):
+        VisualEntry(1, text_positions="packed")
+    with pytest.raises(InputError, match="kind"):
+        AttentionKnockout("tv", 0)
+    with pytest.raises(InputError, match="not in the sequence"):  # zeroing visual tokens where they are absent
+        vlm.experiment(b, interventions=[VisualEntry(2), ZeroSublayer("all", 1, "mlp")])
+    with pytest.raises(InputError, match="not in the sequence"):
+        vlm.experiment(b, interventions=[VisualExit(1), ZeroSublayer(Positions([3]), 2, "attn")])
+    with pytest.raises(InputError):  # two sequence changes
+        vlm.experiment(b, interventions=[VisualEntry(1), Prune(Positions([0]))])
+    vlm.experiment(b, interventions=[VisualEntry(2), ZeroSublayer("all", 2, "mlp")])  # after entry: fine
+    ev = eager_vlm("llava")
+    with pytest.raises(InputError, match="out of range"):
+        ev.experiment(b, interventions=[AttentionKnockout("vv", n)])
+    with pytest.raises(InputError, match="not in the sequence"):
+        ev.experiment(b, interventions=[VisualExit(1), AttentionKnockout("vt", 2)])
+    with pytest.raises(InputError, match="plain torch"):
+        with applied(ev, [AttentionKnockout("vv", 1)], b):
+            pass
