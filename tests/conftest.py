@@ -8,6 +8,9 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from mech_vtokens import testing as T  # noqa: E402
+from netguard import block_network  # noqa: E402
+
+block_network()  # the whole suite runs offline: non-loopback socket connects raise (tests/netguard.py)
 
 FAMILIES = T.FAMILIES
 
@@ -34,3 +37,10 @@ def tiny_vlm(tiny_dir):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _network_blocked():
+    """Every test runs with non-loopback sockets blocked (re-applied if a test un-patched it)."""
+    block_network()
+    yield

@@ -1,0 +1,514 @@
+"""Runs at scale that survive: a source of images -> batches -> ONE forward per batch for every probe and
+intervention -> results written incrementally to disk; a run killed at any moment resumes where it stopped.
+
+    from mech_vtokens.runner import run_dataset
+    store = run_dataset(vlm, "val2017_instances.json", probes=["embed_lens", "norms", "labels"],
+                        out="runs/coco", batch_size=8)        # kill it, run the same line again: it resumes
+    store.frame("embed_lens")                                 # every record's rows, keyed by record_id
+
+The store (``out``): ``manifest.json`` + ``parts/<probe>/<seq>.parquet``. A RECORD is one image (one prompt row):
+its rows of each probe's ``.to_pandas()`` (LabelMatching: its per-image ``hits()``), with a ``record_id`` column
+first and the batch-relative columns made record-relative (``row``/``image`` 0, ``position`` without the left
+padding, ``visual_index`` / ``vision_row`` from the record's first). Rows that belong to no image (LLaVA's CLS row in
+NormTracker's vision rows) are not kept. Intervention results hold nothing per record: their reprs are in the
+manifest's settings.
+
+Crash safety: each batch's part files are written to a temp file, fsync'ed and ``os.replace``d into place; then the
+manifest (the only list of what is done) is rewritten the same way. A kill before the manifest lands leaves orphan
+parts that the resumed run overwrites (part names are the manifest's sequence number), so no record is lost or
+duplicated. Resume = run again with the same settings: ids already in the manifest (done or skipped) are not redone,
+and the remaining records are batched exactly as an uninterrupted run would have batched them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger("mech_vtokens.runner")
+
+MANIFEST = "manifest.json"
+VERSION = 1
+DEFAULT_QUESTION = "describe the image ."
+
+
+# ---- atomic files ----------------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader (or a kill) sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_parquet(path: Path, df) -> int:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+# ---- the store -------------------------------------------------------------------------------------------------
+
+class Store:
+    """Read a run's results: ``records`` (ids in the order they were done), ``skipped`` ({id: reason}),
+    ``notes`` ({id: conversion done}), ``probes``, ``frame(probe)`` (all rows), ``iter_frames(probe)`` (one
+    DataFrame per part: memory stays flat), ``record(id)`` ({probe: rows of that record})."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        path = self.out / MANIFEST
+        if not path.is_file():
+            raise InputError(f"{self.out} holds no run (no {MANIFEST}); run mech_vtokens.runner.run_dataset(..., "
+                             f"out={str(self.out)!r}) first")
+        self.manifest = json.loads(path.read_text())
+
+    @property
+    def parts(self) -> list:
+        return self.manifest["parts"]
+
+    @property
+    def records(self) -> list[str]:
+        return [r for p in self.parts for r in p["records"]]
+
+    @property
+    def skipped(self) -> dict:
+        return dict(self.manifest["skipped"])
+
+    @property
+    def notes(self) -> dict:
+        return dict(self.manifest.get("notes", {}))
+
+    @property
+    def probes(self) -> list[str]:
+        return list(self.manifest["settings"]["probes"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def __len__(self) -> int:
+        return sum(len(p["records"]) for p in self.parts)
+
+    def _check(self, probe):
+        if probe not in self.probes:
+            raise InputError(f"no probe {probe!r} in this run; it has {self.probes}")
+
+    def iter_frames(self, probe: str, columns=None):
+        import pyarrow.parquet as pq
+
+        self._check(probe)
+        for p in self.parts:
+            f = p["files"].get(probe)
+            if f is not None:
+                yield pq.read_table(self.out / f, columns=columns).to_pandas()
+
+    def frame(self, probe: str, columns=None):
+        import pandas as pd
+
+        frames = list(self.iter_frames(probe, columns))
+        if not frames:
+            return pd.DataFrame(columns=["record_id"])
+        return pd.concat(frames, ignore_index=True)
+
+    def record(self, rid) -> dict:
+        import pyarrow.parquet as pq
+
+        rid = str(rid)
+        for p in self.parts:
+            if rid in p["records"]:
+                return {name: pq.read_table(self.out / f, filters=[("record_id", "=", rid)]).to_pandas()
+                        for name, f in p["files"].items()}
+        raise InputError(f"record {rid!r} is not in this run (skipped: {self.manifest['skipped'].get(rid)})")
+
+    def bytes(self) -> int:
+        return sum(p.get("bytes", 0) for p in self.parts)
+
+    def __repr__(self) -> str:
+        return (f"Store({self.out}, {len(self)} records, {len(self.manifest['skipped'])} skipped, probes "
+                f"{self.probes}{'' if self.complete else ', incomplete'})")
+
+
+# ---- probe / intervention specs --------------------------------------------------------------------------------
+
+def _snake(name: str) -> str:
+    import re
+
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class _Spec:
+    """A probe/intervention given as an object, a suite name (str) or a factory ``f(vlm, records)``."""
+
+    def __init__(self, spec, kind, k):
+        from .component import Intervention, Probe
+
+        from .suite import ALL_PROBES
+
+        self.spec, self.kind, self.k = spec, kind, k
+        cls = Probe if kind == "probe" else Intervention
+        if isinstance(spec, str):
+            if kind != "probe" or spec not in ALL_PROBES:
+                raise InputError(f"{kind} name {spec!r} is unknown; names are the suite's probes "
+                                 f"({', '.join(ALL_PROBES)}); pass interventions as objects (e.g. Prune(...)) or "
+                                 f"factories f(vlm, records)")
+            self.name, self.desc = spec, spec
+        elif isinstance(spec, cls):
+            self.name, self.desc = _snake(type(spec).__name__), repr(spec)
+        elif callable(spec) and not isinstance(spec, type):
+            self.name = getattr(spec, "__name__", "factory")
+            self.desc = f"factory {getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', self.name)}"
+        else:
+            other = "interventions=[...]" if kind == "probe" else "probes=[...]"
+            raise InputError(f"{spec!r} is not a {kind}: pass {kind} objects, suite names or factories "
+                             f"f(vlm, records) -> {kind} (is it meant for {other}?)")
+
+    def build(self, vlm, records):
+        if isinstance(self.spec, str):
+            if self.spec == "labels":
+                from probes import LabelMatching
+                from probes.label_matching import label_token_ids
+
+                labels = [[lab for lab in r.labels if label_token_ids(vlm.tokenizer, str(lab))] for r in records]
+                return [LabelMatching(labels, k=self.k)] if any(labels) else []
+            from .suite import build_probes
+
+            return list(build_probes(vlm, [self.spec], self.k).values())
+        if callable(self.spec) and not hasattr(self.spec, "sites"):
+            made = self.spec(vlm, records)
+            return [] if made is None else (list(made) if isinstance(made, (list, tuple)) else [made])
+        return [self.spec]
+
+
+def _names(specs):
+    seen, out = {}, []
+    for s in specs:
+        n = s.name
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    return out
+
+
+# ---- record frames ---------------------------------------------------------------------------------------------
+
+def _result_frame(res):
+    if hasattr(res, "hits"):  # LabelMatching: to_pandas() aggregates over images; hits() is per image
+        return res.hits()
+    return res.to_pandas()
+
+
+def record_frames(df, batch, ids):
+    """Split one probe's batch frame into record rows: ``record_id`` first, batch-relative columns made
+    record-relative. Returns (frame, n_rows_without_record)."""
+    import numpy as np
+
+    n = len(df)
+    rows = df["row"].to_numpy() if "row" in df else np.full(n, -1)
+    if "image" in df:
+        img = df["image"].to_numpy()
+        of_row = np.asarray(list(batch.image_of_row) + [-1])
+        from_img = np.where(img >= 0, of_row[np.clip(img, -1, len(of_row) - 2)], -1)
+        rows = np.where(rows >= 0, rows, from_img)
+    elif "row" not in df:
+        raise InputError(f"a probe result with columns {list(df.columns)} has no 'row' or 'image' column, so its "
+                         f"rows cannot be assigned to records; give its to_pandas() a 'row' column")
+    keep = rows >= 0
+    dropped = int((~keep).sum())
+    df = df.loc[keep].copy()
+    rows = rows[keep]
+    am = batch.inputs.get("attention_mask")
+    lead = (am.cumsum(1) == 0).sum(1).numpy() if am is not None else np.zeros(len(batch), dtype=int)
+    first_visual = np.concatenate([[0], batch.visual_mask.sum(1).cumsum(0).numpy()])[:-1]
+    first_image = np.array([min([i for i, r in enumerate(batch.image_of_row) if r == row] or [0])
+                            for row in range(len(batch))])
+    if "row" in df:
+        df["row"] = 0
+    if "image" in df:
+        im = df["image"].to_numpy()
+        df["image"] = np.where(im >= 0, im - first_image[rows], im)
+    if "position" in df:
+        p = df["position"].to_numpy()
+        df["position"] = np.where(p >= 0, p - lead[rows], p)
+    if "visual_index" in df:
+        v = df["visual_index"].to_numpy()
+        df["visual_index"] = np.where(v >= 0, v - first_visual[rows], v)
+    if "vision_row" in df:
+        vr = df["vision_row"].to_numpy()
+        lo = {}
+        for r, x in zip(rows, vr):
+            if x >= 0:
+                lo[r] = min(lo.get(r, x), x)
+        base = np.array([lo.get(r, 0) for r in rows])
+        df["vision_row"] = np.where(vr >= 0, vr - base, vr)
+    df.insert(0, "record_id", np.asarray(ids, dtype=object)[rows])
+    order = np.argsort(rows, kind="stable")  # record order, each record's rows in the probe's own order
+    return df.iloc[order].reset_index(drop=True), dropped
+
+
+# ---- the runner ------------------------------------------------------------------------------------------------
+
+class _Lock:
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                alive = pid > 0 and pid != os.getpid() and _alive(pid)
+                if alive:
+                    raise InputError(f"another run (pid {pid}) is writing to {self.path.parent}; wait for it to "
+                                     f"finish or use another out directory") from None
+                self.path.unlink(missing_ok=True)  # stale lock of a killed run
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise InputError(f"cannot lock {self.path}; remove it if no run is using {self.path.parent}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed child not yet reaped) holds no lock
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class Runner:
+    """See the module docstring and :func:`run_dataset` (the same arguments)."""
+
+    def __init__(self, vlm, source, probes=(), interventions=(), out="mech-vtokens-run", batch_size: int = 8,
+                 remote=False, question: str | None = None, k: int = 5, progress: bool = True, limit=None,
+                 overwrite: bool = False, min_side: int | None = None, max_side: int | None = None,
+                 dtype=None, device_map=None):
+        from . import data as D
+
+        if isinstance(vlm, (str, os.PathLike)):
+            from .vlm import load
+
+            vlm = load(vlm, dtype=dtype, device_map=device_map)
+        elif dtype is not None or device_map is not None:
+            raise InputError("dtype / device_map apply when the runner loads the model: pass a hub id or directory "
+                             "as vlm, or give them to mech_vtokens.load(...) yourself")
+        if not hasattr(vlm, "prepare") or not hasattr(vlm, "adapter"):
+            raise InputError(f"vlm must be a loaded model (mech_vtokens.load(...)) or a hub id / directory, not "
+                             f"{type(vlm).__name__}")
+        vlm.check_remote(remote)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size={batch_size!r}: give a positive int (images per forward)")
+        if isinstance(probes, (str, bytes)) or not hasattr(probes, "__iter__"):
+            probes = [probes]
+        if not hasattr(interventions, "__iter__"):
+            interventions = [interventions]
+        self.probe_specs = [_Spec(p, "probe", k) for p in probes]
+        self.iv_specs = [_Spec(i, "intervention", k) for i in interventions]
+        if not self.probe_specs:
+            raise InputError("run_dataset needs probes=[...] (names like 'embed_lens' or Probe objects): results on "
+                             "disk are probe tables; to generate answers under interventions use "
+                             "mech_vtokens.evaluate")
+        self.names = _names(self.probe_specs)
+        self.vlm, self.source = vlm, D.open_source(source)
+        if limit is not None:
+            self.source = D.Source(self.source.records[:int(limit)])
+        self.out, self.batch_size, self.remote, self.k = Path(out), batch_size, remote, k
+        self.question = question or DEFAULT_QUESTION
+        self.progress, self.overwrite = progress, overwrite
+        self.min_side = D.MIN_SIDE if min_side is None else int(min_side)
+        self.max_side = D.MAX_SIDE if max_side is None else int(max_side)
+        self.settings = {
+            "model": str(vlm.source or type(vlm.hf).__name__), "family": vlm.family,
+            "probes": self.names, "probe_specs": [s.desc for s in self.probe_specs],
+            "interventions": [s.desc for s in self.iv_specs], "batch_size": batch_size, "question": self.question,
+            "k": k, "min_side": self.min_side, "max_side": self.max_side}
+
+    # -- manifest --
+    def _open_manifest(self) -> dict:
+        path = self.out / MANIFEST
+        if path.is_file() and not self.overwrite:
+            try:
+                m = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path} is not valid JSON ({err}); it was not written by this runner (its writes "
+                                 f"are atomic) — move it away or pass overwrite=True") from None
+            if m.get("version") != VERSION:
+                raise InputError(f"{path} is from another runner version ({m.get('version')}); use a new out "
+                                 f"directory or overwrite=True")
+            if m["settings"] != self.settings:
+                diff = [k for k in self.settings if m["settings"].get(k) != self.settings[k]]
+                raise InputError(f"{self.out} holds a run with other settings ({', '.join(diff)} differ: "
+                                 f"{[m['settings'].get(k) for k in diff]} vs {[self.settings[k] for k in diff]}); "
+                                 f"resume with the same settings, use a new out directory, or pass overwrite=True")
+            return m
+        if self.overwrite and (self.out / "parts").is_dir():
+            import shutil
+
+            shutil.rmtree(self.out / "parts")
+        return {"version": VERSION, "settings": self.settings, "parts": [], "skipped": {}, "notes": {},
+                "dropped_rows": {}, "complete": False, "started": time.time()}
+
+    def _save_manifest(self, m) -> None:
+        m["updated"] = time.time()
+        atomic_write_bytes(self.out / MANIFEST, json.dumps(m, indent=0).encode())
+
+    # -- one batch --
+    def _load(self, recs, m):
+        ok = []
+        for r in recs:
+            im, note = r.load(self.min_side, self.max_side)
+            if im is None:
+                m["skipped"][r.id] = note
+                log.warning("record %s %s", r.id, note)
+            else:
+                if note:
+                    m["notes"][r.id] = note
+                    log.info("record %s: %s", r.id, note)
+                ok.append((r, im))
+        return ok
+
+    def _prompt(self, r):
+        from .defaults import prompt
+
+        return prompt(self.vlm, r.question or self.question)
+
+    def _prepare(self, ok, m):
+        """Batch through the processor; a record the processor rejects is skipped (found one by one)."""
+        try:
+            return ok, self.vlm.prepare([im for _, im in ok], [self._prompt(r) for r, _ in ok])
+        except Exception as err:  # noqa: BLE001 - find the record(s) at fault, keep the others
+            if len(ok) == 1:
+                r = ok[0][0]
+                m["skipped"][r.id] = f"skipped: the processor failed ({type(err).__name__}: {err})"
+                log.warning("record %s %s", r.id, m["skipped"][r.id])
+                return [], None
+        good = []
+        for r, im in ok:
+            if self._prepare([(r, im)], m)[1] is not None:
+                good.append((r, im))
+        if not good:
+            return [], None
+        return good, self.vlm.prepare([im for _, im in good], [self._prompt(r) for r, _ in good])
+
+    def _forward(self, batch, recs):
+        import nnsight
+
+        pairs = [(n, p) for s, n in zip(self.probe_specs, self.names) for p in s.build(self.vlm, recs)]
+        probes, owners = [p for _, p in pairs], [n for n, _ in pairs]
+        ivs = [i for s in self.iv_specs for i in s.build(self.vlm, recs)]
+        exp = self.vlm.experiment(batch, probes, ivs)
+        with self.vlm.trace(**batch.inputs, remote=self.remote):
+            raw = nnsight.save(exp.execute(self.vlm.model))
+        return list(zip(owners, exp.results(raw)[:len(probes)]))
+
+    def run(self) -> Store:
+        from tqdm.auto import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        with _Lock(self.out):
+            for tmp in self.out.rglob(".*.tmp*"):  # half-written files of a killed run (we hold the lock)
+                tmp.unlink(missing_ok=True)
+            m = self._open_manifest()
+            done = {r for p in m["parts"] for r in p["records"]} | set(m["skipped"])
+            todo = [r for r in self.source if r.id not in done]
+            m["complete"] = False
+            self._save_manifest(m)
+            bar = tqdm(total=len(self.source), initial=len(self.source) - len(todo), unit="img", desc="records",
+                       disable=not self.progress, smoothing=0.1)
+            try:
+                for start in range(0, len(todo), self.batch_size):
+                    recs = todo[start:start + self.batch_size]
+                    self._batch(recs, m)
+                    bar.update(len(recs))
+                    bar.set_postfix(skipped=len(m["skipped"]), refresh=False)
+            finally:
+                bar.close()
+            m["complete"] = True
+            self._save_manifest(m)
+        return Store(self.out)
+
+    def _batch(self, recs, m):
+        import pandas as pd
+
+        ok = self._load(recs, m)
+        ok, batch = self._prepare(ok, m) if ok else ([], None)
+        seq = len(m["parts"])
+        part = {"seq": seq, "records": [r.id for r, _ in ok], "files": {}, "rows": {}, "bytes": 0}
+        if batch is not None:
+            ids = [r.id for r, _ in ok]
+            frames: dict = {}
+            for name, res in self._forward(batch, [r for r, _ in ok]):
+                df, dropped = record_frames(_result_frame(res), batch, ids)
+                frames.setdefault(name, []).append(df)
+                if dropped:
+                    m["dropped_rows"][name] = m["dropped_rows"].get(name, 0) + dropped
+            for name, dfs in frames.items():
+                df = pd.concat(dfs, ignore_index=True) if len(dfs) > 1 else dfs[0]
+                rel = f"parts/{name}/{seq:06d}.parquet"
+                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+                part["bytes"] += _write_parquet(self.out / rel, df)
+                part["files"][name], part["rows"][name] = rel, len(df)
+        if part["records"]:
+            m["parts"].append(part)
+        self._save_manifest(m)  # the commit point: the batch's records (and skips) are done from here on
+
+
+def run_dataset(vlm, source, probes=(), interventions=(), out="mech-vtokens-run", batch_size: int = 8,
+                remote=False, **kwargs) -> Store:
+    """Run ``probes`` (+ ``interventions``) over every record of ``source`` in batches of ``batch_size`` images,
+    ONE forward per batch, writing each batch's records to ``out`` as it goes; returns the :class:`Store`.
+
+    - ``vlm``: a loaded model, or a hub id / directory (then ``dtype=`` / ``device_map="auto"`` pass to ``load``).
+    - ``source``: a folder, a COCO instances ``.json``, a VQA ``.jsonl`` or a :mod:`mech_vtokens.data` Source.
+    - ``probes``: Probe objects, suite names (``"embed_lens"``, ``"logit_lens"``, ``"norms"``, ``"sinks"``,
+      ``"vit_sinks"``, ``"labels"`` — label matching from each record's labels) or factories ``f(vlm, records)``.
+    - ``interventions``: Intervention objects or factories ``f(vlm, records)`` (token sets resolve per batch).
+    - ``remote``: False, True (NDIF) or ``"local"`` (the remote path simulated here), passed to every trace.
+    - ``question``: the prompt text for records without their own; ``k``: top-k of the suite's lenses;
+      ``limit``: only the first n records; ``overwrite``: discard a previous run in ``out``; ``progress``: the bar.
+
+    Run it again with the same arguments after a crash or a kill: it resumes (see the module docstring).
+    """
+    return Runner(vlm, source, probes, interventions, out, batch_size, remote, **kwargs).run()

@@ -1,0 +1,84 @@
+"""Subprocess for the kill-and-resume tests: imports and loads ONCE, then forks one child per attempt.
+
+    python tests/runner_worker.py MODEL_DIR SOURCE PLAN_JSON
+
+PLAN_JSON: a list of attempts ``{"out": dir, "kill": null | {"kind": "write", "n": int, "phase": "before" | "mid" |
+"after"} | {"kind": "time", "delay": seconds}}``. Each attempt runs ``run_dataset`` in a forked child; a "write" kill
+makes the child SIGKILL itself at its n-th atomic write (before writing, with the temp file written but not yet
+renamed, or just after the rename: the only moments the store on disk changes); a "time" kill is ``os.kill`` from
+this process after ``delay`` s. Prints one JSON line: the children's exit statuses (negative = killed by that
+signal). Threads are pinned to 1 before torch runs anything, so forking is safe and every child computes bit for bit
+the same floats.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)
+
+sys.path.insert(0, os.path.dirname(__file__))
+from netguard import block_network  # noqa: E402
+
+block_network()  # the suite runs with sockets blocked: its subprocesses too
+
+import mech_vtokens as mv  # noqa: E402
+from mech_vtokens import runner  # noqa: E402
+from probes import EmbedLens  # noqa: E402
+
+PROBES = lambda: ["norms", EmbedLens(k=2)]  # noqa: E731
+
+
+def child(vlm, source, out, kill):
+    if kill and kill["kind"] == "write":
+        real, count = runner.atomic_write_bytes, [0]
+
+        def write(path, data):
+            count[0] += 1
+            if count[0] == kill["n"]:
+                if kill["phase"] == "before":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if kill["phase"] == "mid":
+                    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                    tmp.write_bytes(data[: len(data) // 2])
+                    os.kill(os.getpid(), signal.SIGKILL)
+            real(path, data)
+            if count[0] == kill["n"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        runner.atomic_write_bytes = write
+    runner.run_dataset(vlm, source, probes=PROBES(), out=out, batch_size=2, progress=False)
+
+
+def main():
+    model_dir, source, plan = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    vlm = mv.load(model_dir)
+    statuses = []
+    for attempt in plan:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                child(vlm, source, attempt["out"], attempt.get("kill"))
+            except BaseException as err:  # noqa: BLE001
+                print(f"child error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                code = 3
+            os._exit(code)
+        kill = attempt.get("kill")
+        if kill and kill["kind"] == "time":
+            time.sleep(kill["delay"])
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, status = os.waitpid(pid, 0)
+        statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    print(json.dumps(statuses), flush=True)
+
+
+if __name__ == "__main__":
+    main()
