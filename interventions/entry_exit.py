@@ -28,11 +28,11 @@ Logits come back shortened (rows left-padded to one width, as after ``Prune``). 
 
 Both act at the decoder layers' ``(args, kwargs)`` (sites ``blocks.{i}.hook_inputs`` for every ``i >= k``: the LM
 builds one mask and one position embedding for all its layers, so each layer from ``k`` on gets the ones computed at
-``k``) and at ``lm.hook_inputs`` and take a token set (default: all visual tokens). Sites between the shortening and the restoring
-see the shortened sequence (``ctx["visual_mask"]`` has no selected token there); an intervention that acts on the
-selected tokens inside that window is a contradiction and is refused before the forward. Deliberate differences: the
-authors' code is LLaVA-1.5 only and single-prompt (no padding); for Qwen we reset to the model's own M-RoPE ids rather
-than a flat ``0..L-1``.
+``k``) and at ``lm.hook_inputs``, and take a token set (default: all visual tokens). Sites between the shortening and
+the restoring see the shortened sequence (``ctx["visual_mask"]`` has no selected token there); an intervention that
+acts on the selected tokens inside that window is a contradiction and is refused before the forward. Deliberate
+differences: the authors' code is LLaVA-1.5 only and single-prompt (no padding); for Qwen we reset to the model's own
+M-RoPE ids rather than a flat ``0..L-1``.
 """
 
 from __future__ import annotations

@@ -197,6 +197,23 @@ def test_entry_options_harness_remote_and_eager(tiny_vlm, eager_vlm, family):
     remote, _ = nn_run(vlm, b, [VisualEntry(1, tokens=sub)], remote="local")
     assert (remote - logits).abs().max() < TOL
     ev = eager_vlm(family)
+    for m in (vlm, ev):  # the mask rebuilt at layer k is the LM's own mask for the full input (sdpa bool / eager float)
+        seen = []
+
+        def grab(mod, a, kw):
+            seen.append(kw["attention_mask"])
+
+        with torch.no_grad():
+            h = lm_of(m).layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+            m.hf(**b.inputs)
+            h.remove()
+            with applied(m, [VisualEntry(1)], b):
+                h = lm_of(m).layers[1].register_forward_pre_hook(grab, with_kwargs=True)  # runs after applied's
+                try:
+                    m.hf(**b.inputs)
+                finally:
+                    h.remove()
+        assert seen[0] is not None and seen[0].shape[-1] == b.visual_mask.shape[1] and torch.equal(seen[0], seen[1])
     eager, _ = nn_run(ev, b, [VisualEntry(1, tokens=sub)])
     real = b.inputs["attention_mask"].bool()  # padding rows differ between eager and sdpa in the clean model too
     assert (eager[real] - logits[real]).abs().max() < TOL
