@@ -173,3 +173,81 @@ def test_bad_partition_input(planted, tiny_vlm, tmp_path):
         Partition.load(saved, tiny_vlm("internvl"))
     with pytest.raises(InputError, match="unknown group"):
         part.token_set("zombie")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dynamics, sparsity, summary
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_group_dynamics_attention_and_summary(planted):
+    from mech_vtokens.partition import GroupDynamics, summarize
+
+    _, truth = planted("llava")
+    vlm = mv.load(planted("llava")[0].source, attn_implementation="eager")
+    pr = T.prompt("llava")
+    ims = [T.planted_image(truth, s)[0] for s in range(4)]
+    part = calibrate(vlm, ims, pr, vit_threshold=truth["vit_threshold"], phi_threshold=truth["phi_threshold"])
+    gd, = mv.run(vlm, ims[:2], [pr] * 2, probes=[GroupDynamics(part)])
+    df = gd.to_pandas()
+    lm = df[df.layer >= 0]
+    # planted: dead keys are pushed to ~-40 attention logits -> no text attention; alive tokens take most of it
+    assert (lm[lm.group == "dead"].attention_share < 1e-3).all()
+    assert (lm[lm.group == "alive"].attention_share > 0.5).all()
+    assert set(gd.entropy()) == set(GROUPS)
+    part_res = gd.partition
+    assert part_res.fractions()["dead"] > 0.3
+    # attention needs eager weights: a clear error otherwise
+    sdpa = planted("llava")[0]
+    with pytest.raises(InputError, match="eager"):
+        mv.run(sdpa, ims[:1], pr, probes=[GroupDynamics(part)])
+    summ = summarize(part, ims, pr).to_pandas().set_index("group")
+    assert summ.percent.sum() == pytest.approx(100.0)
+    res = part.classify(ims, pr)
+    for g in GROUPS:
+        assert summ.percent[g] == pytest.approx(100 * res.fractions()[g], abs=1e-4)
+    for g in ("vit_sink", "llm_sink", "dead"):  # image-independent by construction
+        assert summ.cross_image_similarity[g] > 0.999
+    with pytest.raises(InputError, match="at least 2 images"):
+        summarize(part, ims[:1], pr)
+
+
+def test_semantic_sparsity_equals_hand_computation(planted):
+    from mech_vtokens.partition import semantic_sparsity
+    from probes import Activations
+
+    vlm, truth = planted("llava")
+    pr = T.prompt("llava")
+    drawn = [T.planted_image(truth, 40 + s) for s in range(2)]
+    ims = [im for im, _ in drawn]
+    cell, words = truth["cell"], truth["content_words"]
+    ann = []  # every content cell is an object box, labelled with a content word (truth from the drawing)
+    for i, (_, lab) in enumerate(drawn):
+        objs = []
+        for r, row in enumerate(lab):
+            for c, g in enumerate(row):
+                if g == "alive":
+                    objs.append({"bbox": [c * cell, r * cell, cell, cell], "label": words[(r + c + i) % 12]})
+        ann.append(objs)
+    sites = ["hook_embed", "blocks.2.hook_resid_post"]
+    res = semantic_sparsity(vlm, ims, ann, pr, k=5, sites=sites).to_pandas().set_index("site")
+    # by hand: plain-torch cosine top-5 against the input embeddings, cell membership from the drawing
+    act, = mv.run(vlm, ims, [pr] * 2, probes=[Activations(sites, visual_only=True)])
+    E = torch.nn.functional.normalize(vlm.embedding_matrix.detach().float(), dim=-1)
+    batch = vlm.prepare(ims, [pr] * 2)
+    t = batch.tokens
+    for s in sites:
+        top = (torch.nn.functional.normalize(act[s].float(), dim=-1) @ E.T).topk(5).indices
+        hit = pairs = grounded = 0
+        for j in range(batch.n_visual):
+            i, r, c = int(t["image"][j]), int(t["row"][j]), int(t["col"][j])
+            ids = {vlm.tokenizer.convert_tokens_to_ids(o["label"]) for o in ann[i]}
+            grounded += bool(ids & set(top[j].tolist()))
+            for o in ann[i]:
+                if o["bbox"][:2] == [c * cell, r * cell]:
+                    pairs += 1
+                    hit += vlm.tokenizer.convert_tokens_to_ids(o["label"]) in top[j].tolist()
+        assert res.object_tokens[s] == pairs
+        assert res.object_hit[s] == pytest.approx(hit / pairs)
+        assert res.any_grounded[s] == pytest.approx(grounded / batch.n_visual)
+    with pytest.raises(InputError, match="bbox"):
+        semantic_sparsity(vlm, ims, [[{"label": "cat"}], []], pr)

@@ -4,8 +4,11 @@ classification (statistical and reference-token rules), group dynamics, semantic
 from .calibrate import calibrate
 from .clustering import (Clusters, CrossImage, anchor_clusters, centroid_labels, cross_image_similarity,
                          max_similarity)
+from .dynamics import GroupDynamics, GroupDynamicsResult
 from .partition import GROUPS, PRESETS, Partition, PartitionGroup, PartitionResult, model_identity
+from .sparsity import SparsityResult, semantic_sparsity
+from .summary import PartitionSummary, summarize
 
-__all__ = ["GROUPS", "PRESETS", "Clusters", "CrossImage", "Partition", "PartitionGroup", "PartitionResult",
+__all__ = ["GROUPS", "PRESETS", "Clusters", "CrossImage", "GroupDynamics", "GroupDynamicsResult", "Partition", "PartitionGroup", "PartitionResult",
            "anchor_clusters", "calibrate", "centroid_labels", "cross_image_similarity", "max_similarity",
-           "model_identity"]
+           "model_identity", "PartitionSummary", "semantic_sparsity", "SparsityResult", "summarize"]
