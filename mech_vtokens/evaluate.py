@@ -1,0 +1,309 @@
+"""Evaluation with interventions (paper Sec. 7.2, Tables 1-3): answers generated under each named condition,
+scored, one table in the paper's shape (baseline, -sinks, -dead, -matched random, -vMHA, -vFFN, ...).
+
+    from mech_vtokens.evaluate import evaluate, paper_conditions
+    conds = paper_conditions(vlm, sinks=part.token_set("sinks"), dead=part.token_set("dead"), seed=0)
+    res = evaluate(vlm, "vqa.jsonl", conds, scorer="exact", max_new_tokens=10, out="runs/eval")
+    res.table()        # condition, n, score, delta (vs baseline), interventions, seed
+    res.answers        # one row per record x condition: prediction, answers, score
+
+Generation is HF ``generate`` (greedy) wrapped in :func:`interventions.applied`, the supported path for every
+intervention including ``Prune`` (its decode steps keep the shortened cache and positions). Conditions: a dict
+``{name: [intervention, ...]}``, where an entry may also be a factory ``f(vlm, batch) -> intervention(s)``; token
+sets resolve per batch. Seeds: ``torch.manual_seed(seed)`` before every generate call and every intervention's repr
+(``MatchedRandom(..., seed=...)``) are recorded in ``settings`` and in the table. With ``out``, answers are written
+per batch (Parquet parts + manifest, atomic) and a rerun resumes.
+
+:class:`HarnessModel` is the thin adapter for an external evaluation harness (lmms-eval style): a callable
+``(images, prompts) -> texts`` that generates under fixed interventions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+SCORERS = ("exact", "contains", "choice", "auto")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """VQA-style: lower case, no punctuation, no articles, single spaces."""
+    text = str(text).lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers) -> float:
+    p = normalize(prediction)
+    return float(any(p == normalize(a) for a in answers))
+
+
+def contains(prediction: str, answers) -> float:
+    p = f" {normalize(prediction)} "
+    return float(any(normalize(a) and f" {normalize(a)} " in p for a in answers))
+
+
+def choice_letter(prediction: str, answers, choices=None) -> float:
+    """The first standalone option letter in the prediction ("B", "(B)", "B.", "answer: b") against the answer letter
+    (or the answer text's position in ``choices``)."""
+    letters = string.ascii_uppercase[:len(choices)] if choices else string.ascii_uppercase[:26]
+    m = re.search(r"(?:^|[^A-Za-z])([A-Za-z])(?:$|[^A-Za-z])", str(prediction).strip())
+    if m is None or m.group(1).upper() not in letters:
+        return 0.0
+    got = m.group(1).upper()
+    want = set()
+    for a in answers:
+        a = str(a).strip()
+        if len(a) == 1 and a.upper() in letters:
+            want.add(a.upper())
+        elif choices and normalize(a) in [normalize(c) for c in choices]:
+            want.add(letters[[normalize(c) for c in choices].index(normalize(a))])
+    return float(got in want)
+
+
+def score(prediction: str, record, scorer="auto") -> float:
+    if callable(scorer):
+        return float(scorer(prediction, record.answers))
+    if scorer == "auto":
+        scorer = "choice" if record.choices else "exact"
+    if scorer == "exact":
+        return exact_match(prediction, record.answers)
+    if scorer == "contains":
+        return contains(prediction, record.answers)
+    if scorer == "choice":
+        return choice_letter(prediction, record.answers, record.choices)
+    raise InputError(f"scorer={scorer!r}: choose one of {SCORERS} or pass a function (prediction, answers) -> float")
+
+
+def paper_conditions(vlm, sinks=None, dead=None, seed: int = 0, layers="all") -> dict:
+    """The paper's rows (Tables 1-3): baseline, -sinks (Prune), -dead (Prune), -matched random (Prune the same
+    number of tokens per image as -dead, seeded, from the others; the paper's "-Remaining"), -vMHA / -vFFN
+    (zero the attention / MLP output of every visual token at ``layers``). Rows whose token set is not given
+    (``sinks`` / ``dead``: any token set, e.g. ``Partition.token_set("dead")``) are left out."""
+    from interventions import MatchedRandom, Prune, ZeroSublayer
+
+    ls = list(range(vlm.n_layers)) if layers == "all" else layers
+    conds = {"baseline": []}
+    if sinks is not None:
+        conds["-sinks"] = [Prune(sinks)]
+    if dead is not None:
+        conds["-dead"] = [Prune(dead)]
+        conds["-matched random"] = [Prune(MatchedRandom(dead, seed=seed))]
+    conds["-vMHA"] = [ZeroSublayer("all", ls, "attn")]
+    conds["-vFFN"] = [ZeroSublayer("all", ls, "mlp")]
+    return conds
+
+
+def _check_conditions(conditions) -> dict:
+    from .component import Intervention
+
+    if not isinstance(conditions, dict) or not conditions:
+        raise InputError("conditions: give a dict {name: [interventions]}, e.g. {'baseline': [], '-vFFN': "
+                         "[ZeroSublayer('all', [0, 1], 'mlp')]} (or mech_vtokens.evaluate.paper_conditions(vlm, ...))")
+    out = {}
+    for name, ivs in conditions.items():
+        ivs = [ivs] if isinstance(ivs, Intervention) or (callable(ivs) and not isinstance(ivs, (list, tuple))) \
+            else list(ivs)
+        for iv in ivs:
+            if not isinstance(iv, Intervention) and not callable(iv):
+                raise InputError(f"condition {name!r}: {iv!r} is not an Intervention (probes do not change answers; "
+                                 f"pass interventions such as Prune(...), ZeroSublayer(...), or f(vlm, batch) -> "
+                                 f"interventions)")
+        out[str(name)] = ivs
+    return out
+
+
+def _build(ivs, vlm, batch):
+    from .component import Intervention
+
+    out = []
+    for iv in ivs:
+        made = iv if isinstance(iv, Intervention) else iv(vlm, batch)
+        out += list(made) if isinstance(made, (list, tuple)) else ([] if made is None else [made])
+    return out
+
+
+def _prompt_text(vlm, record) -> str:
+    from .defaults import prompt
+
+    q = record.question or ""
+    if record.choices:
+        q = q + " " + " ".join(f"{string.ascii_uppercase[i]} . {c}" for i, c in enumerate(record.choices))
+    return prompt(vlm, q)
+
+
+def generate(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: int = 0) -> list[str]:
+    """Greedy answers for a prepared batch under ``interventions`` (HF generate inside ``applied``)."""
+    from interventions import applied
+
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    pad = vlm.tokenizer.pad_token_id
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        if interventions:
+            with applied(vlm, list(interventions), batch):
+                ids = vlm.hf.generate(**batch.inputs, **kwargs)
+        else:
+            ids = vlm.hf.generate(**batch.inputs, **kwargs)
+    new = ids[:, batch.inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in vlm.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _prepare_left(vlm, images, prompts):
+    tok = vlm.tokenizer
+    side = getattr(tok, "padding_side", "left")
+    tok.padding_side = "left"  # batched generation needs the prompts' ends aligned
+    try:
+        return vlm.prepare(images, prompts)
+    finally:
+        tok.padding_side = side
+
+
+class EvalResult:
+    """``answers`` (DataFrame: record_id, condition, question, prediction, answers, score, seed), ``settings``,
+    ``skipped`` ({record id: reason}); ``table()``: the paper-shaped table."""
+
+    def __init__(self, answers, settings, skipped):
+        self.answers, self.settings, self.skipped = answers, settings, skipped
+
+    def table(self):
+        import pandas as pd
+
+        df = self.answers
+        order = list(self.settings["conditions"])
+        g = df.groupby("condition", sort=False)["score"]
+        t = pd.DataFrame({"n": g.size(), "score": g.mean()}).reindex(order).reset_index()
+        t = t.rename(columns={"index": "condition"})
+        base = t.loc[t.condition == "baseline", "score"]
+        t["delta"] = t.score - float(base.iloc[0]) if len(base) else float("nan")
+        t["interventions"] = [self.settings["conditions"][c] for c in t.condition]
+        t["seed"] = self.settings["seed"]
+        return t
+
+    def __repr__(self) -> str:
+        return f"EvalResult({len(self.answers)} answers, conditions {list(self.settings['conditions'])})"
+
+
+def evaluate(vlm, source, conditions, scorer="auto", max_new_tokens: int = 16, batch_size: int = 8, seed: int = 0,
+             out=None, progress: bool = True, limit=None) -> EvalResult:
+    """Generate an answer for every record of ``source`` (a VQA ``.jsonl`` or a Source whose records have questions
+    and answers) under every condition; score with ``scorer`` ("exact", "contains", "choice", "auto": choice when
+    the record has choices, else exact; or a function); return an :class:`EvalResult`. ``out``: write answers per
+    batch (atomic) and resume a killed run."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from . import data as D
+    from .runner import _write_parquet, atomic_write_bytes
+
+    conditions = _check_conditions(conditions)
+    if not (scorer in SCORERS or callable(scorer)):
+        raise InputError(f"scorer={scorer!r}: choose one of {SCORERS} or pass a function (prediction, answers) -> "
+                         f"float")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive int")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: give a positive int")
+    src = D.open_source(source)
+    if limit is not None:
+        src = D.Source(src.records[:int(limit)])
+    no_q = [r.id for r in src if not r.question]
+    no_a = [r.id for r in src if not r.answers]
+    if no_q or (no_a and not callable(scorer)):
+        raise InputError(f"evaluate needs a question and answer(s) per record; {(no_q or no_a)[:3]} have none: use "
+                         f"a VQA .jsonl (image / question / answer) or records with question= and answers=")
+    settings = {"model": str(vlm.source or type(vlm.hf).__name__), "seed": seed, "max_new_tokens": max_new_tokens,
+                "scorer": scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "custom"),
+                "batch_size": batch_size, "greedy": True,
+                "conditions": {n: [repr(iv) if not callable(iv) or hasattr(iv, "sites") else
+                                   f"factory {getattr(iv, '__qualname__', iv)}" for iv in ivs]
+                               for n, ivs in conditions.items()}}
+    manifest = {"settings": settings, "parts": [], "skipped": {}}
+    frames = []
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        mpath = out / "manifest.json"
+        if mpath.is_file():
+            old = json.loads(mpath.read_text())
+            if old["settings"] != settings:
+                raise InputError(f"{out} holds an evaluation with other settings; use a new out directory or the "
+                                 f"same conditions / seed / max_new_tokens / scorer / batch_size")
+            manifest = old
+            frames = [pd.read_parquet(out / p["file"]) for p in manifest["parts"]]
+    done = {r for p in manifest["parts"] for r in p["records"]} | set(manifest["skipped"])
+    todo = [r for r in src if r.id not in done]
+    bar = tqdm(total=len(src), initial=len(src) - len(todo), unit="q", desc="evaluate", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        recs = todo[start:start + batch_size]
+        ok = []
+        for r in recs:
+            im, note = r.load()
+            if im is None:
+                manifest["skipped"][r.id] = note
+            else:
+                ok.append((r, im))
+        rows = []
+        if ok:
+            batch = _prepare_left(vlm, [im for _, im in ok], [_prompt_text(vlm, r) for r, _ in ok])
+            for name, ivs in conditions.items():
+                preds = generate(vlm, batch, _build(ivs, vlm, batch), max_new_tokens, seed)
+                for (r, _), p in zip(ok, preds):
+                    rows.append({"record_id": r.id, "condition": name, "question": r.question, "prediction": p,
+                                 "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed})
+        df = pd.DataFrame(rows, columns=["record_id", "condition", "question", "prediction", "answers", "score",
+                                         "seed"])
+        if ok:
+            frames.append(df)
+        if out is not None:
+            if ok:
+                rel = f"answers/{len(manifest['parts']):06d}.parquet"
+                (out / rel).parent.mkdir(exist_ok=True)
+                _write_parquet(out / rel, df)
+                manifest["parts"].append({"records": [r.id for r, _ in ok], "file": rel})
+            atomic_write_bytes(out / "manifest.json", json.dumps(manifest).encode())
+        bar.update(len(recs))
+    bar.close()
+    answers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["record_id", "condition", "question", "prediction", "answers", "score", "seed"])
+    res = EvalResult(answers, settings, dict(manifest["skipped"]))
+    if out is not None:
+        res.table().to_csv(out / "table.csv", index=False)
+    return res
+
+
+class HarnessModel:
+    """For an external evaluation harness (lmms-eval style): ``model(images, prompts) -> list[str]``, generating
+    greedily under ``interventions`` (objects or factories ``f(vlm, batch)``). ``images``: one PIL image (or list)
+    per prompt; a prompt without the image placeholder is wrapped in the model's prompt format."""
+
+    def __init__(self, vlm, interventions=(), max_new_tokens: int = 16, seed: int = 0, batch_size: int = 8):
+        self.vlm, self.max_new_tokens, self.seed, self.batch_size = vlm, max_new_tokens, seed, batch_size
+        self.interventions = _check_conditions({"model": interventions})["model"]
+
+    def __call__(self, images, prompts) -> list[str]:
+        from .defaults import prompt
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+            images = [images]
+        if len(images) != len(prompts):
+            raise InputError(f"{len(images)} images for {len(prompts)} prompts; pass one image (or list) per prompt")
+        ph = self.vlm.image_placeholder
+        texts = [p if ph in p else prompt(self.vlm, p, 1 if not isinstance(im, (list, tuple)) else len(im))
+                 for im, p in zip(images, prompts)]
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            batch = _prepare_left(self.vlm, images[s:s + self.batch_size], texts[s:s + self.batch_size])
+            out += generate(self.vlm, batch, _build(self.interventions, self.vlm, batch), self.max_new_tokens,
+                            self.seed)
+        return out

@@ -1,0 +1,114 @@
+"""Evaluation with interventions: scorers, the paper-shaped table, answers under an intervention equal a hand-hooked
+HF generate, seeds recorded and results identical twice, resume from disk, the external-harness adapter."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from interventions import AllVisual, MatchedRandom, TokenSet, ZeroSublayer
+from mech_vtokens import data as D
+from mech_vtokens import testing as T
+from mech_vtokens.evaluate import (HarnessModel, choice_letter, contains, evaluate, exact_match, generate,
+                                   paper_conditions)
+
+
+class FirstOfEachImage(TokenSet):
+    """The first ``n`` visual tokens of every image (a stand-in for a sink / dead set)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def visual(self, batch):
+        img = batch.tokens["image"]
+        sel = torch.zeros(len(img), dtype=torch.bool)
+        for i in img.unique():
+            sel[(img == i).nonzero().flatten()[: self.n]] = True
+        return sel
+
+
+def test_scorers():
+    assert exact_match("The red.", ["red"]) == 1.0 and exact_match("red circle", ["red"]) == 0.0
+    assert contains("it is a red circle", ["red"]) == 1.0 and contains("reddish", ["red"]) == 0.0
+    assert choice_letter("(B) blue", ["B"]) == 1.0 and choice_letter("answer: b", ["B"], ["red", "blue"]) == 1.0
+    assert choice_letter("A", ["blue"], ["red", "blue"]) == 0.0 and choice_letter("B.", ["blue"], ["red", "blue"]) == 1.0
+    assert choice_letter("none", ["A"], ["x", "y"]) == 0.0
+
+
+@pytest.fixture()
+def vqa(tmp_path):
+    for i in range(3):
+        T.image(80 + 10 * i, seed=i).save(tmp_path / f"{i}.png")
+    lines = [{"image": "0.png", "question": "what color is the object ?", "answer": "red", "id": "q0"},
+             {"image": "1.png", "question": "what shape ?", "answers": ["circle", "square"], "id": "q1"},
+             {"image": "2.png", "question": "which color ?", "choices": ["red", "blue"], "answer": "A", "id": "q2"}]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    return tmp_path / "vqa.jsonl"
+
+
+def test_paper_table_and_answers_under_intervention_equal_hand_hooks(vqa, tiny_vlm, tmp_path):
+    vlm = tiny_vlm("llava")
+    conds = paper_conditions(vlm, sinks=FirstOfEachImage(1), dead=FirstOfEachImage(3), seed=5)
+    res = evaluate(vlm, vqa, conds, max_new_tokens=4, batch_size=2, seed=5, progress=False)
+    t = res.table()
+    assert list(t.condition) == ["baseline", "-sinks", "-dead", "-matched random", "-vMHA", "-vFFN"]
+    assert (t.n == 3).all() and t.score.between(0, 1).all() and t.delta.iloc[0] == 0
+    assert "seed=5" in t.interventions[3][0] and (t.seed == 5).all() and res.settings["seed"] == 5
+    assert len(res.answers) == 18 and set(res.answers.record_id) == {"q0", "q1", "q2"}
+    # baseline = plain HF generate; -vFFN = generate with hand-written hooks zeroing the MLP output of visual tokens
+    from mech_vtokens.evaluate import _prepare_left, _prompt_text
+
+    recs = list(D.open_source(vqa))
+    batch = _prepare_left(vlm, [r.load()[0] for r in recs[:2]], [_prompt_text(vlm, r) for r in recs[:2]])
+    n0 = batch.inputs["input_ids"].shape[1]
+
+    def greedy():
+        ids = vlm.hf.generate(**batch.inputs, max_new_tokens=4, do_sample=False,
+                              pad_token_id=vlm.tokenizer.pad_token_id)
+        return [s.strip() for s in vlm.tokenizer.batch_decode(ids[:, n0:], skip_special_tokens=True)]
+
+    got = res.answers.set_index(["condition", "record_id"]).prediction
+    assert greedy() == [got["baseline", "q0"], got["baseline", "q1"]]
+    mask = batch.visual_mask
+
+    def zero(mod, args, out):
+        if out.shape[1] == n0:  # prefill only
+            return out.masked_fill(mask.unsqueeze(-1), 0.0)
+
+    hs = [layer.mlp.register_forward_hook(zero) for layer in vlm.hf.model.language_model.layers]
+    try:
+        hand = greedy()
+    finally:
+        for h in hs:
+            h.remove()
+    assert hand == [got["-vFFN", "q0"], got["-vFFN", "q1"]]
+    assert greedy() == [got["baseline", "q0"], got["baseline", "q1"]]  # no residue
+
+
+def test_identical_twice_and_resume(vqa, tiny_vlm, tmp_path, monkeypatch):
+    vlm = tiny_vlm("qwen2_vl")
+    conds = {"baseline": [], "-random": [lambda vlm, batch: ZeroSublayer(MatchedRandom(FirstOfEachImage(2), seed=1),
+                                                                         [0, 1], "both")]}
+    a = evaluate(vlm, vqa, conds, max_new_tokens=3, batch_size=2, out=tmp_path / "e", progress=False)
+    b = evaluate(vlm, vqa, conds, max_new_tokens=3, batch_size=2, progress=False)
+    pd.testing.assert_frame_equal(a.answers, b.answers)
+    assert (tmp_path / "e" / "table.csv").exists()
+    calls = []
+    monkeypatch.setattr("mech_vtokens.evaluate.generate", lambda *x, **k: calls.append(1))
+    c = evaluate(vlm, vqa, conds, max_new_tokens=3, batch_size=2, out=tmp_path / "e", progress=False)
+    assert not calls
+    pd.testing.assert_frame_equal(a.answers, c.answers)
+
+
+def test_harness_adapter_matches_evaluate(vqa, tiny_vlm):
+    vlm = tiny_vlm("llava")
+    ivs = [ZeroSublayer(AllVisual(), [0, 2], "attn")]
+    recs = list(D.open_source(vqa))
+    model = HarnessModel(vlm, ivs, max_new_tokens=4)
+    from mech_vtokens.evaluate import _prompt_text
+
+    texts = model([r.load()[0] for r in recs], [_prompt_text(vlm, r) for r in recs])
+    res = evaluate(vlm, vqa, {"x": ivs}, max_new_tokens=4, batch_size=8, progress=False)
+    assert texts == list(res.answers.prediction)
+    assert model(recs[0].load()[0], recs[0].question) == texts[:1]  # bare question: wrapped in the prompt format
