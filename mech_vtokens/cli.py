@@ -43,7 +43,7 @@ def demo(args) -> int:
     import mech_vtokens as mv
 
     from .defaults import default_model, demo_inputs, prompt
-    from .suite import analyze
+    from .suite import ALL_PROBES, analyze
 
     path, what = (args.model, args.model) if args.model else default_model()
     print(f"[mech-vtokens] model: {what}\n[mech-vtokens] loading {path}", flush=True)
@@ -54,9 +54,13 @@ def demo(args) -> int:
 
     # label matching needs labels that are whole tokens of this vocabulary (a tiny fixture lacks some)
     objects = [[o for o in objs if label_token_ids(vlm.tokenizer, o)] for objs in objects]
+    from .defaults import demo_boxes
+
+    boxes = [[b for b in bs if label_token_ids(vlm.tokenizer, b["label"])] for bs in demo_boxes(args.images)]
     print(f"[mech-vtokens] {len(images)} bundled scenes, probes: all, top-{args.k}, one forward per batch", flush=True)
-    results, report = analyze(vlm, images, prompts, labels=objects, k=args.k, out=args.out,
-                              batch_size=args.batch_size)
+    probes = [p for p in ALL_PROBES if p != "partition" or len(images) >= 2]  # the partition needs 2+ images
+    results, report = analyze(vlm, images, prompts, probes=probes, labels=objects, k=args.k, out=args.out,
+                              batch_size=args.batch_size, boxes=boxes)
     _summary(results)
     print(f"\n[mech-vtokens] report: {report}\n[mech-vtokens] tables: {Path(args.out)}/*.csv")
     return 0
@@ -100,6 +104,8 @@ def analyze_cmd(args) -> int:
     vlm = mv.load(args.model, dtype=args.dtype, device_map=args.device_map)
     prompts = [prompt(vlm, args.question) for _ in images]
     remote = {"none": False, "ndif": True, "local": "local"}[args.remote]
+    if "partition" in probes and len(images) < 2:
+        probes.remove("partition")
     results, report = analyze(vlm, images, prompts, probes=[p for p in probes if p != "labels"], k=args.k,
                               out=args.out, batch_size=args.batch_size, remote=remote)
     _summary(results)
@@ -124,14 +130,14 @@ def main(argv=None) -> int:
     d.add_argument("--model", help="hub id or local directory instead of the embedded model")
     d.add_argument("--out", default="mech-vtokens-demo", help="output folder (default: %(default)s)")
     d.add_argument("--k", type=int, default=5, help="top-k tokens per lens (default: %(default)s)")
-    d.add_argument("--images", type=int, default=4, help="how many bundled scenes (default: %(default)s)")
+    d.add_argument("--images", type=int, default=8, help="how many bundled scenes (default: %(default)s)")
     d.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
     d.set_defaults(fn=demo)
     a = sub.add_parser("analyze", help="the full suite on your model and a folder of images")
     a.add_argument("--model", required=True, help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
     a.add_argument("--images", required=True, help="folder of images (png, jpg, ...)")
-    a.add_argument("--probes", help="comma-separated subset of: embed_lens,logit_lens,norms,sinks,vit_sinks "
-                                    "(default: all)")
+    a.add_argument("--probes", help="comma-separated subset of: embed_lens,logit_lens,norms,sinks,vit_sinks,"
+                                    "partition (default: all)")
     a.add_argument("--question", default="describe the image .", help="the text after the image placeholder")
     a.add_argument("--remote", choices=["none", "ndif", "local"], default="none",
                    help="run on NDIF (ndif), simulate the remote path here (local), or not (default: %(default)s)")

@@ -38,3 +38,15 @@ def demo_inputs(n: int = 3, seed: int = 1234):
     questions = [s.qa[0][1] for s in samples]
     objects = [[o.colour if o.shape == "text" else o.shape for o in s.objects] for s in samples]
     return images, questions, objects
+
+
+def demo_boxes(n: int = 3, seed: int = 1234):
+    """COCO-style boxes of the objects in :func:`demo_inputs`' scenes: per image ``[{"bbox": [x, y, w, h],
+    "label": ...}]`` (shape name, or the character for text)."""
+    from .organism.world import make_samples
+
+    out = []
+    for s in make_samples(n, seed):
+        out.append([{"bbox": [o.cx - o.r, o.cy - o.r, 2 * o.r, 2 * o.r],
+                     "label": o.char if o.shape == "text" and o.char else o.shape} for o in s.objects])
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-ALL_PROBES = ("embed_lens", "logit_lens", "norms", "sinks", "vit_sinks", "labels")
+ALL_PROBES = ("embed_lens", "logit_lens", "norms", "sinks", "vit_sinks", "labels", "partition")
 
 
 def build_probes(vlm, names, k: int = 5, labels=None):
@@ -36,9 +36,14 @@ def build_probes(vlm, names, k: int = 5, labels=None):
 
 
 def analyze(vlm, images, prompts, probes=ALL_PROBES, labels=None, k: int = 5, batch_size: int = 4,
-            out: str | Path = "mech-vtokens-report", remote=False, overlays: int = 3, progress: bool = True):
+            out: str | Path = "mech-vtokens-report", remote=False, overlays: int = 3, progress: bool = True,
+            boxes=None, calibration: int = 20):
     """Run the suite over ``images`` in batches (one forward each), write tables (CSV) and ``report.html`` into
-    ``out``; return {probe name: [result per batch]}."""
+    ``out``; return ({probe name: [result per batch]}, report path).
+
+    "partition" calibrates a sink / dead / alive partition on the first ``calibration`` images (statistical rule),
+    then classifies every image in the same forward as the other probes. ``boxes``: COCO-style
+    ``[{"bbox": [x, y, w, h], "label": ...}]`` per image, for the semantic-sparsity figure."""
     from tqdm.auto import tqdm
 
     from .run import run
@@ -54,16 +59,37 @@ def analyze(vlm, images, prompts, probes=ALL_PROBES, labels=None, k: int = 5, ba
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list] = {}
+    extra: dict = {}
+    part = None
+    if "partition" in names and len(images) < 2:
+        raise InputError("the partition needs at least 2 images (cross-image statistics); drop 'partition' or add "
+                         "images")
+    if "partition" in names:
+        from .partition import calibrate, summarize
+
+        n_cal = max(2, min(calibration, len(images)))
+        part = calibrate(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
+        extra["partition"] = part
+        extra["summary"] = summarize(part, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
+    if boxes is not None:
+        from .partition import semantic_sparsity
+
+        extra["sparsity"] = semantic_sparsity(vlm, images, boxes, prompts, k=k, batch_size=batch_size, remote=remote)
     batches = []
     for start in tqdm(range(0, len(images), batch_size), desc="batches", unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
         ps = build_probes(vlm, names, k, labels[sl] if labels is not None else None)
+        if part is not None:
+            ps["partition"] = part
         res = run(vlm, images[sl], prompts[sl], probes=list(ps.values()), remote=remote)
         for name, r in zip(ps, res):
             results.setdefault(name, []).append(r)
         batches.append((start, vlm.prepare(images[sl], prompts[sl])))
     _write_tables(results, out)
-    report = _report(vlm, results, batches, overlays)
+    for name in ("summary", "sparsity"):
+        if name in extra:
+            extra[name].to_pandas().to_csv(out / f"{name}.csv", index=False)
+    report = _report(vlm, results, batches, overlays, extra)
     path = report.save(out / "report.html")
     return results, path
 
@@ -84,7 +110,7 @@ def _write_tables(results, out: Path):
         df.to_csv(out / f"{name}.csv", index=False)
 
 
-def _report(vlm, results, batches, overlays: int):
+def _report(vlm, results, batches, overlays: int, extra=None):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -99,6 +125,18 @@ def _report(vlm, results, batches, overlays: int):
     lenses = [results[n][0] for n in ("embed_lens", "logit_lens") if n in results]
     norms = results.get("norms", [None])[0]
     first = batches[0][1]
+    extra = extra or {}
+    if "partition" in results:
+        part = extra["partition"]
+        rep.heading("Sink / dead / alive partition (paper Secs. 2, 4-6)")
+        rep.text(repr(part))
+        summary = extra["summary"]
+        rep.table(summary.to_pandas(), "share of each group and cross-image similarity of its centroid (App. B.2)")
+        summary.plot()
+        rep.figure(plt.gcf(), "group shares and cross-image similarity (Fig. 1)")
+        labels = results["partition"][0].labels
+        for i in range(min(overlays, len(first.images))):
+            rep.view(PatchOverlay(first, i, groups=labels, lenses=lenses, title=f"image {i}: groups"))
     if lenses or norms is not None:
         rep.heading("Patch overlays (hover a patch: top-k tokens at the layer of the slider)")
         values = None
@@ -110,6 +148,11 @@ def _report(vlm, results, batches, overlays: int):
             rep.view(PatchOverlay(first, i, values=values, lenses=lenses,
                                   title=f"image {i}: colour = L2 norm of the LM input" if values is not None
                                   else f"image {i}"))
+    if "sparsity" in extra:
+        rep.heading("Semantic sparsity (paper Sec. 6.2, Fig. 7)")
+        extra["sparsity"].plot()
+        rep.figure(plt.gcf(), "fraction of object tokens whose label is in their EmbedLens top-k, and of all visual "
+                              "tokens with any grounded label, per layer")
     if "labels" in results:
         rep.heading("Label matching A(ℓ): EmbedLens vs LogitLens (paper Fig. 3)")
         fig, ax = plt.subplots(figsize=(6, 3.5))
