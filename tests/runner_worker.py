@@ -5,8 +5,9 @@
 PLAN_JSON: a list of attempts ``{"out": dir, "kill": null | {"kind": "write", "n": int, "phase": "before" | "mid" |
 "after"} | {"kind": "time", "delay": seconds}}``. Each attempt runs ``run_dataset`` in a forked child; a "write" kill
 makes the child SIGKILL itself at its n-th atomic write (before writing, with the temp file written but not yet
-renamed, or just after the rename: the only moments the store on disk changes); a "time" kill is ``os.kill`` from
-this process after ``delay`` s. Prints one JSON line: the children's exit statuses (negative = killed by that
+renamed, or just after the rename: the only moments the store on disk changes); a "progress" kill is ``os.kill``
+from this process ``delay`` s after the manifest has gained ``parts`` more committed batches (a random point inside
+a later batch: forward, writes). Prints one JSON line: the children's exit statuses (negative = killed by that
 signal). Threads are pinned to 1 before torch runs anything, so forking is safe and every child computes bit for bit
 the same floats.
 """
@@ -69,13 +70,33 @@ def main():
                 code = 3
             os._exit(code)
         kill = attempt.get("kill")
-        if kill and kill["kind"] == "time":
-            time.sleep(kill["delay"])
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _, status = os.waitpid(pid, 0)
+        if kill and kill["kind"] == "progress":
+            manifest = os.path.join(attempt["out"], "manifest.json")
+
+            def parts():
+                try:
+                    with open(manifest) as f:
+                        return len(json.load(f)["parts"])
+                except (OSError, ValueError):
+                    return 0
+
+            target = parts() + kill["parts"]
+            while parts() < target:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:  # finished (or died) before the kill point
+                    break
+                time.sleep(0.005)
+            else:
+                done = 0
+            if not done:
+                time.sleep(kill["delay"])
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                _, status = os.waitpid(pid, 0)
+        else:
+            _, status = os.waitpid(pid, 0)
         statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
     print(json.dumps(statuses), flush=True)
 
