@@ -18,6 +18,7 @@ Everything is plain torch on the HF model (no nnsight), so it can serve as an in
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from . import world
 
 COVER_IN = 0.5  # a patch "contains" an object's colour / shape if the object covers this fraction of it
+# (or if it is the patch the object covers most)
 COVER_IN_TEXT = 0.2
 HELDOUT_SEED = "heldout"
 K = 5
@@ -88,7 +90,8 @@ N_ANSWERS = {"colour": len(world.COLOURS), "shape": len(world.SHAPES), "count": 
              "text": len(world.CHARACTERS), "position": 9, "background": len(world.BACKGROUNDS)}
 
 
-def baseline_answers(n: int = 20000) -> dict[str, str]:
+@functools.lru_cache(maxsize=4)
+def baseline_answers(n: int = 10000) -> dict[str, str]:
     """Most common answer to each question text over ``n`` reference samples (not the held-out set)."""
     by_q: dict[str, Counter] = defaultdict(Counter)
     for s in world.make_samples(n, "baseline-reference"):
@@ -158,7 +161,10 @@ def _topk_words(scores: torch.Tensor, word_ids: torch.Tensor, k: int = K) -> tor
 
 
 def lens_topk(model, h: torch.Tensor, word_ids: torch.Tensor, kind: str) -> torch.Tensor:
-    """(n, p, d) -> (n, p, K) token ids of the top-K ordinary words."""
+    """(n, p, d) -> (n, p, K) token ids of the top-K ordinary words. ``kind``: "embed" (EmbedLens), "logit"
+    (LogitLens) or "anti-embed" (the K most NEGATIVE cosines: a diagnostic for anti-aligned features)."""
+    if kind == "anti-embed":
+        return lens_topk(model, -h, word_ids, "embed")
     if kind == "embed":
         E = model.get_input_embeddings().weight
         s = torch.nn.functional.normalize(h, dim=-1) @ torch.nn.functional.normalize(E, dim=-1).T
@@ -179,11 +185,12 @@ def patch_labels(samples: list[world.Sample]):
                 w_in, words = COVER_IN_TEXT, [o.char]
             else:
                 w_in, words = COVER_IN, [o.shape]
+            best = (c == c.max()) & (c > 0)  # thin shapes (star, diamond) may cover no patch by half
             for w in words:
                 prev = lab.get(w, (np.zeros_like(c, bool), np.zeros_like(c, bool)))
-                lab[w] = (prev[0] | (c >= w_in), prev[1] | (c > 0))
+                lab[w] = (prev[0] | (c >= w_in) | best, prev[1] | (c > 0))
             prev = lab.get(o.colour, (np.zeros_like(c, bool), np.zeros_like(c, bool)))
-            lab[o.colour] = (prev[0] | (c >= COVER_IN), prev[1] | (c > 0))
+            lab[o.colour] = (prev[0] | (c >= COVER_IN) | best, prev[1] | (c > 0))
         empty = total == 0
         out.append((lab, empty, s.background))
     return out
@@ -234,7 +241,7 @@ def lens_report(model, processor, samples) -> dict:
     rep = {"random_hit_rate": round(K / len(word_ids), 4), "n_images": len(samples), "layers": []}
     for layer, h in enumerate(vis):
         row = {"layer": layer}
-        for lens in ["embed", "logit"]:
+        for lens in ["embed", "logit", "anti-embed"]:
             top = lens_topk(model, h, word_ids, lens)
             row[lens] = {g: hit_rates(top, samples, labels, tok, ws, kind) for g, (ws, kind) in groups.items()}
             # which words dominate top-1 (collapse check)
@@ -308,6 +315,9 @@ def format_report(r: dict) -> str:
                 m = row[lname][g]["macro"]
                 cells.append(f"{m['in']:.2f}/{m['elsewhere']:.2f}")
         lines.append(f"{row['layer']:<6}" + "".join(f"{c:>18}" for c in cells))
+    lines += ["", "Anti-EmbedLens (word among the 5 most NEGATIVE cosines) in / elsewhere at layer 0: "
+              + "; ".join(f"{g} {lens['layers'][0]['anti-embed'][g]['macro']['in']:.2f}/"
+                          f"{lens['layers'][0]['anti-embed'][g]['macro']['elsewhere']:.2f}" for g in ["colour", "shape"])]
     lines += ["", "Per-colour EmbedLens hit rate at the LM input (layer 0) and the best layer: in / elsewhere"]
     best = max(lens["layers"], key=lambda row: row["embed"]["colour"]["macro"]["in"] - row["embed"]["colour"]["macro"]["elsewhere"])
     for w in world.COLOUR_WORDS:

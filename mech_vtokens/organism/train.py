@@ -68,6 +68,8 @@ class Recipe:
     caption_fraction_projector: float = 0.5
     caption_fraction_joint: float = 0.25
     warmup: int = 100
+    weight_decay: float = 0.01  # AdamW, all stages but text
+    text_weight_decay: float = 0.01  # AdamW, text stage
     dtype: str = "float32"  # dtype of the saved checkpoint
 
     @classmethod
@@ -232,8 +234,9 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def run_loop(name: str, steps: int, params_groups, make_batch, loss_fn, warmup: int, log: dict):
-    opt = torch.optim.AdamW(params_groups, weight_decay=0.01)
+def run_loop(name: str, steps: int, params_groups, make_batch, loss_fn, warmup: int, log: dict,
+             weight_decay: float = 0.01):
+    opt = torch.optim.AdamW(params_groups, weight_decay=weight_decay)
     base = [g["lr"] for g in opt.param_groups]
     ema = None
     t0 = time.time()
@@ -308,7 +311,7 @@ def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:
 
         clip.train()
         run_loop("clip", recipe.clip_steps, [{"params": list(clip.parameters()), "lr": recipe.clip_lr}],
-                 clip_batch, clip_loss, recipe.warmup, log)
+                 clip_batch, clip_loss, recipe.warmup, log, recipe.weight_decay)
         log["clip"]["heldout_caption_retrieval"] = clip_retrieval(clip, seed)
         print(f"[clip] held-out caption retrieval (500-way): {log['clip']['heldout_caption_retrieval']:.3f}")
         save_stage("clip", clip.state_dict())
@@ -360,7 +363,7 @@ def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:
                 return lm_loss(logits, lab)
 
             groups = [{"params": list(lm.parameters()) + list(model.lm_head.parameters()), "lr": recipe.text_lr}]
-            run_loop("text", recipe.text_steps, groups, make, loss_fn, recipe.warmup, log)
+            run_loop("text", recipe.text_steps, groups, make, loss_fn, recipe.warmup, log, recipe.text_weight_decay)
         elif stage == "projector":
             set_trainable(False, True, False)
             vt.eval()
@@ -370,7 +373,7 @@ def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:
                                  recipe.caption_fraction_projector, n_img)
 
             groups = [{"params": list(proj.parameters()), "lr": recipe.projector_lr}]
-            run_loop("projector", recipe.projector_steps, groups, make, vlm_loss, recipe.warmup, log)
+            run_loop("projector", recipe.projector_steps, groups, make, vlm_loss, recipe.warmup, log, recipe.weight_decay)
         else:
             unfreeze = recipe.vision_lr_scale > 0
             set_trainable(unfreeze, True, True)
@@ -383,7 +386,7 @@ def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:
                        "lr": recipe.joint_lr}]
             if unfreeze:
                 groups.append({"params": list(vt.parameters()), "lr": recipe.joint_lr * recipe.vision_lr_scale})
-            run_loop("joint", recipe.joint_steps, groups, make, vlm_loss, recipe.warmup, log)
+            run_loop("joint", recipe.joint_steps, groups, make, vlm_loss, recipe.warmup, log, recipe.weight_decay)
         save_stage(stage, model.state_dict())
 
     model.load_state_dict(torch.load(stages_dir / "joint.pt"))
