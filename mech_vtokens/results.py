@@ -29,3 +29,21 @@ def visual_index_frame(batch):
         "row": pos[:, 0].numpy(), "position": pos[:, 1].numpy(), "visual_index": range(len(pos)),
         "image": t["image"].numpy(), "tile": t["tile"].numpy(), "grid_row": t["row"].numpy(),
         "grid_col": t["col"].numpy()})
+
+
+def token_frame(batch, selection):
+    """Identity columns (row, image, position, visual_index) of the positions ``selection`` (batch, seq) bool picks,
+    in ``selection.nonzero()`` order; text positions get image = visual_index = -1."""
+    import pandas as pd
+    import torch
+
+    pos = selection.nonzero()
+    vm = batch.visual_mask
+    vindex = torch.full(vm.shape, -1, dtype=torch.long)
+    vindex[vm] = torch.arange(int(vm.sum()))
+    vi = vindex[pos[:, 0], pos[:, 1]]
+    img = torch.full_like(vi, -1)
+    if int(vm.sum()):
+        img[vi >= 0] = batch.tokens["image"][vi[vi >= 0]]
+    return pd.DataFrame({"row": pos[:, 0].numpy(), "image": img.numpy(), "position": pos[:, 1].numpy(),
+                         "visual_index": vi.numpy()})

@@ -5,3 +5,5 @@ from .label_matching import LabelMatching
 from .norm_tracker import NormTracker
 from .sink_channels import SinkChannels
 from .vit_sinks import ViTSinks
+
+__all__ = ["Activations", "EmbedLens", "LabelMatching", "LogitLens", "NormTracker", "SinkChannels", "ViTSinks"]

@@ -33,7 +33,7 @@ import torch
 
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
-from mech_vtokens.results import Result
+from mech_vtokens.results import Result, token_frame
 
 _LM_SITES_MSG = ("the lenses read LM sites only: 'vision_projector.hook_out', 'hook_embed', 'blocks.{i}.<hook>', "
                  "'ln_final.hook_normalized'")
@@ -341,17 +341,7 @@ def _token_frame(batch, positions, sites):
     """Identity columns of the rows a lens read, per site kind (LM sites vs projector)."""
     import pandas as pd
 
-    sel = _selection(positions, batch)
-    pos = sel.nonzero()
-    vm = batch.visual_mask
-    vindex = torch.full(vm.shape, -1, dtype=torch.long)
-    vindex[vm] = torch.arange(int(vm.sum()))
-    vi = vindex[pos[:, 0], pos[:, 1]]
-    img = torch.full_like(vi, -1)
-    if len(batch.tokens["image"]):
-        img[vi >= 0] = batch.tokens["image"][vi[vi >= 0]]
-    frame = pd.DataFrame({"row": pos[:, 0].numpy(), "image": img.numpy(), "position": pos[:, 1].numpy(),
-                          "visual_index": vi.numpy()})
+    frame = token_frame(batch, _selection(positions, batch))
     frames = {"lm": frame}
     if "vision_projector.hook_out" in sites:
         vp = batch.visual_positions

@@ -19,7 +19,7 @@ import torch
 
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
-from mech_vtokens.results import Result
+from mech_vtokens.results import Result, token_frame
 
 
 class NormTracker(Probe):
@@ -108,17 +108,9 @@ class NormResult(Result):
         b = self._batch
         groups = groups if groups is not None else self.groups
         vlab = _labels(groups, b.n_visual) if groups is not None else ["visual"] * b.n_visual
-        pos = self._select.nonzero()
-        vm = b.visual_mask
-        vindex = torch.full(vm.shape, -1, dtype=torch.long)
-        vindex[vm] = torch.arange(int(vm.sum()))
-        vi = vindex[pos[:, 0], pos[:, 1]].numpy()
-        img = np.full(len(vi), -1)
-        if b.n_visual:
-            img[vi >= 0] = b.tokens["image"].numpy()[vi[vi >= 0]]
-        lm = pd.DataFrame({"row": pos[:, 0].numpy(), "image": img, "position": pos[:, 1].numpy(),
-                           "visual_index": vi, "vision_row": -1,
-                           "group": [vlab[v] if v >= 0 else "text" for v in vi]})
+        lm = token_frame(b, self._select)
+        lm["vision_row"] = -1
+        lm["group"] = [vlab[v] if v >= 0 else "text" for v in lm["visual_index"]]
         parts = []
         for s, rec in self.data.items():
             if s.startswith("vision."):

@@ -33,7 +33,7 @@ import torch
 
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
-from mech_vtokens.results import Result
+from mech_vtokens.results import Result, token_frame
 
 PRESETS = {"llama2-7b": (1415, 2533), "llama2-13b": (2100, 4743)}
 
@@ -46,18 +46,7 @@ def _sublayer_sites(n_layers):
 
 
 def _lm_frame(batch, sel):
-    import pandas as pd
-
-    pos = sel.nonzero()
-    vm = batch.visual_mask
-    vindex = torch.full(vm.shape, -1, dtype=torch.long)
-    vindex[vm] = torch.arange(int(vm.sum()))
-    vi = vindex[pos[:, 0], pos[:, 1]]
-    img = torch.full_like(vi, -1)
-    if int(vm.sum()):
-        img[vi >= 0] = batch.tokens["image"][vi[vi >= 0]]
-    return pd.DataFrame({"row": pos[:, 0].numpy(), "image": img.numpy(), "position": pos[:, 1].numpy(),
-                         "visual_index": vi.numpy()})
+    return token_frame(batch, sel)
 
 
 def _layer(site):
