@@ -207,7 +207,7 @@ def medium_llava(path: str | os.PathLike, seed: int = 0) -> str:
     return _save(model.to(torch.bfloat16), proc, path)
 
 
-def image(size: int = 112, seed: int = 0, marker: tuple[int, int, int, int] | None = None) -> "PIL.Image.Image":
+def image(size: int = 112, seed: int = 0, marker: tuple[int, int, int, int] | None = None):
     """A seeded smooth random RGB image; ``marker=(x0, y0, x1, y1)`` paints that box pure white."""
     from PIL import Image
 
@@ -277,8 +277,6 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
     spec = _PLANTED[family]
     model, proc = build(family, seed)
     tok = proc.tokenizer
-    ip = proc.image_processor
-    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
     p = spec["patch"]
     h = p // 2
     # conv filters over NORMALISED pixels: (32, 3, p, p); pair j -> channels (2j, 2j+1)
