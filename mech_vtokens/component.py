@@ -61,3 +61,32 @@ class Intervention(Component):
     """Changes the value at its sites (returns the replacement from ``at``)."""
 
     kind = "intervention"
+
+
+# ---- helpers for code that runs INSIDE the trace (torch only) -----------------------------------------------------
+
+def select_rows(value, mask, ctx):
+    """The rows of ``value`` (batch, seq, ...) at the positions ``mask`` (batch, seq) bool picks, given in the
+    batch's ORIGINAL coordinates, in ``mask.nonzero()`` order; and a (n,) bool saying which of them exist.
+
+    After an intervention that shortens the sequence (Prune, VisualExit) the sites behind it hold fewer positions:
+    the rows of removed tokens come back as NaN and ``present`` False, so a probe's rows (and its table) are the same
+    at every site. Without a layout change this is ``value[mask]`` and all present.
+    """
+    import torch
+
+    mask = mask.to(value.device)
+    if not ctx.get("shortened"):
+        return value[mask], torch.ones(int(mask.sum()), dtype=torch.bool, device=value.device)
+    lay = ctx["layout"]
+    idx, valid = lay["index"].to(value.device), lay["valid"].to(value.device)
+    b, n = mask.shape
+    newpos = torch.full((b, n), -1, dtype=torch.long, device=value.device)
+    cols = torch.arange(idx.shape[1], device=value.device).expand_as(idx)
+    newpos[torch.arange(b, device=value.device)[:, None].expand_as(idx)[valid], idx[valid]] = cols[valid]
+    pos = mask.nonzero()
+    j = newpos[pos[:, 0], pos[:, 1]]
+    present = j >= 0
+    out = value.new_full((len(pos),) + tuple(value.shape[2:]), float("nan"))
+    out[present] = value[pos[present, 0], j[present]]
+    return out, present

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from mech_vtokens.component import Probe
+from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
 
@@ -43,11 +43,26 @@ _LM_SITES_MSG = ("the lenses read LM sites only: 'vision_projector.hook_out', 'h
 # In-trace math (torch only: shipped by value for remote runs).
 # ------------------------------------------------------------------------------------------------------------------
 
-def _select(site, value, mine):
-    """The (n, d) rows a lens reads at ``site``: projector rows, or the selected (row, position) pairs."""
+def _select(site, value, mine, ctx):
+    """The (n, d) rows a lens reads at ``site`` (projector rows, or the selected (row, position) pairs) and which of
+    them exist (after a Prune the removed tokens' rows do not)."""
     if site == "vision_projector.hook_out":
-        return value.reshape(-1, value.shape[-1])[mine["projector_rows"]]
-    return value[mine["select"]]
+        rows = value.reshape(-1, value.shape[-1])[mine["projector_rows"]]
+        return rows, torch.ones(rows.shape[0], dtype=torch.bool)
+    return select_rows(value, mine["select"], ctx)
+
+
+def _lens_rows(site, value, mine, ctx, fn):
+    """Run the lens ``fn(h) -> (scores, ids, n_fallback)`` on the rows that exist; removed rows get id -1, NaN."""
+    h, present = _select(site, value, mine, ctx)
+    if bool(present.all()):
+        return fn(h)
+    v, i, nf = fn(h[present])
+    k = v.shape[1]
+    vv = torch.full((h.shape[0], k), float("nan"), dtype=v.dtype)
+    ii = torch.full((h.shape[0], k), -1, dtype=i.dtype)
+    vv[present], ii[present] = v, i
+    return vv, ii, nf
 
 
 def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=None, normalize=False,
@@ -365,7 +380,7 @@ class LensResult(Result):
 
     def _decode(self, ids):
         uniq = sorted(set(int(i) for i in ids))
-        table = {i: self._tok.decode([i]) for i in uniq}
+        table = {i: self._tok.decode([i]) if i >= 0 else None for i in uniq}  # -1: token removed before this site
         return [table[int(i)] for i in ids]
 
     def to_pandas(self):
@@ -449,9 +464,10 @@ class EmbedLens(_Lens):
         mine = ctx["mine"]
         with torch.no_grad():
             weight = _resolve(ctx["model"], mine["embed"]).weight.detach()
-            h = _select(site, value.detach(), mine)
-            v, i, nf = _topk_rerank(h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=mine["inv_norm"],
-                                    penalty=self._penalty(ctx, mine, weight.shape[0]), normalize=True)
+            penalty = self._penalty(ctx, mine, weight.shape[0])
+            v, i, nf = _lens_rows(site, value.detach(), mine, ctx, lambda h: _topk_rerank(
+                h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=mine["inv_norm"], penalty=penalty,
+                normalize=True))
         _store(out, site, v, i, mine["small_ids"], nf)
 
 

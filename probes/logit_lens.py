@@ -21,7 +21,7 @@ import torch
 
 from mech_vtokens.errors import InputError
 
-from .embed_lens import LensResult, _Lens, _select, _store, _topk_rerank
+from .embed_lens import LensResult, _Lens, _lens_rows, _store, _topk_rerank
 
 
 class LogitLens(_Lens):
@@ -60,14 +60,18 @@ class LogitLens(_Lens):
             weight = head.weight.detach()
             bias = getattr(head, "bias", None)
             bias = None if bias is None else bias.detach()
-            h = _select(site, value.detach(), mine)
-            normed = _resolve(ctx["model"], mine["final_norm"])(h)
-            res = _topk_rerank(normed, weight, mine["k"], mine["n_cand"], mine["chunk"], bias=bias,
-                               penalty=self._penalty(ctx, mine, weight.shape[0]), want_lse=mine["logprobs"])
-            v, i = res[0], res[1]
-            if mine["logprobs"]:
-                v = v - res[3][:, None]
-        _store(out, site, v, i, mine["small_ids"], res[2])
+            penalty = self._penalty(ctx, mine, weight.shape[0])
+            norm = _resolve(ctx["model"], mine["final_norm"])
+
+            def lens(h):
+                res = _topk_rerank(norm(h), weight, mine["k"], mine["n_cand"], mine["chunk"], bias=bias,
+                                   penalty=penalty, want_lse=mine["logprobs"])
+                if mine["logprobs"]:
+                    return res[0] - res[3][:, None], res[1], res[2]
+                return res[:3]
+
+            v, i, nf = _lens_rows(site, value.detach(), mine, ctx, lens)
+        _store(out, site, v, i, mine["small_ids"], nf)
 
 
 __all__ = ["LogitLens", "LensResult"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mech_vtokens.component import Probe
+from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
 
@@ -55,7 +55,7 @@ class NormTracker(Probe):
         mine = ctx["mine"]
         with torch.no_grad():
             x = value.detach()
-            x = x.reshape(-1, x.shape[-1]) if site.startswith("vision.") else x[mine["select"]]
+            x = x.reshape(-1, x.shape[-1]) if site.startswith("vision.") else select_rows(x, mine["select"], ctx)[0]
             x = x.float()
             rec = {"l1": x.abs().sum(-1), "l2": x.norm(dim=-1)}
             prev = out.get("_prev")

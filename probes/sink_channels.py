@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from mech_vtokens.component import Probe
+from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
 
@@ -123,10 +123,11 @@ class SinkChannels(Probe):
         mine = ctx["mine"]
         with torch.no_grad():
             x = value.detach().float()
-            rows = torch.arange(x.shape[0])
-            bos = x[rows, mine["bos"]]  # (rows, d)
             sel = mine["select"]
-            xs = x[sel]  # (n, d)
+            bos_mask = torch.zeros_like(sel)
+            bos_mask[torch.arange(sel.shape[0]), mine["bos"]] = True
+            bos = select_rows(x, bos_mask, ctx)[0]  # (rows, d): the first attended token is text, never removed
+            xs = select_rows(x, sel, ctx)[0]  # (n, d); NaN rows for tokens removed before this site
             rms = xs.pow(2).mean(-1).sqrt().clamp_min(1e-30)
             row_of = sel.nonzero()[:, 0]
             cos = torch.nn.functional.cosine_similarity(xs, bos[row_of], dim=-1)
