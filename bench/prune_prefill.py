@@ -7,7 +7,6 @@ Medium LLaVA: CLIP-L/14-336 (576 patches), LLaMA-7B widths, vocab 32000, bf16, 2
 """
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,12 +71,12 @@ def main():
         assert logits.shape[1] == batch.visual_mask.shape[1] - k
 
     t = interleaved({"hf_plain": timed("hf_plain", hf_plain), "hf_pruned": timed("hf_pruned", hf_pruned), "trace_plain": trace_plain,
-                     "trace_pruned": trace_pruned}, repeats=args.repeats)
+                     "trace_pruned": trace_pruned}, repeats=args.repeats, stat="min")
     seq = batch.visual_mask.shape[1]
     print(f"sequence {seq} tokens ({n} visual); pruned {k} visual ({k / n:.0%}) -> {seq - k} tokens")
     print(f"HF forward      plain {t['hf_plain']:.3f} s   pruned (applied) {t['hf_pruned']:.3f} s   "
           f"speed-up {t['hf_plain'] / t['hf_pruned']:.2f}x")
-    lm_plain, lm_pruned = (statistics.median(lm_times[k][1:]) for k in ("hf_plain", "hf_pruned"))
+    lm_plain, lm_pruned = (min(lm_times[k][1:]) for k in ("hf_plain", "hf_pruned"))
     print(f"language model  plain {lm_plain:.3f} s   pruned {lm_pruned:.3f} s   speed-up {lm_plain / lm_pruned:.2f}x "
           f"(the LM part of the HF forward; vision tower + projector are the same in both)")
     print(f"nnsight trace   plain {t['trace_plain']:.3f} s   pruned (Experiment) {t['trace_pruned']:.3f} s   "
