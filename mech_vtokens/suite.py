@@ -71,6 +71,9 @@ def analyze(vlm, images, prompts, probes=ALL_PROBES, labels=None, k: int = 5, ba
         part = calibrate(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
         extra["partition"] = part
         extra["summary"] = summarize(part, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
+        from .partition import cluster_dominance
+
+        extra["clusters"] = cluster_dominance(vlm, images[:n_cal], prompts[:n_cal], remote=remote)
     if boxes is not None:
         from .partition import semantic_sparsity
 
@@ -86,7 +89,7 @@ def analyze(vlm, images, prompts, probes=ALL_PROBES, labels=None, k: int = 5, ba
             results.setdefault(name, []).append(r)
         batches.append((start, vlm.prepare(images[sl], prompts[sl])))
     _write_tables(results, out)
-    for name in ("summary", "sparsity"):
+    for name in ("summary", "sparsity", "clusters"):
         if name in extra:
             extra[name].to_pandas().to_csv(out / f"{name}.csv", index=False)
     report = _report(vlm, results, batches, overlays, extra)
@@ -133,7 +136,10 @@ def _report(vlm, results, batches, overlays: int, extra=None):
         summary = extra["summary"]
         rep.table(summary.to_pandas(), "share of each group and cross-image similarity of its centroid (App. B.2)")
         summary.plot()
-        rep.figure(plt.gcf(), "group shares and cross-image similarity (Fig. 1)")
+        rep.figure(plt.gcf(), "group shares and cross-image similarity of each group's centroid")
+        extra["clusters"].plot()
+        rep.figure(plt.gcf(), "anchor clusters of the LM-input visual tokens (τ = 0.9): cross-image similarity per "
+                              "cluster rank and cluster sizes (Fig. 1)")
         labels = results["partition"][0].labels
         for i in range(min(overlays, len(first.images))):
             rep.view(PatchOverlay(first, i, groups=labels, lenses=lenses, title=f"image {i}: groups"))

@@ -251,3 +251,25 @@ def test_semantic_sparsity_equals_hand_computation(planted):
         assert res.any_grounded[s] == pytest.approx(grounded / batch.n_visual)
     with pytest.raises(InputError, match="bbox"):
         semantic_sparsity(vlm, ims, [[{"label": "cat"}], []], pr)
+
+
+def test_figure1_cluster_dominance_on_planted_fixture(planted):
+    """Fig. 1 on the planted LLaVA: the dead background forms the largest cluster in every image and it is the same
+    cluster across images (similarity ~1); sizes equal an independent anchor clustering of plain-HF embeddings."""
+    from mech_vtokens.partition import anchor_clusters, cluster_dominance
+
+    vlm, truth = planted("llava")
+    pr = T.prompt("llava")
+    drawn = [T.planted_image(truth, 50 + s, content=0.3) for s in range(4)]
+    fig = cluster_dominance(vlm, [im for im, _ in drawn], [pr] * 4)
+    df = fig.to_pandas()
+    assert df.similarity_mean.iloc[0] > 0.999
+    for (im, lab), c in zip(drawn, fig.clusters):
+        n_dead = sum(x == "dead" for row in lab for x in row)
+        assert c.sizes[0] == n_dead  # the largest cluster is exactly the dead background
+        batch = vlm.prepare([im], [pr])
+        with torch.no_grad():
+            emb = vlm.hf(**batch.inputs, output_hidden_states=True).hidden_states[0][batch.visual_mask]
+        assert anchor_clusters(emb, 0.9).sizes == c.sizes
+    with pytest.raises(InputError, match="at least 2 images"):
+        cluster_dominance(vlm, [drawn[0][0]], [pr])

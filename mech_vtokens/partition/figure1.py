@@ -1,0 +1,69 @@
+"""Paper Fig. 1: cluster dominance and cross-image stability of the projected visual tokens.
+
+Per image, anchor clustering (App. B.1, τ) of its visual tokens as the LM receives them (``hook_embed``); right panel:
+the sizes of the 5 largest clusters per image (mean ± std over images); left panel: the cross-image similarity of the
+cluster of each rank (App. B.2: s_i = max_j C_i·C_j over normalised centroids, mean ± std over image pairs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from ..results import Result
+from .clustering import anchor_clusters, cross_image_similarity
+
+
+def cluster_dominance(vlm, images, prompts=None, tau: float = 0.9, top: int = 5, remote=False) -> "Figure1":
+    """Cluster the LM-input visual tokens of each image (one forward for all images) and compare across images."""
+    from probes import Activations
+
+    from ..run import run
+
+    images = list(images)
+    if len(images) < 2:
+        raise InputError(f"Fig. 1 compares clusters across images: pass at least 2 images, got {len(images)}")
+    prompts = prompts or [vlm.image_placeholder] * len(images)
+    batch = vlm.prepare(images, prompts)
+    act, = run(vlm, images, prompts, probes=[Activations(["hook_embed"], visual_only=True)], remote=remote)
+    x = act["hook_embed"].float()
+    clusters = [anchor_clusters(x[batch.tokens["image"] == i], tau) for i in range(len(images))]
+    return Figure1(clusters, cross_image_similarity(clusters, top=top), tau, top)
+
+
+class Figure1(Result):
+    name = "cluster_dominance"
+
+    def __init__(self, clusters, cross, tau, top):
+        self.clusters, self.cross, self.tau, self.top = clusters, cross, tau, top
+
+    def sizes(self) -> torch.Tensor:
+        """(images, top) sizes of the largest clusters."""
+        return torch.tensor([c.top_sizes(self.top) for c in self.clusters], dtype=torch.float)
+
+    def to_pandas(self):
+        import pandas as pd
+
+        s = self.sizes()
+        df = self.cross.to_pandas()
+        df = df[df.cluster < self.top].copy()
+        df["size_mean"] = s.mean(0).numpy()[: len(df)]
+        df["size_std"] = s.std(0, unbiased=False).numpy()[: len(df)]
+        return df
+
+    def plot(self, axes=None):
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        df = self.to_pandas()
+        if axes is None:
+            _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        axes[0].bar(df.cluster, df.similarity_mean, yerr=df.similarity_var.pow(0.5))
+        axes[0].set_title(f"cross-image similarity per cluster rank (τ={self.tau})", fontsize=9)
+        axes[0].set_xlabel("cluster (ranked by size)")
+        axes[1].bar(df.cluster, df.size_mean, yerr=df.size_std)
+        axes[1].set_title("tokens in the top clusters per image", fontsize=9)
+        axes[1].set_xlabel("cluster (ranked by size)")
+        return axes
