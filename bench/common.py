@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -43,3 +44,29 @@ def interleaved(fns: dict, repeats: int = 5, warmup: int = 1, stat: str = "media
             times[k].append(time.perf_counter() - t)
     pick = min if stat == "min" else statistics.median
     return {k: pick(v) for k, v in times.items()}
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_above(fn) -> int:
+    """Peak resident memory above the level before ``fn`` (sampled every 2 ms)."""
+    import gc
+
+    gc.collect()
+    base, peak, stop = rss(), [0], [False]
+
+    def sample():
+        while not stop[0]:
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    fn()
+    stop[0] = True
+    t.join()
+    return max(peak[0], rss()) - base

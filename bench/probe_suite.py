@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, medium_inputs, medium_llava  # noqa: E402
+from common import interleaved, medium_inputs, medium_llava, peak_above  # noqa: E402
 
 import nnsight  # noqa: E402
 from mech_vtokens.adapters.base import _resolve  # noqa: E402
@@ -33,29 +31,6 @@ K = 5
 DIMS = [1415, 2533]
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_above(fn) -> int:
-    """Peak resident memory above the level before ``fn`` (sampled every 2 ms)."""
-    import gc
-
-    gc.collect()
-    base, peak, stop = rss(), [0], [False]
-
-    def sample():
-        while not stop[0]:
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    fn()
-    stop[0] = True
-    t.join()
-    return max(peak[0], rss()) - base
 
 
 def main():

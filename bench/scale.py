@@ -27,14 +27,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, interleaved  # noqa: E402
+from common import CACHE, interleaved, peak_above, rss  # noqa: E402
 
 K = 5
 THREADS = 2
@@ -224,28 +223,6 @@ class Bench:
 
 # ---- memory ----------------------------------------------------------------------------------------------------
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_above(fn) -> int:
-    import gc
-
-    gc.collect()
-    base, peak, stop = rss(), [0], [False]
-
-    def sample():
-        while not stop[0]:
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    fn()
-    stop[0] = True
-    t.join()
-    return max(peak[0], rss()) - base
 
 
 def rss_child(name, variant) -> float:

@@ -16,7 +16,7 @@ class Result:
         return f"{type(self).__name__}({len(df)} rows; columns: {', '.join(df.columns)})"
 
     def _repr_html_(self):  # notebooks: the table's head
-        return self.to_pandas().head(20)._repr_html_()
+        return self.to_pandas().head(20).to_html()
 
 
 def visual_index_frame(batch):
