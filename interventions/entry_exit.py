@@ -16,15 +16,19 @@ original positions, next to the text hidden states coming out of layer ``k-1``. 
   full sequence: causal over the ``L`` positions plus the batch's padding, in the format the LM passes its layers
   (eager: additive float with ``finfo.min``; sdpa: bool, or None when nothing is masked but causality) — the same mask
   the LM builds for the clean input.
-- KV cache: a single forward only. Layers ``< k`` would cache ``T`` keys, layers ``>= k`` ``L`` keys, so HF's cache
-  (one length for all layers) cannot continue; ``VisualEntry`` raises a clear error when the LM receives a cache
-  from its caller (``generate``; in a plain forward the LM makes its own, which is returned inconsistent and unused).
-  Scoring a prompt (+ answer) in one forward is the supported use.
+- generation (KV cache): layers ``< k`` cache the ``T`` text keys, layers ``>= k`` all ``L``. On every decode step
+  the new token runs through layers ``< k`` against the text-only cache (the LM's mask and positions of the text
+  window, continued as ``Prune`` continues them) and through layers ``>= k`` against the full cache, with the mask
+  rebuilt over those ``L + steps`` keys and the position the unmodified model gives the new token. The same as
+  re-running the whole forward on prompt + generated tokens (tests check the logits of every step). Generation
+  without a cache (``use_cache=False``) is refused.
 
 ``VisualExit(k)``: layers ``< k`` see the full sequence; at layer ``k`` the selected visual tokens are dropped
 (hidden states, positions and mask sliced). The kept text tokens KEEP their position ids (no reset: their keys in
 earlier layers were computed at those positions); the mask is the causal + padding mask of the shortened sequence.
-Logits come back shortened (rows left-padded to one width, as after ``Prune``). Same single-forward restriction.
+Logits come back shortened (rows left-padded to one width, as after ``Prune``). In generation layers ``>= k`` attend
+to their shortened cache (mask rebuilt per step), layers ``< k`` to the full one; ``k >= 1`` (an exit at layer 0 is
+``Prune(tokens)``).
 
 Both act at the decoder layers' ``(args, kwargs)`` (sites ``blocks.{i}.hook_inputs`` for every ``i >= k``: the LM
 builds one mask and one position embedding for all its layers, so each layer from ``k`` on gets the ones computed at
@@ -37,26 +41,34 @@ M-RoPE ids rather than a flat ``0..L-1``.
 
 from __future__ import annotations
 
-from mech_vtokens.component import Intervention
+from mech_vtokens.component import Intervention, kv_cache
 from mech_vtokens.errors import InputError
 
 from ._util import layer_list
-from .prune import Prune
+from .prune import Prune, refuse_single_pass
 from .token_sets import as_token_set, packed_layout, resolve
 from .zero_sublayer import InterventionResult
 
 
-def _no_cache(kwargs, who):
-    if kwargs.get("past_key_values") is not None:
-        raise ValueError(
-            f"{who} runs in one forward only (trace / a plain model call): the language model received a KV cache "
-            f"(generate), and layers before and after the change would cache different sequence lengths. Score the "
-            f"prompt (+ candidate answers) in a single forward instead")
+def _lm_step(value, ctx, out, who):
+    """At ``lm.hook_inputs``: how many keys the cache already holds (0 at the prefill), after the refusals."""
+    kwargs = value[1]
+    cache = kv_cache(kwargs)
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    refuse_single_pass(ctx, cache, past, who)
+    emb = kwargs.get("inputs_embeds")
+    if past == 0 and emb is not None and emb.shape[1] != ctx["mine"]["keep"].shape[1]:
+        raise ValueError(f"{who}: the language model got {emb.shape[1]} tokens without a KV cache where the prompt "
+                         f"has {ctx['mine']['keep'].shape[1]} (generation with use_cache=False); generate with the "
+                         f"cache (the default), or score prompt + answer in one forward")
+    out["_decoding"] = past > 0
+    return past
 
 
-def _full_mask(like, am, n):
-    """Causal + padding mask over ``n`` positions for the 2-D ``am`` (batch, n), in the format of ``like`` (what the LM
-    passes its layers): None (sdpa, only causality), a bool (True = attend) or an additive float (batch, 1, n, n)."""
+def _mask(like, am, q):
+    """Causal + padding mask for the LAST ``q`` of the ``am.shape[1]`` key positions (``am``: (batch, keys) 2-D,
+    1 = attend), in the format of ``like`` (what the LM passes its layers): None (sdpa: only causality), a bool
+    (True = attend) or an additive float (batch, 1, q, keys). ``q == keys`` at a prefill, 1 on a decode step."""
     import torch
 
     if like is not None and not (isinstance(like, torch.Tensor) and like.ndim == 4):
@@ -64,14 +76,41 @@ def _full_mask(like, am, n):
                          f"{type(like).__name__} (flash / flex attention are not supported; load with "
                          f"attn_implementation='eager' or 'sdpa')")
     keys = am.bool()
-    if like is None and bool(keys.all()):
+    n = keys.shape[1]
+    if like is None and bool(keys.all()) and q in (1, n):
         return None
     dev = like.device if like is not None else am.device
-    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    causal = torch.arange(n, device=dev)[None, :] <= torch.arange(n - q, n, device=dev)[:, None]
     allowed = (causal[None] & keys.to(dev)[:, None, :])[:, None]
     if like is None or like.dtype == torch.bool:
         return allowed
     return torch.zeros(allowed.shape, dtype=like.dtype, device=dev).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def _extend(am, b, more):
+    """The 2-D key mask ``am`` followed by ``more`` generated tokens (always attended)."""
+    import torch
+
+    return torch.cat([am, torch.ones(b, more, dtype=am.dtype, device=am.device)], 1)
+
+
+def _split_positions(pos):
+    """Position ids as the LM holds them -> (ids for the rotary module, ids for the decoder layers' kwarg). Qwen in
+    generate passes (4, batch, n): text positions first, then the three M-RoPE axes; plain (3, batch, n) M-RoPE has
+    no layer ids."""
+    if pos.ndim == 3 and pos.shape[0] == 4:
+        return pos[1:], pos[0]
+    if pos.ndim == 3:
+        return pos, None
+    return pos, pos
+
+
+def _rotary(ctx, h, pos):
+    model = ctx["model"]
+    for part in ctx["mine"]["rotary"].split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    rot = getattr(model, "_module", model)  # the plain torch module (nnsight envoy or HF module)
+    return type(rot).forward(rot, h, pos)  # class forward: no hooks, no nnsight call
 
 
 def _layer_io(value):
@@ -130,7 +169,11 @@ class _Window(Intervention):
         return None
 
     def extras(self, vlm, batch):
-        return packed_layout(~resolve(self.tokens, batch, self.who))
+        return dict(packed_layout(~resolve(self.tokens, batch, self.who)),
+                    k_site=vlm.adapter.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"))
+
+    def decode_sites(self, vlm):  # every decode step: each layer gets the mask of its own (shorter or full) cache
+        return self.sites(vlm)
 
     def collect(self, raw, batch, vlm):
         return InterventionResult(self)
@@ -173,14 +216,20 @@ class VisualEntry(_Window):
         import torch
 
         if site == "lm.hook_inputs":
-            _no_cache(value[1], "VisualEntry")
+            past = _lm_step(value, ctx, out, "VisualEntry")
             kw = value[1]
-            out["_full"] = {"emb": kw["inputs_embeds"], "am": kw.get("attention_mask"), "pos": kw.get("position_ids")}
-            return self._prune.at(site, value, ctx, {})
+            if past == 0:
+                out["_full"] = {"emb": kw["inputs_embeds"], "am": kw.get("attention_mask"),
+                                "pos": kw.get("position_ids")}
+            else:  # decode: layer 0 (< k) caches the text window; the incoming positions are the full sequence's
+                out["_step"] = {"done": past - out["_prune"]["_state"]["width"], "pos": kw.get("position_ids")}
+            return self._prune.at(site, value, ctx, out.setdefault("_prune", {}))
         h, rest, kwargs, positional = _layer_io(value)
-        if "_kw" in out:  # a layer after k: the full sequence's mask / positions computed at layer k
+        if site != ctx["mine"]["k_site"]:  # a layer after k: the full sequence's mask / positions computed at k
             kwargs.update(out["_kw"])
             return _pack(h, rest, kwargs, positional)
+        if out["_decoding"]:
+            return self._decode(h, rest, kwargs, positional, ctx, out)
         # at layer k: re-insert the raw embeddings, restore the full sequence's mask and positions
         full = out["_full"]
         emb = full["emb"]
@@ -192,23 +241,39 @@ class VisualEntry(_Window):
         new = torch.cat([emb.to(h.dtype), emb.new_zeros(b, 1, d).to(h.dtype)], 1)
         new = new.scatter(1, dest.unsqueeze(-1).expand(-1, -1, d), h)[:, :n]
         am = full["am"]
-        am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am
-        kw = {"attention_mask": _full_mask(kwargs.get("attention_mask"), am, n)}
+        am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am.to(h.device)
         pos = full["pos"]
         if pos is None:  # what the LM builds when it gets none: 0..n-1
             pos = torch.arange(n, device=h.device).unsqueeze(0)
-        model = ctx["model"]
-        for part in mine["rotary"].split("."):
-            model = model[int(part)] if part.isdigit() else getattr(model, part)
-        rot = getattr(model, "_module", model)  # the plain torch module (nnsight envoy or HF module)
-        kw["position_embeddings"] = type(rot).forward(rot, new, pos)  # class forward: no hooks, no nnsight call
-        if kwargs.get("position_ids") is not None and pos.ndim == 2:
-            kw["position_ids"] = pos
-        if kwargs.get("cache_position") is not None:
-            kw["cache_position"] = torch.arange(n, device=h.device)
+        out["_am"], out["_next"] = am, pos[..., -1:] + 1  # for the decode steps
+        return self._restore(new, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, n),
+                             pos)
+
+    def _decode(self, h, rest, kwargs, positional, ctx, out):
+        """Layer k on a decode step: the new tokens attend to the full cache (prompt + generated so far)."""
+        import torch
+
+        b, q = h.shape[:2]
+        step = out["_step"]
+        pos = step["pos"]
+        if pos is None:  # no ids from the caller: continue the full sequence's
+            pos = out["_next"] + step["done"] + torch.arange(q, device=h.device)
+        am = _extend(out["_am"], b, step["done"] + q)
+        return self._restore(h, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, q), pos)
+
+    def _restore(self, h, rest, kwargs, positional, ctx, out, mask, pos):
+        import torch
+
+        rope_pos, layer_pos = _split_positions(pos.to(h.device))
+        kw = {"attention_mask": mask, "position_embeddings": _rotary(ctx, h, rope_pos)}
+        if kwargs.get("position_ids") is not None and layer_pos is not None:
+            kw["position_ids"] = layer_pos
+        if kwargs.get("cache_position") is not None:  # transformers < 5.24
+            done = out["_step"]["done"] + out["_am"].shape[1] if out["_decoding"] else 0
+            kw["cache_position"] = torch.arange(done, done + h.shape[1], device=h.device)
         out["_kw"] = kw
         kwargs.update(kw)
-        return _pack(new, rest, kwargs, positional)
+        return _pack(h, rest, kwargs, positional)
 
 
 class VisualExit(_Window):
@@ -230,31 +295,47 @@ class VisualExit(_Window):
     def layout(self, vlm, batch):
         return dict(self.extras(vlm, batch), start=f"blocks.{self._layer(vlm)}.hook_inputs")
 
+    def _check_layer(self, vlm, k):
+        if k == 0:
+            raise InputError("VisualExit: an exit at layer 0 removes the tokens before any layer, which is "
+                             "Prune(tokens) (original positions kept); use 1..n_layers-1")
+
     def at(self, site, value, ctx, out):
         import torch
 
         if site == "lm.hook_inputs":
-            _no_cache(value[1], "VisualExit")
+            past = _lm_step(value, ctx, out, "VisualExit")
+            out["_done"] = past - ctx["mine"]["keep"].shape[1] if past else 0  # layer 0 (< k) caches everything
             return None
         h, rest, kwargs, positional = _layer_io(value)
-        if "_kw" in out:  # a layer after k: the shortened sequence's mask / positions computed at layer k
+        if site != ctx["mine"]["k_site"]:  # a layer after k: the shortened sequence's mask / positions computed at k
             kwargs.update(out["_kw"])
             return _pack(h, rest, kwargs, positional)
         b, n, d = h.shape
+        if out["_decoding"]:  # the new tokens attend to the shortened cache; their positions are unchanged
+            am = _extend(out["_am"], b, out["_done"] + n)
+            kw = {"attention_mask": _mask(kwargs.get("attention_mask"), am, n)}
+            if kwargs.get("cache_position") is not None:  # transformers < 5.24
+                done = out["_am"].shape[1] + out["_done"]
+                kw["cache_position"] = torch.arange(done, done + n, device=h.device)
+            out["_kw"] = kw
+            kwargs.update(kw)
+            return _pack(h, rest, kwargs, positional)
         mine = ctx["mine"]
         index, valid = mine["index"].to(h.device), mine["valid"].to(h.device)
         new = h.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
         am = ctx.get("attention_mask")  # the full-length 2-D mask (this site is before the shortened window)
         am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am.to(h.device)
         am = am.gather(1, index) * valid.to(am.dtype)
-        kw = {"attention_mask": _full_mask(kwargs.get("attention_mask"), am, index.shape[1])}
+        out["_am"] = am
+        kw = {"attention_mask": _mask(kwargs.get("attention_mask"), am, index.shape[1])}
         cos, sin = kwargs["position_embeddings"]
         idx = index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
         kw["position_embeddings"] = (cos.expand(b, -1, -1).gather(1, idx), sin.expand(b, -1, -1).gather(1, idx))
         pid = kwargs.get("position_ids")
         if pid is not None and pid.ndim == 2:
             kw["position_ids"] = pid.expand(b, -1).gather(1, index)
-        if kwargs.get("cache_position") is not None:
+        if kwargs.get("cache_position") is not None:  # transformers < 5.24
             kw["cache_position"] = torch.arange(index.shape[1], device=h.device)
         out["_kw"] = kw
         kwargs.update(kw)

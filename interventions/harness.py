@@ -6,8 +6,9 @@ benchmark rows need an evaluation harness such as lmms-eval to run an intervened
 
 The same plan as :class:`~mech_vtokens.Experiment` (same sites, same order, same ``at`` code) is installed as plain
 torch forward / forward-pre hooks on the HF modules; every hook is removed on exit, also when the body raises.
-On generation steps after the first, ``ctx["decode"]`` is True: prefill-only interventions step aside, ``Prune``
-keeps the cache shortened and the positions continuing. ``batch_or_inputs``: a :class:`~mech_vtokens.Batch`
+On generation steps after the first, ``ctx["decode"]`` is True and only the components that act on every step run
+there (the Experiment's ``decode_plan``): probes and prefill-only interventions step aside, ``Prune`` keeps the cache
+shortened and the positions continuing, ``VisualEntry`` / ``VisualExit`` give each layer the mask of its own cache. ``batch_or_inputs``: a :class:`~mech_vtokens.Batch`
 (``vlm.prepare``), or the processor's output dict (then token sets are resolved with one image per prompt row).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from mech_vtokens.adapters.base import _resolve
+from mech_vtokens.component import kv_cache
 from mech_vtokens.errors import InputError
 
 
@@ -66,7 +68,8 @@ def applied(model, interventions, batch_or_inputs, probes=()):
                              f"instead of applied(...)")
     ctx = dict(exp.ctx)
     ctx["model"] = hf
-    ctx["harness"] = True  # components may tell the plain-hook harness from an nnsight trace (Prune does)
+    ctx["harness"] = True  # components may tell the plain-hook harness from an nnsight trace
+    ctx["generating"] = True  # every forward under the hooks is seen, decode steps included
     after = ctx.get("after_layout")
     ctx_after = dict(ctx, **after["ctx"]) if after else ctx
     raw: dict = {}
@@ -77,15 +80,17 @@ def applied(model, interventions, batch_or_inputs, probes=()):
     def lm_pre(module, args, kwargs):
         emb = kwargs.get("inputs_embeds")
         n = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         past = int(cache.get_seq_length()) if cache is not None else 0
         state["decode"] = past > 0 or n != prefill_len
+
+    on_decode = {name: cids for name, _, _, _, cids in exp.decode_plan}
 
     def make_run(name, cids, c):
         def run(value):
             c["decode"] = state["decode"]
             changed = False
-            for cid in cids:
+            for cid in (on_decode.get(name, ()) if state["decode"] else cids):
                 c["mine"] = c["extras"].get(cid, {})
                 new = exp.comps[cid].at(name, value, c, raw.setdefault(cid, {}))
                 if new is not None:

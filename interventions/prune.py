@@ -14,22 +14,36 @@ LEFT-padded to one width, so logits come back with length ``seq'``; the last pos
 Sites after the prune see the shortened sequence (``ctx["visual_mask"]`` is the shortened one); probes at
 ``hook_embed`` still see the full one.
 
-In generation, wrap ``generate`` (HF's, or nnsight's ``vlm.model.generate``) in ``interventions.applied(...)``: later
-steps then continue the kept positions (original or repacked) and attend to the shortened cache. That harness is the
-supported path: an Experiment inside an nnsight generate trace visits each site once (the prefill), so it could not fix
-the decode steps' attention mask and positions; Prune therefore RAISES when the language model receives a KV cache
-from its caller (``generate``) outside ``applied`` (in a plain trace / forward the LM gets none). Deliberate difference: the authors' code is unseeded for the random
+In generation the prefill is pruned and every decode step attends to the shortened cache with the positions
+continuing (original or repacked). Three ways: ``mech_vtokens.generate(vlm, images, prompts, interventions=[...])``;
+an Experiment in your own nnsight generate trace with ``exp.execute(vlm.model, steps=tracer.iter[:n])`` (it then acts
+on each step); or ``interventions.applied(...)`` around HF's / nnsight's ``generate`` (plain hooks). An Experiment run
+ONCE inside a generate trace (no ``steps``) would prune the prefill only and leave the decode steps with the
+unpruned mask and positions, so Prune RAISES when the language model receives a KV cache from its caller there.
+Deliberate difference: the authors' code is unseeded for the random
 control; ``MatchedRandom`` is seeded.
 """
 
 from __future__ import annotations
 
-from mech_vtokens.component import Intervention
+from mech_vtokens.component import Intervention, kv_cache
 from mech_vtokens.errors import InputError
 
 from ._util import overlap
 from .token_sets import as_token_set, packed_layout, resolve
 from .zero_sublayer import InterventionResult
+
+
+def refuse_single_pass(ctx, cache, past, who):
+    """In an nnsight generate trace an Experiment run once (no ``steps``) reaches only the prefill: a
+    sequence-changing intervention would leave every decode step with the wrong mask and positions."""
+    if past == 0 and cache is not None and not ctx.get("generating"):
+        raise ValueError(
+            f"{who} inside an nnsight generate trace through an Experiment run once would change the prefill only: "
+            f"the decode steps would run with the unchanged attention mask and positions against the changed KV "
+            f"cache (wrong tokens, silently). Let it act on every step: mech_vtokens.generate(vlm, images, prompts, "
+            f"interventions=[...]), or exp.execute(vlm.model, steps=tracer.iter[:max_new_tokens]) in your trace, "
+            f"or wrap the generate call in interventions.applied(vlm, [...], batch)")
 
 
 class Prune(Intervention):
@@ -41,6 +55,9 @@ class Prune(Intervention):
         self.positions = positions
 
     def sites(self, vlm):
+        return ["lm.hook_inputs"]
+
+    def decode_sites(self, vlm):  # each decode step: the shortened cache's mask, the positions continuing
         return ["lm.hook_inputs"]
 
     def check(self, vlm, batch):
@@ -70,20 +87,14 @@ class Prune(Intervention):
         index, valid = mine["index"].to(emb.device), mine["valid"].to(emb.device)
         b, n, d = emb.shape
         width = index.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         past = int(cache.get_seq_length()) if cache is not None else 0
         am = kwargs.get("attention_mask")
         if am is not None and not (isinstance(am, torch.Tensor) and am.ndim == 2):
             raise ValueError("Prune needs a 2-D attention mask (or None) at the language model; got "
                              f"{type(am).__name__} — compiled/static caches are not supported")
         pos = kwargs.get("position_ids")
-        if past == 0 and cache is not None and not ctx.get("harness"):
-            raise ValueError(
-                "Prune inside an nnsight generate trace through an Experiment would prune the prefill only: the "
-                "Experiment visits each site once, so the decode steps would run with the unpruned attention mask and "
-                "positions against the shortened KV cache (wrong tokens, silently). Wrap the generate call in "
-                "interventions.applied(vlm, [Prune(...)], batch) instead — it fixes every decode step — e.g. "
-                "`with applied(vlm, ivs, batch): vlm.hf.generate(**batch.inputs, ...)`")
+        refuse_single_pass(ctx, cache, past, "Prune")
         if past == 0:  # prefill (or a generation step without a cache: the full sequence again)
             full = mine["keep"].shape[1]
             if n > full:  # tokens appended by generation without a cache: all kept
@@ -116,7 +127,7 @@ class Prune(Intervention):
             kwargs["attention_mask"] = torch.cat([st["am"], tail], 1)
             step = torch.arange(n, device=emb.device) + (past - st["width"])
             kwargs["position_ids"] = (st["next"] + step).contiguous()
-        if "cache_position" in kwargs and kwargs["cache_position"] is not None:
+        if kwargs.get("cache_position") is not None:  # transformers < 5.24
             kwargs["cache_position"] = torch.arange(past, past + kwargs["inputs_embeds"].shape[1], device=emb.device)
         return (args, kwargs)
 

@@ -5,12 +5,13 @@
     vlm = mv.load("llava-hf/llava-1.5-7b-hf")            # or a local dir, or mv.testing.tiny_model(...)
     lens, = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5)])
     lens.to_pandas()
+    out = mv.generate(vlm, images, prompts, interventions=[Prune(dead)], max_new_tokens=20)   # out.text
 """
 
 from .errors import InputError
 from .experiment import Experiment
-from .run import run
+from .run import Generation, generate, run
 from .vlm import VLM, Batch, load, register_remote
 
-__all__ = ["VLM", "Batch", "Experiment", "InputError", "load", "register_remote", "run"]
+__all__ = ["VLM", "Batch", "Experiment", "Generation", "InputError", "generate", "load", "register_remote", "run"]
 __version__ = "0.1.0"

@@ -18,6 +18,9 @@ Subclass :class:`Probe` or :class:`Intervention` and implement:
 - ``extras(vlm, batch) -> dict``: optional small tensors computed outside the trace and shipped into it; inside
   ``at`` they are ``ctx["mine"]`` (this component's own extras).
 - ``collect(raw, batch, vlm) -> Result``: turns ``out`` into a result object (outside the trace).
+- optional ``decode_sites(vlm) -> list[str]``: the sites it must also act at on every generation step after the
+  prefill (default none: probes and prefill-only interventions act on the prompt's forward alone). ``ctx["decode"]``
+  is True on those steps.
 - optional ``conflicts(other, vlm, batch) -> str | None``: a message when this component contradicts ``other``
   (e.g. pruning a token another intervention zeroes); the Experiment raises it as an ``InputError``.
 
@@ -39,6 +42,9 @@ class Component:
 
     def extras(self, vlm, batch) -> dict:
         return {}
+
+    def decode_sites(self, vlm) -> list[str]:
+        return []
 
     def at(self, site, value, ctx, out):
         raise NotImplementedError
@@ -64,6 +70,13 @@ class Intervention(Component):
 
 
 # ---- helpers for code that runs INSIDE the trace (torch only) -----------------------------------------------------
+
+def kv_cache(kwargs):
+    """The KV cache a module received (transformers >= 5.24 calls it ``cache``, earlier 5.x ``past_key_values``), or
+    None."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
 
 def select_rows(value, mask, ctx):
     """The rows of ``value`` (batch, seq, ...) at the positions ``mask`` (batch, seq) bool picks, given in the

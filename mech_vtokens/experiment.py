@@ -52,13 +52,14 @@ def _write(env, kind, index, value):
         env.inputs = (args, kwargs)
 
 
-def _execute(model, plan, comps, ctx):
+def _execute(model, plan, comps, ctx, out=None, decode=False):
     """Runs inside the trace: visit each planned site in forward order, hand its value to the components."""
     ctx = dict(ctx)
     ctx["model"] = model
+    ctx["decode"] = decode
     after = ctx.get("after_layout")  # masks of the shortened sequence, for the sites after a sequence change
-    ctx_after = dict(ctx, **after["ctx"]) if after else ctx
-    out = {}
+    ctx_after = dict(ctx, **after["ctx"]) if after and not decode else ctx
+    out = {} if out is None else out
     for name, path, kind, index, cids in plan:
         env = _resolve(model, path)
         value = _read(env, kind, index)
@@ -73,6 +74,20 @@ def _execute(model, plan, comps, ctx):
                 value, changed = new, True
         if changed:
             _write(env, kind, index, value)
+    return out
+
+
+def _execute_steps(model, plan, decode_plan, comps, ctx, steps, out):
+    """Runs inside a generate trace: the whole plan on the prefill (step 0), the decode plan on every later step
+    (``steps`` is nnsight's ``tracer.iter[...]``, which binds each pass to that step's module calls)."""
+    ctx = dict(ctx, generating=True)
+    for step in steps:
+        if step == 0:
+            _execute(model, plan, comps, ctx, out)
+        elif decode_plan:
+            _execute(model, decode_plan, comps, ctx, out, decode=True)
+        else:
+            break
     return out
 
 
@@ -110,6 +125,14 @@ class Experiment:
             _, path, kind, index = vlm.adapter.site(name)
             plan.append((name, path, kind, index, by_site[name]))
         self.plan = plan
+        # generation steps after the prefill: only the sites components asked for there (Prune's positions and
+        # mask, VisualEntry / VisualExit's per-window masks, ZeroSublayer(every_step=True)); probes read the prefill
+        by_decode: dict[str, list[int]] = {}
+        for cid, c in enumerate(comps):
+            for name in c.decode_sites(vlm):
+                by_decode.setdefault(vlm.adapter.canonical(name), []).append(cid)
+        self.decode_plan = [(n, p, k, i, [c for c in cids if c in by_decode.get(n, [])])
+                            for n, p, k, i, cids in plan if n in by_decode]
         self.comps = comps
         self.n_interventions = len(interventions)
         self.ctx = dict(batch.ctx)
@@ -140,9 +163,29 @@ class Experiment:
                         "attention_mask": am.gather(1, idx) * valid.to(am.dtype)}}
         self._vlm, self._batch = vlm, batch
 
-    def execute(self, model):
-        """Call INSIDE a trace of ``model`` (the nnsight model, ``vlm.model``); returns the raw reduced results."""
-        return _execute(model, self.plan, self.comps, self.ctx)
+    def execute(self, model, steps=None, out=None):
+        """Call INSIDE a trace of ``model`` (the nnsight model, ``vlm.model``); returns the raw reduced results.
+
+        In a ``generate`` trace pass ``steps=tracer.iter[:max_new_tokens]``: the interventions that act on every step
+        (``Prune``, ``VisualEntry`` / ``VisualExit``, ``ZeroSublayer(every_step=True)``) then fix each decode step,
+        and probes read the prefill. Generation may stop before the last step (EOS), which cuts the loop short
+        (nnsight warns and the statements after it in that block do not run): bind a saved dict first and pass it
+        as ``out``, and read ``tracer.result`` in a second invoke::
+
+            with vlm.generate(max_new_tokens=8) as tracer:
+                raw = nnsight.save({})
+                with tracer.invoke(**batch.inputs):
+                    exp.execute(vlm.model, steps=tracer.iter[:8], out=raw)
+                with tracer.invoke():
+                    ids = nnsight.save(tracer.result)
+            results = exp.results(raw)
+
+        ``mech_vtokens.generate`` does exactly this.
+        """
+        if steps is None:
+            return _execute(model, self.plan, self.comps, self.ctx, out)
+        out = {} if out is None else out
+        return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
 
     def results(self, raw) -> list:
         """One result per component, in the order probes then interventions were given."""

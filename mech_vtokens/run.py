@@ -1,8 +1,14 @@
-"""``run``: images + prompts -> processor -> ONE forward where every probe and intervention acts at its site."""
+"""``run``: images + prompts -> processor -> ONE forward where every probe and intervention acts at its site.
+``generate``: the same, then greedy / sampled generation with the interventions acting on every step."""
 
 from __future__ import annotations
 
+import warnings
+
 import nnsight
+
+from .errors import InputError
+from .results import Result
 
 
 def run(vlm, images, prompts, probes=(), interventions=(), remote=False, **processor_kwargs) -> list:
@@ -19,3 +25,55 @@ def run(vlm, images, prompts, probes=(), interventions=(), remote=False, **proce
         raw = exp.execute(model)
         raw = nnsight.save(raw)
     return exp.results(raw)
+
+
+class Generation(Result):
+    """What :func:`generate` returns: ``text`` (one string per prompt), ``ids`` (batch, new tokens; pad after an
+    early stop), ``sequences`` (prompt + new ids, as HF's ``generate``), ``results`` (one per probe, read on the
+    prompt's forward, then one per intervention)."""
+
+    name = "generation"
+
+    def __init__(self, sequences, prompt_len, tokenizer, results, prompts):
+        self.sequences = sequences
+        self.ids = sequences[:, prompt_len:]
+        self.text = tokenizer.batch_decode(self.ids, skip_special_tokens=True)
+        self.results = results
+        self.prompts = list(prompts)
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame({"row": range(len(self.text)), "prompt": self.prompts, "text": self.text})
+
+
+def generate(vlm, images, prompts, probes=(), interventions=(), max_new_tokens: int = 20, remote=False,
+             processor_kwargs=None, **generate_kwargs) -> Generation:
+    """Generate under ``interventions`` (and read ``probes`` on the prompt's forward), in ONE nnsight generate trace.
+
+    Interventions act where the paper defines them: ``Prune`` / ``VisualEntry`` / ``VisualExit`` on the prefill and
+    on every decode step (the shortened cache, continued positions, per-window masks), ``ZeroSublayer`` /
+    ``Rescale`` / ``AttentionKnockout`` on the prefill (``ZeroSublayer(every_step=True)``: every step).
+    ``generate_kwargs`` go to HF's ``generate`` (``do_sample``, ``min_new_tokens``, ...; greedy by default).
+    ``remote`` as in :func:`run`. The same as HF's ``generate`` under ``interventions.applied(...)``, token for token.
+    """
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    vlm.check_remote(remote)
+    batch = vlm.prepare(images, prompts, **(processor_kwargs or {}))
+    exp = vlm.experiment(batch, probes, interventions) if (probes or interventions) else None
+    model = vlm.model
+    generate_kwargs.setdefault("do_sample", False)
+    with warnings.catch_warnings():
+        # an early stop (EOS before max_new_tokens) leaves the per-step loop waiting for a step that never comes:
+        # nnsight warns and keeps what was saved, which is what we want
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with vlm.generate(max_new_tokens=max_new_tokens, remote=remote, **generate_kwargs) as tracer:
+            raw = nnsight.save({})
+            with tracer.invoke(**batch.inputs):
+                if exp is not None:
+                    exp.execute(model, steps=tracer.iter[:max_new_tokens], out=raw)
+            with tracer.invoke():
+                sequences = nnsight.save(tracer.result)
+    results = exp.results(raw) if exp is not None else []
+    return Generation(sequences, batch.visual_mask.shape[1], vlm.processor.tokenizer, results, batch.prompts)

@@ -85,7 +85,8 @@ NOTEBOOKS = {
     "03_interventions.ipynb": [
         ("md", "# Interventions: zero vFFN / vMHA, prune vs a matched random set, compare answers\n\n"
                "Paper Secs. 4.3, 5.1, 7.2 (Tables 1–3). Every intervention runs inside `mv.run` (one forward, with "
-               "probes) and on a plain HF model / `generate` through `interventions.applied`."),
+               "probes), in `mv.generate` (every step, one nnsight trace) and on a plain HF model / `generate` "
+               "through `interventions.applied`."),
         ("code", SETUP),
         ("code", "import torch\nfrom interventions import AllVisual, Group, MatchedRandom, Prune, ZeroSublayer, applied\n\n"
                  "images, questions, _ = demo_inputs(4)\nprompts = [prompt(vlm, q) for q in questions]\n"
@@ -119,6 +120,15 @@ NOTEBOOKS = {
                  "    print(f'{name:22s} |Δ last logits| per prompt: {d.numpy().round(3)}')"),
         ("code", "pd.DataFrame({'baseline': answers(), 'prune low-norm': answers([Prune(target)]),\n"
                  "              'prune random': answers([Prune(control)])}, index=questions)"),
+        ("md", "Inference-time L_in (Table 3): visual tokens enter at layer k — layers < k run on the text alone — or "
+               "leave at layer k. `mv.generate` runs the interventions on every generation step in one nnsight "
+               "generate trace (each layer's decode attends to its own cache: text-only below k, full from k on)."),
+        ("code", "from interventions import VisualEntry, VisualExit\n\n"
+                 "rows = {'baseline': mv.generate(vlm, images, prompts, max_new_tokens=3).text}\n"
+                 "for k in range(1, vlm.n_layers):\n"
+                 "    rows[f'L_in = {k}'] = mv.generate(vlm, images, prompts, interventions=[VisualEntry(k)], max_new_tokens=3).text\n"
+                 "    rows[f'exit at {k}'] = mv.generate(vlm, images, prompts, interventions=[VisualExit(k)], max_new_tokens=3).text\n"
+                 "pd.DataFrame(rows, index=questions)"),
     ],
     "04_compose_in_your_trace.ipynb": [
         ("md", "# Compose probes inside your own nnsight trace\n\n`vlm.experiment(...)` plans the probes' sites in "

@@ -1,7 +1,7 @@
 """VisualEntry / VisualExit / AttentionKnockout (interventions/entry_exit.py, attention_knockout.py): each does what it
 says (measured), agrees with an independent implementation written here (decoder layers run by hand in plain torch; a
 monkey-patched eager attention function) on the tiny fixtures of all four families, leaves no residue, and refuses
-bad input before the forward. Also: Prune inside an nnsight generate trace raises (use ``applied``)."""
+bad input before the forward. Generation under these interventions: tests/test_generate.py."""
 
 from __future__ import annotations
 
@@ -308,29 +308,6 @@ def test_knockout_matches_patched_eager(eager_vlm, plain_eager, monkeypatch, fam
         assert (logits[real] - clean_lm_kwargs(vlm, b)["logits"][real]).abs().max() > 1e-3  # it did something
 
 
-# ---- Prune in an nnsight generate trace; entry/exit refuse generation --------------------------------------------
-
-def test_generate_trace_refusals(tiny_vlm):
-    vlm = tiny_vlm("llava")
-    b = batch_of(vlm, "llava")
-    g = dict(max_new_tokens=2, do_sample=False)
-    for iv, msg in ((Prune(Positions([0, 1])), "applied"), (VisualEntry(1), "one forward only"),
-                    (VisualExit(1), "one forward only")):
-        exp = vlm.experiment(b, interventions=[iv])
-        with pytest.raises(ValueError, match=msg):
-            with vlm.generate(**b.inputs, **g):
-                exp.execute(vlm.model)
-    with pytest.raises(ValueError, match="one forward only"):
-        with applied(vlm, [VisualEntry(1)], b):
-            with torch.no_grad():
-                vlm.hf.generate(**b.inputs, **g)
-    # the supported path still works: applied(Prune) around nnsight's generate
-    with applied(vlm, [Prune(Positions([0, 1]))], b):
-        with vlm.generate(**b.inputs, **g) as tr:
-            ids = nnsight.save(tr.result)
-    assert ids.shape[1] == b.visual_mask.shape[1] + 2
-
-
 # ---- no residue, composition ---------------------------------------------------------------------------------
 
 def hook_snapshot(module):
@@ -393,7 +370,7 @@ def test_bad_input(tiny_vlm, eager_vlm):
     b = batch_of(vlm, "llava")
     n = vlm.n_layers
     for bad, msg in ((VisualEntry(n), "out of range"), (VisualEntry(-n - 1), "out of range"),
-                     (VisualEntry(0), "layer 0"), (VisualExit(n), "out of range"), (VisualEntry(1.5), "one int"),
+                     (VisualEntry(0), "layer 0"), (VisualExit(0), "Prune"), (VisualExit(n), "out of range"), (VisualEntry(1.5), "one int"),
                      (VisualEntry(1, Positions([b.n_visual])), "outside the visual span"),
                      (VisualExit(1, torch.zeros(b.n_visual, dtype=torch.bool)), "selects no token"),
                      (AttentionKnockout("vv", 0), 'attn_implementation="eager"')):

@@ -1,0 +1,198 @@
+"""Generation under interventions (interventions/prune.py, entry_exit.py; mech_vtokens.generate; Experiment.execute
+with ``steps``): with a KV cache, every decode step of Prune / VisualEntry / VisualExit equals re-running the whole
+(verified, single-forward) intervened forward on prompt + tokens generated so far — logits of every step to 1e-5,
+on all four families, left-padded batches, sdpa and eager; the nnsight per-step path (``mv.generate``, also
+``remote="local"``) gives HF's tokens under ``applied``; an Experiment run once in a generate trace, generation
+without a cache and bad arguments are refused before anything runs; nothing is left behind."""
+
+from __future__ import annotations
+
+import warnings
+
+import nnsight
+import pytest
+import torch
+
+import mech_vtokens as mv
+from interventions import Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer, applied
+from mech_vtokens import InputError
+from mech_vtokens import testing as T
+from probes import EmbedLens
+
+FAMILIES = T.FAMILIES
+TOL = 1e-5
+STEPS = 4
+
+
+def batch_of(vlm, family):  # two rows of different lengths: the shorter one is left-padded
+    return vlm.prepare([T.image(seed=1), T.image(seed=2)], [T.prompt(family), T.prompt(family, "describe the image")])
+
+
+def special_ids(vlm):
+    """Never generated here (a random tiny model may pick the image token, which a re-run forward would then read
+    as a visual placeholder)."""
+    return sorted(set(vlm.processor.tokenizer.all_special_ids) | {vlm.hf.config.image_token_id})
+
+
+def cached_generate(vlm, b, ivs, steps=STEPS):
+    """HF ``generate`` with its KV cache, under the plain-hook harness: raw logits of every step and the ids."""
+    with torch.no_grad(), (applied(vlm, ivs, b) if ivs else torch.no_grad()):
+        g = vlm.hf.generate(**b.inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                            suppress_tokens=special_ids(vlm), output_logits=True, return_dict_in_generate=True)
+    return torch.stack([x.float() for x in g.logits], 1), g.sequences
+
+
+def rerun_reference(vlm, b, ivs, steps=STEPS):
+    """Greedy decoding by re-running the WHOLE intervened forward (no cache) on prompt + the tokens generated so
+    far: each step is a fresh batch whose token sets resolve on its own visual mask. Position ids as HF's generate
+    gives them (padding-aware: the cumulative attention mask) where the model takes 2-D ids; Qwen computes its
+    M-RoPE ids from the attention mask itself."""
+    inputs = dict(b.inputs)
+    bad = special_ids(vlm)
+    logits = []
+    for _ in range(steps):
+        kw = dict(inputs)
+        if "image_grid_thw" not in kw:
+            am = kw["attention_mask"]
+            kw["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
+        with torch.no_grad(), (applied(vlm, ivs, kw) if ivs else torch.no_grad()):
+            last = vlm.hf(**kw).logits[:, -1].float()
+        logits.append(last)
+        pick = last.clone()
+        pick[:, bad] = -float("inf")
+        nxt = pick.argmax(-1, keepdim=True)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+    return torch.stack(logits, 1), inputs["input_ids"]
+
+
+CASES = {
+    "prune": lambda: [Prune(Positions([0, 2, 3]))],
+    "prune-repacked": lambda: [Prune(Positions([0, 2, 3]), positions="repacked")],
+    "entry-1": lambda: [VisualEntry(1)],
+    "entry-2-original": lambda: [VisualEntry(2, text_positions="original")],
+    "exit-1": lambda: [VisualExit(1)],
+    "exit-2-some+zero": lambda: [VisualExit(2, Positions([1, 2])), ZeroSublayer("all", 0, "mlp")],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_equals_rerunning_the_forward(tiny_vlm, family):
+    vlm = tiny_vlm(family)
+    b = batch_of(vlm, family)
+    clean, _ = cached_generate(vlm, b, [])
+    ref_clean, _ = rerun_reference(vlm, b, [])
+    assert (clean - ref_clean).abs().max() < TOL  # the reference itself reproduces HF's cached generation
+    for name, make in CASES.items():
+        got, ids = cached_generate(vlm, b, make())
+        ref, ref_ids = rerun_reference(vlm, b, make())
+        assert (got - ref).abs().max() < TOL, name
+        assert torch.equal(ids, ref_ids), name
+        assert (got - clean).abs().max() > 1e-3, name  # it did something, on the decode steps too
+        assert (got[:, 1:] - clean[:, 1:]).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_cached_decode_eager(tiny_dir, family):
+    vlm = mv.load(tiny_dir(family), attn_implementation="eager")
+    b = batch_of(vlm, family)
+    for name in ("entry-1", "exit-1", "prune"):
+        got, ids = cached_generate(vlm, b, CASES[name]())
+        ref, ref_ids = rerun_reference(vlm, b, CASES[name]())
+        assert (got - ref).abs().max() < TOL, name
+        assert torch.equal(ids, ref_ids), name
+
+
+def nn_generate(vlm, b, ivs, probes=(), steps=STEPS):
+    """An Experiment in the user's own nnsight generate trace, acting on every step (the documented pattern)."""
+    exp = vlm.experiment(b, probes=probes, interventions=ivs)
+    with vlm.generate(max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                      suppress_tokens=special_ids(vlm)) as tracer:
+        raw = nnsight.save({})
+        with tracer.invoke(**b.inputs):
+            exp.execute(vlm.model, steps=tracer.iter[:steps], out=raw)
+        with tracer.invoke():
+            ids = nnsight.save(tracer.result)
+    return ids, exp.results(raw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nnsight_generate_trace_equals_hf_under_applied(tiny_vlm, family):
+    vlm = tiny_vlm(family)
+    b = batch_of(vlm, family)
+    lens = EmbedLens(k=3, sites=["hook_embed", "blocks.0.hook_resid_post"])
+    images = [T.image(seed=1), T.image(seed=2)]
+    for name in ("prune", "entry-1", "exit-2-some+zero"):
+        _, want = cached_generate(vlm, b, CASES[name]())
+        ids, (got, *_) = nn_generate(vlm, b, CASES[name](), probes=[lens])
+        assert torch.equal(ids, want), name
+        # the probes read the prompt's forward: the same as one traced forward with the same interventions
+        alone = mv.run(vlm, images, b.prompts, probes=[lens], interventions=CASES[name]())[0]
+        for site in ("hook_embed", "blocks.0.hook_resid_post"):
+            assert torch.equal(got.ids[site], alone.ids[site]), (name, site)
+        if name.startswith("entry"):  # block 0 runs on the text only: no visual row there
+            assert (got.ids["blocks.0.hook_resid_post"] == -1).all()
+
+
+def test_mv_generate_probes_remote_and_early_stop(tiny_vlm):
+    vlm = tiny_vlm("qwen2_5_vl")
+    imgs, prompts = [T.image(seed=1), T.image(seed=2)], [T.prompt("qwen2_5_vl"), T.prompt("qwen2_5_vl", "a b")]
+    b = vlm.prepare(imgs, prompts)
+    lens = EmbedLens(k=3, sites=["hook_embed", "blocks.1.hook_resid_post"])
+    ivs = [VisualEntry(1), Rescale("all", 2.0)]
+    out = mv.generate(vlm, imgs, prompts, probes=[lens], interventions=ivs, max_new_tokens=STEPS,
+                      suppress_tokens=special_ids(vlm))
+    _, want = cached_generate(vlm, b, ivs)
+    assert torch.equal(out.sequences, want)
+    assert out.ids.shape == (2, STEPS) and len(out.text) == 2
+    assert out.text == vlm.processor.tokenizer.batch_decode(want[:, b.visual_mask.shape[1]:], skip_special_tokens=True)
+    # the probes read the prompt's forward: the same numbers as mv.run with the same interventions
+    alone, _, _ = mv.run(vlm, imgs, prompts, probes=[lens], interventions=ivs)
+    for site in lens.sites(vlm):
+        assert torch.equal(out.results[0].ids[site], alone.ids[site])
+    remote = mv.generate(vlm, imgs, prompts, probes=[lens], interventions=ivs, max_new_tokens=STEPS,
+                         remote="local", suppress_tokens=special_ids(vlm))
+    assert torch.equal(remote.sequences, out.sequences)
+    assert torch.equal(remote.results[0].ids["hook_embed"], out.results[0].ids["hook_embed"])
+    # EOS on the first token: the per-step loop is cut short, nothing raised or lost
+    one = vlm.prepare(imgs[:1], prompts[:1])
+    _, first = cached_generate(vlm, one, ivs, steps=1)
+    eos = int(first[0, -1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mv.generate keeps nnsight's "never reached" warning to itself
+        short = mv.generate(vlm, imgs[:1], prompts[:1], probes=[lens], interventions=ivs, max_new_tokens=STEPS,
+                            eos_token_id=eos, suppress_tokens=special_ids(vlm))
+    assert short.ids.tolist() == [[eos]]
+    assert torch.equal(short.results[0].ids["hook_embed"], mv.run(vlm, imgs[:1], prompts[:1], probes=[lens],
+                                                                 interventions=ivs)[0].ids["hook_embed"])
+
+
+def hook_snapshot(module):
+    return [(name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in module.named_modules()]
+
+
+def test_refusals_and_no_residue(tiny_vlm):
+    vlm = tiny_vlm("llava")
+    b = batch_of(vlm, "llava")
+    with torch.no_grad():
+        before = vlm.hf(**b.inputs).logits
+    hooks = hook_snapshot(vlm.hf)
+    g = dict(max_new_tokens=2, do_sample=False)
+    for iv in (Prune(Positions([0, 1])), VisualEntry(1), VisualExit(1)):
+        exp = vlm.experiment(b, interventions=[iv])
+        with pytest.raises(ValueError, match=r"steps=tracer.iter"):  # run once in a generate trace: decode unfixed
+            with vlm.generate(**b.inputs, **g):
+                exp.execute(vlm.model)
+    for iv in (VisualEntry(1), VisualExit(1)):
+        with pytest.raises(ValueError, match="use_cache=False"):
+            with applied(vlm, [iv], b), torch.no_grad():
+                vlm.hf.generate(**b.inputs, use_cache=False, **g)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(InputError, match="max_new_tokens"):
+            mv.generate(vlm, [T.image(seed=1)], [T.prompt("llava")], max_new_tokens=bad)
+    mv.generate(vlm, [T.image(seed=1)], [T.prompt("llava")], interventions=[VisualExit(1)], max_new_tokens=2)
+    assert hook_snapshot(vlm.hf) == hooks
+    with torch.no_grad():
+        assert torch.equal(vlm.hf(**b.inputs).logits, before)
