@@ -82,12 +82,14 @@ def score(prediction: str, record, scorer="auto") -> float:
     raise InputError(f"scorer={scorer!r}: choose one of {SCORERS} or pass a function (prediction, answers) -> float")
 
 
-def paper_conditions(vlm, sinks=None, dead=None, seed: int = 0, layers="all") -> dict:
+def paper_conditions(vlm, sinks=None, dead=None, seed: int = 0, layers="all", entry=(), exit=()) -> dict:
     """The paper's rows (Tables 1-3): baseline, -sinks (Prune), -dead (Prune), -matched random (Prune the same
     number of tokens per image as -dead, seeded, from the others; the paper's "-Remaining"), -vMHA / -vFFN
     (zero the attention / MLP output of every visual token at ``layers``). Rows whose token set is not given
-    (``sinks`` / ``dead``: any token set, e.g. ``Partition.token_set("dead")``) are left out."""
-    from interventions import MatchedRandom, Prune, ZeroSublayer
+    (``sinks`` / ``dead``: any token set, e.g. ``Partition.token_set("dead")``) are left out. ``entry``: layers k
+    for Table 3's "L_in = k" rows, here at inference time (``VisualEntry(k)``: layers < k on the text only, on the
+    prompt and on every generated token); ``exit``: "exit = k" rows (``VisualExit(k)``)."""
+    from interventions import MatchedRandom, Prune, VisualEntry, VisualExit, ZeroSublayer
 
     ls = list(range(vlm.n_layers)) if layers == "all" else layers
     conds = {"baseline": []}
@@ -98,6 +100,10 @@ def paper_conditions(vlm, sinks=None, dead=None, seed: int = 0, layers="all") ->
         conds["-matched random"] = [Prune(MatchedRandom(dead, seed=seed))]
     conds["-vMHA"] = [ZeroSublayer("all", ls, "attn")]
     conds["-vFFN"] = [ZeroSublayer("all", ls, "mlp")]
+    for k in entry:
+        conds[f"L_in = {k}"] = [VisualEntry(k)]
+    for k in exit:
+        conds[f"exit = {k}"] = [VisualExit(k)]
     return conds
 
 

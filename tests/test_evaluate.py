@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from interventions import AllVisual, MatchedRandom, TokenSet, ZeroSublayer
+import mech_vtokens as mv
 from mech_vtokens import data as D
 from mech_vtokens import testing as T
 from mech_vtokens.evaluate import (HarnessModel, choice_letter, contains, evaluate, exact_match, generate,
@@ -112,3 +113,22 @@ def test_harness_adapter_matches_evaluate(vqa, tiny_vlm):
     res = evaluate(vlm, vqa, {"x": ivs}, max_new_tokens=4, batch_size=8, progress=False)
     assert texts == list(res.answers.prediction)
     assert model(recs[0].load()[0], recs[0].question) == texts[:1]  # bare question: wrapped in the prompt format
+
+
+def test_entry_exit_rows_generate_like_mv_generate(vqa, tiny_vlm):
+    """Table 3's L_in / exit rows: answers under VisualEntry / VisualExit on every generated token, the same as
+    mech_vtokens.generate (the nnsight per-step path) for the same records."""
+    from mech_vtokens.evaluate import _prompt_text
+
+    vlm = tiny_vlm("llava")
+    conds = paper_conditions(vlm, entry=[1, 2], exit=[1])
+    assert [c for c in conds if c.startswith(("L_in", "exit"))] == ["L_in = 1", "L_in = 2", "exit = 1"]
+    res = evaluate(vlm, vqa, {k: conds[k] for k in ("baseline", "L_in = 1", "exit = 1")}, max_new_tokens=4,
+                   batch_size=1, progress=False)
+    recs = list(D.open_source(vqa))
+    for name in ("L_in = 1", "exit = 1"):
+        got = list(res.answers[res.answers.condition == name].sort_values("record_id").prediction)
+        want = [mv.generate(vlm, [r.load()[0]], [_prompt_text(vlm, r)], interventions=conds[name],
+                            max_new_tokens=4, pad_token_id=vlm.tokenizer.pad_token_id).text[0].strip()
+                for r in sorted(recs, key=lambda r: r.id)]
+        assert got == want, name
