@@ -1,9 +1,12 @@
 """Pruning: prefill time of the medium LLaVA, plain vs 40 % of the visual tokens pruned (interventions.Prune), in one
 run, interleaved. Two paths: an nnsight trace (Experiment) and a plain HF forward under interventions.applied.
 
-    PYTHONPATH=. python bench/prune_prefill.py [--repeats 5] [--fraction 0.4]
+    PYTHONPATH=. python bench/prune_prefill.py [--repeats 5] [--fraction 0.4] [--batch 1]
 
 Medium LLaVA: CLIP-L/14-336 (576 patches), LLaMA-7B widths, vocab 32000, bf16, 2 vision + 2 text layers.
+Also counts the FLOPs of both forwards (torch.utils.flop_counter: matmuls, convolutions, attention), the figure
+FastV's "~45 % FLOPs saved" is about, and times the language model alone (decoder layers, final norm and lm_head:
+what pruning shortens) next to the whole forward (plus the vision tower and projector, a fixed cost).
 """
 
 import argparse
@@ -24,26 +27,31 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fraction", type=float, default=0.4)
+    ap.add_argument("--batch", type=int, default=1, help="images (and prompts) per forward")
     args = ap.parse_args()
     torch.set_num_threads(2)
     vlm = medium_llava()
-    imgs, prompts = medium_inputs(vlm)
+    imgs, prompts = medium_inputs(vlm, args.batch)
     batch = vlm.prepare(imgs, prompts)
     n = batch.n_visual
     k = round(args.fraction * n)
+    per = n // args.batch  # the same fraction of every image's tokens
     members = torch.zeros(n, dtype=torch.bool)
-    members[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]] = True
+    g = torch.Generator().manual_seed(0)
+    for i in range(args.batch):
+        members[i * per + torch.randperm(per, generator=g)[:round(args.fraction * per)]] = True
+    k = int(members.sum())
     prune = Prune(Group(members, "random 40 %"))
     exp_pruned = vlm.experiment(batch, interventions=[prune])
 
-    lm = vlm.hf.model.language_model
+    lm, head = vlm.hf.model.language_model, vlm.hf.lm_head
     lm_times = {"hf_plain": [], "hf_pruned": []}
     clock = {}
 
     def timed(key, fn):  # also time the language model alone (what pruning shortens; the vision tower is fixed)
         def run():
             h1 = lm.register_forward_pre_hook(lambda m, a: clock.__setitem__("t", time.perf_counter()))
-            h2 = lm.register_forward_hook(lambda m, a, o: lm_times[key].append(time.perf_counter() - clock["t"]))
+            h2 = head.register_forward_hook(lambda m, a, o: lm_times[key].append(time.perf_counter() - clock["t"]))
             try:
                 fn()
             finally:
@@ -58,7 +66,7 @@ def main():
     def hf_pruned():
         with torch.no_grad(), applied(vlm, [prune], batch):
             out = vlm.hf(**batch.inputs)
-        assert out.logits.shape[1] == batch.visual_mask.shape[1] - k
+        assert out.logits.shape[1] == batch.visual_mask.shape[1] - k // args.batch
 
     def trace_plain():
         with torch.no_grad(), vlm.trace(**batch.inputs):
@@ -68,17 +76,33 @@ def main():
         with torch.no_grad(), vlm.trace(**batch.inputs):
             exp_pruned.execute(vlm.model)
             logits = nnsight.save(vlm.model.output.logits)
-        assert logits.shape[1] == batch.visual_mask.shape[1] - k
+        assert logits.shape[1] == batch.visual_mask.shape[1] - k // args.batch
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(fn):  # whole forward, and the language model + lm_head (modules named by the adapter)
+        with FlopCounterMode(display=False, depth=8) as fc:
+            fn()
+        per = {name: sum(v.values()) for name, v in fc.get_flop_counts().items()}
+        root = type(vlm.hf).__name__
+        return fc.get_total_flops(), sum(per.get(f"{root}.{p}", 0) for p in (vlm.adapter.language_model,
+                                                                               vlm.adapter.lm_head))
+    (f_plain, f_plain_lm), (f_pruned, f_pruned_lm) = flops(hf_plain), flops(hf_pruned)
 
     t = interleaved({"hf_plain": timed("hf_plain", hf_plain), "hf_pruned": timed("hf_pruned", hf_pruned), "trace_plain": trace_plain,
                      "trace_pruned": trace_pruned}, repeats=args.repeats, stat="min")
     seq = batch.visual_mask.shape[1]
-    print(f"sequence {seq} tokens ({n} visual); pruned {k} visual ({k / n:.0%}) -> {seq - k} tokens")
+    kb = k // args.batch
+    print(f"batch {args.batch}; sequence {seq} tokens ({n // args.batch} visual); pruned {kb} visual per image "
+          f"({k / n:.0%}) -> {seq - kb} tokens; threads {torch.get_num_threads()}")
+    print(f"FLOPs           plain {f_plain / 1e9:.0f} G   pruned {f_pruned / 1e9:.0f} G   saved "
+          f"{1 - f_pruned / f_plain:.1%} (ratio {f_plain / f_pruned:.2f}x); language model + lm_head "
+          f"{f_plain_lm / 1e9:.0f} G -> {f_pruned_lm / 1e9:.0f} G, saved {1 - f_pruned_lm / f_plain_lm:.1%}")
     print(f"HF forward      plain {t['hf_plain']:.3f} s   pruned (applied) {t['hf_pruned']:.3f} s   "
           f"speed-up {t['hf_plain'] / t['hf_pruned']:.2f}x")
     lm_plain, lm_pruned = (min(lm_times[k][1:]) for k in ("hf_plain", "hf_pruned"))
     print(f"language model  plain {lm_plain:.3f} s   pruned {lm_pruned:.3f} s   speed-up {lm_plain / lm_pruned:.2f}x "
-          f"(the LM part of the HF forward; vision tower + projector are the same in both)")
+          f"(decoder layers + final norm + lm_head; vision tower + projector are the same in both)")
     print(f"nnsight trace   plain {t['trace_plain']:.3f} s   pruned (Experiment) {t['trace_pruned']:.3f} s   "
           f"speed-up {t['trace_plain'] / t['trace_pruned']:.2f}x")
 
