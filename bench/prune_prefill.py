@@ -105,6 +105,25 @@ def main():
           f"(decoder layers + final norm + lm_head; vision tower + projector are the same in both)")
     print(f"nnsight trace   plain {t['trace_plain']:.3f} s   pruned (Experiment) {t['trace_pruned']:.3f} s   "
           f"speed-up {t['trace_plain'] / t['trace_pruned']:.2f}x")
+    # why wall-clock trails the FLOPs: the LM's own linear layers, alone, at both token counts of this batch
+    rows = {r: gemm_rate(vlm, r) for r in (args.batch * seq, args.batch * (seq - kb))}
+    print("LM linears alone " + "   ".join(f"{r} rows: {ms:.1f} ms, {tf:.2f} TFLOP/s" for r, (ms, tf) in rows.items()))
+
+
+def gemm_rate(vlm, rows, repeats=5):
+    """Time of every linear layer of the language model + lm_head on ``rows`` random rows (fastest of repeats), and
+    the throughput it reaches: small row counts do not keep the matmul kernels busy."""
+    layers = [m for m in vlm.hf.model.language_model.modules() if isinstance(m, torch.nn.Linear)] + [vlm.hf.lm_head]
+    x = {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in layers}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for m in layers:
+                torch.nn.functional.linear(x[m.in_features], m.weight)
+            best = min(best, time.perf_counter() - t0)
+    flops = sum(2 * rows * m.in_features * m.out_features for m in layers)
+    return best * 1e3, flops / best / 1e12
 
 
 if __name__ == "__main__":
