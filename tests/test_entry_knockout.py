@@ -267,7 +267,7 @@ def patched_eager(hf, monkeypatch, cut, layers):
     index = {id(layer.self_attn): i for i, layer in enumerate(lm_of(hf).layers)}  # Qwen's ViT uses it too
 
     def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        if index.get(id(module)) not in layers:
+        if index.get(id(module)) not in layers or query.shape[2] != cut.shape[1]:  # (decode steps: untouched)
             return orig(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         g = query.shape[1] // key.shape[1]
         k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)

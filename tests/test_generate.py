@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mech_vtokens as mv
-from interventions import Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer, applied
+from interventions import AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer, applied
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 from probes import EmbedLens
@@ -167,6 +167,33 @@ def test_mv_generate_probes_remote_and_early_stop(tiny_vlm):
     assert short.ids.tolist() == [[eos]]
     assert torch.equal(short.results[0].ids["hook_embed"], mv.run(vlm, imgs[:1], prompts[:1], probes=[lens],
                                                                  interventions=ivs)[0].ids["hook_embed"])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_knockout_in_generate_is_prefill_only(tiny_dir, family, monkeypatch):
+    """AttentionKnockout (nnsight .source, eager) in mv.generate == HF generate on a plain eager copy whose eager
+    attention function is patched by hand for the prefill's forward only (decode steps attend normally)."""
+    from test_entry_knockout import patched_eager
+
+    vlm = mv.load(tiny_dir(family), attn_implementation="eager")
+    plain = type(vlm.hf).from_pretrained(tiny_dir(family), attn_implementation="eager").eval()
+    imgs = [T.image(seed=1), T.image(seed=2)]
+    prompts = [T.prompt(family), T.prompt(family, "describe the image")]
+    b = vlm.prepare(imgs, prompts)
+    g = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, suppress_tokens=special_ids(vlm))
+    clean = mv.generate(vlm, imgs, prompts, **g).ids
+    vm = b.visual_mask
+    changed = 0
+    for kind, queries in (("vv", vm), ("vt", ~vm)):
+        layers = list(range(vlm.n_layers))
+        got = mv.generate(vlm, imgs, prompts, interventions=[AttentionKnockout(kind, layers)], **g).ids
+        with monkeypatch.context() as m:
+            patched_eager(plain, m, queries[:, :, None] & vm[:, None, :], layers)
+            with torch.no_grad():
+                want = plain.generate(**b.inputs, **g)[:, vm.shape[1]:]
+        assert torch.equal(got, want), kind
+        changed += not torch.equal(got, clean)
+    assert changed  # the knockout changed the answer in at least one case
 
 
 def hook_snapshot(module):
