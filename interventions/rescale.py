@@ -33,6 +33,9 @@ class Rescale(Intervention):
                              f"'blocks.{{i}}.hook_*' site")
         resolve(self.tokens, batch, "Rescale")
 
+    def decode_sites(self, vlm):  # every_step: also each generation step (matters without a KV cache)
+        return self.sites(vlm) if self.every_step else []
+
     def extras(self, vlm, batch):
         return {"mask": resolve(self.tokens, batch, "Rescale")}
 

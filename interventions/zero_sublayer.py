@@ -39,6 +39,9 @@ class ZeroSublayer(Intervention):
         layer_list(vlm, self.layers, "ZeroSublayer")
         resolve(self.tokens, batch, "ZeroSublayer")
 
+    def decode_sites(self, vlm):  # every_step: also each generation step (matters without a KV cache)
+        return self.sites(vlm) if self.every_step else []
+
     def extras(self, vlm, batch):
         return {"mask": resolve(self.tokens, batch, "ZeroSublayer")}
 

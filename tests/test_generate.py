@@ -169,6 +169,35 @@ def test_mv_generate_probes_remote_and_early_stop(tiny_vlm):
                                                                  interventions=ivs)[0].ids["hook_embed"])
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_every_step_without_cache(tiny_vlm, family):
+    """ZeroSublayer / Rescale(every_step=True) in generation without a KV cache (each step a whole forward) act on
+    every step: HF generate(use_cache=False) under applied == re-running the intervened forward; the nnsight
+    per-step path gives the same ids; prefill-only (the default) differs from every-step."""
+    vlm = tiny_vlm(family)
+    b = batch_of(vlm, family)
+    g = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, suppress_tokens=special_ids(vlm),
+             use_cache=False)
+    for make in (lambda e: [ZeroSublayer("all", [0, 1], "mlp", every_step=e)],
+                 lambda e: [Rescale(Positions([0, 1, 2]), 5.0, every_step=e)]):
+        with torch.no_grad(), applied(vlm, make(True), b):
+            out = vlm.hf.generate(**b.inputs, **g, output_logits=True, return_dict_in_generate=True)
+        got = torch.stack([x.float() for x in out.logits], 1)
+        ref, ref_ids = rerun_reference(vlm, b, make(True))
+        assert (got - ref).abs().max() < TOL and torch.equal(out.sequences, ref_ids)
+        exp = vlm.experiment(b, interventions=make(True))
+        with vlm.generate(**g) as tracer:
+            with tracer.invoke(**b.inputs):
+                exp.execute(vlm.model, steps=tracer.iter[:STEPS])
+            with tracer.invoke():
+                ids = nnsight.save(tracer.result)
+        assert torch.equal(ids, ref_ids)
+        with torch.no_grad(), applied(vlm, make(False), b):
+            once = vlm.hf.generate(**b.inputs, **g, output_logits=True, return_dict_in_generate=True)
+        assert (once.logits[0] - out.logits[0]).abs().max() < TOL  # the same prefill
+        assert max((a - c).abs().max() for a, c in zip(once.logits[1:], out.logits[1:])) > 1e-3
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_knockout_in_generate_is_prefill_only(tiny_dir, family, monkeypatch):
     """AttentionKnockout (nnsight .source, eager) in mv.generate == HF generate on a plain eager copy whose eager
