@@ -146,6 +146,22 @@ NOTEBOOKS = {
         ("md", "Your own reads can also come *before* the probes' sites, as long as the whole body follows forward "
                "order. `vlm.sites` lists every site; the adapter maps each to its module:"),
         ("code", "for s in vlm.sites[:8]:\n    print(s, '->', vlm.adapter.site(s)[1:])"),
+        ("md", "**Generation in your own trace.** Pass `steps=tracer.iter[:n]`: interventions that must act on every "
+               "decode step (here `VisualEntry`: layers below k decode against a text-only cache) do, probes read "
+               "the prompt's forward. Bind a saved dict first and read `tracer.result` in a second invoke, because "
+               "an early EOS cuts the per-step loop short. `mv.generate` wraps exactly this."),
+        ("code", "from interventions import VisualEntry\n\n"
+                 "gen = vlm.experiment(batch, probes=[EmbedLens(k=3, sites=['hook_embed'])], interventions=[VisualEntry(2)])\n"
+                 "with vlm.generate(max_new_tokens=4, do_sample=False) as tracer:\n"
+                 "    raw = nnsight.save({})\n"
+                 "    with tracer.invoke(**batch.inputs):\n"
+                 "        gen.execute(vlm.model, steps=tracer.iter[:4], out=raw)\n"
+                 "    with tracer.invoke():\n"
+                 "        ids = nnsight.save(tracer.result)\n"
+                 "lens_at_input, _ = gen.results(raw)\n"
+                 "same = mv.generate(vlm, images, [prompt(vlm, q) for q in questions], interventions=[VisualEntry(2)], max_new_tokens=4)\n"
+                 "print(vlm.tokenizer.batch_decode(ids[:, batch.visual_mask.shape[1]:], skip_special_tokens=True), "
+                 "'| mv.generate:', same.text)"),
     ],
     "05_remote_ndif.ipynb": [
         ("md", "# Remote on NDIF\n\nThe same code runs on NDIF with `remote=True` (a model loaded by its hub id, an NDIF "
@@ -160,6 +176,12 @@ NOTEBOOKS = {
                  "local_lens, _ = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()])\n"
                  "print('identical to a local run:', lens.to_pandas().equals(local_lens.to_pandas()))\n"
                  "sinks.to_pandas().head()"),
+        ("md", "Generation under interventions runs remotely the same way: one generate trace, the interventions "
+               "acting on every step on the server."),
+        ("code", "from interventions import Prune, Positions\n\n"
+                 "far = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], max_new_tokens=4, remote=REMOTE)\n"
+                 "near = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], max_new_tokens=4)\n"
+                 "print('identical to a local run:', far.text == near.text)\nfar.to_pandas()"),
     ],
 }
 
