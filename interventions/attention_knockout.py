@@ -19,7 +19,7 @@ harness (plain torch hooks cannot reach a tensor inside a function).
 
 from __future__ import annotations
 
-from mech_vtokens.component import Intervention
+from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import layer_list
@@ -60,7 +60,7 @@ class AttentionKnockout(Intervention):
         vis = ctx["visual_mask"]
         if vis.shape[1] != value.shape[2]:  # a decode step: the query is a new text token
             return None
-        vis = vis.to(value.device)
+        vis = rows_for(vis, value.shape[0]).to(value.device)
         queries = vis if self.kind == "vv" else ~vis
         cut = queries[:, None, :, None] & keys[:, None, None, :]
         return value.masked_fill(cut, 0.0)

@@ -41,7 +41,7 @@ M-RoPE ids rather than a flat ``0..L-1``.
 
 from __future__ import annotations
 
-from mech_vtokens.component import Intervention, kv_cache
+from mech_vtokens.component import Intervention, kv_cache, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import layer_list
@@ -235,7 +235,7 @@ class VisualEntry(_Window):
         emb = full["emb"]
         b, n, d = emb.shape
         mine = ctx["mine"]
-        index, valid = mine["index"].to(h.device), mine["valid"].to(h.device)
+        index, valid = rows_for(mine["index"], b).to(h.device), rows_for(mine["valid"], b).to(h.device)
         # the text hidden states go back to their original columns; invalid (padding) slots go to a spare column n
         dest = torch.where(valid, index, torch.full_like(index, n))
         new = torch.cat([emb.to(h.dtype), emb.new_zeros(b, 1, d).to(h.dtype)], 1)
@@ -322,10 +322,10 @@ class VisualExit(_Window):
             kwargs.update(kw)
             return _pack(h, rest, kwargs, positional)
         mine = ctx["mine"]
-        index, valid = mine["index"].to(h.device), mine["valid"].to(h.device)
+        index, valid = rows_for(mine["index"], b).to(h.device), rows_for(mine["valid"], b).to(h.device)
         new = h.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
         am = ctx.get("attention_mask")  # the full-length 2-D mask (this site is before the shortened window)
-        am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am.to(h.device)
+        am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else rows_for(am, b).to(h.device)
         am = am.gather(1, index) * valid.to(am.dtype)
         out["_am"] = am
         kw = {"attention_mask": _mask(kwargs.get("attention_mask"), am, index.shape[1])}

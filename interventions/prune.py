@@ -26,7 +26,7 @@ control; ``MatchedRandom`` is seeded.
 
 from __future__ import annotations
 
-from mech_vtokens.component import Intervention, kv_cache
+from mech_vtokens.component import Intervention, kv_cache, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import overlap
@@ -84,8 +84,8 @@ class Prune(Intervention):
         kwargs = dict(kwargs)
         emb = kwargs["inputs_embeds"]
         mine = ctx["mine"]
-        index, valid = mine["index"].to(emb.device), mine["valid"].to(emb.device)
         b, n, d = emb.shape
+        index, valid = rows_for(mine["index"], b).to(emb.device), rows_for(mine["valid"], b).to(emb.device)
         width = index.shape[1]
         cache = kv_cache(kwargs)
         past = int(cache.get_seq_length()) if cache is not None else 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from mech_vtokens.component import rows_for
 from mech_vtokens.errors import InputError
 
 
@@ -164,6 +165,7 @@ def fit(mask, value, ctx):
     if ctx.get("shortened"):
         lay = ctx["layout"]
         mask = mask.gather(1, lay["index"].to(mask.device)) & lay["valid"].to(mask.device)
+    mask = rows_for(mask, value.shape[0])  # beams / several sequences per prompt: each copy as its prompt
     n = value.shape[1]
     if n < mask.shape[1]:
         return torch.zeros(mask.shape[0], n, dtype=torch.bool, device=value.device)

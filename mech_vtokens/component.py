@@ -78,6 +78,19 @@ def kv_cache(kwargs):
     return kwargs.get("past_key_values") if cache is None else cache
 
 
+def rows_for(t, n):
+    """A per-prompt tensor (batch, ...) for a forward of ``n`` rows. Generation with ``num_beams`` or
+    ``num_return_sequences`` > 1 runs each prompt k = n / batch times, its copies consecutive (HF's expansion), and
+    every copy shares the prompt's token sets, masks and positions."""
+    b = t.shape[0]
+    if n == b:
+        return t
+    if b == 0 or n % b:
+        raise ValueError(f"a forward of {n} rows for a batch of {b} prompts: not an expansion of it (num_beams / "
+                         f"num_return_sequences repeat each prompt's row); prepare the batch this forward runs")
+    return t.repeat_interleave(n // b, 0)
+
+
 def select_rows(value, mask, ctx):
     """The rows of ``value`` (batch, seq, ...) at the positions ``mask`` (batch, seq) bool picks, given in the
     batch's ORIGINAL coordinates, in ``mask.nonzero()`` order; and a (n,) bool saying which of them exist.
@@ -88,6 +101,11 @@ def select_rows(value, mask, ctx):
     """
     import torch
 
+    if value.shape[0] != mask.shape[0]:
+        raise ValueError(f"a probe read a forward of {value.shape[0]} rows for {mask.shape[0]} prompts (generation "
+                         f"with num_beams / num_return_sequences > 1 repeats each prompt): probes read the prompt's "
+                         f"forward — run them with mech_vtokens.run, or generate with num_beams=1 and one sequence "
+                         f"per prompt")
     mask = mask.to(value.device)
     if not ctx.get("shortened"):
         return value[mask], torch.ones(int(mask.sum()), dtype=torch.bool, device=value.device)

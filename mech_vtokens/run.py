@@ -28,8 +28,8 @@ def run(vlm, images, prompts, probes=(), interventions=(), remote=False, **proce
 
 
 class Generation(Result):
-    """What :func:`generate` returns: ``text`` (one string per prompt), ``ids`` (batch, new tokens; pad after an
-    early stop), ``sequences`` (prompt + new ids, as HF's ``generate``), ``results`` (one per probe, read on the
+    """What :func:`generate` returns: ``text`` (one string per returned sequence: ``num_return_sequences`` per
+    prompt, consecutive), ``ids`` (sequences, new tokens; pad after an early stop), ``sequences`` (prompt + new ids, as HF's ``generate``), ``results`` (one per probe, read on the
     prompt's forward, then one per intervention)."""
 
     name = "generation"
@@ -56,9 +56,16 @@ def generate(vlm, images, prompts, probes=(), interventions=(), max_new_tokens: 
     ``Rescale`` / ``AttentionKnockout`` on the prefill (``ZeroSublayer(every_step=True)``: every step).
     ``generate_kwargs`` go to HF's ``generate`` (``do_sample``, ``min_new_tokens``, ...; greedy by default).
     ``remote`` as in :func:`run`. The same as HF's ``generate`` under ``interventions.applied(...)``, token for token.
+    Beam search and several sequences per prompt work with interventions (each copy of a prompt gets its token
+    sets); probes need one sequence per prompt.
     """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise InputError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    copies = max(int(generate_kwargs.get("num_beams") or 1), int(generate_kwargs.get("num_return_sequences") or 1))
+    if probes and copies > 1:
+        raise InputError(f"generate: probes read the prompt's forward, which generation with num_beams / "
+                         f"num_return_sequences > 1 runs {copies} times per prompt; run the probes with "
+                         f"mech_vtokens.run(...) and generate without them (interventions work with beams)")
     vlm.check_remote(remote)
     batch = vlm.prepare(images, prompts, **(processor_kwargs or {}))
     exp = vlm.experiment(batch, probes, interventions) if (probes or interventions) else None
@@ -76,4 +83,5 @@ def generate(vlm, images, prompts, probes=(), interventions=(), max_new_tokens: 
             with tracer.invoke():
                 sequences = nnsight.save(tracer.result)
     results = exp.results(raw) if exp is not None else []
-    return Generation(sequences, batch.visual_mask.shape[1], vlm.processor.tokenizer, results, batch.prompts)
+    prompts = [p for p in batch.prompts for _ in range(len(sequences) // len(batch.prompts))]
+    return Generation(sequences, batch.visual_mask.shape[1], vlm.processor.tokenizer, results, prompts)

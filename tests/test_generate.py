@@ -199,6 +199,40 @@ def test_every_step_without_cache(tiny_vlm, family):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_beams_and_several_sequences_per_prompt(tiny_vlm, family):
+    """num_return_sequences=2 (sampling, seeded) under an intervention == the same prompts listed twice by hand (the
+    verified one-row-per-prompt path, token sets given per copy); mv.generate == applied with beams too; probes
+    with beams are refused before anything runs."""
+    vlm = tiny_vlm(family)
+    imgs, prompts = [T.image(seed=1), T.image(seed=2)], [T.prompt(family), T.prompt(family, "describe the image")]
+    b = vlm.prepare(imgs, prompts)
+    twice = vlm.prepare([imgs[0], imgs[0], imgs[1], imgs[1]], [prompts[0], prompts[0], prompts[1], prompts[1]])
+    n0 = int(b.visual_mask[0].sum())
+    assert int(twice.visual_mask[0].sum()) == n0
+    cases = [([Prune(Positions([0, 1, 5]))], [Prune(Positions([0, 1, 5, n0, n0 + 1, n0 + 5]))]),
+             ([VisualEntry(1)], [VisualEntry(1)]),
+             ([VisualExit(2), ZeroSublayer("all", 0, "mlp")], [VisualExit(2), ZeroSublayer("all", 0, "mlp")])]
+    g = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=True, top_k=5, suppress_tokens=special_ids(vlm))
+    for ivs, by_hand in cases:
+        torch.manual_seed(0)
+        with torch.no_grad(), applied(vlm, ivs, b):
+            got = vlm.hf.generate(**b.inputs, num_return_sequences=2, **g)
+        torch.manual_seed(0)
+        with torch.no_grad(), applied(vlm, by_hand, twice):
+            want = vlm.hf.generate(**twice.inputs, **g)
+        assert torch.equal(got, want), ivs
+        torch.manual_seed(0)
+        out = mv.generate(vlm, imgs, prompts, interventions=ivs, num_return_sequences=2, **g)
+        assert torch.equal(out.sequences, got) and len(out.text) == 4 and out.to_pandas().prompt[1] == prompts[0]
+        beam = dict(max_new_tokens=STEPS, num_beams=3, suppress_tokens=special_ids(vlm))
+        with torch.no_grad(), applied(vlm, ivs, b):
+            want = vlm.hf.generate(**b.inputs, **beam)
+        assert torch.equal(mv.generate(vlm, imgs, prompts, interventions=ivs, **beam).sequences, want), ivs
+    with pytest.raises(InputError, match="num_beams"):
+        mv.generate(vlm, imgs, prompts, probes=[EmbedLens(k=2)], num_beams=2)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_knockout_in_generate_is_prefill_only(tiny_dir, family, monkeypatch):
     """AttentionKnockout (nnsight .source, eager) in mv.generate == HF generate on a plain eager copy whose eager
     attention function is patched by hand for the prefill's forward only (decode steps attend normally)."""
