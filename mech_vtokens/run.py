@@ -35,6 +35,8 @@ class Generation(Result):
     name = "generation"
 
     def __init__(self, sequences, prompt_len, tokenizer, results, prompts):
+        self.output = sequences  # HF's whole output (scores, logits, ...) with return_dict_in_generate=True
+        sequences = getattr(sequences, "sequences", sequences)
         self.sequences = sequences
         self.ids = sequences[:, prompt_len:]
         self.text = tokenizer.batch_decode(self.ids, skip_special_tokens=True)
@@ -83,5 +85,6 @@ def generate(vlm, images, prompts, probes=(), interventions=(), max_new_tokens: 
             with tracer.invoke():
                 sequences = nnsight.save(tracer.result)
     results = exp.results(raw) if exp is not None else []
-    prompts = [p for p in batch.prompts for _ in range(len(sequences) // len(batch.prompts))]
+    rows = getattr(sequences, "sequences", sequences).shape[0]  # num_return_sequences / beams: copies per prompt
+    prompts = [p for p in batch.prompts for _ in range(rows // len(batch.prompts))]
     return Generation(sequences, batch.visual_mask.shape[1], vlm.processor.tokenizer, results, prompts)

@@ -147,6 +147,11 @@ def test_mv_generate_probes_remote_and_early_stop(tiny_vlm):
     _, want = cached_generate(vlm, b, ivs)
     assert torch.equal(out.sequences, want)
     assert out.ids.shape == (2, STEPS) and len(out.text) == 2
+    full = mv.generate(vlm, imgs, prompts, interventions=ivs, max_new_tokens=STEPS, suppress_tokens=special_ids(vlm),
+                       return_dict_in_generate=True, output_logits=True)
+    got, _ = cached_generate(vlm, b, ivs)
+    assert len(full.text) == 2 and full.to_pandas().prompt.tolist() == prompts
+    assert torch.equal(full.sequences, want) and (torch.stack(full.output.logits, 1).float() - got).abs().max() < TOL
     assert out.text == vlm.processor.tokenizer.batch_decode(want[:, b.visual_mask.shape[1]:], skip_special_tokens=True)
     # the probes read the prompt's forward: the same numbers as mv.run with the same interventions
     alone, _, _ = mv.run(vlm, imgs, prompts, probes=[lens], interventions=ivs)
