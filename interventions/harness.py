@@ -8,8 +8,9 @@ The same plan as :class:`~mech_vtokens.Experiment` (same sites, same order, same
 torch forward / forward-pre hooks on the HF modules; every hook is removed on exit, also when the body raises.
 On generation steps after the first, ``ctx["decode"]`` is True and only the components that act on every step run
 there (the Experiment's ``decode_plan``): probes and prefill-only interventions step aside, ``Prune`` keeps the cache
-shortened and the positions continuing, ``VisualEntry`` / ``VisualExit`` give each layer the mask of its own cache. ``batch_or_inputs``: a :class:`~mech_vtokens.Batch`
-(``vlm.prepare``), or the processor's output dict (then token sets are resolved with one image per prompt row).
+shortened and the positions continuing, ``VisualEntry`` / ``VisualExit`` give each layer the mask of its own cache.
+``batch_or_inputs``: a :class:`~mech_vtokens.Batch` (``vlm.prepare``), or the processor's output dict (then token
+sets are resolved with one image per prompt row).
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ def applied(model, interventions, batch_or_inputs, probes=()):
                              f"instead of applied(...)")
     ctx = dict(exp.ctx)
     ctx["model"] = hf
-    ctx["harness"] = True  # components may tell the plain-hook harness from an nnsight trace
     ctx["generating"] = True  # every forward under the hooks is seen, decode steps included
     after = ctx.get("after_layout")
     ctx_after = dict(ctx, **after["ctx"]) if after else ctx

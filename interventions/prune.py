@@ -20,8 +20,7 @@ an Experiment in your own nnsight generate trace with ``exp.execute(vlm.model, s
 on each step); or ``interventions.applied(...)`` around HF's / nnsight's ``generate`` (plain hooks). An Experiment run
 ONCE inside a generate trace (no ``steps``) would prune the prefill only and leave the decode steps with the
 unpruned mask and positions, so Prune RAISES when the language model receives a KV cache from its caller there.
-Deliberate difference: the authors' code is unseeded for the random
-control; ``MatchedRandom`` is seeded.
+Deliberate difference: the authors' code is unseeded for the random control; ``MatchedRandom`` is seeded.
 """
 
 from __future__ import annotations
