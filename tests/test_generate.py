@@ -288,6 +288,16 @@ def test_refusals_and_no_residue(tiny_vlm):
         with pytest.raises(InputError, match="max_new_tokens"):
             mv.generate(vlm, [T.image(seed=1)], [T.prompt("llava")], max_new_tokens=bad)
     mv.generate(vlm, [T.image(seed=1)], [T.prompt("llava")], interventions=[VisualExit(1)], max_new_tokens=2)
+    exp = vlm.experiment(b, interventions=[VisualEntry(1)])
+    with pytest.raises(RuntimeError, match="boom"):  # an exception in the per-step trace, after the interventions
+        with vlm.generate(max_new_tokens=2, do_sample=False) as tracer:
+            with tracer.invoke(**b.inputs):
+                exp.execute(vlm.model, steps=tracer.iter[:2])
+                raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        with applied(vlm, [VisualExit(2)], b), torch.no_grad():
+            vlm.hf.generate(**b.inputs, **g)
+            raise RuntimeError("boom")
     assert hook_snapshot(vlm.hf) == hooks
     with torch.no_grad():
         assert torch.equal(vlm.hf(**b.inputs).logits, before)
