@@ -1,12 +1,14 @@
 """Pruning: prefill time of the medium LLaVA, plain vs 40 % of the visual tokens pruned (interventions.Prune), in one
 run, interleaved. Two paths: an nnsight trace (Experiment) and a plain HF forward under interventions.applied.
 
-    PYTHONPATH=. python bench/prune_prefill.py [--repeats 5] [--fraction 0.4] [--batch 1]
+    PYTHONPATH=. python bench/prune_prefill.py [--repeats 5] [--fraction 0.4] [--batch 1] [--new-tokens 0]
 
 Medium LLaVA: CLIP-L/14-336 (576 patches), LLaMA-7B widths, vocab 32000, bf16, 2 vision + 2 text layers.
 Also counts the FLOPs of both forwards (torch.utils.flop_counter: matmuls, convolutions, attention), the figure
 FastV's "~45 % FLOPs saved" is about, and times the language model alone (decoder layers, final norm and lm_head:
 what pruning shortens) next to the whole forward (plus the vision tower and projector, a fixed cost).
+``--new-tokens N`` also times whole generations of N tokens (greedy, ``min_new_tokens=N``): ``mv.generate`` plain vs
+pruned (decode steps attend to the shortened cache).
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fraction", type=float, default=0.4)
     ap.add_argument("--batch", type=int, default=1, help="images (and prompts) per forward")
+    ap.add_argument("--new-tokens", type=int, default=0, help="also time generations of this many tokens")
     args = ap.parse_args()
     torch.set_num_threads(2)
     vlm = medium_llava()
@@ -105,6 +108,15 @@ def main():
           f"(decoder layers + final norm + lm_head; vision tower + projector are the same in both)")
     print(f"nnsight trace   plain {t['trace_plain']:.3f} s   pruned (Experiment) {t['trace_pruned']:.3f} s   "
           f"speed-up {t['trace_plain'] / t['trace_pruned']:.2f}x")
+    if args.new_tokens:
+        import mech_vtokens as mv
+
+        g = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        gen = interleaved({"plain": lambda: mv.generate(vlm, imgs, prompts, **g),
+                           "pruned": lambda: mv.generate(vlm, imgs, prompts, interventions=[prune], **g)},
+                          repeats=max(1, args.repeats // 2), stat="min")
+        print(f"generate {args.new_tokens} tokens (mv.generate)  plain {gen['plain']:.3f} s   pruned "
+              f"{gen['pruned']:.3f} s   speed-up {gen['plain'] / gen['pruned']:.2f}x")
     # why wall-clock trails the FLOPs: the LM's own linear layers, alone, at both token counts of this batch
     rows = {r: gemm_rate(vlm, r) for r in (args.batch * seq, args.batch * (seq - kb))}
     print("LM linears alone " + "   ".join(f"{r} rows: {ms:.1f} ms, {tf:.2f} TFLOP/s" for r, (ms, tf) in rows.items()))
