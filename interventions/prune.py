@@ -85,7 +85,6 @@ class Prune(Intervention):
         mine = ctx["mine"]
         b, n, d = emb.shape
         index, valid = rows_for(mine["index"], b).to(emb.device), rows_for(mine["valid"], b).to(emb.device)
-        width = index.shape[1]
         cache = kv_cache(kwargs)
         past = int(cache.get_seq_length()) if cache is not None else 0
         am = kwargs.get("attention_mask")

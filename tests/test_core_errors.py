@@ -1,7 +1,6 @@
 """Bad input to the core: each a clear InputError raised before any forward, naming the problem and the fix."""
 
 import pytest
-import torch
 
 import mech_vtokens as mv
 from mech_vtokens import testing as T

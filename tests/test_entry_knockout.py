@@ -16,6 +16,7 @@ from interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualE
                            applied, resolve)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
+from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
 from probes.activations import Activations
 
 FAMILIES = T.FAMILIES
@@ -47,41 +48,6 @@ def plain_eager(tiny_dir):
         return cache[family]
 
     return get
-
-
-def batch_of(vlm, family, seeds=(1, 2)):
-    # two rows of different lengths: the shorter one is left-padded
-    return vlm.prepare([T.image(seed=seeds[0]), T.image(seed=seeds[1])],
-                       [T.prompt(family), T.prompt(family, "describe the image")])
-
-
-def lm_of(vlm):  # a VLM or a plain HF model
-    return getattr(vlm, "hf", vlm).model.language_model
-
-
-def clean_lm_kwargs(vlm, batch):
-    got = {}
-
-    def grab(mod, args, kwargs):
-        for k in ("inputs_embeds", "attention_mask", "position_ids"):
-            v = kwargs.get(k)
-            got[k] = None if v is None else v.detach().clone()
-
-    h = lm_of(vlm).register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            got["logits"] = vlm.hf(**batch.inputs).logits
-    finally:
-        h.remove()
-    return got
-
-
-def nn_run(vlm, batch, interventions, probes=(), remote=False):
-    exp = vlm.experiment(batch, probes=probes, interventions=interventions)
-    with vlm.trace(**batch.inputs, remote=remote):
-        raw = nnsight.save(exp.execute(vlm.model))
-        logits = nnsight.save(vlm.model.output.logits)
-    return logits, exp.results(raw)
 
 
 # ---- the independent implementation: decoder layers by hand ------------------------------------------------------

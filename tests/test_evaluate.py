@@ -11,8 +11,7 @@ from interventions import AllVisual, MatchedRandom, TokenSet, ZeroSublayer
 import mech_vtokens as mv
 from mech_vtokens import data as D
 from mech_vtokens import testing as T
-from mech_vtokens.evaluate import (HarnessModel, choice_letter, contains, evaluate, exact_match, generate,
-                                   paper_conditions)
+from mech_vtokens.evaluate import (HarnessModel, choice_letter, contains, evaluate, exact_match, paper_conditions)
 
 
 class FirstOfEachImage(TokenSet):

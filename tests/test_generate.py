@@ -17,15 +17,12 @@ import mech_vtokens as mv
 from interventions import AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer, applied
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
+from intervention_refs import batch_of
 from probes import EmbedLens
 
 FAMILIES = T.FAMILIES
 TOL = 1e-5
 STEPS = 4
-
-
-def batch_of(vlm, family):  # two rows of different lengths: the shorter one is left-padded
-    return vlm.prepare([T.image(seed=1), T.image(seed=2)], [T.prompt(family), T.prompt(family, "describe the image")])
 
 
 def special_ids(vlm):

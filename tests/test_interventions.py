@@ -13,6 +13,7 @@ from interventions import (AllVisual, Complement, Group, MatchedRandom, Position
                            applied, resolve)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
+from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
 from probes.activations import Activations
 
 FAMILIES = T.FAMILIES
@@ -20,35 +21,6 @@ TOL = 1e-5
 
 
 # ---- independent references: plain HF modules and torch hooks, written here ----------------------------------
-
-def batch_of(vlm, family):
-    # two rows of different lengths: the shorter one is left-padded
-    return vlm.prepare([T.image(seed=1), T.image(seed=2)],
-                       [T.prompt(family), T.prompt(family, "describe the image")])
-
-
-def lm_of(vlm):
-    return vlm.hf.model.language_model
-
-
-def clean_lm_kwargs(vlm, batch):
-    """The LM's inputs_embeds / attention_mask / position_ids in a clean forward (captured with a plain hook)."""
-    got = {}
-
-    def grab(mod, args, kwargs):
-        for k in ("inputs_embeds", "attention_mask", "position_ids"):
-            v = kwargs.get(k)
-            got[k] = None if v is None else v.detach().clone()
-
-    h = lm_of(vlm).register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            logits = vlm.hf(**batch.inputs).logits
-    finally:
-        h.remove()
-    got["logits"] = logits
-    return got
-
 
 def lm_logits(vlm, embeds, am, pos):
     with torch.no_grad():
@@ -70,12 +42,7 @@ def with_hooks(vlm, batch, hooks):
             h.remove()
 
 
-def nn_run(vlm, batch, interventions, probes=(), remote=False):
-    exp = vlm.experiment(batch, probes=probes, interventions=interventions)
-    with vlm.trace(**batch.inputs, remote=remote):
-        raw = nnsight.save(exp.execute(vlm.model))
-        logits = nnsight.save(vlm.model.output.logits)
-    return logits, exp.results(raw)
+
 
 
 def layer(vlm, i):

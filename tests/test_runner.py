@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-import torch
 from PIL import Image
 
 import mech_vtokens as mv

@@ -31,7 +31,6 @@ def videoless(processor_cls):
 # Patch geometry: where each visual token comes from.
 # ---------------------------------------------------------------------------------------------------------------
 
-import math  # noqa: E402
 
 import torch  # noqa: E402
 

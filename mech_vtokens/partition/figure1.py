@@ -42,7 +42,6 @@ class Figure1(Result):
         return torch.tensor([c.top_sizes(self.top) for c in self.clusters], dtype=torch.float)
 
     def to_pandas(self):
-        import pandas as pd
 
         s = self.sizes()
         df = self.cross.to_pandas()

@@ -1,0 +1,47 @@
+"""Shared by the intervention tests: the two-row left-padded batch, and the plain-HF / plain-nnsight runs the
+intervened forwards are compared with (torch hooks and a bare trace, written here, not through the package)."""
+
+from __future__ import annotations
+
+import nnsight
+import torch
+
+from mech_vtokens import testing as T
+
+
+def batch_of(vlm, family, seeds=(1, 2)):
+    """Two rows of different lengths: the shorter one is left-padded."""
+    return vlm.prepare([T.image(seed=seeds[0]), T.image(seed=seeds[1])],
+                       [T.prompt(family), T.prompt(family, "describe the image")])
+
+
+def lm_of(vlm):  # a VLM or a plain HF model
+    return getattr(vlm, "hf", vlm).model.language_model
+
+
+def clean_lm_kwargs(vlm, batch):
+    """The LM's inputs_embeds / attention_mask / position_ids in a clean forward (captured with a plain hook), and
+    the logits."""
+    got = {}
+
+    def grab(mod, args, kwargs):
+        for k in ("inputs_embeds", "attention_mask", "position_ids"):
+            v = kwargs.get(k)
+            got[k] = None if v is None else v.detach().clone()
+
+    h = lm_of(vlm).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            got["logits"] = vlm.hf(**batch.inputs).logits
+    finally:
+        h.remove()
+    return got
+
+
+def nn_run(vlm, batch, interventions, probes=(), remote=False):
+    """Logits and results of one nnsight trace running an Experiment."""
+    exp = vlm.experiment(batch, probes=probes, interventions=interventions)
+    with vlm.trace(**batch.inputs, remote=remote):
+        raw = nnsight.save(exp.execute(vlm.model))
+        logits = nnsight.save(vlm.model.output.logits)
+    return logits, exp.results(raw)
