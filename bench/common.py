@@ -70,3 +70,43 @@ def peak_above(fn) -> int:
     stop[0] = True
     t.join()
     return max(peak[0], rss()) - base
+
+
+def kept_states(vlm, batch) -> dict:
+    """A plain HF forward that keeps the LM input (``hook_embed``) and each decoder layer's output (torch hooks,
+    removed after): what a post-hoc probe pipeline would hold."""
+    from mech_vtokens.adapters.base import _resolve
+
+    hf, a = vlm.hf, vlm.adapter
+    got, hooks = {}, []
+    hooks.append(_resolve(hf, a.language_model).register_forward_pre_hook(
+        lambda m, args, kw: got.__setitem__("hook_embed", kw["inputs_embeds"]), with_kwargs=True))
+    for i, layer in enumerate(_resolve(hf, a.decoder_layers)):
+        hooks.append(layer.register_forward_hook(
+            lambda m, i_, o, i=i: got.__setitem__(f"blocks.{i}.hook_resid_post", o[0] if isinstance(o, tuple)
+                                                  else o)))
+    try:
+        with torch.no_grad():
+            hf(**batch.inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def chunked_topk(h, mat, k: int, scale=None, chunk: int = 8192):
+    """Top-k ids of ``h @ mat.T`` (times ``scale`` per column, e.g. inverse row norms for a cosine), over vocabulary
+    chunks with a running top-k: the bare floor the probe suite is timed against."""
+    bv = bi = None
+    for s in range(0, mat.shape[0], chunk):
+        sc = h @ mat[s:s + chunk].T
+        if scale is not None:
+            sc = sc * scale[s:s + chunk].to(sc.dtype)
+        v, i = sc.topk(min(k, sc.shape[1]), dim=1)
+        i = i + s
+        if bv is not None:
+            v, i2 = torch.cat([bv, v], 1), torch.cat([bi, i], 1)
+            v, j = v.topk(k, dim=1)
+            i = i2.gather(1, j)
+        bv, bi = v, i
+    return bi

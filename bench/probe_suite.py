@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, medium_inputs, medium_llava, peak_above  # noqa: E402
+from common import chunked_topk, interleaved, kept_states, medium_inputs, medium_llava, peak_above  # noqa: E402
 
 import nnsight  # noqa: E402
-from mech_vtokens.adapters.base import _resolve  # noqa: E402
 from probes import EmbedLens, LogitLens, NormTracker, SinkChannels  # noqa: E402
 
 K = 5
@@ -63,48 +62,19 @@ def main():
             raw = nnsight.save(exp.execute(vlm.model))
         out["raw"] = raw
 
-    def states():
-        """A plain forward that keeps the LM input and each layer output (torch hooks)."""
-        got, hooks = {}, []
-        hooks.append(_resolve(hf, a.language_model).register_forward_pre_hook(
-            lambda m, args, kw: got.__setitem__("hook_embed", kw["inputs_embeds"]), with_kwargs=True))
-        for i, layer in enumerate(_resolve(hf, a.decoder_layers)):
-            hooks.append(layer.register_forward_hook(
-                lambda m, i_, o, i=i: got.__setitem__(f"blocks.{i}.hook_resid_post", o[0] if isinstance(o, tuple)
-                                                      else o)))
-        try:
-            with torch.no_grad():
-                hf(**batch.inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-        return got
-
     # inverse embedding-row norms, precomputed once (as the suite does outside its trace); the padding row is zero
     nrm = torch.cat([torch.linalg.vector_norm(W[s:s + 2048].float(), dim=1) for s in range(0, W.shape[0], 2048)])
     inv = torch.where(nrm > 0, 1.0 / nrm.clamp_min(1e-30), torch.zeros_like(nrm))
 
     def floor():
         with torch.no_grad():
-            st = states()
+            st = kept_states(vlm, batch)
             res = {}
             for p in points:
                 x = st[p]
                 h = x[vm]
                 for name, mat, hh, scale in (("embed", W, h, inv), ("logit", U, norm(h), None)):
-                    bv = bi = None
-                    for s in range(0, mat.shape[0], 8192):
-                        sc = hh @ mat[s:s + 8192].T
-                        if scale is not None:
-                            sc = sc * scale[s:s + 8192].to(sc.dtype)
-                        v, i = sc.topk(K, dim=1)
-                        i = i + s
-                        if bv is not None:
-                            v, i2 = torch.cat([bv, v], 1), torch.cat([bi, i], 1)
-                            v, j = v.topk(K, dim=1)
-                            i = i2.gather(1, j)
-                        bv, bi = v, i
-                    res[(name, p)] = bi
+                    res[(name, p)] = chunked_topk(hh, mat, K, scale)
                 xf = x.float()
                 res[("norms", p)] = (xf.abs().sum(-1), xf.norm(dim=-1))
                 res[("phi", p)] = xf[..., DIMS].abs().amax(-1) / xf.pow(2).mean(-1).sqrt()
@@ -125,7 +95,7 @@ def main():
         out["naive"] = res
 
     # the last layer's raw output (hidden_states[-1] is final-normed in transformers 5): take it from a hook once
-    out["last"] = states()[f"blocks.{n_layers - 1}.hook_resid_post"]
+    out["last"] = kept_states(vlm, batch)[f"blocks.{n_layers - 1}.hook_resid_post"]
 
     if args.mode:  # child process: peak RSS of one mode's SECOND call (the first pays one-time set-up) in a fresh
         # process whose allocator returns large blocks to the OS at once (see the parent), so RSS tracks live memory

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, interleaved, peak_above, rss  # noqa: E402
+from common import CACHE, chunked_topk, interleaved, kept_states, peak_above, rss  # noqa: E402
 
 K = 5
 THREADS = 2
@@ -151,19 +151,7 @@ class Bench:
                 res[("logit", p)] = lg.topk(K, dim=1).indices
             else:
                 for nm, mat, hh, scale in (("embed", self.W, h, self.inv), ("logit", self.U, norm(h), None)):
-                    bv = bi = None
-                    for s in range(0, mat.shape[0], 8192):
-                        sc = hh @ mat[s:s + 8192].T
-                        if scale is not None:
-                            sc = sc * scale[s:s + 8192].to(sc.dtype)
-                        v, i = sc.topk(min(K, sc.shape[1]), dim=1)
-                        i = i + s
-                        if bv is not None:
-                            v, i2 = torch.cat([bv, v], 1), torch.cat([bi, i], 1)
-                            v, j = v.topk(K, dim=1)
-                            i = i2.gather(1, j)
-                        bv, bi = v, i
-                    res[(nm, p)] = bi
+                    res[(nm, p)] = chunked_topk(hh, mat, K, scale)
             xf = x.float()
             res[("norms", p)] = (xf.abs().sum(-1), xf.norm(dim=-1))
             top = xf.abs().amax((0, 1)).topk(2).indices
@@ -172,27 +160,9 @@ class Bench:
             self.vlm.final_norm.to(self.W.dtype)
         return res
 
-    def _kept_states(self):
-        from mech_vtokens.adapters.base import _resolve
-
-        hf, a = self.vlm.hf, self.vlm.adapter
-        got, hooks = {}, []
-        hooks.append(_resolve(hf, a.language_model).register_forward_pre_hook(
-            lambda m, args, kw: got.__setitem__("hook_embed", kw["inputs_embeds"]), with_kwargs=True))
-        for i, layer in enumerate(_resolve(hf, a.decoder_layers)):
-            hooks.append(layer.register_forward_hook(
-                lambda m, i_, o, i=i: got.__setitem__(f"blocks.{i}.hook_resid_post", o[0] if isinstance(o, tuple)
-                                                      else o)))
-        try:
-            self.plain()
-        finally:
-            for h in hooks:
-                h.remove()
-        return got
-
     def floor(self):
         with torch.no_grad():
-            return self._math(self._kept_states())
+            return self._math(kept_states(self.vlm, self.batch))
 
     def naive_suite(self):
         with torch.no_grad():
