@@ -45,7 +45,7 @@ from mech_vtokens.component import Intervention, kv_cache, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import layer_list
-from .prune import Prune, refuse_single_pass
+from .prune import Prune, extend_keys, refuse_single_pass
 from .token_sets import as_token_set, packed_layout, resolve
 from .zero_sublayer import InterventionResult
 
@@ -85,13 +85,6 @@ def _mask(like, am, q):
     if like is None or like.dtype == torch.bool:
         return allowed
     return torch.zeros(allowed.shape, dtype=like.dtype, device=dev).masked_fill(~allowed, torch.finfo(like.dtype).min)
-
-
-def _extend(am, b, more):
-    """The 2-D key mask ``am`` followed by ``more`` generated tokens (always attended)."""
-    import torch
-
-    return torch.cat([am, torch.ones(b, more, dtype=am.dtype, device=am.device)], 1)
 
 
 def _split_positions(pos):
@@ -258,7 +251,7 @@ class VisualEntry(_Window):
         pos = step["pos"]
         if pos is None:  # no ids from the caller: continue the full sequence's
             pos = out["_next"] + step["done"] + torch.arange(q, device=h.device)
-        am = _extend(out["_am"], b, step["done"] + q)
+        am = extend_keys(out["_am"], b, step["done"] + q)
         return self._restore(h, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, q), pos)
 
     def _restore(self, h, rest, kwargs, positional, ctx, out, mask, pos):
@@ -313,7 +306,7 @@ class VisualExit(_Window):
             return _pack(h, rest, kwargs, positional)
         b, n, d = h.shape
         if out["_decoding"]:  # the new tokens attend to the shortened cache; their positions are unchanged
-            am = _extend(out["_am"], b, out["_done"] + n)
+            am = extend_keys(out["_am"], b, out["_done"] + n)
             kw = {"attention_mask": _mask(kwargs.get("attention_mask"), am, n)}
             if kwargs.get("cache_position") is not None:  # transformers < 5.24
                 done = out["_am"].shape[1] + out["_done"]

@@ -45,6 +45,13 @@ def refuse_single_pass(ctx, cache, past, who):
             f"or wrap the generate call in interventions.applied(vlm, [...], batch)")
 
 
+def extend_keys(am, b, more):
+    """The 2-D key mask ``am`` (batch, keys) followed by ``more`` generated tokens (always attended)."""
+    import torch
+
+    return torch.cat([am, torch.ones(b, more, dtype=am.dtype, device=am.device)], 1)
+
+
 class Prune(Intervention):
     def __init__(self, tokens="all", positions: str = "original"):
         if positions not in ("original", "repacked"):
@@ -121,8 +128,7 @@ class Prune(Intervention):
             st = out.get("_state")
             if st is None:
                 raise ValueError("Prune: a decode step without its prefill; apply Prune for the whole generate call")
-            tail = torch.ones(b, past + n - st["width"], dtype=st["am"].dtype, device=emb.device)
-            kwargs["attention_mask"] = torch.cat([st["am"], tail], 1)
+            kwargs["attention_mask"] = extend_keys(st["am"].to(emb.device), b, past + n - st["width"])
             step = torch.arange(n, device=emb.device) + (past - st["width"])
             kwargs["position_ids"] = (st["next"] + step).contiguous()
         if kwargs.get("cache_position") is not None:  # transformers < 5.24
