@@ -81,6 +81,7 @@ def _execute_steps(model, plan, decode_plan, comps, ctx, steps, out):
     """Runs inside a generate trace: the whole plan on the prefill (step 0), the decode plan on every later step
     (``steps`` is nnsight's ``tracer.iter[...]``, which binds each pass to that step's module calls)."""
     ctx = dict(ctx, generating=True)
+    out = {} if out is None else out
     for step in steps:
         if step == 0:
             _execute(model, plan, comps, ctx, out)
@@ -184,7 +185,6 @@ class Experiment:
         """
         if steps is None:
             return _execute(model, self.plan, self.comps, self.ctx, out)
-        out = {} if out is None else out
         return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
 
     def results(self, raw) -> list:

@@ -29,8 +29,10 @@ def run(vlm, images, prompts, probes=(), interventions=(), remote=False, **proce
 
 class Generation(Result):
     """What :func:`generate` returns: ``text`` (one string per returned sequence: ``num_return_sequences`` per
-    prompt, consecutive), ``ids`` (sequences, new tokens; pad after an early stop), ``sequences`` (prompt + new ids, as HF's ``generate``), ``results`` (one per probe, read on the
-    prompt's forward, then one per intervention)."""
+    prompt, consecutive), ``ids`` (sequences, new tokens; pad after an early stop), ``sequences`` (prompt + new ids,
+    as HF's ``generate``), ``output`` (what HF's ``generate`` returned, e.g. its ``logits`` with
+    ``return_dict_in_generate=True, output_logits=True``), ``results`` (one per probe, read on the prompt's forward,
+    then one per intervention), ``prompts`` (one per sequence)."""
 
     name = "generation"
 
@@ -41,7 +43,8 @@ class Generation(Result):
         self.ids = sequences[:, prompt_len:]
         self.text = tokenizer.batch_decode(self.ids, skip_special_tokens=True)
         self.results = results
-        self.prompts = list(prompts)
+        copies = len(sequences) // len(prompts)  # num_return_sequences / beams: consecutive copies per prompt
+        self.prompts = [p for p in prompts for _ in range(copies)]
 
     def to_pandas(self):
         import pandas as pd
@@ -85,6 +88,4 @@ def generate(vlm, images, prompts, probes=(), interventions=(), max_new_tokens: 
             with tracer.invoke():
                 sequences = nnsight.save(tracer.result)
     results = exp.results(raw) if exp is not None else []
-    rows = getattr(sequences, "sequences", sequences).shape[0]  # num_return_sequences / beams: copies per prompt
-    prompts = [p for p in batch.prompts for _ in range(rows // len(batch.prompts))]
-    return Generation(sequences, batch.visual_mask.shape[1], vlm.processor.tokenizer, results, prompts)
+    return Generation(sequences, batch.visual_mask.shape[1], vlm.processor.tokenizer, results, batch.prompts)
