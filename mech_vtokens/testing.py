@@ -18,6 +18,9 @@ import torch
 
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl")
 
+# Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
+from .fixtures.real import REAL_CHECKPOINTS, real_model  # noqa: E402,F401
+
 # A small word-level vocabulary: enough to tokenize every prompt the tests and notebooks use.
 WORDS = (
     "a an the is are of on in at to and with what which how many color colour shape object image picture "

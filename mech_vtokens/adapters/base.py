@@ -186,10 +186,19 @@ class Adapter:
             raise InputError(
                 f"the processor does not match the model: its image token id is {pid} but the model's "
                 f"config.image_token_id is {self.image_token_id}; load the processor from the same checkpoint")
+        # Tokens beyond the vocabulary are refused unless neither the image nor the text path can emit them. The
+        # one known case: a named VIDEO token the processor needs to exist (InternVLProcessor reads
+        # ``tokenizer.video_token``; transformers 5 adds ``<video>`` to InternVL3-hf tokenizers, one past the
+        # vocabulary). ``prepare`` never passes videos, so the image/text path never emits it. Any other id past the
+        # vocabulary (or an image token past it) means the processor belongs to another checkpoint.
         vocab = self.config.get_text_config().vocab_size
-        if len(tok) > vocab:
-            raise InputError(f"the processor does not match the model: its tokenizer has {len(tok)} tokens but the "
-                             f"model's vocabulary has {vocab}; load the processor from the same checkpoint")
+        unused = {getattr(processor, a, None) for a in ("video_token", "video_token_id")} - {None}
+        unused = {tok.convert_tokens_to_ids(t) if isinstance(t, str) else int(t) for t in unused}
+        beyond = [i for i in range(vocab, len(tok)) if i not in unused]
+        if beyond or self.image_token_id >= vocab:
+            raise InputError(f"the processor does not match the model: its tokenizer has {len(tok)} tokens (ids "
+                             f"{beyond[:5]}{'...' if len(beyond) > 5 else ''} past the end) but the model's "
+                             f"vocabulary has {vocab}; load the processor from the same checkpoint")
 
     def image_placeholder(self, processor) -> str:
         """The string a user puts in a prompt where the image goes."""

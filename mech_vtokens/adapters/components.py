@@ -10,6 +10,11 @@ def videoless(processor_cls):
 
     Qwen2-VL / Qwen2.5-VL / InternVL processors fail to build when no video processor can be loaded (their video
     processors need torchvision). Images + text need none, so this subclass leaves video out of its attributes.
+
+    transformers saves and reloads a processor by its class's ``__init__`` (``to_dict`` keeps the attributes its
+    signature names, ``from_args_and_dict`` passes the kwargs its code object names): the subclass therefore keeps
+    the parent's ``__init__`` untouched (``video_processor`` defaults to None there), so ``chat_template``,
+    ``image_seq_length`` and every other init kwarg survive save/load.
     """
     if processor_cls in _VIDEOLESS:
         return _VIDEOLESS[processor_cls]
@@ -18,9 +23,6 @@ def videoless(processor_cls):
         @classmethod
         def get_attributes(cls):
             return [a for a in super().get_attributes() if "video" not in a]
-
-        def __init__(self, image_processor=None, tokenizer=None, video_processor=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, **kwargs)
 
     Videoless.__name__ = Videoless.__qualname__ = processor_cls.__name__
     _VIDEOLESS[processor_cls] = Videoless
@@ -56,8 +58,16 @@ class Geometry:
         self.processor = processor
         self.ip = processor.image_processor
 
-    def tokens(self, enc: dict, image_sizes: list[tuple[int, int]]) -> dict:
+    def tokens(self, enc: dict, image_sizes: list[tuple[int, int]], call_kwargs: dict | None = None) -> dict:
         raise NotImplementedError
+
+    def applied(self, name: str, call_kwargs: dict | None = None):
+        """The image setting ``name`` the processor APPLIES in a call with ``call_kwargs``: the call's value, else
+        the processor class's call-time default (e.g. InternVLProcessor turns ``crop_to_patches`` on although the
+        hub saves it off), else the image processor's saved attribute. Resolved by the processor's own merge."""
+        merged = self.processor._merge_kwargs(tokenizer_init_kwargs=self.processor.tokenizer.init_kwargs,
+                                              **(call_kwargs or {}))["images_kwargs"]
+        return merged[name] if name in merged else getattr(self.ip, name, None)
 
     @staticmethod
     def _pack(items: list[tuple]) -> dict:
@@ -83,40 +93,49 @@ class CLIPGridGeometry(Geometry):
     """
 
     def _to_original(self, w: int, h: int):
+        """(sx, sy, ox, oy): model-input pixel u maps to original pixel (u - ox) / sx (same for y), with the integer
+        sizes the processor computes (resize the shortest edge with ``get_resize_output_image_size``, then centre
+        crop at ``(resized - crop) // 2``)."""
+        import numpy as np
+        from transformers.image_transforms import get_resize_output_image_size
+
         ip, side = self.ip, self.adapter.config.vision_config.image_size
         if getattr(ip, "do_pad", False):  # pad to a square (centred), then resize to side x side
             s = max(w, h)
             scale = side / s
-            return scale, (s - w) / 2 * scale, (s - h) / 2 * scale
+            return scale, scale, (s - w) / 2 * scale, (s - h) / 2 * scale
         size = dict(ip.size) if ip.size else {}
         short = size.get("shortest_edge")
-        scale = short / min(w, h) if short else side / h
-        rw, rh = w * scale, h * scale
+        if short:
+            rh, rw = get_resize_output_image_size(np.empty((1, h, w), np.uint8), size=short, default_to_square=False,
+                                                  input_data_format="channels_first")
+        else:
+            rh, rw = size.get("height", side), size.get("width", side)
+        sx, sy = rw / w, rh / h
         if getattr(ip, "do_center_crop", False):
             crop = dict(ip.crop_size)
-            return scale, -((rw - crop["width"]) // 2), -((rh - crop["height"]) // 2)
-        return scale, 0.0, 0.0
+            return sx, sy, -float((rw - crop["width"]) // 2), -float((rh - crop["height"]) // 2)
+        return sx, sy, 0.0, 0.0
 
-    def tokens(self, enc, image_sizes):
+    def tokens(self, enc, image_sizes, call_kwargs=None):
         cfg = self.adapter.config
         p = cfg.vision_config.patch_size
         n = cfg.vision_config.image_size // p
         full = getattr(cfg, "vision_feature_select_strategy", "default") == "full"
         items = []
         for i, (w, h) in enumerate(image_sizes):
-            scale, ox, oy = self._to_original(w, h)
+            sx, sy, ox, oy = self._to_original(w, h)
             if full:
                 items.append((i, -1, -1, -1, (0.0, 0.0, float(w), float(h)), [i * (n * n + 1)], i * (n * n + 1)))
             for j in range(n * n):
                 r, c = divmod(j, n)
-                box = ((c * p - ox) / scale, (r * p - oy) / scale, ((c + 1) * p - ox) / scale,
-                       ((r + 1) * p - oy) / scale)
+                box = ((c * p - ox) / sx, (r * p - oy) / sy, ((c + 1) * p - ox) / sx, ((r + 1) * p - oy) / sy)
                 box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
                 prow = i * (n * n + full) + j + full
                 items.append((i, -1, r, c, box, [i * (n * n + 1) + 1 + j], prow))
         return self._pack(items)
 
-    def grids(self, enc, image_sizes):
+    def grids(self, enc, image_sizes, call_kwargs=None):
         n = self.adapter.config.vision_config.image_size // self.adapter.config.vision_config.patch_size
         return [{"rows": n, "cols": n, "tiles": 1} for _ in image_sizes]
 
@@ -138,7 +157,7 @@ class QwenMergedGeometry(Geometry):
     def merge(self) -> int:
         return self.adapter.config.vision_config.spatial_merge_size
 
-    def tokens(self, enc, image_sizes):
+    def tokens(self, enc, image_sizes, call_kwargs=None):
         grid = enc["image_grid_thw"]
         p = self.adapter.config.vision_config.patch_size
         m = self.merge
@@ -157,7 +176,7 @@ class QwenMergedGeometry(Geometry):
             start += t * rows * cols
         return self._pack(items)
 
-    def grids(self, enc, image_sizes):
+    def grids(self, enc, image_sizes, call_kwargs=None):
         m = self.merge
         return [{"rows": gh // m, "cols": gw // m, "tiles": 1} for _, gh, gw in enc["image_grid_thw"].tolist()]
 
@@ -168,16 +187,18 @@ class TiledGeometry(Geometry):
     a ViT grid of g x g patches (CLS first, dropped), pixel-shuffled to (g/2) x (g/2) tokens in raster order.
     """
 
-    def _canvas(self, w: int, h: int) -> tuple[int, int]:
-        ip = self.ip
-        if not getattr(ip, "crop_to_patches", False):
+    def _canvas(self, w: int, h: int, call_kwargs=None) -> tuple[int, int]:
+        """(cols, rows) of tiles, with the settings the processor applies in this call (see ``applied``)."""
+        if not self.applied("crop_to_patches", call_kwargs):
             return 1, 1
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-        size = dict(ip.size)
-        return get_optimal_tiled_canvas((h, w), (size["height"], size["width"]), ip.min_patches, ip.max_patches)
+        size = dict(self.applied("size", call_kwargs))
+        return get_optimal_tiled_canvas((h, w), (size["height"], size["width"]),
+                                        self.applied("min_patches", call_kwargs),
+                                        self.applied("max_patches", call_kwargs))
 
-    def tokens(self, enc, image_sizes):
+    def tokens(self, enc, image_sizes, call_kwargs=None):
         vc = self.adapter.config.vision_config
         side, p = vc.image_size[0], vc.patch_size[0]
         g = side // p
@@ -185,7 +206,7 @@ class TiledGeometry(Geometry):
         gt = g // k
         items, tile0 = [], 0
         for i, (w, h) in enumerate(image_sizes):
-            cols, rows = self._canvas(w, h)
+            cols, rows = self._canvas(w, h, call_kwargs)
             tiles = cols * rows + (1 if cols * rows > 1 else 0)
             for t in range(tiles):
                 if t < cols * rows:
@@ -202,12 +223,12 @@ class TiledGeometry(Geometry):
             tile0 += tiles
         return self._pack(items)
 
-    def grids(self, enc, image_sizes):
+    def grids(self, enc, image_sizes, call_kwargs=None):
         vc = self.adapter.config.vision_config
         gt = vc.image_size[0] // vc.patch_size[0] // int(round(1 / self.adapter.config.downsample_ratio))
         out = []
         for w, h in image_sizes:
-            cols, rows = self._canvas(w, h)
+            cols, rows = self._canvas(w, h, call_kwargs)
             out.append({"rows": gt, "cols": gt, "tiles": cols * rows + (1 if cols * rows > 1 else 0),
                         "tile_rows": rows, "tile_cols": cols})
         return out
