@@ -106,7 +106,9 @@ class VLM:
     @property
     def embedding_matrix(self) -> torch.Tensor:
         """The LM's INPUT embedding matrix (vocab, d): what EmbedLens compares against."""
-        return self.hf.get_input_embeddings().weight
+        from .component import weight_of
+
+        return weight_of(self.hf.get_input_embeddings())  # real values, also when offloaded (device_map "disk")
 
     @property
     def final_norm(self) -> torch.nn.Module:
