@@ -218,8 +218,9 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
     from nnsight import TransformersModel
     from transformers import AutoConfig, PreTrainedModel
 
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
+    from .placement import check_load_args
+
+    dtype = check_load_args(dtype, device_map, attn_implementation)  # before any weight is read
     kwargs = dict(hf_kwargs)
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -169,3 +169,48 @@ def test_ctx_moves_to_the_device_of_each_site():
     cpu = ctx_on(ctx, torch.zeros(1), cache)
     assert cpu["visual_mask"] is ctx["visual_mask"]  # already there: no copy
     assert on_device(ctx, None) is ctx
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad placement arguments: InputError naming the valid values, before any weight is read.
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, names", [
+    ({"dtype": "bf16"}, ["'bfloat16'", "'float16'"]),
+    ({"dtype": "bfloat61"}, ["'bfloat16'"]),
+    ({"dtype": "int8"}, ["quantization_config", "'bfloat16'"]),
+    ({"dtype": torch.int8}, ["quantization_config"]),
+    ({"device_map": "cuda:7"}, ["cuda device(s)", "'cpu'", "'auto'"]),
+    ({"device_map": "autoo"}, ["'auto'", "'balanced'", "'cpu'"]),
+    ({"device_map": {"": "gpu0"}}, ["'cpu'", "'disk'"]),
+    ({"attn_implementation": "eagre"}, ["'eager'", "'sdpa'"]),
+])
+def test_bad_placement_arguments_raise_before_any_weight_is_read(tiny_dir, monkeypatch, kwargs, names):
+    import transformers
+    from nnsight import TransformersModel
+
+    from mech_vtokens.errors import InputError
+
+    path = tiny_dir("llava")
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were read before the arguments were checked")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_weights))
+    monkeypatch.setattr(TransformersModel, "__init__", no_weights)
+    if torch.cuda.device_count() > 7 and kwargs.get("device_map") == "cuda:7":
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(InputError) as err:
+        mv.load(path, **kwargs)
+    for name in names:
+        assert name in str(err.value), (name, str(err.value))
+
+
+def test_good_placement_arguments_pass_the_checks():
+    from mech_vtokens.placement import check_load_args
+
+    assert check_load_args("bfloat16", "auto", "eager") is torch.bfloat16
+    assert check_load_args(torch.float16, {"model.language_model.layers.0": "cpu", "lm_head": "disk"}, "sdpa") \
+        is torch.float16
+    assert check_load_args("auto", "cpu", None) == "auto"
+    assert check_load_args(None, None, "kernels-community/flash-attn") is None
