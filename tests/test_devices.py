@@ -214,3 +214,78 @@ def test_good_placement_arguments_pass_the_checks():
         is torch.float16
     assert check_load_args("auto", "cpu", None) == "auto"
     assert check_load_args(None, None, "kernels-community/flash-attn") is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The layout check's real forward: InternVL3's dynamic rope, and a wrong declaration still caught.
+# ------------------------------------------------------------------------------------------------------------------
+
+def _internvl_with_dynamic_rope(tmp_path):
+    import json
+
+    path = T.tiny_model("internvl", tmp_path / "ivl")
+    cfg = json.loads((tmp_path / "ivl" / "config.json").read_text())
+    text = cfg["text_config"]
+    text.pop("rope_parameters", None)  # as the real InternVL3-1B-hf config.json writes it
+    text.update(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, rope_theta=1000000.0)
+    (tmp_path / "ivl" / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_layout_check_runs_with_internvl3_dynamic_rope_and_still_catches_a_wrong_site(tmp_path, monkeypatch):
+    from probes import EmbedLens
+
+    from mech_vtokens.adapters.internvl import InternVLAdapter
+    from mech_vtokens.layout import LayoutError
+
+    path = _internvl_with_dynamic_rope(tmp_path)
+    vlm = mv.load(path)
+    assert vlm.hf.config.text_config.rope_parameters["rope_type"] == "dynamic"
+    lens, = mv.run(vlm, [T.image()], [T.prompt("internvl")], probes=[EmbedLens(k=2)])
+    assert len(lens.to_pandas()) > 0 and int(lens.ids["hook_embed"].min()) >= 0
+    # the check still proves shapes: declare the MLP output at the MLP's first projection (width 128, not 64)
+    monkeypatch.setattr(InternVLAdapter, "mlp", "mlp.gate_proj", raising=False)
+    with pytest.raises(LayoutError, match=r"hook_mlp_out.*\(1, 2, 128\), expected \(1, 2, 64\)"):
+        mv.load(path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Offloaded maps (accelerate hooks): same results as the plain run.
+# ------------------------------------------------------------------------------------------------------------------
+
+_OFFLOAD_MAP = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+                "model.language_model.embed_tokens": "disk", "model.language_model.layers.0": "cpu",
+                "model.language_model.layers.1": "disk", "model.language_model.layers.2": "cpu",
+                "model.language_model.norm": "cpu", "lm_head": "disk"}
+
+
+def test_offloaded_map_gives_the_plain_results(tiny_dir, tiny_vlm, tmp_path):
+    """Embedding, one decoder layer and lm_head offloaded to disk (meta placeholders + accelerate hooks), the rest
+    placed on the CPU with hooks: lenses read the real matrices from the hooks' weights maps; probes, an intervention
+    and generation equal the plain run (ids equal, values <= 1e-5)."""
+    from interventions import Positions, Prune, ZeroSublayer
+    from probes import EmbedLens, LogitLens, NormTracker
+
+    plain = tiny_vlm("llava")
+    off = mv.load(tiny_dir("llava"), device_map=_OFFLOAD_MAP, offload_folder=str(tmp_path / "offload"))
+    lm = off.hf.model.language_model
+    assert lm.embed_tokens.weight.is_meta and off.hf.lm_head.weight.is_meta and hasattr(lm.embed_tokens, "_hf_hook")
+    assert torch.equal(off.embedding_matrix, plain.embedding_matrix)
+    ims, prs = [T.image(seed=1), T.image(seed=2)], [T.prompt("llava"), T.prompt("llava", "describe the image")]
+
+    def runs(vlm):
+        probes = [EmbedLens(k=3), LogitLens(k=3, logprobs=True), NormTracker()]
+        res = mv.run(vlm, ims, prs, probes=probes, interventions=[ZeroSublayer("all", 1, "mlp")])
+        gen = mv.generate(vlm, ims, prs, probes=[EmbedLens(k=2)], interventions=[Prune(Positions([0, 1]))],
+                          max_new_tokens=4, min_new_tokens=4)
+        return res, gen
+
+    (p_res, p_gen), (o_res, o_gen) = runs(plain), runs(off)
+    for a, b in zip(p_res[:2] + p_gen.results[:1], o_res[:2] + o_gen.results[:1]):
+        for site in a.ids:
+            assert torch.equal(a.ids[site], b.ids[site]), site
+            torch.testing.assert_close(b.scores[site], a.scores[site], atol=1e-5, rtol=0, equal_nan=True)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(o_res[2].to_pandas(), p_res[2].to_pandas(), check_exact=False, atol=1e-5, rtol=0)
+    assert torch.equal(o_gen.sequences, p_gen.sequences)
