@@ -18,7 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from mech_vtokens.adapters.base import _resolve
-from mech_vtokens.component import kv_cache
+from mech_vtokens.component import ctx_on, kv_cache
 from mech_vtokens.errors import InputError
 
 
@@ -86,8 +86,11 @@ def applied(model, interventions, batch_or_inputs, probes=()):
 
     on_decode = {name: cids for name, _, _, _, cids in exp.decode_plan}
 
-    def make_run(name, cids, c):
+    moved: dict = {}  # ctx's tensors on each device a hooked module runs on
+
+    def make_run(name, cids, c0):
         def run(value):
+            c = ctx_on(c0, value, moved)
             c["decode"] = state["decode"]
             changed = False
             for cid in (on_decode.get(name, ()) if state["decode"] else cids):

@@ -121,3 +121,63 @@ def select_rows(value, mask, ctx):
     out = value.new_full((len(pos),) + tuple(value.shape[2:]), float("nan"))
     out[present] = value[pos[present, 0], j[present]]
     return out, present
+
+
+def device_of(value):
+    """The device of the first tensor in ``value`` (a tensor, or nested tuples / lists / dicts of them), or None."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.device
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for v in items:
+        d = device_of(v)
+        if d is not None:
+            return d
+    return None
+
+
+def on_device(obj, device):
+    """``obj`` with every tensor in it (nested dicts / lists / tuples) moved to ``device``; other objects as they
+    are. Tensors already there are returned as they are (no copy)."""
+    import torch
+
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: on_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(on_device(v, device) for v in obj)
+    return obj
+
+
+def ctx_on(ctx, value, cache):
+    """``ctx`` with its tensors (masks, layout, every component's extras) on the device of ``value``: the site's own
+    device, which differs between sites of a model split over several devices. ``cache`` (a dict owned by the caller,
+    one per forward) keeps one moved copy per (ctx, device)."""
+    device = device_of(value)
+    key = (id(ctx), device)
+    if key not in cache:
+        cache[key] = on_device(ctx, device)
+    return cache[key]
+
+
+def weight_of(module, name: str = "weight"):
+    """A parameter of ``module`` (an nnsight envoy or a torch module) as real values, also when accelerate offloaded
+    it (``device_map`` with "cpu" / "disk" entries: the parameter is a meta placeholder and the values live in the
+    module's offload hook's ``weights_map``, loaded to the hook's execution device)."""
+    module = getattr(module, "_module", module)
+    p = getattr(module, name)
+    if p is None or not p.is_meta:
+        return p
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or [hook]  # accelerate's SequentialHook holds several
+    for h in hooks:
+        wmap = getattr(h, "weights_map", None)
+        if wmap is not None and name in wmap:
+            dev = getattr(h, "execution_device", None)
+            return wmap[name].to(dev) if dev is not None else wmap[name]
+    raise ValueError(f"the parameter {name!r} of {type(module).__name__} is a meta placeholder with no offload hook "
+                     f"that holds its values; load the model with a device_map that places this module")

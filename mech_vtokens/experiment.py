@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .adapters.base import _resolve
+from .component import ctx_on, on_device
 from .errors import InputError
 
 
@@ -60,11 +61,12 @@ def _execute(model, plan, comps, ctx, out=None, decode=False):
     after = ctx.get("after_layout")  # masks of the shortened sequence, for the sites after a sequence change
     ctx_after = dict(ctx, **after["ctx"]) if after and not decode else ctx
     out = {} if out is None else out
+    moved = {}  # ctx's tensors on each device a site of this forward runs on (a split model has several)
     for name, path, kind, index, cids in plan:
         env = _resolve(model, path)
         value = _read(env, kind, index)
         changed = False
-        c = ctx_after if after and name in after["sites"] else ctx
+        c = ctx_on(ctx_after if after and name in after["sites"] else ctx, value, moved)
         for cid in cids:
             comp = comps[cid]
             slot = out.setdefault(cid, {})
@@ -188,7 +190,9 @@ class Experiment:
         return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
 
     def results(self, raw) -> list:
-        """One result per component, in the order probes then interventions were given."""
+        """One result per component, in the order probes then interventions were given; their tensors on the CPU
+        whatever device the model runs on."""
+        raw = on_device(raw, "cpu")
         res = [c.collect(raw.get(cid, {}), self._batch, self._vlm) for cid, c in enumerate(self.comps)]
         n = self.n_interventions
         return res[n:] + res[:n]

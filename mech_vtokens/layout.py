@@ -1,8 +1,11 @@
 """The layout check run at load: every site the adapter declares exists, in forward order, with the right shape.
 
 Like nnterp's ``check_io``: a structural pass (every module path resolves, decoder layers have attention, MLP and
-post-attention norm), then one ``scan`` of a tiny text input on fake tensors (no real compute) that reads every LM site and
-checks its shape is (batch, seq, d_model) and the logits' last dim is the vocabulary.
+post-attention norm), then one REAL forward of a two-token text input that reads every LM site and checks its shape
+is (batch, seq, d_model) and the logits' last dim is the vocabulary. Real, not nnsight's ``scan`` on fake tensors:
+fake tensors break on accelerate's offload hooks (``device_map`` with "cpu" / "disk" entries load weights inside the
+forward) and on data-dependent code (InternVL3's ``rope_type: dynamic`` compares the sequence length with a tensor).
+Two tokens cost one pass over the weights, which the first real run pays anyway.
 """
 
 from __future__ import annotations
@@ -32,19 +35,19 @@ def check_layout(vlm, scan: bool = True) -> None:
 
 def _scan(vlm) -> None:
     import nnsight
+    import torch
 
     from .experiment import _read
 
     adapter = vlm.adapter
-    # Text only: fake tensors cannot run the data-dependent scatter of image features; the vision path is checked
-    # structurally above, and its sites by the first real run.
+    # Text only (no image to invent here): the vision path is checked structurally above, its sites by the first run.
     batch = vlm.prepare(None, [vlm.tokenizer.decode([0, 0])])
     seq = batch.visual_mask.shape[1]
     lm_sites = ["hook_embed"] + [f"blocks.{i}.{h}" for i in range(adapter.n_layers)
                                  for h in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out",
                                            "hook_resid_post")] + ["ln_final.hook_normalized", "unembed.hook_out"]
     shapes = {}
-    with vlm.model.scan(**batch.inputs):
+    with torch.no_grad(), vlm.model.trace(**batch.inputs):
         for name in lm_sites:
             _, path, kind, index = adapter.site(name)
             shapes[name] = nnsight.save(_read(_resolve(vlm.model, path), kind, index).shape)

@@ -7,6 +7,7 @@ import warnings
 
 import nnsight
 
+from .component import on_device
 from .errors import InputError
 from .results import Result
 
@@ -37,6 +38,11 @@ class Generation(Result):
     name = "generation"
 
     def __init__(self, sequences, prompt_len, tokenizer, results, prompts):
+        if isinstance(sequences, dict):  # HF's ModelOutput: keep its class, its tensors on the CPU
+            for key in list(sequences.keys()):
+                sequences[key] = on_device(sequences[key], "cpu")
+        else:
+            sequences = sequences.cpu()
         self.output = sequences  # HF's whole output (scores, logits, ...) with return_dict_in_generate=True
         sequences = getattr(sequences, "sequences", sequences)
         self.sequences = sequences

@@ -106,7 +106,9 @@ class VLM:
     @property
     def embedding_matrix(self) -> torch.Tensor:
         """The LM's INPUT embedding matrix (vocab, d): what EmbedLens compares against."""
-        return self.hf.get_input_embeddings().weight
+        from .component import weight_of
+
+        return weight_of(self.hf.get_input_embeddings())  # real values, also when offloaded (device_map "disk")
 
     @property
     def final_norm(self) -> torch.nn.Module:
@@ -216,8 +218,9 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
     from nnsight import TransformersModel
     from transformers import AutoConfig, PreTrainedModel
 
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
+    from .placement import check_load_args
+
+    dtype = check_load_args(dtype, device_map, attn_implementation)  # before any weight is read
     kwargs = dict(hf_kwargs)
     if dtype is not None:
         kwargs["dtype"] = dtype

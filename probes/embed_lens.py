@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from mech_vtokens.component import Probe, select_rows
+from mech_vtokens.component import Probe, select_rows, weight_of
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
 
@@ -48,7 +48,7 @@ def _select(site, value, mine, ctx):
     them exist (after a Prune the removed tokens' rows do not)."""
     if site == "vision_projector.hook_out":
         rows = value.reshape(-1, value.shape[-1])[mine["projector_rows"]]
-        return rows, torch.ones(rows.shape[0], dtype=torch.bool)
+        return rows, torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
     return select_rows(value, mine["select"], ctx)
 
 
@@ -59,8 +59,9 @@ def _lens_rows(site, value, mine, ctx, fn):
         return fn(h)
     v, i, nf = fn(h[present])
     k = v.shape[1]
-    vv = torch.full((h.shape[0], k), float("nan"), dtype=v.dtype)
-    ii = torch.full((h.shape[0], k), -1, dtype=i.dtype)
+    vv = torch.full((h.shape[0], k), float("nan"), dtype=v.dtype, device=v.device)
+    ii = torch.full((h.shape[0], k), -1, dtype=i.dtype, device=i.device)
+    present = present.to(v.device)
     vv[present], ii[present] = v, i
     return vv, ii, nf
 
@@ -75,6 +76,9 @@ def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias
     """
     n, vocab = h.shape[0], weight.shape[0]
     n_cand = min(n_cand, vocab)
+    dev = weight.device  # a split model: the matrix may sit on another device than the hidden state
+    h = h.to(dev)
+    row_scale, penalty, bias = (None if t is None else t.to(dev) for t in (row_scale, penalty, bias))
     hw = h.to(weight.dtype)
     best_v = best_i = lse = None
     for s in range(0, vocab, chunk):
@@ -100,7 +104,7 @@ def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias
     hf = h.float()
 
     def exact_rows(hrows, ids):  # fp32 scores of the given (m, c) ids for the rows hrows (m, d)
-        out = torch.empty(ids.shape, dtype=torch.float32)
+        out = torch.empty(ids.shape, dtype=torch.float32, device=weight.device)
         step = max(1, 256 // max(1, ids.shape[1]))  # small blocks: a few MB of fp32 rows at a time
         for t in range(0, ids.shape[0], step):
             for c0 in range(0, ids.shape[1], 4096):
@@ -125,10 +129,10 @@ def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias
         if n_cand > k:  # k-th and (k+1)-th apart by more than both errors: the top-k SET is certain
             sure = (bv[:, k - 1] - err[:, k - 1]) > (bv[:, k] + err[:, k])
         else:
-            sure = torch.zeros(n, dtype=torch.bool)
+            sure = torch.zeros(n, dtype=torch.bool, device=bv.device)
         # exact fp32 scores: the k ids of the sure tokens (to order them), all candidates of the others
-        top_v = torch.empty(n, k, dtype=torch.float32)
-        top_i = torch.empty(n, k, dtype=torch.long)
+        top_v = torch.empty(n, k, dtype=torch.float32, device=bv.device)
+        top_i = torch.empty(n, k, dtype=torch.long, device=bv.device)
         rows = sure.nonzero()[:, 0]
         if len(rows):
             ids = best_i[rows, :k]
@@ -172,7 +176,7 @@ def _topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias
 
 def _store(out, site, v, i, small_ids, n_fallback=0):
     out[site] = {"ids": i.to(torch.int16 if small_ids else torch.int32), "scores": v,
-                 "fallbacks": torch.tensor(n_fallback)}
+                 "fallbacks": torch.tensor(n_fallback, device=v.device)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -337,7 +341,7 @@ class _Lens(Probe):
             return None
         key = ("_lens_penalty", vocab, int(mine["skip"].sum()), len(mine["skip"]))
         if key not in ctx:
-            p = torch.zeros(vocab, dtype=torch.float32)
+            p = torch.zeros(vocab, dtype=torch.float32, device=mine["skip"].device)
             p[mine["skip"]] = float("-inf")
             ctx[key] = p
         return ctx[key]
@@ -463,7 +467,7 @@ class EmbedLens(_Lens):
 
         mine = ctx["mine"]
         with torch.no_grad():
-            weight = _resolve(ctx["model"], mine["embed"]).weight.detach()
+            weight = weight_of(_resolve(ctx["model"], mine["embed"])).detach()  # real values, also if offloaded
             penalty = self._penalty(ctx, mine, weight.shape[0])
             v, i, nf = _lens_rows(site, value.detach(), mine, ctx, lambda h: _topk_rerank(
                 h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=mine["inv_norm"], penalty=penalty,

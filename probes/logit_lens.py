@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from mech_vtokens.component import weight_of
 from mech_vtokens.errors import InputError
 
 from .embed_lens import LensResult, _Lens, _lens_rows, _store, _topk_rerank
@@ -57,8 +58,8 @@ class LogitLens(_Lens):
         mine = ctx["mine"]
         with torch.no_grad():
             head = _resolve(ctx["model"], mine["lm_head"])
-            weight = head.weight.detach()
-            bias = getattr(head, "bias", None)
+            weight = weight_of(head).detach()  # real values, also if offloaded
+            bias = weight_of(head, "bias") if getattr(head, "bias", None) is not None else None
             bias = None if bias is None else bias.detach()
             penalty = self._penalty(ctx, mine, weight.shape[0])
             norm = _resolve(ctx["model"], mine["final_norm"])

@@ -125,7 +125,7 @@ class SinkChannels(Probe):
             x = value.detach().float()
             sel = mine["select"]
             bos_mask = torch.zeros_like(sel)
-            bos_mask[torch.arange(sel.shape[0]), mine["bos"]] = True
+            bos_mask[torch.arange(sel.shape[0], device=sel.device), mine["bos"]] = True
             bos = select_rows(x, bos_mask, ctx)[0]  # (rows, d): the first attended token is text, never removed
             xs = select_rows(x, sel, ctx)[0]  # (n, d); NaN rows for tokens removed before this site
             rms = xs.pow(2).mean(-1).sqrt().clamp_min(1e-30)
