@@ -26,7 +26,7 @@ def medium_inputs(vlm, n: int = 1):
     from mech_vtokens import testing as T
 
     imgs = [T.image(336, seed=i) for i in range(n)]
-    prompts = ["USER : <image> describe the image . ASSISTANT :"] * n
+    prompts = [T.prompt("llava", "describe the image .")] * n
     return imgs, prompts
 
 

@@ -55,13 +55,13 @@ def model_path(name: str) -> str:
 
 def inputs(vlm, name: str, n: int = 1, offset: int = 0):
     from mech_vtokens import testing as T
-    from mech_vtokens.defaults import demo_inputs, prompt
+    from mech_vtokens.defaults import demo_inputs
 
     if name == "medium":
-        return [T.image(336, seed=offset + i) for i in range(n)], ["USER : <image> describe the image . ASSISTANT :"] * n
+        return [T.image(336, seed=offset + i) for i in range(n)], [T.prompt("llava", "describe the image .")] * n
     if name == "organism":
         imgs, qs, _ = demo_inputs(n + offset, seed=1234)
-        return imgs[offset:], [prompt(vlm, q) for q in qs[offset:]]
+        return imgs[offset:], [vlm.prompt(q) for q in qs[offset:]]
     return [T.image(112, seed=offset + i) for i in range(n)], [T.prompt(name)] * n
 
 

@@ -42,14 +42,14 @@ def _summary(results) -> None:
 def demo(args) -> int:
     import mech_vtokens as mv
 
-    from .defaults import default_model, demo_inputs, prompt
+    from .defaults import default_model, demo_inputs
     from .suite import ALL_PROBES, analyze
 
     path, what = (args.model, args.model) if args.model else default_model()
     print(f"[mech-vtokens] model: {what}\n[mech-vtokens] loading {path}", flush=True)
     vlm = mv.load(path)
     images, questions, objects = demo_inputs(args.images)
-    prompts = [prompt(vlm, q) for q in questions]
+    prompts = [vlm.prompt(q) for q in questions]
     from probes.label_matching import label_token_ids
 
     # label matching needs labels that are whole tokens of this vocabulary (a tiny fixture lacks some)
@@ -89,7 +89,6 @@ def _load_folder(folder: Path):
 def analyze_cmd(args) -> int:
     import mech_vtokens as mv
 
-    from .defaults import prompt
     from .errors import InputError
     from .suite import ALL_PROBES, analyze
 
@@ -102,7 +101,7 @@ def analyze_cmd(args) -> int:
         raise InputError(f"--images {args.images}: no readable images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     print(f"[mech-vtokens] loading {args.model}", flush=True)
     vlm = mv.load(args.model, dtype=args.dtype, device_map=args.device_map)
-    prompts = [prompt(vlm, args.question) for _ in images]
+    prompts = [vlm.prompt(args.question) for _ in images]
     remote = {"none": False, "ndif": True, "local": "local"}[args.remote]
     if "partition" in probes and len(images) < 2:
         probes.remove("partition")

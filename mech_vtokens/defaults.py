@@ -19,13 +19,9 @@ def default_model() -> tuple[str, str]:
 
 
 def prompt(vlm, question: str, n_images: int = 1) -> str:
-    """A prompt for ``vlm`` with ``n_images`` images and ``question``: the processor's chat template when it has one
-    (real checkpoints), else ``"<placeholder> question"``."""
-    proc = vlm.processor
-    if getattr(proc, "chat_template", None):
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-        return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return " ".join([vlm.image_placeholder] * n_images + [question])
+    """``vlm.prompt(question, n_images)``: the processor's chat template when the checkpoint has one, else the plain
+    ``"<image span> question"`` (what the shipped organism was trained on)."""
+    return vlm.prompt(question, n_images)
 
 
 def demo_inputs(n: int = 3, seed: int = 1234):

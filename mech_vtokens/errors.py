@@ -3,3 +3,8 @@
 
 class InputError(ValueError):
     """Bad input to the public API: the message says what is wrong and how to fix it."""
+
+
+class ManyVisualTokensWarning(UserWarning):
+    """An image became more visual tokens than ``vlm.visual_token_warning``: the message names the count and the
+    processor setting that caps it."""

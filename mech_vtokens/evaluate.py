@@ -137,12 +137,10 @@ def _build(ivs, vlm, batch):
 
 
 def _prompt_text(vlm, record) -> str:
-    from .defaults import prompt
-
     q = record.question or ""
     if record.choices:
         q = q + " " + " ".join(f"{string.ascii_uppercase[i]} . {c}" for i, c in enumerate(record.choices))
-    return prompt(vlm, q)
+    return vlm.prompt(q)
 
 
 def generate(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: int = 0) -> list[str]:
@@ -297,15 +295,13 @@ class HarnessModel:
         self.interventions = _check_conditions({"model": interventions})["model"]
 
     def __call__(self, images, prompts) -> list[str]:
-        from .defaults import prompt
-
         if isinstance(prompts, str):
             prompts = [prompts]
             images = [images]
         if len(images) != len(prompts):
             raise InputError(f"{len(images)} images for {len(prompts)} prompts; pass one image (or list) per prompt")
         ph = self.vlm.image_placeholder
-        texts = [p if ph in p else prompt(self.vlm, p, 1 if not isinstance(im, (list, tuple)) else len(im))
+        texts = [p if ph in p else self.vlm.prompt(p, 1 if not isinstance(im, (list, tuple)) else len(im))
                  for im, p in zip(images, prompts)]
         out = []
         for s in range(0, len(texts), self.batch_size):

@@ -116,13 +116,11 @@ def answer(vlm, samples, max_new_tokens: int = 3, batch_size: int = 8, intervent
     """Greedy answers to every question of ``samples``: a list of (sample index, question kind, answer, predicted)."""
     import torch
 
-    from .defaults import prompt
-
     jobs = [(i, kind, q, a) for i, s in enumerate(samples) for kind, q, a in s.qa]
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        batch = vlm.prepare([samples[i].image for i, *_ in chunk], [prompt(vlm, q) for _, _, q, _ in chunk])
+        batch = vlm.prepare([samples[i].image for i, *_ in chunk], [vlm.prompt(q) for _, _, q, _ in chunk])
         ctx = None
         if interventions:
             from interventions import applied

@@ -38,18 +38,23 @@ _SPECIALS = {
 }
 _SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen2_vl"]
 
-# The text each family's processor expects where one image goes.
-IMAGE_PLACEHOLDER = {
-    "llava": "<image>",
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "internvl": "<IMG_CONTEXT>",
-}
+# The image token of each fixture's tokenizer (the adapters declare the span around it).
+_IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>",
+                "internvl": "<IMG_CONTEXT>"}
+
+
+def image_span(family: str) -> str:
+    """The whole text span of one image in a ``family`` prompt (the adapter's declaration; ``vlm.image_placeholder``
+    once loaded)."""
+    from .adapters import ADAPTERS
+
+    return next(a for a in ADAPTERS if a.family == family).image_span.format(image=_IMAGE_TOKEN[family])
 
 
 def prompt(family: str, question: str = "what color is the object ?", n_images: int = 1) -> str:
-    """A prompt in the fixture's format with ``n_images`` image placeholders."""
-    return "USER : " + IMAGE_PLACEHOLDER[family] * n_images + " " + question + " ASSISTANT :"
+    """A prompt in the fixtures' own chat format (``USER : <spans> question ASSISTANT :``; first token ``USER``) with
+    ``n_images`` image spans. On a loaded model use ``vlm.prompt``."""
+    return "USER : " + image_span(family) * n_images + " " + question + " ASSISTANT :"
 
 
 def _tokenizer(family: str):

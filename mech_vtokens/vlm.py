@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .adapters import adapter_class_for
-from .errors import InputError
+from .errors import InputError, ManyVisualTokensWarning
 
 _REGISTERED = False
 
@@ -33,6 +33,7 @@ class Batch:
     - ``tokens``: the geometry of every visual token (see ``Geometry``): image, tile, row, col, box, vision/projector
       rows; ``grids``: the token grid of each image; ``image_sizes``: (width, height) of the original images.
     - ``images``: the original images (RGB), in processor order; ``ctx``: the small dict shipped into the trace.
+    - ``visual_tokens_per_image``: how many visual tokens each image became (processor order).
     """
 
     def __init__(self, inputs, visual_mask, tokens, grids, image_sizes, prompts, image_of_row, images=()):
@@ -45,6 +46,9 @@ class Batch:
         self.image_sizes = image_sizes
         self.prompts = prompts
         self.image_of_row = image_of_row
+        n_images = len(self.image_sizes)
+        self.visual_tokens_per_image = (torch.bincount(tokens["image"], minlength=n_images).tolist()
+                                        if n_images else [])
         self.ctx = {"visual_mask": visual_mask, "attention_mask": inputs.get("attention_mask"),
                     "input_ids": inputs["input_ids"]}
 
@@ -65,7 +69,13 @@ class VLM:
 
     nnsight's API stays reachable: ``vlm.trace``, ``vlm.generate``, ``vlm.session`` and attribute access to envoys
     (``vlm.model.language_model.layers[3]``) delegate to the nnsight ``TransformersModel``.
+
+    ``visual_token_warning`` (default 4096, settable; None turns it off): ``prepare`` warns
+    (:class:`~mech_vtokens.errors.ManyVisualTokensWarning`) when one image becomes more visual tokens than this
+    (Qwen's real ``max_pixels`` lets a phone photo become ~15k tokens, InternVL up to 3328 per image).
     """
+
+    visual_token_warning: int | None = 4096
 
     def __init__(self, model, processor, adapter, source: str | None = None):
         self.model = model
@@ -124,7 +134,30 @@ class VLM:
 
     @property
     def image_placeholder(self) -> str:
+        """The whole text span a prompt holds per image (LLaVA ``<image>``; Qwen
+        ``<|vision_start|><|image_pad|><|vision_end|>``; InternVL ``<IMG_CONTEXT>``, wrapped in ``<img>..</img>`` by
+        its processor). :meth:`prompt` writes it for you."""
         return self.adapter.image_placeholder(self.processor)
+
+    def prompt(self, question: str, n_images: int = 1, system: str | None = None) -> str:
+        """A prompt for this model asking ``question`` about ``n_images`` images (``system``: optional system text).
+
+        Built by the processor's chat template (one user turn: the images, then the question; the assistant turn
+        opened), so it is what the checkpoint was trained on. A checkpoint without a template gets the plain format
+        ``"[system ]<span> ... <span> question"`` (``<span>`` = :attr:`image_placeholder`).
+        """
+        if not isinstance(question, str):
+            raise InputError(f"question is a {type(question).__name__}, not a string; pass the question text")
+        if not isinstance(n_images, int) or n_images < 0:
+            raise InputError(f"n_images={n_images!r}: give the number of images (0 or more) the prompt is about")
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"system={system!r}: give the system text as a string (or None for none)")
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+            messages.append({"role": "user", "content": content})
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return " ".join(([system] if system else []) + [self.image_placeholder] * n_images + [question])
 
     def check_remote(self, remote) -> None:
         """Raise before any work if ``remote=True`` cannot work for this model."""
@@ -141,7 +174,9 @@ class VLM:
 
         ``images``: a PIL image, a list with one image per prompt, or a list of lists (several images per prompt;
         each prompt holds one placeholder per image). ``prompts``: a string or a list of strings; each must contain
-        the image placeholder (``vlm.image_placeholder``) once per image.
+        the image placeholder (the whole span ``vlm.image_placeholder``) once per image: ``vlm.prompt(question,
+        n_images)`` builds such prompts. ``batch.visual_tokens_per_image`` reports what each image became; above
+        ``vlm.visual_token_warning`` tokens it warns, naming the processor setting that caps it.
         """
         from PIL import Image
 
@@ -157,18 +192,25 @@ class VLM:
             raise InputError(f"got {len(images)} image entries for {len(prompts)} prompts; pass one image (or one "
                              f"list of images) per prompt")
         ph = self.image_placeholder
+        token = self.adapter.image_token(self.processor)
         flat, image_of_row = [], []
         for row, (ims, text) in enumerate(zip(images, prompts)):
             if not isinstance(text, str):
                 raise InputError(f"prompt {row} is a {type(text).__name__}, not a string")
             n_ph = text.count(ph)
+            bare = text.count(token) - n_ph * ph.count(token)
+            if bare:
+                raise InputError(f"prompt {row} holds the image token {token!r} {bare} time(s) outside the whole "
+                                 f"image span {ph!r}: write the span once per image, or build the prompt with "
+                                 f"vlm.prompt(question, n_images=...)")
             for im in ims:
                 if not isinstance(im, Image.Image):
                     raise InputError(f"prompt {row}: images must be PIL images, got {type(im).__name__}; open files "
                                      f"with PIL.Image.open(path).convert('RGB')")
             if n_ph != len(ims):
                 if n_ph == 0 and ims:
-                    fix = f"put the image placeholder {ph!r} in the prompt where the image goes"
+                    fix = (f"put the image placeholder {ph!r} in the prompt where the image goes, or build it with "
+                           f"vlm.prompt(question, n_images={len(ims)})")
                 elif not ims:
                     fix = f"pass an image for each of its {n_ph} placeholder(s), or remove them"
                 else:
@@ -195,7 +237,22 @@ class VLM:
                              f"the {self.family} adapter expects {len(tokens['image'])}; the processor does not "
                              f"match the model (load both from the same checkpoint)")
         grids = self.geometry.grids(inputs, sizes, processor_kwargs) if flat else []
-        return Batch(inputs, mask, tokens, grids, sizes, list(prompts), image_of_row, flat)
+        batch = Batch(inputs, mask, tokens, grids, sizes, list(prompts), image_of_row, flat)
+        limit = self.visual_token_warning
+        big = [(i, n) for i, n in enumerate(batch.visual_tokens_per_image) if limit is not None and n > limit]
+        if big:
+            knob = self.adapter.image_size_knob
+            import warnings
+
+            warnings.warn(
+                f"{len(big)} image(s) became more than vlm.visual_token_warning = {limit} visual tokens each "
+                f"({', '.join(f'image {i} ({sizes[i][0]}x{sizes[i][1]} px): {n}' for i, n in big)}); every probe and "
+                f"forward pays for each token. "
+                + (f"Cap it with the processor setting {knob}, or resize the image." if knob
+                   else "Resize the image.")
+                + " Raise vlm.visual_token_warning (None: off) to silence this.", ManyVisualTokensWarning,
+                stacklevel=2)
+        return batch
 
     def experiment(self, batch: Batch, probes=(), interventions=()):
         from .experiment import Experiment

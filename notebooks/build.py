@@ -14,7 +14,7 @@ HERE = Path(__file__).parent
 
 SETUP = '''MODEL = None  # a hub id (e.g. "llava-hf/llava-1.5-7b-hf") or a local directory; None = the embedded default
 import mech_vtokens as mv
-from mech_vtokens.defaults import default_model, demo_inputs, prompt
+from mech_vtokens.defaults import default_model, demo_inputs
 
 path, what = (MODEL, MODEL) if MODEL else default_model()
 print("model:", what)
@@ -27,8 +27,10 @@ NOTEBOOKS = {
                "(cosine top-k against the *input* embedding matrix, paper Sec. 3) next to **LogitLens** (final norm + "
                "unembedding), in one forward, and look at them on the image."),
         ("code", SETUP),
-        ("code", "images, questions, objects = demo_inputs(2)\nprompts = [prompt(vlm, q) for q in questions]\n"
-                 "print(questions, objects)\nimages[0].resize((192, 192))"),
+        ("code", "images, questions, objects = demo_inputs(2)\n"
+                 "# vlm.prompt: the checkpoint's chat template, one whole image span per image (plain format without one)\n"
+                 "prompts = [vlm.prompt(q) for q in questions]\n"
+                 "print(questions, objects, prompts[0])\nimages[0].resize((192, 192))"),
         ("code", "from probes import EmbedLens, LogitLens\n\n"
                  "embed, logit = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5), LogitLens(k=5)])\n"
                  "embed.to_pandas().head(10)"),
@@ -51,7 +53,7 @@ NOTEBOOKS = {
         ("code", SETUP.replace("vlm = mv.load(path)", "vlm = mv.load(path, attn_implementation='eager')  # eager: attention weights for the dynamics")),
         ("md", "## A. Your model"),
         ("code", "from mech_vtokens.partition import GroupDynamics, calibrate, summarize\n\n"
-                 "images, questions, _ = demo_inputs(28)\nprompts = [prompt(vlm, q) for q in questions]\n"
+                 "images, questions, _ = demo_inputs(28)\nprompts = [vlm.prompt(q) for q in questions]\n"
                  "part = calibrate(vlm, images[:20], prompts[:20])   # one forward per batch\npart"),
         ("code", "summary = summarize(part, images[:20], prompts[:20])\nsummary.to_pandas()"),
         ("code", "res = part.classify(images[20:], prompts[20:])\nres.fractions()"),
@@ -89,7 +91,7 @@ NOTEBOOKS = {
                "through `interventions.applied`."),
         ("code", SETUP),
         ("code", "import torch\nfrom interventions import AllVisual, Group, MatchedRandom, Prune, ZeroSublayer, applied\n\n"
-                 "images, questions, _ = demo_inputs(4)\nprompts = [prompt(vlm, q) for q in questions]\n"
+                 "images, questions, _ = demo_inputs(4)\nprompts = [vlm.prompt(q) for q in questions]\n"
                  "batch = vlm.prepare(images, prompts)\n\n"
                  "from contextlib import nullcontext\n\n"
                  "def answers(interventions=()):\n"
@@ -136,7 +138,7 @@ NOTEBOOKS = {
                "your own reads (which must follow forward order too)."),
         ("code", SETUP),
         ("code", "import nnsight\nfrom probes import EmbedLens, NormTracker\n\n"
-                 "images, questions, _ = demo_inputs(2)\nbatch = vlm.prepare(images, [prompt(vlm, q) for q in questions])\n"
+                 "images, questions, _ = demo_inputs(2)\nbatch = vlm.prepare(images, [vlm.prompt(q) for q in questions])\n"
                  "exp = vlm.experiment(batch, probes=[EmbedLens(k=3), NormTracker()])\nexp"),
         ("code", "lm = vlm.model.model.language_model\nwith vlm.trace(**batch.inputs):\n"
                  "    raw = nnsight.save(exp.execute(vlm.model))\n"
@@ -159,7 +161,7 @@ NOTEBOOKS = {
                  "    with tracer.invoke():\n"
                  "        ids = nnsight.save(tracer.result)\n"
                  "lens_at_input, _ = gen.results(raw)\n"
-                 "same = mv.generate(vlm, images, [prompt(vlm, q) for q in questions], interventions=[VisualEntry(2)], max_new_tokens=4)\n"
+                 "same = mv.generate(vlm, images, [vlm.prompt(q) for q in questions], interventions=[VisualEntry(2)], max_new_tokens=4)\n"
                  "print(vlm.tokenizer.batch_decode(ids[:, batch.visual_mask.shape[1]:], skip_special_tokens=True), "
                  "'| mv.generate:', same.text)"),
     ],
@@ -171,7 +173,7 @@ NOTEBOOKS = {
                "it runs — so a passing local run is strong evidence the real one works."),
         ("code", "REMOTE = 'local'  # True for the real NDIF service (needs MODEL = a hub id and an API key)\n" + SETUP),
         ("code", "from probes import EmbedLens, SinkChannels\n\nimages, questions, _ = demo_inputs(2)\n"
-                 "prompts = [prompt(vlm, q) for q in questions]\n"
+                 "prompts = [vlm.prompt(q) for q in questions]\n"
                  "lens, sinks = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()], remote=REMOTE)\n"
                  "local_lens, _ = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()])\n"
                  "print('identical to a local run:', lens.to_pandas().equals(local_lens.to_pandas()))\n"

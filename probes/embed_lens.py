@@ -25,6 +25,11 @@ are rescored in fp32 when the bf16 gap between ranks k and k+1 exceeds the round
 visual tokens only (its rows are mapped through ``batch.tokens["projector_rows"]``). ``skip_special=True`` leaves
 special tokens, byte-fallback tokens (``<0x..>``) and embedding rows beyond the tokenizer out of the search (so k
 real tokens still come back).
+
+Rows no token maps to: checkpoints pad their embedding matrix beyond the tokenizer (llava-hf: 32064 rows for 32002
+tokens, near the mean embedding; Qwen: hundreds of unused rows), and such a row can be a top-1 that decodes to ''.
+By default both lenses search rows ``0 .. len(tokenizer) - 1`` only (rows at or beyond ``len(tokenizer)`` are left
+out; LogitLens' log-probabilities are then normalised over those rows too); ``unused_rows=True`` searches every row.
 """
 
 from __future__ import annotations
@@ -280,7 +285,10 @@ class _Lens(Probe):
     _allow_final = True
 
     def __init__(self, k: int = 5, sites=None, positions="visual", chunk: int = 8192, skip_special: bool = False,
-                 candidates: int | None = None):
+                 candidates: int | None = None, unused_rows: bool = False):
+        if not isinstance(unused_rows, bool):
+            raise InputError(f"{type(self).__name__}: unused_rows={unused_rows!r}; pass True (search the matrix rows no "
+                             f"token maps to as well) or False (the default: rows below len(tokenizer) only)")
         if not isinstance(k, int) or k <= 0:
             raise InputError(f"{type(self).__name__}: k={k!r}; give a positive integer number of tokens (e.g. k=5)")
         if not isinstance(chunk, int) or chunk <= 0:
@@ -297,10 +305,16 @@ class _Lens(Probe):
             raise InputError(f"candidates={candidates} < k={k}: candidates must be at least k (or None)")
         self.k, self.site_names, self.positions = k, sites, positions
         self.chunk, self.skip_special, self.candidates = chunk, skip_special, candidates
+        self.unused_rows = unused_rows
 
     # -- outside the trace -------------------------------------------------------------------------------------
-    def _vocab(self, vlm) -> int:
+    def _matrix_rows(self, vlm) -> int:
         raise NotImplementedError
+
+    def _vocab(self, vlm) -> int:
+        """How many rows of the matrix the lens searches (the first ones: rows no token maps to come last)."""
+        rows = self._matrix_rows(vlm)
+        return rows if self.unused_rows else min(rows, len(vlm.tokenizer))
 
     def sites(self, vlm):
         names = self.site_names if self.site_names is not None else _default_sites(vlm)
@@ -328,7 +342,7 @@ class _Lens(Probe):
         vocab = self._vocab(vlm)
         mine = {"select": _selection(self.positions, batch), "k": self.k, "chunk": self.chunk,
                 "n_cand": self.candidates or max(2 * self.k, self.k + 3), "small_ids": vocab <= 32767,
-                "skip": None}
+                "skip": None, "rows": vocab}
         if "vision_projector.hook_out" in self.sites(vlm):
             mine["projector_rows"] = batch.tokens["projector_rows"]
         if self.skip_special:
@@ -449,17 +463,18 @@ class LensResult(Result):
 class EmbedLens(_Lens):
     """EmbedLens (paper Sec. 3.1, eq. 1): top-k cosine neighbours of hidden states among the INPUT embeddings.
 
-    ``EmbedLens(k=5, sites=None, positions="visual", chunk=8192, skip_special=False, candidates=None)``; see the
-    module docstring for sites, positions, exactness (ids equal an fp32 computation) and the table's columns.
+    ``EmbedLens(k=5, sites=None, positions="visual", chunk=8192, skip_special=False, candidates=None,
+    unused_rows=False)``; see the module docstring for sites, positions, exactness (ids equal an fp32 computation),
+    the rows searched (``unused_rows``: also the rows at or beyond ``len(tokenizer)``) and the table's columns.
     """
 
-    def _vocab(self, vlm):
+    def _matrix_rows(self, vlm):
         return int(vlm.embedding_matrix.shape[0])
 
     def extras(self, vlm, batch):
         mine = self._base_extras(vlm, batch)
         mine["embed"] = _module_path(vlm.hf, vlm.hf.get_input_embeddings())
-        mine["inv_norm"] = _inverse_row_norms(vlm.embedding_matrix)
+        mine["inv_norm"] = _inverse_row_norms(vlm.embedding_matrix)[:mine["rows"]]
         return mine
 
     def at(self, site, value, ctx, out):
@@ -467,7 +482,8 @@ class EmbedLens(_Lens):
 
         mine = ctx["mine"]
         with torch.no_grad():
-            weight = weight_of(_resolve(ctx["model"], mine["embed"])).detach()  # real values, also if offloaded
+            # real values, also if offloaded; rows no token maps to left out unless unused_rows=True
+            weight = weight_of(_resolve(ctx["model"], mine["embed"])).detach()[:mine["rows"]]
             penalty = self._penalty(ctx, mine, weight.shape[0])
             v, i, nf = _lens_rows(site, value.detach(), mine, ctx, lambda h: _topk_rerank(
                 h, weight, mine["k"], mine["n_cand"], mine["chunk"], row_scale=mine["inv_norm"], penalty=penalty,

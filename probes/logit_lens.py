@@ -29,20 +29,22 @@ class LogitLens(_Lens):
     """LogitLens: top-k of ``lm_head(final_norm(h))`` at each site (paper Sec. 3.2, Fig. 3 comparison).
 
     ``LogitLens(k=5, sites=None, positions="visual", chunk=8192, skip_special=False, candidates=None,
-    logprobs=False)``. Default sites as EmbedLens (``hook_embed`` + every ``blocks.{i}.hook_resid_post``);
-    ``ln_final.hook_normalized`` is not accepted (the norm would be applied twice).
+    logprobs=False, unused_rows=False)``. Default sites as EmbedLens (``hook_embed`` + every
+    ``blocks.{i}.hook_resid_post``); ``ln_final.hook_normalized`` is not accepted (the norm would be applied twice).
+    Rows of the unembedding at or beyond ``len(tokenizer)`` (no token maps to them) are left out unless
+    ``unused_rows=True`` (log-probabilities are normalised over the rows searched).
     """
 
     _allow_final = False
 
     def __init__(self, k: int = 5, sites=None, positions="visual", chunk: int = 8192, skip_special: bool = False,
-                 candidates: int | None = None, logprobs: bool = False):
-        super().__init__(k, sites, positions, chunk, skip_special, candidates)
+                 candidates: int | None = None, logprobs: bool = False, unused_rows: bool = False):
+        super().__init__(k, sites, positions, chunk, skip_special, candidates, unused_rows)
         if not isinstance(logprobs, bool):
             raise InputError(f"logprobs={logprobs!r}: pass True (log-probabilities) or False (logits)")
         self.logprobs = logprobs
 
-    def _vocab(self, vlm):
+    def _matrix_rows(self, vlm):
         return int(vlm.unembed.weight.shape[0])
 
     def extras(self, vlm, batch):
@@ -58,9 +60,9 @@ class LogitLens(_Lens):
         mine = ctx["mine"]
         with torch.no_grad():
             head = _resolve(ctx["model"], mine["lm_head"])
-            weight = weight_of(head).detach()  # real values, also if offloaded
+            weight = weight_of(head).detach()[:mine["rows"]]  # real values, also if offloaded
             bias = weight_of(head, "bias") if getattr(head, "bias", None) is not None else None
-            bias = None if bias is None else bias.detach()
+            bias = None if bias is None else bias.detach()[:mine["rows"]]
             penalty = self._penalty(ctx, mine, weight.shape[0])
             norm = _resolve(ctx["model"], mine["final_norm"])
 

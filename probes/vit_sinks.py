@@ -1,7 +1,9 @@
 """ViT sinks (paper Sec. 4.1): visual tokens whose vision-encoder state has an abnormally high L2 norm.
 
-Following the paper (after Darcet et al.), a token is a ViT sink if its L2 norm at the LAST vision layer exceeds
-τ = 75. ``layer`` (default -1) and ``threshold`` are parameters: 75 is calibrated for CLIP ViT-L; other encoders
+Following the paper (after Darcet et al.), a token is a ViT sink if its L2 norm at the vision layer the LM receives
+exceeds τ = 75. ``layer`` defaults to that layer, from the config as the family's adapter declares it
+(``vision_feature_layer``: -2 for LLaVA-1.5, -1 for InternVL; Qwen's merger reads the last block); the result
+names it (``result.layer``, column ``vision_layer``). ``threshold``: 75 is calibrated for CLIP ViT-L; other encoders
 (and tiny test models) need their own.
 
 Mapping to the LM's visual tokens: each visual token is built from the rows ``batch.tokens["vision_rows"]`` of the
@@ -23,15 +25,17 @@ from mech_vtokens.results import Result
 class ViTSinks(Probe):
     """L2 norm at a vision layer per LM visual token (max over merged rows), sink = norm > threshold (Sec. 4.1)."""
 
-    def __init__(self, layer: int = -1, threshold: float = 75.0):
-        if not isinstance(layer, int):
-            raise InputError(f"layer={layer!r}: give a vision layer index (negative counts from the end)")
+    def __init__(self, layer: int | None = None, threshold: float = 75.0):
+        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
+            raise InputError(f"layer={layer!r}: give a vision layer index (negative counts from the end), or None "
+                             f"for the layer the LM receives")
         if not threshold > 0:
             raise InputError(f"threshold={threshold!r}: give a positive L2 norm (the paper uses 75)")
         self.layer, self.threshold = layer, float(threshold)
 
     def sites(self, vlm):
-        return [vlm.adapter.canonical(f"vision.blocks.{self.layer}.hook_resid_post")]
+        layer = vlm.adapter.lm_vision_layer() if self.layer is None else self.layer
+        return [vlm.adapter.canonical(f"vision.blocks.{layer}.hook_resid_post")]
 
     def check(self, vlm, batch):
         self.sites(vlm)
@@ -55,12 +59,14 @@ class ViTSinks(Probe):
 
 
 class ViTSinksResult(Result):
-    """``to_pandas()``: row, image, position, visual_index, grid_row, grid_col, site, l2, l2_mean, sink."""
+    """``to_pandas()``: row, image, position, visual_index, grid_row, grid_col, site, vision_layer, l2, l2_mean,
+    sink. ``layer``: the vision block read (non-negative index)."""
 
     name = "vit_sinks"
 
     def __init__(self, site, rec, batch, threshold):
         self.site, self.threshold, self._batch = site, threshold, batch
+        self.layer = int(site.split(".")[2])
         self.l2, self.l2_mean, self.row_norms = rec["max"], rec["mean"], rec["rows"]
 
     @property
@@ -72,6 +78,7 @@ class ViTSinksResult(Result):
 
         df = visual_index_frame(self._batch)
         df["site"] = self.site
+        df["vision_layer"] = self.layer
         df["l2"], df["l2_mean"] = self.l2.numpy(), self.l2_mean.numpy()
         df["sink"] = self.sinks.numpy()
         return df

@@ -293,7 +293,7 @@ def test_phi_norms_cosines_vit_norms_equal_hand_computation(tiny_vlm, fam):
     batch = vlm.prepare(ims, prs)
     dims = [3, 10, 41]
     sc, nt, vs = mv.run(vlm, ims, prs, probes=[SinkChannels(dims=dims, threshold=2.5), NormTracker(),
-                                               ViTSinks(threshold=3.0)])
+                                               ViTSinks(layer=-1, threshold=3.0)])
     st = _hooked_states(vlm, batch)
     att = batch.inputs["attention_mask"].bool()
     bos_pos = att.int().argmax(1)

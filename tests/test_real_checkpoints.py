@@ -2,11 +2,8 @@
 images against the processors' documented rules (written out here, independently of the geometry code), the chat
 template across save/load and the prompt layout it gives, and the probe / intervention / generation paths."""
 
-from unittest import mock
-
 import pytest
 import torch
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 import mech_vtokens as mv
 from mech_vtokens import testing as T
@@ -14,15 +11,7 @@ from mech_vtokens.fixtures.real import hub_file
 
 CKS = T.REAL_CHECKPOINTS
 SIZES = [(150, 110), (90, 200)]  # landscape and portrait, neither square
-_SCAN_XFAIL = pytest.mark.xfail(strict=False, raises=GuardOnDataDependentSymNode,
-                                reason="layout scan: dynamic rope, fixed on the devices branch")
-
-
-def _marks(ck):
-    return [_SCAN_XFAIL] if hub_file(ck, "config.json")["model_type"] == "internvl" else []
-
-
-LOADED = [pytest.param(ck, marks=_marks(ck)) for ck in CKS]
+LOADED = list(CKS)
 
 
 @pytest.fixture(scope="session")
@@ -30,17 +19,11 @@ def real_vlm(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     cache = {}
 
-    def get(ck, scan=True):
-        """The fixture loaded with mv.load; ``scan=False`` skips only the fake-tensor layout scan (for checks that
-        do not depend on it while the dynamic-rope scan fails, see _SCAN_XFAIL)."""
-        if (ck, scan) not in cache:
-            path = T.real_model(ck, root / ck.replace("/", "__"))
-            if scan:
-                cache[ck, scan] = mv.load(path)
-            else:
-                with mock.patch("mech_vtokens.layout._scan", lambda vlm: None):
-                    cache[ck, scan] = mv.load(path)
-        return cache[ck, scan]
+    def get(ck):
+        """The fixture loaded with mv.load (layout check included)."""
+        if ck not in cache:
+            cache[ck] = mv.load(T.real_model(ck, root / ck.replace("/", "__")))
+        return cache[ck]
 
     return get
 
@@ -125,7 +108,7 @@ def test_load_keeps_real_vocab_dtype_and_template(real_vlm, ck):
 
 @pytest.mark.parametrize("ck", CKS)
 def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
-    vlm = real_vlm(ck, scan=False)
+    vlm = real_vlm(ck)
     imgs = _images()
     batch = vlm.prepare([[im] for im in imgs], [_prompt(vlm)] * len(imgs))
     mt = _mt(ck)
@@ -152,7 +135,7 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
 
 @pytest.mark.parametrize("ck", CKS)
 def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck, tmp_path):
-    vlm = real_vlm(ck, scan=False)
+    vlm = real_vlm(ck)
     vlm.processor.save_pretrained(tmp_path)
     again = vlm.adapter.load_processor(str(tmp_path), vlm.adapter.config)
     assert again.chat_template == hub_file(ck, "chat_template.jinja")
@@ -177,11 +160,11 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
 
 
 def test_internvl_processor_with_the_video_token_past_the_vocab_is_accepted_and_a_foreign_one_refused(real_vlm):
-    vlm = real_vlm("OpenGVLab/InternVL3-1B-hf", scan=False)
+    vlm = real_vlm("OpenGVLab/InternVL3-1B-hf")
     vocab = vlm.adapter.config.get_text_config().vocab_size
     assert len(vlm.tokenizer) == vocab + 1  # transformers 5 added <video>, as on the hub checkpoint
     assert vlm.tokenizer.convert_tokens_to_ids("<video>") == vocab
-    other = real_vlm("Qwen/Qwen2-VL-2B-Instruct", scan=False)  # another checkpoint's processor (image id differs)
+    other = real_vlm("Qwen/Qwen2-VL-2B-Instruct")  # another checkpoint's processor (image id differs)
     with pytest.raises(mv.InputError, match="does not match"):
         vlm.adapter.check_processor(other.processor)
     import copy
@@ -192,8 +175,7 @@ def test_internvl_processor_with_the_video_token_past_the_vocab_is_accepted_and_
         vlm.adapter.check_processor(tok)
 
 
-@pytest.mark.parametrize("ck", [pytest.param(c, marks=_marks(c)) for c in
-                                ("llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "OpenGVLab/InternVL3-1B-hf")])
+@pytest.mark.parametrize("ck", ["llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "OpenGVLab/InternVL3-1B-hf"])
 def test_probes_interventions_generate_and_remote_run(real_vlm, ck):
     from interventions.prune import Prune
     from interventions.zero_sublayer import ZeroSublayer

@@ -200,9 +200,32 @@ class Adapter:
                              f"{beyond[:5]}{'...' if len(beyond) > 5 else ''} past the end) but the model's "
                              f"vocabulary has {vocab}; load the processor from the same checkpoint")
 
-    def image_placeholder(self, processor) -> str:
-        """The string a user puts in a prompt where the image goes."""
+    def image_token(self, processor) -> str:
+        """The text of the token that marks visual positions (what the processor expands per image)."""
         return getattr(processor, "image_token", None) or processor.tokenizer.decode([self.image_token_id])
+
+    def image_placeholder(self, processor) -> str:
+        """The WHOLE span a user writes in a prompt where one image goes (``image_span`` around the image token)."""
+        return self.image_span.format(image=self.image_token(processor))
+
+    def lm_vision_layer(self) -> int:
+        """The vision block (index into ``vision_layers``) whose output the LM receives: the config's
+        ``vision_feature_layer_key`` (an ``output_hidden_states`` index: entry 0 is the embeddings, so a
+        non-negative ``i`` is block ``i - 1``), or the last block when the family declares no key."""
+        if self.vision_feature_layer_key is None:
+            return self.n_vision_layers - 1
+        layer = getattr(self.config, self.vision_feature_layer_key, None)
+        if not isinstance(layer, int) or layer == 0 or not -self.n_vision_layers <= layer <= self.n_vision_layers:
+            raise InputError(f"config.{self.vision_feature_layer_key} = {layer!r} names no single vision block of "
+                             f"this {self.family} model; give the vision layer explicitly (e.g. ViTSinks(layer=-1))")
+        return layer - 1 if layer > 0 else layer + self.n_vision_layers
+
+    # The span of one image in a prompt, ``{image}`` = the image token (Qwen wraps it in vision start/end tokens).
+    image_span: str = "{image}"
+    # The processor setting that caps the visual tokens of one image, as a user would write it (None: fixed count).
+    image_size_knob: str | None = None
+    # The config key naming the vision layer the LM receives (an output_hidden_states index); None: the last block.
+    vision_feature_layer_key: str | None = "vision_feature_layer"
 
     max_images_per_prompt: int | None = None
 

@@ -13,3 +13,5 @@ class InternVLAdapter(Adapter):
     geometry = TiledGeometry
     processor_class = "InternVLProcessor"
     processor_kwargs_from_config = {"image_seq_length": "image_seq_length"}  # not saved in processor_config
+    # the processor wraps each <IMG_CONTEXT> in <img>..</img> itself; tiles cap the tokens (256 per 448-px tile)
+    image_size_knob = "max_patches (vlm.processor.image_processor.max_patches = N tiles)"

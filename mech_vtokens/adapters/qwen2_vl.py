@@ -11,3 +11,6 @@ class Qwen2VLAdapter(Adapter):
     projector = "model.visual.merger"
     geometry = QwenMergedGeometry
     processor_class = "Qwen2VLProcessor"
+    image_span = "<|vision_start|>{image}<|vision_end|>"
+    image_size_knob = 'max_pixels (vlm.prepare(..., max_pixels=N) / processor_kwargs={"max_pixels": N})'
+    vision_feature_layer_key = None  # the merger reads the last vision block

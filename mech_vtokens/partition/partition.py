@@ -33,7 +33,7 @@ from ..results import Result
 GROUPS = ("vit_sink", "llm_sink", "dead", "alive")
 PRESETS = {"llava-1.5-7b": {"k": 3, "ids": {"vit_sink": [1141], "llm_sink": [26673], "dead": [30296]},
                             "vocab": 32000}}
-DEFAULT_PROMPT = "USER : {image} describe the image . ASSISTANT :"
+DEFAULT_QUESTION = "describe the image ."  # asked through vlm.prompt (the model's chat template)
 
 
 def model_identity(vlm) -> dict:
@@ -268,7 +268,7 @@ def batches(vlm, images, prompts, batch_size):
     if not images:
         raise InputError("no images given: pass a list of PIL images")
     if prompts is None:
-        prompts = [DEFAULT_PROMPT.format(image=vlm.image_placeholder)] * len(images)
+        prompts = [vlm.prompt(DEFAULT_QUESTION)] * len(images)
     elif isinstance(prompts, str):
         prompts = [prompts] * len(images)
     if len(prompts) != len(images):

@@ -1,0 +1,137 @@
+"""vlm.prompt (chat template / plain format), the whole image span in prepare, visual tokens per image and the
+many-visual-tokens warning; checked against the families' real template style and hand computations."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mech_vtokens as mv
+from mech_vtokens import testing as T
+from mech_vtokens.errors import InputError, ManyVisualTokensWarning
+
+# The families' real chat-template styles (re-expressed from the public checkpoints' templates, trimmed to the parts a
+# prompt of images + text uses): LLaVA "USER: <image>\n... ASSISTANT:", Qwen ChatML with the vision span, InternVL
+# ChatML with "<IMG_CONTEXT>\n" per image.
+TEMPLATES = {
+    "llava": (
+        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+        "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+        "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    "qwen": (
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+        "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+        "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "internvl": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% for content in message['content'] %}"
+        "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'text' %}"
+        "{{ content['text'] }}{% endif %}{% endfor %}{{'<|im_end|>\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"),
+}
+SPAN = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+        "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>"}
+# what flanks each run of image tokens in input_ids (InternVL: the processor's own <img> .. </img>)
+FLANKS = {"llava": (None, None), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
+          "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "internvl": ("<img>", "</img>")}
+
+
+def _fresh(tiny_dir, family):
+    return mv.load(tiny_dir(family))  # its own processor: the test may set a template on it
+
+
+def _runs(mask_row):
+    """(start, length) of each run of True in a 1-D bool tensor."""
+    out, start = [], None
+    for p, v in enumerate(mask_row.tolist() + [False]):
+        if v and start is None:
+            start = p
+        elif not v and start is not None:
+            out.append((start, p - start))
+            start = None
+    return out
+
+
+@pytest.mark.parametrize("family", T.FAMILIES)
+def test_prompt_through_the_chat_template(tiny_dir, family):
+    vlm = _fresh(tiny_dir, family)
+    vlm.processor.chat_template = TEMPLATES["qwen" if family.startswith("qwen") else family]
+    assert vlm.image_placeholder == SPAN[family]
+    n = vlm.adapter.max_images_per_prompt or 2
+    text = vlm.prompt("what color is it ?", n_images=n, system="you are a helpful answer")
+    assert text.count(SPAN[family]) == n
+    # the template's own turns: the assistant turn opened at the end, the user turn before the images
+    gen, user = ("ASSISTANT:", "USER: ") if family == "llava" else ("<|im_start|>assistant\n", "<|im_start|>user\n")
+    assert text.endswith(gen) and text.index(user) < text.index(SPAN[family])
+    assert "you are a helpful answer" in text and "what color is it ?" in text
+    assert "you are a helpful answer" not in vlm.prompt("what color is it ?", n_images=n)
+    images = [T.image(112, seed=s) for s in range(n)]
+    batch = vlm.prepare([images], [text])
+    ids = batch.inputs["input_ids"][0]
+    runs = _runs(batch.visual_mask[0])
+    assert len(runs) == n  # one run of image tokens per image, each as long as that image's visual tokens
+    assert [length for _, length in runs] == batch.visual_tokens_per_image == [16 if family != "llava" else 36] * n
+    before, after = FLANKS[family]
+    tok = vlm.tokenizer
+    for start, length in runs:
+        if before:
+            assert int(ids[start - 1]) == tok.convert_tokens_to_ids(before)
+            assert int(ids[start + length]) == tok.convert_tokens_to_ids(after)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_prompt_plain_format_without_a_template(tiny_vlm, family):
+    vlm = tiny_vlm(family)
+    assert not getattr(vlm.processor, "chat_template", None)
+    assert vlm.prompt("what color ?") == f"{SPAN[family]} what color ?"
+    assert vlm.prompt("what color ?", n_images=2, system="you are helpful") == \
+        f"you are helpful {SPAN[family]} {SPAN[family]} what color ?"
+    batch = vlm.prepare([T.image()], [vlm.prompt("what color ?")])
+    assert batch.visual_tokens_per_image == [int(batch.visual_mask.sum())]
+
+
+def test_bare_image_pad_is_refused_naming_the_span_and_the_helper(tiny_vlm):
+    vlm = tiny_vlm("qwen2_vl")
+    with pytest.raises(InputError) as err:
+        vlm.prepare([T.image()], ["USER : <|image_pad|> what color ? ASSISTANT :"])
+    assert "vlm.prompt" in str(err.value) and SPAN["qwen2_vl"] in str(err.value)
+    with pytest.raises(InputError, match="vlm.prompt"):  # the span once, a stray pad besides
+        vlm.prepare([T.image()], [f"{SPAN['qwen2_vl']} <|image_pad|> what"])
+
+
+def test_many_visual_tokens_warn_with_the_count_and_the_knob(tiny_dir):
+    vlm = _fresh(tiny_dir, "qwen2_vl")
+    assert vlm.visual_token_warning == 4096
+    small, big = T.image(112, seed=1), T.image(112, seed=2).resize((500, 300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ManyVisualTokensWarning)
+        vlm.prepare([small], [vlm.prompt("what ?")], max_pixels=448 * 448)  # 16 tokens: no warning
+    # by hand: Qwen resizes each side to a multiple of patch 14 x merge 2 = 28 (when the pixels stay within
+    # min/max_pixels), one visual token per 28 x 28 block
+    h, w = round(300 / 28) * 28, round(500 / 28) * 28
+    assert 56 * 56 <= h * w <= 448 * 448
+    want = (h // 28) * (w // 28)  # 11 x 18 = 198
+    vlm.visual_token_warning = 150
+    with pytest.warns(ManyVisualTokensWarning) as rec:
+        batch = vlm.prepare([[small, big]], [vlm.prompt("what ?", n_images=2)], max_pixels=448 * 448)
+    assert batch.visual_tokens_per_image == [16, want]
+    msg, = [str(w.message) for w in rec if w.category is ManyVisualTokensWarning]
+    assert f"image 1 (500x300 px): {want}" in msg and "max_pixels" in msg and "image 0" not in msg
+    vlm.visual_token_warning = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ManyVisualTokensWarning)
+        vlm.prepare([big], [vlm.prompt("what ?")], max_pixels=448 * 448)
+
+
+def test_internvl_warning_names_max_patches(tiny_dir):
+    vlm = _fresh(tiny_dir, "internvl")
+    vlm.visual_token_warning = 20
+    wide = T.image(112).resize((448, 112))  # 4 tiles + a thumbnail, 16 tokens each
+    with pytest.warns(ManyVisualTokensWarning, match="max_patches") as rec:
+        batch = vlm.prepare([wide], [vlm.prompt("what ?")])
+    assert batch.visual_tokens_per_image == [80] == [int(batch.visual_mask.sum())]
+    assert ": 80" in str(rec[-1].message)
