@@ -40,9 +40,21 @@ def _llama():
 
 
 def _locked(vlm, out):
+    """Another live process holds the writer lock of the (only) shard."""
+    import subprocess
+    import sys
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".lock").write_text(str(os.getppid()))  # a live process (our parent) holds it
-    return run_dataset(vlm, D.InMemory([_img()]), probes=["norms"], out=out, progress=False)
+    hold = ("import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out / ".writer-0-of-1.lock")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        return run_dataset(vlm, D.InMemory([_img()]), probes=["norms"], out=out, progress=False)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
 
 
 def _other_settings(vlm, out):
