@@ -168,6 +168,8 @@ CATALOGUE = [
     ("runner-locked", lambda v, t: _locked(v, t), r"wait for it to finish or use another out directory"),
     ("runner-corrupt-manifest", lambda v, t: _bad_manifest(v, t), r"move it away or pass overwrite=True"),
     ("store-empty-dir", lambda v, t: Store(t), r"run mech_vtokens.runner.run_dataset\(.*\) first"),
+    ("runner-shard", lambda v, t: run_dataset(v, D.InMemory([_img()]), probes=["norms"], out=t, shard=(2, 2)),
+     r"give \(i, n\) with 0 <= i < n"),
     ("runner-dtype-with-loaded-model", lambda v, t: run_dataset(v, D.InMemory([_img()]), probes=["norms"], out=t,
                                                                 device_map="auto"),
      r"pass a hub id or directory as vlm, or give them to mech_vtokens.load"),
