@@ -122,6 +122,9 @@ def sites(args) -> int:
 
 
 def main(argv=None) -> int:
+    import os
+
+    os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI only writes files; a backend set by the user wins
     ap = argparse.ArgumentParser(prog="mech-vtokens", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -12,7 +12,8 @@ intervention including ``Prune`` (its decode steps keep the shortened cache and 
 ``{name: [intervention, ...]}``, where an entry may also be a factory ``f(vlm, batch) -> intervention(s)``; token
 sets resolve per batch. Seeds: ``torch.manual_seed(seed)`` before every generate call and every intervention's repr
 (``MatchedRandom(..., seed=...)``) are recorded in ``settings`` and in the table. With ``out``, answers are written
-per batch (Parquet parts + manifest, atomic) and a rerun resumes.
+per batch into a :class:`mech_vtokens.store.Store` (the same format, lock and atomic commits as ``run_dataset``;
+table ``answers``) and a rerun resumes; ``shard=(i, n)`` splits the records over several processes.
 
 :class:`HarnessModel` is the thin adapter for an external evaluation harness (lmms-eval style): a callable
 ``(images, prompts) -> texts`` that generates under fixed interventions.
@@ -20,10 +21,8 @@ per batch (Parquet parts + manifest, atomic) and a rerun resumes.
 
 from __future__ import annotations
 
-import json
 import re
 import string
-from pathlib import Path
 
 import torch
 
@@ -198,16 +197,19 @@ class EvalResult:
 
 
 def evaluate(vlm, source, conditions, scorer="auto", max_new_tokens: int = 16, batch_size: int = 8, seed: int = 0,
-             out=None, progress: bool = True, limit=None) -> EvalResult:
+             out=None, progress: bool = True, limit=None, shard=None) -> EvalResult:
     """Generate an answer for every record of ``source`` (a VQA ``.jsonl`` or a Source whose records have questions
     and answers) under every condition; score with ``scorer`` ("exact", "contains", "choice", "auto": choice when
     the record has choices, else exact; or a function); return an :class:`EvalResult`. ``out``: write answers per
-    batch (atomic) and resume a killed run."""
+    batch into a Store (``Store(out).frame("answers")``) and resume a killed run; ``shard=(i, n)``: answer only
+    records i, i+n, ... (n processes with the same ``out``; the result holds every shard's answers so far)."""
+    from contextlib import nullcontext
+
     import pandas as pd
     from tqdm.auto import tqdm
 
     from . import data as D
-    from .runner import _write_parquet, atomic_write_bytes
+    from .store import Store, Writer, atomic_write_bytes, check_shard, shard_of
 
     conditions = _check_conditions(conditions)
     if not (scorer in SCORERS or callable(scorer)):
@@ -217,6 +219,7 @@ def evaluate(vlm, source, conditions, scorer="auto", max_new_tokens: int = 16, b
         raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive int")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r}: give a positive int")
+    shard = check_shard(shard)
     src = D.open_source(source)
     if limit is not None:
         src = D.Source(src.records[:int(limit)])
@@ -231,57 +234,48 @@ def evaluate(vlm, source, conditions, scorer="auto", max_new_tokens: int = 16, b
                 "conditions": {n: [repr(iv) if not callable(iv) or hasattr(iv, "sites") else
                                    f"factory {getattr(iv, '__qualname__', iv)}" for iv in ivs]
                                for n, ivs in conditions.items()}}
-    manifest = {"settings": settings, "parts": [], "skipped": {}}
-    frames = []
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        mpath = out / "manifest.json"
-        if mpath.is_file():
-            old = json.loads(mpath.read_text())
-            if old["settings"] != settings:
-                raise InputError(f"{out} holds an evaluation with other settings; use a new out directory or the "
-                                 f"same conditions / seed / max_new_tokens / scorer / batch_size")
-            manifest = old
-            frames = [pd.read_parquet(out / p["file"]) for p in manifest["parts"]]
-    done = {r for p in manifest["parts"] for r in p["records"]} | set(manifest["skipped"])
-    todo = [r for r in src if r.id not in done]
-    bar = tqdm(total=len(src), initial=len(src) - len(todo), unit="q", desc="evaluate", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        recs = todo[start:start + batch_size]
-        ok = []
-        for r in recs:
-            im, note = r.load()
-            if im is None:
-                manifest["skipped"][r.id] = note
-            else:
-                ok.append((r, im))
-        rows = []
-        if ok:
-            batch = _prepare_left(vlm, [im for _, im in ok], [_prompt_text(vlm, r) for r, _ in ok])
-            for name, ivs in conditions.items():
-                preds = generate(vlm, batch, _build(ivs, vlm, batch), max_new_tokens, seed)
-                for (r, _), p in zip(ok, preds):
-                    rows.append({"record_id": r.id, "condition": name, "question": r.question, "prediction": p,
-                                 "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed})
-        df = pd.DataFrame(rows, columns=["record_id", "condition", "question", "prediction", "answers", "score",
-                                         "seed"])
-        if ok:
-            frames.append(df)
-        if out is not None:
+    columns = ["record_id", "condition", "question", "prediction", "answers", "score", "seed"]
+    frames, skipped = [], {}
+    writer = Writer(out, "evaluate", settings, ["answers"], shard) if out is not None else nullcontext()
+    with writer as w:
+        mine = shard_of(src.records, shard)
+        todo = [r for r in mine if w is None or r.id not in w.done]
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="q", desc="evaluate", disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            recs = todo[start:start + batch_size]
+            ok, bad = [], {}
+            for r in recs:
+                im, note = r.load()
+                if im is None:
+                    bad[r.id] = note
+                else:
+                    ok.append((r, im))
+            rows = []
             if ok:
-                rel = f"answers/{len(manifest['parts']):06d}.parquet"
-                (out / rel).parent.mkdir(exist_ok=True)
-                _write_parquet(out / rel, df)
-                manifest["parts"].append({"records": [r.id for r, _ in ok], "file": rel})
-            atomic_write_bytes(out / "manifest.json", json.dumps(manifest).encode())
-        bar.update(len(recs))
-    bar.close()
-    answers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["record_id", "condition", "question", "prediction", "answers", "score", "seed"])
-    res = EvalResult(answers, settings, dict(manifest["skipped"]))
+                batch = _prepare_left(vlm, [im for _, im in ok], [_prompt_text(vlm, r) for r, _ in ok])
+                for name, ivs in conditions.items():
+                    preds = generate(vlm, batch, _build(ivs, vlm, batch), max_new_tokens, seed)
+                    for (r, _), p in zip(ok, preds):
+                        rows.append({"record_id": r.id, "condition": name, "question": r.question, "prediction": p,
+                                     "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed})
+            df = pd.DataFrame(rows, columns=columns)
+            if w is None:
+                frames += [df] if ok else []
+                skipped.update(bad)
+            else:
+                w.commit([r.id for r, _ in ok], {"answers": df} if ok else {}, skipped=bad)
+            bar.update(len(recs))
+        bar.close()
+        if w is not None:
+            w.finish(r.id for r in src)
     if out is not None:
-        res.table().to_csv(out / "table.csv", index=False)
+        store = Store(out)
+        answers, skipped = store.frame("answers"), store.skipped
+    else:
+        answers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    res = EvalResult(answers if len(answers) else pd.DataFrame(columns=columns), settings, skipped)
+    if out is not None and store.complete:  # every shard done: the table of all records
+        atomic_write_bytes(store.out / "table.csv", res.table().to_csv(index=False).encode())
     return res
 
 

@@ -6,156 +6,32 @@ intervention -> results written incrementally to disk; a run killed at any momen
                         out="runs/coco", batch_size=8)        # kill it, run the same line again: it resumes
     store.frame("embed_lens")                                 # every record's rows, keyed by record_id
 
-The store (``out``): ``manifest.json`` + ``parts/<probe>/<seq>.parquet``. A RECORD is one image (one prompt row):
-its rows of each probe's ``.to_pandas()`` (LabelMatching: its per-image ``hits()``), with a ``record_id`` column
-first and the batch-relative columns made record-relative (``row``/``image`` 0, ``position`` without the left
-padding, ``visual_index`` / ``vision_row`` from the record's first). Rows that belong to no image (LLaVA's CLS row in
-NormTracker's vision rows) are not kept. Intervention results hold nothing per record: their reprs are in the
-manifest's settings.
+The store (``out``, :mod:`mech_vtokens.store`, the same format as ``evaluate``'s): ``manifest.json`` +
+``parts/<probe>/<seq>.parquet``. A RECORD is one image (one prompt row): its rows of each probe's ``.to_pandas()``
+(LabelMatching: its per-image ``hits()``), with a ``record_id`` column first and the batch-relative columns made
+record-relative (``row``/``image`` 0, ``position`` without the left padding, ``visual_index`` / ``vision_row`` from
+the record's first). Rows that belong to no image (LLaVA's CLS row in NormTracker's vision rows) are not kept.
+Intervention results hold nothing per record: their reprs are in the manifest's settings.
 
-Crash safety: each batch's part files are written to a temp file, fsync'ed and ``os.replace``d into place; then the
-manifest (the only list of what is done) is rewritten the same way. A kill before the manifest lands leaves orphan
-parts that the resumed run overwrites (part names are the manifest's sequence number), so no record is lost or
-duplicated. Resume = run again with the same settings: ids already in the manifest (done or skipped) are not redone,
-and the remaining records are batched exactly as an uninterrupted run would have batched them.
+Crash safety and several writers: see :mod:`mech_vtokens.store` (atomic commits under a file lock, a kill leaves
+nothing half-committed). Resume = run again with the same settings: ids already in the manifest (done or skipped)
+are not redone, and the remaining records are batched exactly as an uninterrupted run would have batched them.
+``shard=(i, n)``: this process runs records i, i+n, ... only (one process per GPU / per task of a job array, all
+with the same ``out``); the store is complete when every shard is.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from pathlib import Path
 
 from .errors import InputError
+from .store import Store, Writer, check_shard, shard_of
 
 log = logging.getLogger("mech_vtokens.runner")
 
-MANIFEST = "manifest.json"
-VERSION = 1
 DEFAULT_QUESTION = "describe the image ."
-
-
-# ---- atomic files ----------------------------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader (or a kill) sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_parquet(path: Path, df) -> int:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    return len(data)
-
-
-# ---- the store -------------------------------------------------------------------------------------------------
-
-class Store:
-    """Read a run's results: ``records`` (ids in the order they were done), ``skipped`` ({id: reason}),
-    ``notes`` ({id: conversion done}), ``probes``, ``frame(probe)`` (all rows), ``iter_frames(probe)`` (one
-    DataFrame per part: memory stays flat), ``record(id)`` ({probe: rows of that record})."""
-
-    def __init__(self, out):
-        self.out = Path(out)
-        path = self.out / MANIFEST
-        if not path.is_file():
-            raise InputError(f"{self.out} holds no run (no {MANIFEST}); run mech_vtokens.runner.run_dataset(..., "
-                             f"out={str(self.out)!r}) first")
-        self.manifest = json.loads(path.read_text())
-
-    @property
-    def parts(self) -> list:
-        return self.manifest["parts"]
-
-    @property
-    def records(self) -> list[str]:
-        return [r for p in self.parts for r in p["records"]]
-
-    @property
-    def skipped(self) -> dict:
-        return dict(self.manifest["skipped"])
-
-    @property
-    def notes(self) -> dict:
-        return dict(self.manifest.get("notes", {}))
-
-    @property
-    def probes(self) -> list[str]:
-        return list(self.manifest["settings"]["probes"])
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
-
-    def __len__(self) -> int:
-        return sum(len(p["records"]) for p in self.parts)
-
-    def _check(self, probe):
-        if probe not in self.probes:
-            raise InputError(f"no probe {probe!r} in this run; it has {self.probes}")
-
-    def iter_frames(self, probe: str, columns=None):
-        import pyarrow.parquet as pq
-
-        self._check(probe)
-        for p in self.parts:
-            f = p["files"].get(probe)
-            if f is not None:
-                yield pq.read_table(self.out / f, columns=columns).to_pandas()
-
-    def frame(self, probe: str, columns=None):
-        import pandas as pd
-
-        frames = list(self.iter_frames(probe, columns))
-        if not frames:
-            return pd.DataFrame(columns=["record_id"])
-        return pd.concat(frames, ignore_index=True)
-
-    def record(self, rid) -> dict:
-        import pyarrow.parquet as pq
-
-        rid = str(rid)
-        for p in self.parts:
-            if rid in p["records"]:
-                return {name: pq.read_table(self.out / f, filters=[("record_id", "=", rid)]).to_pandas()
-                        for name, f in p["files"].items()}
-        raise InputError(f"record {rid!r} is not in this run (skipped: {self.manifest['skipped'].get(rid)})")
-
-    def bytes(self) -> int:
-        return sum(p.get("bytes", 0) for p in self.parts)
-
-    def __repr__(self) -> str:
-        return (f"Store({self.out}, {len(self)} records, {len(self.manifest['skipped'])} skipped, probes "
-                f"{self.probes}{'' if self.complete else ', incomplete'})")
 
 
 # ---- probe / intervention specs --------------------------------------------------------------------------------
@@ -276,56 +152,16 @@ def record_frames(df, batch, ids):
 
 # ---- the runner ------------------------------------------------------------------------------------------------
 
-class _Lock:
-    def __init__(self, out: Path):
-        self.path = out / ".lock"
-
-    def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                alive = pid > 0 and pid != os.getpid() and _alive(pid)
-                if alive:
-                    raise InputError(f"another run (pid {pid}) is writing to {self.path.parent}; wait for it to "
-                                     f"finish or use another out directory") from None
-                self.path.unlink(missing_ok=True)  # stale lock of a killed run
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise InputError(f"cannot lock {self.path}; remove it if no run is using {self.path.parent}")
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed child not yet reaped) holds no lock
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 class Runner:
     """See the module docstring and :func:`run_dataset` (the same arguments)."""
 
     def __init__(self, vlm, source, probes=(), interventions=(), out="mech-vtokens-run", batch_size: int = 8,
                  remote=False, question: str | None = None, k: int = 5, progress: bool = True, limit=None,
                  overwrite: bool = False, min_side: int | None = None, max_side: int | None = None,
-                 dtype=None, device_map=None):
+                 dtype=None, device_map=None, shard=None):
         from . import data as D
+
+        self.shard = check_shard(shard)
 
         if isinstance(vlm, (str, os.PathLike)):
             from .vlm import load
@@ -364,35 +200,6 @@ class Runner:
             "probes": self.names, "probe_specs": [s.desc for s in self.probe_specs],
             "interventions": [s.desc for s in self.iv_specs], "batch_size": batch_size, "question": self.question,
             "k": k, "min_side": self.min_side, "max_side": self.max_side}
-
-    # -- manifest --
-    def _open_manifest(self) -> dict:
-        path = self.out / MANIFEST
-        if path.is_file() and not self.overwrite:
-            try:
-                m = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} is not valid JSON ({err}); it was not written by this runner (its writes "
-                                 f"are atomic) — move it away or pass overwrite=True") from None
-            if m.get("version") != VERSION:
-                raise InputError(f"{path} is from another runner version ({m.get('version')}); use a new out "
-                                 f"directory or overwrite=True")
-            if m["settings"] != self.settings:
-                diff = [k for k in self.settings if m["settings"].get(k) != self.settings[k]]
-                raise InputError(f"{self.out} holds a run with other settings ({', '.join(diff)} differ: "
-                                 f"{[m['settings'].get(k) for k in diff]} vs {[self.settings[k] for k in diff]}); "
-                                 f"resume with the same settings, use a new out directory, or pass overwrite=True")
-            return m
-        if self.overwrite and (self.out / "parts").is_dir():
-            import shutil
-
-            shutil.rmtree(self.out / "parts")
-        return {"version": VERSION, "settings": self.settings, "parts": [], "skipped": {}, "notes": {},
-                "dropped_rows": {}, "complete": False, "started": time.time()}
-
-    def _save_manifest(self, m) -> None:
-        m["updated"] = time.time()
-        atomic_write_bytes(self.out / MANIFEST, json.dumps(m, indent=0).encode())
 
     # -- one batch --
     def _load(self, recs, m):
@@ -446,53 +253,39 @@ class Runner:
     def run(self) -> Store:
         from tqdm.auto import tqdm
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        with _Lock(self.out):
-            for tmp in self.out.rglob(".*.tmp*"):  # half-written files of a killed run (we hold the lock)
-                tmp.unlink(missing_ok=True)
-            m = self._open_manifest()
-            done = {r for p in m["parts"] for r in p["records"]} | set(m["skipped"])
-            todo = [r for r in self.source if r.id not in done]
-            m["complete"] = False
-            self._save_manifest(m)
-            bar = tqdm(total=len(self.source), initial=len(self.source) - len(todo), unit="img", desc="records",
+        with Writer(self.out, "run_dataset", self.settings, self.names, self.shard, self.overwrite) as w:
+            mine = shard_of(self.source.records, self.shard)
+            todo = [r for r in mine if r.id not in w.done]
+            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc="records",
                        disable=not self.progress, smoothing=0.1)
             try:
                 for start in range(0, len(todo), self.batch_size):
                     recs = todo[start:start + self.batch_size]
-                    self._batch(recs, m)
+                    self._batch(recs, w)
                     bar.update(len(recs))
-                    bar.set_postfix(skipped=len(m["skipped"]), refresh=False)
+                    bar.set_postfix(skipped=len(w.manifest["skipped"]), refresh=False)
             finally:
                 bar.close()
-            m["complete"] = True
-            self._save_manifest(m)
+            w.finish(r.id for r in self.source)
         return Store(self.out)
 
-    def _batch(self, recs, m):
+    def _batch(self, recs, w):
         import pandas as pd
 
+        m = {"skipped": {}, "notes": {}, "dropped_rows": {}}  # this batch's; merged into the manifest at commit
         ok = self._load(recs, m)
         ok, batch = self._prepare(ok, m) if ok else ([], None)
-        seq = len(m["parts"])
-        part = {"seq": seq, "records": [r.id for r, _ in ok], "files": {}, "rows": {}, "bytes": 0}
+        frames: dict = {}
         if batch is not None:
             ids = [r.id for r, _ in ok]
-            frames: dict = {}
             for name, res in self._forward(batch, [r for r, _ in ok]):
                 df, dropped = record_frames(_result_frame(res), batch, ids)
                 frames.setdefault(name, []).append(df)
                 if dropped:
                     m["dropped_rows"][name] = m["dropped_rows"].get(name, 0) + dropped
-            for name, dfs in frames.items():
-                df = pd.concat(dfs, ignore_index=True) if len(dfs) > 1 else dfs[0]
-                rel = f"parts/{name}/{seq:06d}.parquet"
-                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-                part["bytes"] += _write_parquet(self.out / rel, df)
-                part["files"][name], part["rows"][name] = rel, len(df)
-        if part["records"]:
-            m["parts"].append(part)
-        self._save_manifest(m)  # the commit point: the batch's records (and skips) are done from here on
+            frames = {name: pd.concat(dfs, ignore_index=True) if len(dfs) > 1 else dfs[0]
+                      for name, dfs in frames.items()}
+        w.commit([r.id for r, _ in ok], frames, **m)
 
 
 def run_dataset(vlm, source, probes=(), interventions=(), out="mech-vtokens-run", batch_size: int = 8,
@@ -508,6 +301,8 @@ def run_dataset(vlm, source, probes=(), interventions=(), out="mech-vtokens-run"
     - ``remote``: False, True (NDIF) or ``"local"`` (the remote path simulated here), passed to every trace.
     - ``question``: the prompt text for records without their own; ``k``: top-k of the suite's lenses;
       ``limit``: only the first n records; ``overwrite``: discard a previous run in ``out``; ``progress``: the bar.
+    - ``shard``: ``(i, n)`` runs only records i, i+n, i+2n, ... — start n processes (one per GPU, or one per task
+      of a job array) with the same ``out``; see :mod:`mech_vtokens.store`.
 
     Run it again with the same arguments after a crash or a kill: it resumes (see the module docstring).
     """

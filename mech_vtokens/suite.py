@@ -114,11 +114,6 @@ def _write_tables(results, out: Path):
 
 
 def _report(vlm, results, batches, overlays: int, extra=None):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     from .views import PatchOverlay, Report, lens_topk
 
     rep = Report(f"mech-vtokens report — {vlm.source or type(vlm.hf).__name__}")
@@ -135,11 +130,9 @@ def _report(vlm, results, batches, overlays: int, extra=None):
         rep.text(repr(part))
         summary = extra["summary"]
         rep.table(summary.to_pandas(), "share of each group and cross-image similarity of its centroid (App. B.2)")
-        summary.plot()
-        rep.figure(plt.gcf(), "group shares and cross-image similarity of each group's centroid")
-        extra["clusters"].plot()
-        rep.figure(plt.gcf(), "anchor clusters of the LM-input visual tokens (τ = 0.9): cross-image similarity per "
-                              "cluster rank and cluster sizes (Fig. 1)")
+        rep.figure(summary.plot(), "group shares and cross-image similarity of each group's centroid")
+        rep.figure(extra["clusters"].plot(), "anchor clusters of the LM-input visual tokens (τ = 0.9): cross-image "
+                                             "similarity per cluster rank and cluster sizes (Fig. 1)")
         labels = results["partition"][0].labels
         for i in range(min(overlays, len(first.images))):
             rep.view(PatchOverlay(first, i, groups=labels, lenses=lenses, title=f"image {i}: groups"))
@@ -156,24 +149,20 @@ def _report(vlm, results, batches, overlays: int, extra=None):
                                   else f"image {i}"))
     if "sparsity" in extra:
         rep.heading("Semantic sparsity (paper Sec. 6.2, Fig. 7)")
-        extra["sparsity"].plot()
-        rep.figure(plt.gcf(), "fraction of object tokens whose label is in their EmbedLens top-k, and of all visual "
-                              "tokens with any grounded label, per layer")
+        rep.figure(extra["sparsity"].plot(), "fraction of object tokens whose label is in their EmbedLens top-k, "
+                                             "and of all visual tokens with any grounded label, per layer")
     if "labels" in results:
         rep.heading("Label matching A(ℓ): EmbedLens vs LogitLens (paper Fig. 3)")
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        results["labels"][0].plot(ax=ax)
-        rep.figure(fig, "fraction of object labels found in the top-k of any visual token, per layer")
+        rep.figure(results["labels"][0].plot(), "fraction of object labels found in the top-k of any visual token, "
+                                                "per layer")
     if norms is not None:
         rep.heading("Norms and layer-to-layer change (paper Figs. 6, 8)")
-        norms.plot()
-        rep.figure(plt.gcf(), "mean L2 norm and cosine to the previous layer, visual vs text tokens")
+        rep.figure(norms.plot(), "mean L2 norm and cosine to the previous layer, visual vs text tokens")
     if "sinks" in results:
         rep.heading("BOS sink channels (paper Sec. 4.2, Fig. 4)")
         sk = results["sinks"][0]
         rep.text(f"sink dims used: {sk.sink_dims}; threshold φ > {sk.threshold}")
-        sk.plot()
-        rep.figure(plt.gcf(), "φ and cosine to the BOS state across sublayers")
+        rep.figure(sk.plot(), "φ and cosine to the BOS state across sublayers")
         df = sk.to_pandas()
         rep.table(df[df.visual_index >= 0].groupby("site", sort=False).agg(
             phi_max=("phi", "max"), sinks=("sink", "sum"), bos_cos_mean=("bos_cos", "mean")).reset_index(),

@@ -41,6 +41,8 @@ NOTEBOOKS = {
         ("md", "The patch-grid overlay: hover a patch to see its top-k tokens at the layer of the slider."),
         ("code", "from mech_vtokens.views import PatchOverlay\n\nbatch = vlm.prepare(images, prompts)\n"
                  "PatchOverlay(batch, 0, lenses=[embed, logit], title='image 0')"),
+        ("md", "The same top-1 tokens as a matplotlib figure (`.plot()` returns the Figure):"),
+        ("code", "embed.plot(image=0)"),
     ],
     "02_sink_dead_alive.ipynb": [
         ("md", "# Sink, dead and alive visual tokens\n\nPaper Secs. 2, 4–6 and App. B: calibrate a partition on a "
@@ -58,7 +60,10 @@ NOTEBOOKS = {
         ("code", "summary = summarize(part, images[:20], prompts[:20])\nsummary.to_pandas()"),
         ("code", "res = part.classify(images[20:], prompts[20:])\nres.fractions()"),
         ("code", "dyn, = mv.run(vlm, images[20:], prompts[20:], probes=[GroupDynamics(part)])\n"
-                 "dyn.plot();\ndyn.to_pandas().head(8)"),
+                 "dyn.to_pandas().head(8)"),
+        ("md", "Every `.plot()` returns a matplotlib Figure: the cell's value shows it (save it with "
+               "`fig.savefig(path)`)."),
+        ("code", "dyn.plot()"),
         ("md", "## B. A planted fixture (truth known by construction)"),
         ("code", "import tempfile\nfrom mech_vtokens import testing as T\n\n"
                  "ppath, truth = T.planted_partition_model('llava', tempfile.mkdtemp() + '/planted')\n"
@@ -71,7 +76,7 @@ NOTEBOOKS = {
         ("code", "import numpy as np\n\nres = ppart.classify(pimages[20:], pprompts[20:])\n"
                  "want = np.concatenate([np.array(lab).reshape(-1) for _, lab in drawn[20:]])\n"
                  "print('token accuracy vs the planted truth:', (np.array(res.labels) == want).mean())\n"
-                 "summarize(ppart, pimages[:20], pprompts[:20]).plot();"),
+                 "summarize(ppart, pimages[:20], pprompts[:20]).plot()"),
         ("code", "from mech_vtokens.views import PatchOverlay\n\n"
                  "batch = pvlm.prepare(pimages[20:22], pprompts[20:22])\none, = mv.run(pvlm, pimages[20:22], pprompts[20:22], probes=[ppart])\n"
                  "PatchOverlay(batch, 0, groups=one.labels, title='planted fixture: groups')"),

@@ -426,10 +426,7 @@ class LensResult(Result):
 
     def plot(self, site=None, image=0, ax=None):
         """The top-1 token of every visual token of ``image`` on its token grid, coloured by score."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from mech_vtokens.views.figure import figure_of, subplots
 
         site = site or next(iter(self.ids))
         frame = self._frames["projector" if site == "vision_projector.hook_out" else "lm"]
@@ -448,14 +445,14 @@ class LensResult(Result):
         grid = np.full((rows.max() + 1, cols.max() + 1), np.nan)
         grid[rows, cols] = sc
         if ax is None:
-            _, ax = plt.subplots(figsize=(max(4, grid.shape[1] * 0.5), max(4, grid.shape[0] * 0.5)))
+            _, ax = subplots(figsize=(max(4, grid.shape[1] * 0.5), max(4, grid.shape[0] * 0.5)))
         ax.imshow(grid, cmap="viridis")
         toks = self._decode(ids)
         if grid.size <= 1024:
             for r, c, tk in zip(rows, cols, toks):
                 ax.text(c, r, tk.strip()[:6], ha="center", va="center", fontsize=6, color="w")
         ax.set_title(f"{self.lens} top-1 at {site} (image {image})")
-        return ax
+        return figure_of(ax)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -190,17 +190,14 @@ class LabelMatchingResult(Result):
 
     def plot(self, ax=None):
         """Fig. 3: A(ℓ) per layer for each lens."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from mech_vtokens.views.figure import figure_of, subplots
 
         df = self.to_pandas()
         if ax is None:
-            _, ax = plt.subplots(figsize=(6, 4))
+            _, ax = subplots(figsize=(6, 4))
         for lens, d in df.groupby("lens", sort=False):
             ax.plot(d.layer, d.accuracy, marker="o", label=lens)
         ax.set_xlabel("layer (-1 = LM input)")
         ax.set_ylabel("label-token matching A(ℓ)")
         ax.legend()
-        return ax
+        return figure_of(ax)

@@ -144,15 +144,12 @@ class NormResult(Result):
 
     def plot(self, groups=None, axes=None):
         """Figs. 6 / 8: mean L2 (and L1 for the vision tower) and layer-to-layer cosine per group, per tower."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from mech_vtokens.views.figure import figure_of, subplots
 
         g = self.by_group(groups)
         towers = list(dict.fromkeys(g.tower))
         if axes is None:
-            _, axes = plt.subplots(2, len(towers), figsize=(5 * len(towers), 7), squeeze=False)
+            _, axes = subplots(2, len(towers), figsize=(5 * len(towers), 7), squeeze=False)
         for c, t in enumerate(towers):
             sub = g[g.tower == t]
             for name, d in sub.groupby("group", sort=False):
@@ -162,4 +159,4 @@ class NormResult(Result):
             axes[1][c].set_title(f"{t}: cosine to previous layer")
             axes[1][c].set_xlabel("layer (-1 = LM input)" if t == "lm" else "vision layer")
             axes[0][c].legend(fontsize=7)
-        return axes
+        return figure_of(axes)

@@ -228,14 +228,11 @@ class SinkChannelsResult(Result):
 
     def plot(self, axes=None):
         """Fig. 4: mean BOS cosine per sublayer (visual tokens, flagged sinks, text) and the rank tracking."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from mech_vtokens.views.figure import figure_of, subplots
 
         df = self.to_pandas()
         if axes is None:
-            _, axes = plt.subplots(1, 2, figsize=(11, 4))
+            _, axes = subplots(1, 2, figsize=(11, 4))
         x = range(len(self.sites))
         groups = {"visual": df.visual_index >= 0, "text": df.visual_index < 0,
                   "visual sinks (φ>τ at any site)": df.set_index(["row", "position"]).index.isin(
@@ -253,4 +250,4 @@ class SinkChannelsResult(Result):
         axes[1].set_xticks(list(x), self.sites, rotation=90, fontsize=6)
         axes[1].set_ylabel(f"rank by BOS cosine (tracked from {self.reference_site})")
         axes[1].invert_yaxis()
-        return axes
+        return figure_of(axes)

@@ -85,10 +85,7 @@ class ViTSinksResult(Result):
 
     def plot(self, image=0, ax=None):
         """The token grid of ``image`` coloured by L2 norm; sinks marked with a dot."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from mech_vtokens.views.figure import figure_of, subplots
         import numpy as np
 
         t = self._batch.tokens
@@ -102,10 +99,10 @@ class ViTSinksResult(Result):
         grid = np.full((r.max() + 1, c.max() + 1), np.nan)
         grid[r, c] = v
         if ax is None:
-            _, ax = plt.subplots(figsize=(5, 5))
+            _, ax = subplots(figsize=(5, 5))
         im = ax.imshow(grid, cmap="magma")
         s = v > self.threshold
         ax.scatter(c[s], r[s], s=8, c="cyan")
         ax.set_title(f"L2 norm at {self.site} (image {image}; dots: > {self.threshold:g})")
-        plt.colorbar(im, ax=ax)
-        return ax
+        ax.figure.colorbar(im, ax=ax)
+        return figure_of(ax)

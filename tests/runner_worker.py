@@ -2,8 +2,9 @@
 
     python tests/runner_worker.py MODEL_DIR SOURCE PLAN_JSON
 
-PLAN_JSON: a list of attempts ``{"out": dir, "kill": null | {"kind": "write", "n": int, "phase": "before" | "mid" |
-"after"} | {"kind": "time", "delay": seconds}}``. Each attempt runs ``run_dataset`` in a forked child; a "write" kill
+PLAN_JSON: a list of attempts ``{"out": dir, "shard": null | [i, n], "kill": null | {"kind": "write", "n": int,
+"phase": "before" | "mid" | "after"} | {"kind": "time", "delay": seconds}}``, or ``{"parallel": [attempt, ...]}``:
+those attempts (no kills) forked at once, several writer processes on one store, all waited for. Each attempt runs ``run_dataset`` in a forked child; a "write" kill
 makes the child SIGKILL itself at its n-th atomic write (before writing, with the temp file written but not yet
 renamed, or just after the rename: the only moments the store on disk changes); a "progress" kill is ``os.kill``
 from this process ``delay`` s after the manifest has gained ``parts`` more committed batches (a random point inside
@@ -28,15 +29,15 @@ from netguard import block_network  # noqa: E402
 block_network()  # the suite runs with sockets blocked: its subprocesses too
 
 import mech_vtokens as mv  # noqa: E402
-from mech_vtokens import runner  # noqa: E402
+from mech_vtokens import runner, store  # noqa: E402
 from probes import EmbedLens  # noqa: E402
 
 PROBES = lambda: ["norms", EmbedLens(k=2)]  # noqa: E731
 
 
-def child(vlm, source, out, kill):
+def child(vlm, source, out, kill, shard=None):
     if kill and kill["kind"] == "write":
-        real, count = runner.atomic_write_bytes, [0]
+        real, count = store.atomic_write_bytes, [0]
 
         def write(path, data):
             count[0] += 1
@@ -51,8 +52,26 @@ def child(vlm, source, out, kill):
             if count[0] == kill["n"]:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        runner.atomic_write_bytes = write
-    runner.run_dataset(vlm, source, probes=PROBES(), out=out, batch_size=2, progress=False)
+        store.atomic_write_bytes = write
+    runner.run_dataset(vlm, source, probes=PROBES(), out=out, batch_size=2, progress=False,
+                       shard=tuple(shard) if shard else None)
+
+
+def fork(vlm, source, attempt):
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            child(vlm, source, attempt["out"], attempt.get("kill"), attempt.get("shard"))
+        except BaseException as err:  # noqa: BLE001
+            print(f"child error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            code = 3
+        os._exit(code)
+    return pid
+
+
+def status_of(status):
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def main():
@@ -60,15 +79,11 @@ def main():
     vlm = mv.load(model_dir)
     statuses = []
     for attempt in plan:
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                child(vlm, source, attempt["out"], attempt.get("kill"))
-            except BaseException as err:  # noqa: BLE001
-                print(f"child error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-                code = 3
-            os._exit(code)
+        if "parallel" in attempt:
+            pids = [fork(vlm, source, a) for a in attempt["parallel"]]
+            statuses.append([status_of(os.waitpid(p, 0)[1]) for p in pids])
+            continue
+        pid = fork(vlm, source, attempt)
         kill = attempt.get("kill")
         if kill and kill["kind"] == "progress":
             manifest = os.path.join(attempt["out"], "manifest.json")
@@ -97,7 +112,7 @@ def main():
                 _, status = os.waitpid(pid, 0)
         else:
             _, status = os.waitpid(pid, 0)
-        statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+        statuses.append(status_of(status))
     print(json.dumps(statuses), flush=True)
 
 

@@ -131,3 +131,26 @@ def test_entry_exit_rows_generate_like_mv_generate(vqa, tiny_vlm):
                             max_new_tokens=4, pad_token_id=vlm.tokenizer.pad_token_id).text[0].strip()
                 for r in sorted(recs, key=lambda r: r.id)]
         assert got == want, name
+
+
+def test_sharded_evaluation_into_one_store_equals_one_run(vqa, tiny_vlm, tmp_path):
+    """evaluate writes through the same Store as run_dataset: two shards into one out (batch 1: the same forwards
+    as one unsharded run) hold every answer once, equal to the unsharded answers; the table appears when the store
+    is complete."""
+    from mech_vtokens.store import Store
+
+    vlm = tiny_vlm("llava")
+    conds = {"baseline": [], "-vFFN": [ZeroSublayer(AllVisual(), [0, 1], "mlp")]}
+    whole = evaluate(vlm, vqa, conds, max_new_tokens=3, batch_size=1, progress=False)
+    out = tmp_path / "shards"
+    first = evaluate(vlm, vqa, conds, max_new_tokens=3, batch_size=1, out=out, shard=(1, 2), progress=False)
+    assert sorted(first.answers.record_id.unique()) == ["q1"] and not (out / "table.csv").exists()
+    both = evaluate(vlm, vqa, conds, max_new_tokens=3, batch_size=1, out=out, shard=(0, 2), progress=False)
+    store = Store(out)
+    assert store.kind == "evaluate" and store.complete and sorted(store.records) == ["q0", "q1", "q2"]
+    key = ["record_id", "condition"]
+    got = both.answers.sort_values(key).reset_index(drop=True)
+    want = whole.answers.sort_values(key).reset_index(drop=True)
+    assert not got.duplicated(key).any() and len(got) == 6
+    pd.testing.assert_frame_equal(got.drop(columns="answers"), want.drop(columns="answers"))
+    assert (out / "table.csv").exists()

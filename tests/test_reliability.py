@@ -40,9 +40,21 @@ def _llama():
 
 
 def _locked(vlm, out):
+    """Another live process holds the writer lock of the (only) shard."""
+    import subprocess
+    import sys
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".lock").write_text(str(os.getppid()))  # a live process (our parent) holds it
-    return run_dataset(vlm, D.InMemory([_img()]), probes=["norms"], out=out, progress=False)
+    hold = ("import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out / ".writer-0-of-1.lock")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        return run_dataset(vlm, D.InMemory([_img()]), probes=["norms"], out=out, progress=False)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
 
 
 def _other_settings(vlm, out):
@@ -156,6 +168,8 @@ CATALOGUE = [
     ("runner-locked", lambda v, t: _locked(v, t), r"wait for it to finish or use another out directory"),
     ("runner-corrupt-manifest", lambda v, t: _bad_manifest(v, t), r"move it away or pass overwrite=True"),
     ("store-empty-dir", lambda v, t: Store(t), r"run mech_vtokens.runner.run_dataset\(.*\) first"),
+    ("runner-shard", lambda v, t: run_dataset(v, D.InMemory([_img()]), probes=["norms"], out=t, shard=(2, 2)),
+     r"give \(i, n\) with 0 <= i < n"),
     ("runner-dtype-with-loaded-model", lambda v, t: run_dataset(v, D.InMemory([_img()]), probes=["norms"], out=t,
                                                                 device_map="auto"),
      r"pass a hub id or directory as vlm, or give them to mech_vtokens.load"),

@@ -200,3 +200,75 @@ def test_sigkill_at_5_random_points_then_resume_equals_uninterrupted(tmp_path, t
     assert not list(resumed.rglob(".*.tmp*"))  # temp files of killed attempts are cleaned up on resume
     parts = {str(p.relative_to(resumed)) for p in resumed.rglob("*.parquet")}
     assert {f for p in a.parts for f in p["files"].values()} <= parts
+
+
+def test_three_writer_processes_on_one_store_lose_and_duplicate_nothing(tmp_path, tiny_dir):
+    """Three forked processes run shard=(i, 3) of the same dataset into ONE out at the same time (commits interleave
+    under the store's lock). Read back: every record once, and each record's rows equal those of that shard run
+    alone into its own store (same batches: bit for bit)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(11):
+        T.image(60 + 3 * i, seed=i).save(folder / f"{i:02d}.png")
+    (folder / "04b.png").write_bytes(b"corrupt")  # a skip, committed by the shard that owns it
+    shared = tmp_path / "shared"
+    plan = [{"parallel": [{"out": str(shared), "shard": [i, 3]} for i in range(3)]}]
+    plan += [{"out": str(tmp_path / f"alone{i}"), "shard": [i, 3]} for i in range(3)]
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    proc = subprocess.run([sys.executable, str(HERE / "runner_worker.py"), tiny_dir("llava"), str(folder),
+                           json.dumps(plan)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[0, 0, 0], 0, 0, 0], proc.stderr[-2000:]
+    ids = sorted(p.name for p in folder.iterdir())
+    merged = Store(shared)
+    alone = [Store(tmp_path / f"alone{i}") for i in range(3)]
+    assert merged.complete and not any(a.complete for a in alone)  # only the shared store holds every shard
+    assert sorted(merged.records) == sorted(r for a in alone for r in a.records) == [i for i in ids if i != "04b.png"]
+    assert len(set(merged.records)) == len(merged.records)
+    assert merged.skipped == {k: v for a in alone for k, v in a.skipped.items()} and list(merged.skipped) == ["04b.png"]
+    assert {tuple(p["shard"]) for p in merged.parts} == {(0, 3), (1, 3), (2, 3)}
+    for i, a in enumerate(alone):  # shard i: positions i, i+3, ... of the source
+        assert a.records == [x for x in ids[i::3] if x != "04b.png"]
+    for probe in ("norms", "embed_lens"):
+        got = merged.frame(probe).sort_values("record_id", kind="stable").reset_index(drop=True)
+        want = pd.concat([a.frame(probe) for a in alone]).sort_values("record_id", kind="stable")
+        pd.testing.assert_frame_equal(got, want.reset_index(drop=True))
+
+
+def test_overlapping_writers_commit_each_record_once(tmp_path):
+    """Two writers whose shares overlap (shard (0, 2) and the whole set), both opened before either commits: the
+    later commit leaves out the record the other one committed meanwhile, rows included."""
+    from mech_vtokens.store import Writer
+
+    def rows(ids, tag):
+        return {"t": pd.DataFrame({"record_id": [i for i in ids for _ in range(2)], "v": [tag] * 2 * len(ids)})}
+
+    settings = {"x": 1}
+    with Writer(tmp_path, "test", settings, ["t"], shard=(0, 2)) as a, Writer(tmp_path, "test", settings, ["t"]) as b:
+        assert a.done == b.done == set()
+        assert a.commit(["r0", "r2"], rows(["r0", "r2"], "a"), skipped={"r4": "skipped: bad"}) == ["r0", "r2"]
+        assert b.commit(["r0", "r1"], rows(["r0", "r1"], "b"), skipped={"r4": "skipped: other"}) == ["r1"]
+        assert not b.finish(["r0", "r1", "r2", "r3", "r4"]) and a.finish(["r0", "r1", "r2", "r4"])
+    s = Store(tmp_path)
+    assert s.records == ["r0", "r2", "r1"] and s.skipped == {"r4": "skipped: bad"}
+    f = s.frame("t")
+    assert f.groupby("record_id").v.agg(list).to_dict() == {"r0": ["a", "a"], "r1": ["b", "b"], "r2": ["a", "a"]}
+
+
+def test_store_of_another_version_is_refused_with_the_fix(tmp_path, tiny_vlm):
+    import pytest
+
+    from mech_vtokens.errors import InputError
+
+    src = D.InMemory([T.image(60, seed=0)])
+    run_dataset(tiny_vlm("llava"), src, probes=["norms"], out=tmp_path, progress=False)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["version"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    for call in (lambda: Store(tmp_path),
+                 lambda: run_dataset(tiny_vlm("llava"), src, probes=["norms"], out=tmp_path, progress=False)):
+        with pytest.raises(InputError, match=r"format version 1, this mech_vtokens reads version 2: .*(new out "
+                                             r"directory|write a new one)"):
+            call()
+    again = run_dataset(tiny_vlm("llava"), src, probes=["norms"], out=tmp_path, progress=False, overwrite=True)
+    assert again.records == ["0"] and again.manifest["version"] == 2

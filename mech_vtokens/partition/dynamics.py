@@ -157,14 +157,11 @@ class GroupDynamicsResult(Result):
 
     def plot(self, axes=None):
         """Fig. 5: consistency (cos to the LM input) and text→visual attention share per group and layer."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from ..views.figure import figure_of, subplots
 
         df = self.to_pandas()
         if axes is None:
-            _, axes = plt.subplots(1, 2, figsize=(10, 4))
+            _, axes = subplots(1, 2, figsize=(10, 4))
         for g, d in df.groupby("group", sort=False):
             axes[0].plot(d.layer, d.cos_input, marker="o", label=g)
             if "attention_share" in d:
@@ -172,4 +169,4 @@ class GroupDynamicsResult(Result):
         axes[0].set_title("cosine to the LM input, per group")
         axes[1].set_title("text→visual attention share, per group")
         axes[0].legend(fontsize=7)
-        return axes
+        return figure_of(axes)

@@ -51,18 +51,15 @@ class Figure1(Result):
         return df
 
     def plot(self, axes=None):
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from ..views.figure import figure_of, subplots
 
         df = self.to_pandas()
         if axes is None:
-            _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+            _, axes = subplots(1, 2, figsize=(9, 3.5))
         axes[0].bar(df.cluster, df.similarity_mean, yerr=df.similarity_var.pow(0.5))
         axes[0].set_title(f"cross-image similarity per cluster rank (τ={self.tau})", fontsize=9)
         axes[0].set_xlabel("cluster (ranked by size)")
         axes[1].bar(df.cluster, df.size_mean, yerr=df.size_std)
         axes[1].set_title("tokens in the top clusters per image", fontsize=9)
         axes[1].set_xlabel("cluster (ranked by size)")
-        return axes
+        return figure_of(axes)

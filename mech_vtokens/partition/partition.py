@@ -341,10 +341,7 @@ class PartitionResult(Result):
 
     def plot(self, image=0, ax=None):
         """The token grid of ``image`` coloured by group."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from ..views.figure import figure_of, subplots
         import numpy as np
         from matplotlib.colors import ListedColormap
 
@@ -356,8 +353,8 @@ class PartitionResult(Result):
         grid = np.full((d.grid_row.max() + 1, d.grid_col.max() + 1), np.nan)
         grid[d.grid_row, d.grid_col] = [GROUPS.index(g) for g in d.group]
         if ax is None:
-            _, ax = plt.subplots(figsize=(4, 4))
+            _, ax = subplots(figsize=(4, 4))
         ax.imshow(grid, cmap=ListedColormap(["tab:blue", "tab:purple", "tab:gray", "tab:green"]), vmin=0, vmax=3)
         ax.set_title(f"partition of image {image} (blue ViT sink, purple LLM sink, gray dead, green alive)",
                      fontsize=7)
-        return ax
+        return figure_of(ax)

@@ -113,16 +113,13 @@ class SparsityResult(Result):
 
     def plot(self, ax=None):
         """Fig. 7: both fractions per layer."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from ..views.figure import figure_of, subplots
 
         df = self.to_pandas()
         if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3.5))
+            _, ax = subplots(figsize=(5, 3.5))
         ax.plot(df.layer, df.object_hit, marker="o", label="object tokens with their label in top-%d" % self.k)
         ax.plot(df.layer, df.any_grounded, marker="o", label="visual tokens with any grounded label")
         ax.set_xlabel("layer (-1 = LM input)")
         ax.legend(fontsize=7)
-        return ax
+        return figure_of(ax)

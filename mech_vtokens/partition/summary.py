@@ -58,17 +58,14 @@ class PartitionSummary(Result):
         return pd.DataFrame(self.rows)
 
     def plot(self, axes=None):
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from ..views.figure import figure_of, subplots
 
         df = self.to_pandas()
         if axes is None:
-            _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+            _, axes = subplots(1, 2, figsize=(9, 3.5))
         axes[0].bar(df.group, df.percent)
         axes[0].set_ylabel("% of visual tokens")
         axes[1].bar(df.group, df.cross_image_similarity, yerr=df.cross_image_variance.pow(0.5))
         axes[1].set_ylabel("cross-image centroid similarity")
         axes[0].set_title(f"partition of {self.model}", fontsize=8)
-        return axes
+        return figure_of(axes)

@@ -1,0 +1,332 @@
+"""One resumable store for every job that writes results as it goes (:func:`mech_vtokens.runner.run_dataset`,
+:func:`mech_vtokens.evaluate.evaluate`), safe with several writer processes at once.
+
+On disk (``out``): ``manifest.json`` (the only list of what is done: version, kind, settings, tables, committed parts,
+skipped records) + ``parts/<table>/<seq>.parquet``. A RECORD is one source item (an image / a question); every row
+of every table carries its ``record_id``.
+
+Writers: ``Writer(out, kind, settings, tables, shard=(i, n))``. ``shard`` takes a deterministic share of the records
+(positions i, i+n, i+2n, ... of the source; default: all of them), so one process per GPU or per task of a cluster
+job array writes into the same ``out``. Each writer holds a lock for its shard for the whole run (a second writer of
+the same shard is refused) and takes the store's manifest lock only to commit a batch: under that lock it re-reads
+the manifest, drops records some other writer committed meanwhile, writes its part files and the manifest (temp
+file, fsync, ``os.replace``) and releases. Commits are serialised, so part names (the manifest's part count) never
+collide, no committed record is overwritten (lost) and none is committed twice (duplicated), whatever the writers'
+shards. Locks are ``filelock`` locks (``flock``): the kernel drops them when a writer dies, even by SIGKILL. A kill
+before the manifest lands leaves orphan parts that the next commit overwrites; readers only read listed parts.
+Resume = run again with the same settings: records already in the manifest (done or skipped) are not redone.
+
+Readers: ``Store(out)``; opening a store written in another format version raises :class:`InputError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+MANIFEST = "manifest.json"
+VERSION = 2
+MANIFEST_LOCK = ".manifest.lock"
+
+
+# ---- atomic files ----------------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader (or a kill) sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_parquet(path: Path, df) -> int:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def _read_manifest(out: Path, fix: str) -> dict | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON ({err}); it was not written by this store (its writes are "
+                         f"atomic) — {fix}") from None
+    if not isinstance(m, dict) or m.get("version") != VERSION:
+        got = m.get("version") if isinstance(m, dict) else None
+        raise InputError(f"{out} holds a store of format version {got}, this mech_vtokens reads version {VERSION}: "
+                         f"{fix} (or read it with the mech_vtokens release that wrote it)")
+    return m
+
+
+# ---- shards ----------------------------------------------------------------------------------------------------
+
+def check_shard(shard) -> tuple[int, int]:
+    """``None`` (all records) or ``(i, n)`` with 0 <= i < n -> (i, n)."""
+    if shard is None:
+        return 0, 1
+    ok = (isinstance(shard, (tuple, list)) and len(shard) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in shard) and 0 <= shard[0] < shard[1])
+    if not ok:
+        raise InputError(f"shard={shard!r}: give (i, n) with 0 <= i < n (this writer's share: records i, i+n, "
+                         f"i+2n, ...), e.g. shard=(int(os.environ['SLURM_ARRAY_TASK_ID']), n_tasks), or None for all")
+    return int(shard[0]), int(shard[1])
+
+
+def shard_of(records, shard) -> list:
+    """This shard's records: positions i, i+n, i+2n, ... (deterministic for the same source)."""
+    i, n = check_shard(shard)
+    return list(records)[i::n]
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+
+class Store:
+    """Read a store: ``records`` (ids in the order they were committed), ``skipped`` ({id: reason}), ``notes``
+    ({id: conversion done}), ``tables`` (``probes``: the same for a run_dataset store), ``settings``,
+    ``complete``, ``frame(table)`` (all rows), ``iter_frames(table)`` (one DataFrame per part: memory stays flat),
+    ``record(id)`` ({table: rows of that record})."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        m = _read_manifest(self.out, "open the out directory it was written to, or write a new one")
+        if m is None:
+            raise InputError(f"{self.out} holds no run (no {MANIFEST}); run mech_vtokens.runner.run_dataset(..., "
+                             f"out={str(self.out)!r}) or mech_vtokens.evaluate.evaluate(..., out=...) first")
+        self.manifest = m
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def settings(self) -> dict:
+        return dict(self.manifest["settings"])
+
+    @property
+    def parts(self) -> list:
+        return self.manifest["parts"]
+
+    @property
+    def records(self) -> list[str]:
+        return [r for p in self.parts for r in p["records"]]
+
+    @property
+    def skipped(self) -> dict:
+        return dict(self.manifest["skipped"])
+
+    @property
+    def notes(self) -> dict:
+        return dict(self.manifest["notes"])
+
+    @property
+    def tables(self) -> list[str]:
+        return list(self.manifest["tables"])
+
+    probes = tables
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def __len__(self) -> int:
+        return sum(len(p["records"]) for p in self.parts)
+
+    def _check(self, table):
+        if table not in self.tables:
+            raise InputError(f"no table {table!r} in this store; it has {self.tables}")
+
+    def iter_frames(self, table: str, columns=None):
+        import pyarrow.parquet as pq
+
+        self._check(table)
+        for p in self.parts:
+            f = p["files"].get(table)
+            if f is not None:
+                yield pq.read_table(self.out / f, columns=columns).to_pandas()
+
+    def frame(self, table: str, columns=None):
+        import pandas as pd
+
+        frames = list(self.iter_frames(table, columns))
+        if not frames:
+            return pd.DataFrame(columns=["record_id"])
+        return pd.concat(frames, ignore_index=True)
+
+    def record(self, rid) -> dict:
+        import pyarrow.parquet as pq
+
+        rid = str(rid)
+        for p in self.parts:
+            if rid in p["records"]:
+                return {name: pq.read_table(self.out / f, filters=[("record_id", "=", rid)]).to_pandas()
+                        for name, f in p["files"].items()}
+        raise InputError(f"record {rid!r} is not in this store (skipped: {self.manifest['skipped'].get(rid)})")
+
+    def bytes(self) -> int:
+        return sum(p.get("bytes", 0) for p in self.parts)
+
+    def __repr__(self) -> str:
+        return (f"Store({self.out}, {self.kind}, {len(self)} records, {len(self.manifest['skipped'])} skipped, "
+                f"tables {self.tables}{'' if self.complete else ', incomplete'})")
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+class Writer:
+    """One writer process's handle on a store (see the module docstring). Use as a context manager::
+
+        with Writer(out, "run_dataset", settings, tables, shard=(i, n)) as w:
+            todo = [r for r in shard_of(records, (i, n)) if r.id not in w.done]
+            ... w.commit(ids, {table: frame}, skipped={id: reason}, notes={id: note})
+            w.finish(all_ids)
+    """
+
+    def __init__(self, out, kind: str, settings: dict, tables, shard=None, overwrite: bool = False):
+        self.out, self.kind, self.settings, self.tables = Path(out), kind, settings, list(tables)
+        self.shard = check_shard(shard)
+        self.overwrite = overwrite
+        self.manifest: dict = {}
+        self._run_lock = None
+
+    def _lock(self):
+        from filelock import FileLock
+
+        return FileLock(self.out / MANIFEST_LOCK)
+
+    def __enter__(self) -> "Writer":
+        from filelock import FileLock, Timeout
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        i, n = self.shard
+        lock = FileLock(self.out / f".writer-{i}-of-{n}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise InputError(f"another writer of shard {i}/{n} is writing to {self.out}; wait for it to finish or "
+                             f"use another out directory (or another shard=(i, n))") from None
+        self._run_lock = lock
+        try:
+            with self._lock():
+                for tmp in self.out.rglob(".*.tmp*"):  # half-written files of a killed writer: all writes happen
+                    tmp.unlink(missing_ok=True)       # under the manifest lock, which we hold
+                self.manifest = self._open()
+                self.manifest["complete"] = False
+                self._save()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._release()
+
+    def _release(self):
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
+
+    def _open(self) -> dict:
+        fix = "move it away or pass overwrite=True (or use a new out directory)"
+        m = None if self.overwrite else _read_manifest(self.out, fix)
+        if m is not None:
+            if m["kind"] != self.kind:
+                raise InputError(f"{self.out} holds a {m['kind']} store, not a {self.kind} one; use a new out "
+                                 f"directory or pass overwrite=True")
+            if m["settings"] != self.settings:
+                diff = [k for k in sorted(set(self.settings) | set(m["settings"]))
+                        if m["settings"].get(k) != self.settings.get(k)]
+                raise InputError(f"{self.out} holds a run with other settings ({', '.join(diff)} differ: "
+                                 f"{[m['settings'].get(k) for k in diff]} vs {[self.settings.get(k) for k in diff]}); "
+                                 f"resume with the same settings, use a new out directory, or pass overwrite=True")
+            return m
+        if self.overwrite and (self.out / "parts").is_dir():
+            import shutil
+
+            shutil.rmtree(self.out / "parts")
+        return {"version": VERSION, "kind": self.kind, "settings": self.settings, "tables": self.tables,
+                "parts": [], "skipped": {}, "notes": {}, "dropped_rows": {}, "complete": False,
+                "started": time.time()}
+
+    def _save(self) -> None:
+        self.manifest["updated"] = time.time()
+        atomic_write_bytes(self.out / MANIFEST, json.dumps(self.manifest, indent=0).encode())
+
+    def _reload(self) -> None:
+        self.manifest = _read_manifest(self.out, "another process replaced this store while it was written")
+
+    @property
+    def done(self) -> set:
+        """Ids committed (done or skipped) by any writer, as of this writer's last look at the manifest."""
+        m = self.manifest
+        return {r for p in m["parts"] for r in p["records"]} | set(m["skipped"])
+
+    def commit(self, records, frames: dict, skipped=None, notes=None, dropped_rows=None) -> list:
+        """Commit one batch: ``records`` (ids) with their rows ``frames`` ({table: DataFrame with record_id}),
+        ``skipped`` ({id: reason}), ``notes``, ``dropped_rows`` ({table: count}). Records another writer committed
+        meanwhile are left out (their rows too). Returns the ids this commit added."""
+        with self._lock():
+            self._reload()
+            m, done = self.manifest, self.done
+            new = [r for r in records if r not in done]
+            for rid, why in (skipped or {}).items():
+                if rid not in done:
+                    m["skipped"][rid] = why
+            for rid, note in (notes or {}).items():
+                if rid in new:
+                    m["notes"][rid] = note
+            for name, k in (dropped_rows or {}).items():
+                m["dropped_rows"][name] = m["dropped_rows"].get(name, 0) + k
+            seq = len(m["parts"])
+            part = {"seq": seq, "records": new, "files": {}, "rows": {}, "bytes": 0, "shard": list(self.shard)}
+            for name, df in frames.items():
+                if name not in self.tables:
+                    raise InputError(f"table {name!r} is not one of this store's tables {self.tables}")
+                if len(new) < len(records):
+                    df = df[df["record_id"].isin(new)].reset_index(drop=True)
+                rel = f"parts/{name}/{seq:06d}.parquet"
+                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+                part["bytes"] += write_parquet(self.out / rel, df)
+                part["files"][name], part["rows"][name] = rel, len(df)
+            if new:
+                m["parts"].append(part)
+            self._save()  # the commit point: the batch's records (and skips) are done from here on
+        return new
+
+    def finish(self, ids) -> bool:
+        """Mark the store complete when every id of ``ids`` (the whole source, all shards) is done or skipped."""
+        with self._lock():
+            self._reload()
+            self.manifest["complete"] = set(map(str, ids)) <= self.done
+            self._save()
+        return self.manifest["complete"]
