@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import chunked_topk, interleaved, kept_states, medium_inputs, medium_llava, peak_above  # noqa: E402
 
 import nnsight  # noqa: E402
-from probes import EmbedLens, LogitLens, NormTracker, SinkChannels  # noqa: E402
+from mech_vtokens.probes import EmbedLens, LogitLens, NormTracker, SinkChannels  # noqa: E402
 
 K = 5
 DIMS = [1415, 2533]

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved, medium_inputs, medium_llava  # noqa: E402
 
 import nnsight  # noqa: E402
-from interventions import Group, Prune, applied  # noqa: E402
+from mech_vtokens.interventions import Group, Prune, applied  # noqa: E402
 
 
 def main():

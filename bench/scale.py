@@ -90,8 +90,8 @@ class Bench:
     def __init__(self, name, vlm, bridge=None, n_images=1):
         import nnsight
 
-        from probes import EmbedLens, LogitLens, NormTracker, SinkChannels
-        from probes.activations import Activations
+        from mech_vtokens.probes import EmbedLens, LogitLens, NormTracker, SinkChannels
+        from mech_vtokens.probes.activations import Activations
 
         self.name, self.vlm, self.bridge = name, vlm, bridge
         self.imgs, self.prompts = inputs(vlm, name, n_images)
@@ -180,7 +180,7 @@ class Bench:
 
     # pruning
     def pruned(self):
-        from interventions import Group, Prune, applied
+        from mech_vtokens.interventions import Group, Prune, applied
 
         if not hasattr(self, "_prune"):
             n = self.batch.n_visual
@@ -210,7 +210,7 @@ def rss_child(name, variant) -> float:
 def runner_scaling(name, vlm, n, batch_size):
     from mech_vtokens.data import InMemory
     from mech_vtokens.runner import run_dataset
-    from probes import EmbedLens, LogitLens, NormTracker, SinkChannels
+    from mech_vtokens.probes import EmbedLens, LogitLens, NormTracker, SinkChannels
 
     res = {}
     imgs, _ = inputs(vlm, name, batch_size, offset=50)  # warm-up run (lazy imports, allocator pools), discarded

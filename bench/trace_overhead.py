@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved, medium_inputs, medium_llava  # noqa: E402
 
 import nnsight  # noqa: E402
-from probes.activations import Activations  # noqa: E402
+from mech_vtokens.probes.activations import Activations  # noqa: E402
 
 
 def main():

@@ -38,7 +38,7 @@ def finite(x, who: str, what: str = "factor") -> float:
 
 def overlap(a, b, vlm, batch) -> int:
     """How many tokens two interventions' token sets share (0 if either has none)."""
-    from .token_sets import resolve
+    from mech_vtokens.token_sets import resolve
 
     ta, tb = getattr(a, "tokens", None), getattr(b, "tokens", None)
     if ta is None or tb is None:

@@ -23,12 +23,12 @@ from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import layer_list
-from .token_sets import as_token_set, fit, resolve
+from mech_vtokens.token_sets import as_token_set, fit, resolve
 from .zero_sublayer import InterventionResult
 
 
 class AttentionKnockout(Intervention):
-    needs_nnsight = True  # the plain-hook harness refuses it (see interventions.harness)
+    needs_nnsight = True  # the plain-hook harness refuses it (see mech_vtokens.harness)
 
     def __init__(self, kind: str = "vv", layers=0, tokens="all"):
         if kind not in ("vv", "vt"):

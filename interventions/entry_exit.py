@@ -46,7 +46,7 @@ from mech_vtokens.errors import InputError
 
 from ._util import layer_list
 from .prune import Prune, extend_keys, refuse_single_pass
-from .token_sets import as_token_set, packed_layout, resolve
+from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
 from .zero_sublayer import InterventionResult
 
 

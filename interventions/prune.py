@@ -29,7 +29,7 @@ from mech_vtokens.component import Intervention, kv_cache, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import overlap
-from .token_sets import as_token_set, packed_layout, resolve
+from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
 from .zero_sublayer import InterventionResult
 
 

@@ -11,7 +11,7 @@ from mech_vtokens.component import Intervention
 from mech_vtokens.errors import InputError
 
 from ._util import finite
-from .token_sets import as_token_set, fit, resolve
+from mech_vtokens.token_sets import as_token_set, fit, resolve
 from .zero_sublayer import InterventionResult
 
 

@@ -18,7 +18,7 @@ from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result
 
 from ._util import layer_list
-from .token_sets import as_token_set, fit, resolve
+from mech_vtokens.token_sets import as_token_set, fit, resolve
 
 _SITES = {"attn": ("hook_attn_out",), "mlp": ("hook_mlp_out",), "both": ("hook_attn_out", "hook_mlp_out")}
 

@@ -1,7 +1,7 @@
 """mech-vtokens: mechanistic interpretability of the visual tokens of multimodal LLMs, on nnsight.
 
     import mech_vtokens as mv
-    from probes import EmbedLens
+    from mech_vtokens.probes import EmbedLens
     vlm = mv.load("llava-hf/llava-1.5-7b-hf")            # or a local dir, or mv.testing.tiny_model(...)
     lens, = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5)])
     lens.to_pandas()

@@ -50,7 +50,7 @@ def demo(args) -> int:
     vlm = mv.load(path)
     images, questions, objects = demo_inputs(args.images)
     prompts = [vlm.prompt(q) for q in questions]
-    from probes.label_matching import label_token_ids
+    from mech_vtokens.probes.label_matching import label_token_ids
 
     # label matching needs labels that are whole tokens of this vocabulary (a tiny fixture lacks some)
     objects = [[o for o in objs if label_token_ids(vlm.tokenizer, o)] for objs in objects]

@@ -88,7 +88,7 @@ def paper_conditions(vlm, sinks=None, dead=None, seed: int = 0, layers="all", en
     (``sinks`` / ``dead``: any token set, e.g. ``Partition.token_set("dead")``) are left out. ``entry``: layers k
     for Table 3's "L_in = k" rows, here at inference time (``VisualEntry(k)``: layers < k on the text only, on the
     prompt and on every generated token); ``exit``: "exit = k" rows (``VisualExit(k)``)."""
-    from interventions import MatchedRandom, Prune, VisualEntry, VisualExit, ZeroSublayer
+    from mech_vtokens.interventions import MatchedRandom, Prune, VisualEntry, VisualExit, ZeroSublayer
 
     ls = list(range(vlm.n_layers)) if layers == "all" else layers
     conds = {"baseline": []}
@@ -144,7 +144,7 @@ def _prompt_text(vlm, record) -> str:
 
 def generate(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: int = 0) -> list[str]:
     """Greedy answers for a prepared batch under ``interventions`` (HF generate inside ``applied``)."""
-    from interventions import applied
+    from mech_vtokens.interventions import applied
 
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
     pad = vlm.tokenizer.pad_token_id

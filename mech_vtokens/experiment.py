@@ -144,7 +144,7 @@ class Experiment:
         # "keep" (batch, seq) bool, "index"/"valid" (batch, seq') gather index into the old sequence; sites after
         # ``lm.hook_inputs`` (or in the layout's "start"/"stop" window) then get the visual and attention masks of the
         # shortened sequence in ``ctx`` (and
-        # ``ctx["layout"]`` to map full-length masks; see ``interventions.token_sets.fit``).
+        # ``ctx["layout"]`` to map full-length masks; see ``mech_vtokens.token_sets.fit``).
         layouts = [c for c in interventions if hasattr(c, "layout")]
         if len(layouts) > 1:
             raise InputError(f"{layouts[0]!r} and {layouts[1]!r} both change the sequence length; combine their token "

@@ -71,8 +71,8 @@ class _Spec:
     def build(self, vlm, records):
         if isinstance(self.spec, str):
             if self.spec == "labels":
-                from probes import LabelMatching
-                from probes.label_matching import label_token_ids
+                from mech_vtokens.probes import LabelMatching
+                from mech_vtokens.probes.label_matching import label_token_ids
 
                 labels = [[lab for lab in r.labels if label_token_ids(vlm.tokenizer, str(lab))] for r in records]
                 return [LabelMatching(labels, k=self.k)] if any(labels) else []

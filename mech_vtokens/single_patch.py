@@ -123,7 +123,7 @@ def answer(vlm, samples, max_new_tokens: int = 3, batch_size: int = 8, intervent
         batch = vlm.prepare([samples[i].image for i, *_ in chunk], [vlm.prompt(q) for _, _, q, _ in chunk])
         ctx = None
         if interventions:
-            from interventions import applied
+            from mech_vtokens.interventions import applied
 
             ctx = applied(vlm, list(interventions), batch)
             ctx.__enter__()

@@ -14,7 +14,7 @@ ALL_PROBES = ("embed_lens", "logit_lens", "norms", "sinks", "vit_sinks", "labels
 
 def build_probes(vlm, names, k: int = 5, labels=None):
     """Probe objects for ``names`` (see ALL_PROBES); 'labels' needs per-image object labels."""
-    from probes import EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels, ViTSinks
+    from mech_vtokens.probes import EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels, ViTSinks
 
     unknown = [n for n in names if n not in ALL_PROBES]
     if unknown:

@@ -14,14 +14,14 @@ _REGISTERED = False
 
 
 def register_remote() -> None:
-    """Ship this package's code by value with remote (NDIF) requests: ``nnsight.register`` on its packages."""
+    """Ship this package's code by value with remote (NDIF) requests: ``nnsight.register("mech_vtokens")`` (cloudpickle
+    ships registered packages' submodules too, so ``mech_vtokens.probes`` / ``mech_vtokens.interventions`` travel)."""
     global _REGISTERED
     if _REGISTERED:
         return
     import nnsight
 
-    for name in ("mech_vtokens", "probes", "interventions"):
-        nnsight.register(name)
+    nnsight.register("mech_vtokens")
     _REGISTERED = True
 
 

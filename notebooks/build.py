@@ -31,7 +31,7 @@ NOTEBOOKS = {
                  "# vlm.prompt: the checkpoint's chat template, one whole image span per image (plain format without one)\n"
                  "prompts = [vlm.prompt(q) for q in questions]\n"
                  "print(questions, objects, prompts[0])\nimages[0].resize((192, 192))"),
-        ("code", "from probes import EmbedLens, LogitLens\n\n"
+        ("code", "from mech_vtokens.probes import EmbedLens, LogitLens\n\n"
                  "embed, logit = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5), LogitLens(k=5)])\n"
                  "embed.to_pandas().head(10)"),
         ("md", "Most frequent top-1 token per site, for both lenses:"),
@@ -82,7 +82,7 @@ NOTEBOOKS = {
                  "PatchOverlay(batch, 0, groups=one.labels, title='planted fixture: groups')"),
         ("md", "Prune *dead* vs a seeded random set of the same size (paper Table 2 logic): the dead-pruned model "
                "stays much closer to the unpruned one."),
-        ("code", "import torch\nfrom interventions import MatchedRandom, Prune, applied\n\n"
+        ("code", "import torch\nfrom mech_vtokens.interventions import MatchedRandom, Prune, applied\n\n"
                  "dead = ppart.token_set('dead')\nwith torch.no_grad():\n    base = pvlm.hf(**batch.inputs).logits[:, -1]\n"
                  "for name, iv in [('-dead', Prune(dead)), ('-matched random', Prune(MatchedRandom(dead, seed=0)))]:\n"
                  "    with applied(pvlm, [iv], batch), torch.no_grad():\n"
@@ -95,7 +95,7 @@ NOTEBOOKS = {
                "probes), in `mv.generate` (every step, one nnsight trace) and on a plain HF model / `generate` "
                "through `interventions.applied`."),
         ("code", SETUP),
-        ("code", "import torch\nfrom interventions import AllVisual, Group, MatchedRandom, Prune, ZeroSublayer, applied\n\n"
+        ("code", "import torch\nfrom mech_vtokens.interventions import AllVisual, Group, MatchedRandom, Prune, ZeroSublayer, applied\n\n"
                  "images, questions, _ = demo_inputs(4)\nprompts = [vlm.prompt(q) for q in questions]\n"
                  "batch = vlm.prepare(images, prompts)\n\n"
                  "from contextlib import nullcontext\n\n"
@@ -114,7 +114,7 @@ NOTEBOOKS = {
         ("md", "Prune at the LLM input: the sequence really gets shorter. Here the target set is the 30 % of visual "
                "tokens with the lowest L2 norm at the LM input (a stand-in for the calibrated *dead* group of the "
                "partition notebook), against a seeded random set of the same size per image."),
-        ("code", "from probes import NormTracker\n\nnorms, = mv.run(vlm, images, prompts, probes=[NormTracker(vision=False)])\n"
+        ("code", "from mech_vtokens.probes import NormTracker\n\nnorms, = mv.run(vlm, images, prompts, probes=[NormTracker(vision=False)])\n"
                  "df = norms.to_pandas()\nemb = df[(df.site == 'hook_embed') & (df.visual_index >= 0)].sort_values('visual_index')\n"
                  "low = emb.groupby('image').l2.transform(lambda s: s <= s.quantile(0.3)).to_numpy()\n"
                  "target = Group(low, name='low-norm')\ncontrol = MatchedRandom(target, seed=0)\n\n"
@@ -130,7 +130,7 @@ NOTEBOOKS = {
         ("md", "Inference-time L_in (Table 3): visual tokens enter at layer k — layers < k run on the text alone — or "
                "leave at layer k. `mv.generate` runs the interventions on every generation step in one nnsight "
                "generate trace (each layer's decode attends to its own cache: text-only below k, full from k on)."),
-        ("code", "from interventions import VisualEntry, VisualExit\n\n"
+        ("code", "from mech_vtokens.interventions import VisualEntry, VisualExit\n\n"
                  "rows = {'baseline': mv.generate(vlm, images, prompts, max_new_tokens=3).text}\n"
                  "for k in range(1, vlm.n_layers):\n"
                  "    rows[f'L_in = {k}'] = mv.generate(vlm, images, prompts, interventions=[VisualEntry(k)], max_new_tokens=3).text\n"
@@ -142,7 +142,7 @@ NOTEBOOKS = {
                "forward order; `exp.execute(vlm.model)` runs them inside *your* `with vlm.trace(...)` block, next to "
                "your own reads (which must follow forward order too)."),
         ("code", SETUP),
-        ("code", "import nnsight\nfrom probes import EmbedLens, NormTracker\n\n"
+        ("code", "import nnsight\nfrom mech_vtokens.probes import EmbedLens, NormTracker\n\n"
                  "images, questions, _ = demo_inputs(2)\nbatch = vlm.prepare(images, [vlm.prompt(q) for q in questions])\n"
                  "exp = vlm.experiment(batch, probes=[EmbedLens(k=3), NormTracker()])\nexp"),
         ("code", "lm = vlm.model.model.language_model\nwith vlm.trace(**batch.inputs):\n"
@@ -157,7 +157,7 @@ NOTEBOOKS = {
                "decode step (here `VisualEntry`: layers below k decode against a text-only cache) do, probes read "
                "the prompt's forward. Bind a saved dict first and read `tracer.result` in a second invoke, because "
                "an early EOS cuts the per-step loop short. `mv.generate` wraps exactly this."),
-        ("code", "from interventions import VisualEntry\n\n"
+        ("code", "from mech_vtokens.interventions import VisualEntry\n\n"
                  "gen = vlm.experiment(batch, probes=[EmbedLens(k=3, sites=['hook_embed'])], interventions=[VisualEntry(2)])\n"
                  "with vlm.generate(max_new_tokens=4, do_sample=False) as tracer:\n"
                  "    raw = nnsight.save({})\n"
@@ -177,7 +177,7 @@ NOTEBOOKS = {
                "that NDIF does not have is hidden, the package's code is shipped by value (`nnsight.register`), then "
                "it runs — so a passing local run is strong evidence the real one works."),
         ("code", "REMOTE = 'local'  # True for the real NDIF service (needs MODEL = a hub id and an API key)\n" + SETUP),
-        ("code", "from probes import EmbedLens, SinkChannels\n\nimages, questions, _ = demo_inputs(2)\n"
+        ("code", "from mech_vtokens.probes import EmbedLens, SinkChannels\n\nimages, questions, _ = demo_inputs(2)\n"
                  "prompts = [vlm.prompt(q) for q in questions]\n"
                  "lens, sinks = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()], remote=REMOTE)\n"
                  "local_lens, _ = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()])\n"
@@ -185,7 +185,7 @@ NOTEBOOKS = {
                  "sinks.to_pandas().head()"),
         ("md", "Generation under interventions runs remotely the same way: one generate trace, the interventions "
                "acting on every step on the server."),
-        ("code", "from interventions import Prune, Positions\n\n"
+        ("code", "from mech_vtokens.interventions import Prune, Positions\n\n"
                  "far = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], max_new_tokens=4, remote=REMOTE)\n"
                  "near = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], max_new_tokens=4)\n"
                  "print('identical to a local run:', far.text == near.text)\nfar.to_pandas()"),

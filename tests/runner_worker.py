@@ -30,7 +30,7 @@ block_network()  # the suite runs with sockets blocked: its subprocesses too
 
 import mech_vtokens as mv  # noqa: E402
 from mech_vtokens import runner, store  # noqa: E402
-from probes import EmbedLens  # noqa: E402
+from mech_vtokens.probes import EmbedLens  # noqa: E402
 
 PROBES = lambda: ["norms", EmbedLens(k=2)]  # noqa: E731
 

@@ -6,7 +6,7 @@ import torch
 import mech_vtokens as mv
 from mech_vtokens import testing as T
 from mech_vtokens.component import Probe
-from probes.activations import Activations
+from mech_vtokens.probes.activations import Activations
 
 FAMILIES = T.FAMILIES
 

@@ -5,7 +5,7 @@ import pytest
 import mech_vtokens as mv
 from mech_vtokens import testing as T
 from mech_vtokens.errors import InputError
-from probes.activations import Activations
+from mech_vtokens.probes.activations import Activations
 
 
 @pytest.fixture()

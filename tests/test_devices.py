@@ -71,9 +71,9 @@ def bf16_vlm(tiny_dir):
 
 
 def _runs():
-    from interventions import (AttentionKnockout, Complement, MatchedRandom, Positions, Prune, Rescale, VisualEntry,
+    from mech_vtokens.interventions import (AttentionKnockout, Complement, MatchedRandom, Positions, Prune, Rescale, VisualEntry,
                                VisualExit, ZeroSublayer)
-    from probes import (Activations, EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels, ViTSinks)
+    from mech_vtokens.probes import (Activations, EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels, ViTSinks)
 
     every_probe = [EmbedLens(k=3), LogitLens(k=3, logprobs=True), SinkChannels(threshold=3.0), NormTracker(),
                    ViTSinks(threshold=3.0), LabelMatching([["cat"], ["red", "dog"]], k=5),
@@ -96,8 +96,8 @@ def _runs():
 def test_trace_code_creates_every_tensor_on_the_value_device(bf16_vlm, fam):
     """Every probe, every intervention, mv.generate and applied(HF generate) under the trap: no factory call in
     trace code lacks device=; every result's tensors are on the CPU."""
-    from interventions import Prune, Positions, VisualEntry, applied
-    from probes import EmbedLens
+    from mech_vtokens.interventions import Prune, Positions, VisualEntry, applied
+    from mech_vtokens.probes import EmbedLens
 
     vlm = bf16_vlm(fam)
     ims, prs = [T.image(seed=1), T.image(seed=2)], [T.prompt(fam), T.prompt(fam, "describe the image")]
@@ -233,7 +233,7 @@ def _internvl_with_dynamic_rope(tmp_path):
 
 
 def test_layout_check_runs_with_internvl3_dynamic_rope_and_still_catches_a_wrong_site(tmp_path, monkeypatch):
-    from probes import EmbedLens
+    from mech_vtokens.probes import EmbedLens
 
     from mech_vtokens.adapters.internvl import InternVLAdapter
     from mech_vtokens.layout import LayoutError
@@ -263,8 +263,8 @@ def test_offloaded_map_gives_the_plain_results(tiny_dir, tiny_vlm, tmp_path):
     """Embedding, one decoder layer and lm_head offloaded to disk (meta placeholders + accelerate hooks), the rest
     placed on the CPU with hooks: lenses read the real matrices from the hooks' weights maps; probes, an intervention
     and generation equal the plain run (ids equal, values <= 1e-5)."""
-    from interventions import Positions, Prune, ZeroSublayer
-    from probes import EmbedLens, LogitLens, NormTracker
+    from mech_vtokens.interventions import Positions, Prune, ZeroSublayer
+    from mech_vtokens.probes import EmbedLens, LogitLens, NormTracker
 
     plain = tiny_vlm("llava")
     off = mv.load(tiny_dir("llava"), device_map=_OFFLOAD_MAP, offload_folder=str(tmp_path / "offload"))

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import mech_vtokens as mv
-from interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer,
+from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer,
                            applied, resolve)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
-from probes.activations import Activations
+from mech_vtokens.probes.activations import Activations
 
 FAMILIES = T.FAMILIES
 TOL = 1e-5

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from interventions import AllVisual, MatchedRandom, TokenSet, ZeroSublayer
+from mech_vtokens.interventions import AllVisual, MatchedRandom, TokenSet, ZeroSublayer
 import mech_vtokens as mv
 from mech_vtokens import data as D
 from mech_vtokens import testing as T

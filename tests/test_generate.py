@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import mech_vtokens as mv
-from interventions import AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer, applied
+from mech_vtokens.interventions import AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer, applied
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 from intervention_refs import batch_of
-from probes import EmbedLens
+from mech_vtokens.probes import EmbedLens
 
 FAMILIES = T.FAMILIES
 TOL = 1e-5

@@ -9,12 +9,12 @@ import nnsight
 import pytest
 import torch
 
-from interventions import (AllVisual, Complement, Group, MatchedRandom, Positions, Prune, Rescale, ZeroSublayer,
+from mech_vtokens.interventions import (AllVisual, Complement, Group, MatchedRandom, Positions, Prune, Rescale, ZeroSublayer,
                            applied, resolve)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
-from probes.activations import Activations
+from mech_vtokens.probes.activations import Activations
 
 FAMILIES = T.FAMILIES
 TOL = 1e-5

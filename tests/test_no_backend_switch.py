@@ -35,7 +35,7 @@ def test_plot_returns_a_detached_figure(tiny_vlm):
 
     import mech_vtokens as mv
     from mech_vtokens import testing as T
-    from probes import EmbedLens, NormTracker
+    from mech_vtokens.probes import EmbedLens, NormTracker
 
     vlm = tiny_vlm("llava")
     plt.close("all")

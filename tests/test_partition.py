@@ -106,8 +106,8 @@ def test_both_rules_recover_the_planted_partition(planted, fam):
 
 
 def test_pruning_dead_keeps_logits_closer_than_matched_random(planted):
-    from interventions import MatchedRandom, Prune
-    from probes import Activations
+    from mech_vtokens.interventions import MatchedRandom, Prune
+    from mech_vtokens.probes import Activations
 
     vlm, truth = planted("llava")
     pr = T.prompt("llava")
@@ -213,7 +213,7 @@ def test_group_dynamics_attention_and_summary(planted):
 
 def test_semantic_sparsity_equals_hand_computation(planted):
     from mech_vtokens.partition import semantic_sparsity
-    from probes import Activations
+    from mech_vtokens.probes import Activations
 
     vlm, truth = planted("llava")
     pr = T.prompt("llava")

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import mech_vtokens as mv
 from mech_vtokens import testing as T
 from mech_vtokens.errors import InputError
-from probes import EmbedLens, LogitLens
-from probes.embed_lens import _topk_rerank
+from mech_vtokens.probes import EmbedLens, LogitLens
+from mech_vtokens.probes.embed_lens import _topk_rerank
 
 FAMILIES = T.FAMILIES
 ATOL = 1e-5
@@ -100,7 +100,7 @@ def test_logit_lens_equals_lm_head_of_norm(lens_runs, fam):
 def test_lens_sites_positions_and_ad_hoc_norm_does_not_collide(tiny_vlm):
     """Any LM site; text positions; the projector site; and LogitLens's ad-hoc final-norm call leaves the real
     ``ln_final.hook_normalized`` read in the same forward intact."""
-    from probes import Activations
+    from mech_vtokens.probes import Activations
 
     vlm = tiny_vlm("llava")
     ims, prs = _inputs("llava")
@@ -286,7 +286,7 @@ def _hooked_states(vlm, batch):
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_phi_norms_cosines_vit_norms_equal_hand_computation(tiny_vlm, fam):
-    from probes import NormTracker, SinkChannels, ViTSinks
+    from mech_vtokens.probes import NormTracker, SinkChannels, ViTSinks
 
     vlm = tiny_vlm(fam)
     ims, prs = _inputs(fam)
@@ -354,7 +354,7 @@ def _llava_with_massive_activations(path, words, dims, value=1.0):
 
 
 def test_planted_massive_activations_are_discovered_and_flagged(tmp_path):
-    from probes import SinkChannels
+    from mech_vtokens.probes import SinkChannels
 
     dims = [5, 17]
     path, ids = _llava_with_massive_activations(tmp_path / "massive", ["USER", "red"], dims)
@@ -385,7 +385,7 @@ def test_planted_massive_activations_are_discovered_and_flagged(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_label_matching_on_planted_tokens(tmp_path):
-    from probes import LabelMatching
+    from mech_vtokens.probes import LabelMatching
 
     tok = T.build("llava")[1].tokenizer
     targets = dict(zip([0, 7], tok.convert_tokens_to_ids(["cat", "dog"])))
@@ -407,7 +407,7 @@ def test_label_matching_on_planted_tokens(tmp_path):
 
 
 def test_label_rules():
-    from probes.label_matching import label_token_ids
+    from mech_vtokens.probes.label_matching import label_token_ids
 
     tok = T.build("llava")[1].tokenizer
     cat = tok.convert_tokens_to_ids("cat")
@@ -424,7 +424,7 @@ def test_label_rules():
 # ------------------------------------------------------------------------------------------------------------------
 
 def _suite():
-    from probes import LabelMatching, NormTracker, SinkChannels, ViTSinks
+    from mech_vtokens.probes import LabelMatching, NormTracker, SinkChannels, ViTSinks
 
     return [EmbedLens(k=3), LogitLens(k=3, logprobs=True), SinkChannels(threshold=3.0), NormTracker(),
             ViTSinks(threshold=3.0), LabelMatching([["cat"], ["red", "dog"]], k=5)]
@@ -463,7 +463,7 @@ def test_plots_draw(tiny_vlm):
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_bad_probe_input_before_the_forward(tiny_vlm):
-    from probes import LabelMatching, NormTracker, SinkChannels, ViTSinks
+    from mech_vtokens.probes import LabelMatching, NormTracker, SinkChannels, ViTSinks
 
     vlm = tiny_vlm("llava")
     ims, prs = _inputs("llava")

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import mech_vtokens as mv
 from mech_vtokens import testing as T
-from interventions import Positions, Prune, applied
-from probes import EmbedLens, LogitLens, NormTracker, SinkChannels
+from mech_vtokens.interventions import Positions, Prune, applied
+from mech_vtokens.probes import EmbedLens, LogitLens, NormTracker, SinkChannels
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

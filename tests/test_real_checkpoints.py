@@ -177,12 +177,12 @@ def test_internvl_processor_with_the_video_token_past_the_vocab_is_accepted_and_
 
 @pytest.mark.parametrize("ck", ["llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "OpenGVLab/InternVL3-1B-hf"])
 def test_probes_interventions_generate_and_remote_run(real_vlm, ck):
-    from interventions.prune import Prune
-    from interventions.zero_sublayer import ZeroSublayer
-    from probes.embed_lens import EmbedLens
-    from probes.logit_lens import LogitLens
-    from probes.norm_tracker import NormTracker
-    from probes.sink_channels import SinkChannels
+    from mech_vtokens.interventions.prune import Prune
+    from mech_vtokens.interventions.zero_sublayer import ZeroSublayer
+    from mech_vtokens.probes.embed_lens import EmbedLens
+    from mech_vtokens.probes.logit_lens import LogitLens
+    from mech_vtokens.probes.norm_tracker import NormTracker
+    from mech_vtokens.probes.sink_channels import SinkChannels
 
     vlm = real_vlm(ck)
     img, prompt = _images()[0], _prompt(vlm)

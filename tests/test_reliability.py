@@ -13,17 +13,17 @@ import pytest
 import torch
 
 import mech_vtokens as mv
-from interventions import (AllVisual, AttentionKnockout, Complement, Group, MatchedRandom, Positions, Prune, Rescale,
+from mech_vtokens.interventions import (AllVisual, AttentionKnockout, Complement, Group, MatchedRandom, Positions, Prune, Rescale,
                            VisualEntry, VisualExit, ZeroSublayer, applied)
-from interventions.token_sets import as_token_set
+from mech_vtokens.token_sets import as_token_set
 from mech_vtokens import data as D
 from mech_vtokens import testing as T
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
 from mech_vtokens.evaluate import HarnessModel, evaluate
 from mech_vtokens.runner import Store, run_dataset
-from probes import EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels
-from probes.activations import Activations
+from mech_vtokens.probes import EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels
+from mech_vtokens.probes.activations import Activations
 
 P = T.prompt("llava")
 

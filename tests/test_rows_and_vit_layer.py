@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mech_vtokens as mv
 from mech_vtokens import testing as T
-from probes import EmbedLens, LogitLens, ViTSinks
+from mech_vtokens.probes import EmbedLens, LogitLens, ViTSinks
 
 EXTRA = 6  # rows beyond len(tokenizer), as llava-hf pads 32002 tokens to 32064 rows
 

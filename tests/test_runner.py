@@ -16,7 +16,7 @@ import mech_vtokens as mv
 from mech_vtokens import data as D
 from mech_vtokens import testing as T
 from mech_vtokens.runner import Store, run_dataset
-from probes import EmbedLens, NormTracker
+from mech_vtokens.probes import EmbedLens, NormTracker
 
 HERE = Path(__file__).parent
 

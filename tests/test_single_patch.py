@@ -7,7 +7,7 @@ import mech_vtokens as mv
 from mech_vtokens import single_patch as SP
 from mech_vtokens import testing as T
 from mech_vtokens.errors import InputError
-from probes.activations import Activations
+from mech_vtokens.probes.activations import Activations
 
 
 @pytest.mark.parametrize("family", T.FAMILIES)

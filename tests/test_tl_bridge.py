@@ -39,7 +39,7 @@ VISION = {"llava": "vision_encoder.encoder_layers.{i}.hook_resid_post",
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
-    from probes import Activations, EmbedLens, LogitLens
+    from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
     path = tiny_dir(fam)
     vlm = mv.load(path, attn_implementation="eager")

@@ -11,8 +11,8 @@ import mech_vtokens as mv
 from mech_vtokens import testing as T
 from mech_vtokens.errors import InputError
 from mech_vtokens.views import PatchOverlay, Report, View, attention, lens_topk, token_values
-from probes import EmbedLens, LogitLens
-from probes.activations import Activations
+from mech_vtokens.probes import EmbedLens, LogitLens
+from mech_vtokens.probes.activations import Activations
 
 FAMILIES = T.FAMILIES
 

@@ -29,7 +29,7 @@ from .partition import GROUPS, PRESETS, Partition, batches, forward, model_ident
 
 
 def _gather(vlm, images, prompts, batch_size, vit_layer, vit_threshold, sink_dims, phi_threshold, llm_site, remote):
-    from probes import Activations, SinkChannels, ViTSinks
+    from mech_vtokens.probes import Activations, SinkChannels, ViTSinks
 
     per_image, dims, n_forwards = [], set(), 0
     for batch in batches(vlm, images, prompts, batch_size):
@@ -53,7 +53,7 @@ def _gather(vlm, images, prompts, batch_size, vit_layer, vit_threshold, sink_dim
 
 
 def _text_centroid(vlm):
-    from probes.embed_lens import _special_ids
+    from mech_vtokens.probes.embed_lens import _special_ids
 
     E = vlm.embedding_matrix.detach().float()
     keep = torch.ones(E.shape[0], dtype=torch.bool)

@@ -134,7 +134,7 @@ def cross_image_similarity(centroids: list, top: int | None = None) -> CrossImag
 def centroid_labels(vlm, centroids: torch.Tensor, k: int = 3, skip_special: bool = False):
     """EmbedLens labels of centroids (Sec. 3.2, "Cluster Tracking"): (ids (n, k), cosines (n, k)) of the top-k INPUT
     embeddings by cosine, with the probes' exact fp32 re-rank (``probes.embed_lens``)."""
-    from probes.embed_lens import _special_ids, _topk_rerank
+    from mech_vtokens.probes.embed_lens import _special_ids, _topk_rerank
 
     weight = vlm.embedding_matrix.detach()
     norms = weight.float().norm(dim=1)

@@ -16,7 +16,7 @@ from .clustering import anchor_clusters, cross_image_similarity
 
 def cluster_dominance(vlm, images, prompts=None, tau: float = 0.9, top: int = 5, remote=False) -> "Figure1":
     """Cluster the LM-input visual tokens of each image (one forward for all images) and compare across images."""
-    from probes import Activations
+    from mech_vtokens.probes import Activations
 
     from ..run import run
 

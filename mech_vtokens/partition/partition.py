@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import torch
-from interventions.token_sets import TokenSet
+from mech_vtokens.token_sets import TokenSet
 
 from ..component import Probe
 from ..errors import InputError
@@ -101,7 +101,7 @@ class Partition(Probe):
     def extras(self, vlm, batch):
         mine = {"visual": batch.visual_mask, "rule": self.rule}
         if self.rule == "reference":
-            from probes.embed_lens import _module_path
+            from mech_vtokens.probes.embed_lens import _module_path
 
             ids = self.reference["ids"]
             mine.update(k=int(self.reference["k"]), embed=_module_path(vlm.hf, vlm.hf.get_input_embeddings()),
@@ -129,7 +129,7 @@ class Partition(Probe):
                 h = x[mine["visual"]]
                 if mine["rule"] == "reference":
                     from mech_vtokens.adapters.base import _resolve
-                    from probes.embed_lens import _topk_rerank
+                    from mech_vtokens.probes.embed_lens import _topk_rerank
 
                     w = _resolve(ctx["model"], mine["embed"]).weight.detach()
                     norms = torch.cat([w[s:s + 2048].float().norm(dim=1) for s in range(0, w.shape[0], 2048)])

@@ -49,8 +49,8 @@ def _hits(ids, variants):
 
 def semantic_sparsity(vlm, images, annotations, prompts=None, k: int = 5, rule: str = "whole_word",
                       batch_size: int = 8, sites=None, remote=False) -> "SparsityResult":
-    from probes import EmbedLens
-    from probes.label_matching import label_token_ids
+    from mech_vtokens.probes import EmbedLens
+    from mech_vtokens.probes.label_matching import label_token_ids
 
     from .partition import batches, forward
 

@@ -16,7 +16,7 @@ from .partition import GROUPS, batches, forward
 
 def summarize(partition, images, prompts=None, batch_size: int = 20, remote=False) -> "PartitionSummary":
     """Classify ``images`` (>= 2) and read their LM-input vectors in the same forward; returns the summary."""
-    from probes import Activations
+    from mech_vtokens.probes import Activations
 
     images = list(images)
     if len(images) < 2:
