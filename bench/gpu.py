@@ -116,11 +116,12 @@ def _agreement(ours, ref) -> tuple[int, int, int]:
 
 
 def images_for(small: bool):
+    """Two images, neither square. ``small``: close to square and small, so every processor keeps them to a few
+    hundred tokens (InternVL then uses one tile; real photos give it up to 13 tiles = 3328 tokens per image)."""
     from mech_vtokens import testing as T
 
-    # non-square on purpose (tiling, merged grids, centre crops all differ from the square case)
-    return [T.image(size=1, seed=i).resize((s, t)) for i, (s, t) in
-            enumerate([(200, 120), (120, 168)] if small else [(640, 480), (480, 720)])]
+    sizes = [(112, 100), (100, 112)] if small else [(640, 480), (480, 720)]
+    return [T.image(size=1, seed=i).resize(wh) for i, wh in enumerate(sizes)]
 
 
 def prompts_for(vlm, n):
@@ -155,13 +156,13 @@ def check(checkpoint: str, device: str, dtype, small: bool, layers: int, repeats
     n_img = len(images)
     peak = _Peak(device)
 
-    def plain():
+    def plain():  # what mv.run's forward does: HF's default forward (logits at every position)
         with torch.no_grad():
-            return vlm.hf(**dev_inputs).logits
+            vlm.hf(**dev_inputs)
 
     peak.run(plain)
     row["fwd_peak_GiB"] = peak.bytes / 2**30
-    fwd_s, clean = _timed(plain, device, repeats)
+    fwd_s, _ = _timed(plain, device, repeats)
     row["fwd_s_per_img"] = fwd_s / n_img
 
     lm_sites = ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
@@ -199,28 +200,38 @@ def check(checkpoint: str, device: str, dtype, small: bool, layers: int, repeats
     row["lens_ids_eq_fp32"] = f"{exact}/{total}" + (f" ({upto_ties - exact} ties)" if upto_ties > exact else "")
     row["lens_ok"] = upto_ties == total
 
-    # ---- every intervention: nnsight trace vs plain torch hooks ------------------------------------------------
+    # ---- every intervention: nnsight trace vs plain torch hooks (last-position logits: full logits over a 150k
+    # vocabulary would dwarf everything else) ------------------------------------------------------------------------
+    def last_logits(**kw):
+        with torch.no_grad():
+            return vlm.hf(**dev_inputs, logits_to_keep=1, **kw).logits[:, -1].float().cpu()
+
+    def traced_last(got):
+        h = got["ln_final.hook_normalized"][:, -1]
+        with torch.no_grad():
+            return vlm.unembed(h.to(vlm.unembed.weight.device)).float().cpu()
+
+    clean_last = last_logits()
     some = Positions(list(range(0, batch.n_visual, 3)))
     cases = {"Prune": Prune(some), "ZeroSublayer": ZeroSublayer(some, layers=0, sublayer="mlp"),
              "Rescale": Rescale(some), "VisualEntry": VisualEntry(1), "VisualExit": VisualExit(1)}
     worst, ok = 0.0, True
     for name, iv in cases.items():
-        probe = Activations(["unembed.hook_out"])
-        got, _ = mv.run(vlm, images, prompts, probes=[probe], interventions=[iv])
-        nn_last = got["unembed.hook_out"][:, -1].float()
-        with applied(vlm, [iv], batch), torch.no_grad():
-            hook_last = vlm.hf(**dev_inputs).logits[:, -1].float().cpu()
+        got, _ = mv.run(vlm, images, prompts, probes=[Activations(["ln_final.hook_normalized"])], interventions=[iv])
+        nn_last = traced_last(got)
+        with applied(vlm, [iv], batch):
+            hook_last = last_logits()
         diff = float((nn_last - hook_last).abs().max())
-        changed = float((hook_last - clean[:, -1].float().cpu()).abs().max()) > 0
+        changed = float((hook_last - clean_last).abs().max()) > 0
         worst = max(worst, diff)
         ok &= bool(torch.isfinite(nn_last).all()) and changed and _on_cpu(got) and diff <= 1e-3 * max(
             1.0, float(hook_last.abs().max()))
     row["interventions_maxdiff"] = worst
     row["interventions_ok"] = ok
     eager = mv.load(path, dtype=dtype, device_map=device, attn_implementation="eager")
-    ko, = mv.run(eager, images, prompts, probes=[Activations(["unembed.hook_out"])],
-                 interventions=[AttentionKnockout("vt", layers=0)])[:1]
-    row["knockout_ok"] = bool(torch.isfinite(ko["unembed.hook_out"]).all()) and _on_cpu(ko)
+    ko, _ = mv.run(eager, images, prompts, probes=[Activations(["ln_final.hook_normalized"])],
+                   interventions=[AttentionKnockout("vt", layers=0)])
+    row["knockout_ok"] = bool(torch.isfinite(ko["ln_final.hook_normalized"]).all()) and _on_cpu(ko)
     del eager
 
     # ---- generation: the nnsight generate trace vs HF generate under the hooks -----------------------------------
