@@ -17,9 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
 def _summary(results) -> None:
     import pandas as pd
 
@@ -67,22 +64,18 @@ def demo(args) -> int:
 
 
 def _load_folder(folder: Path):
-    from PIL import Image, UnidentifiedImageError
+    """(images, names) of the image files in ``folder`` (not recursive), read as every job reads images
+    (:mod:`mech_vtokens.data`: RGB, EXIF-rotated, sizes clamped); unreadable files are skipped with a note."""
+    from . import data as D
 
-    if not folder.is_dir():
-        from .errors import InputError
-
-        raise InputError(f"--images {folder}: not a directory; give a folder of image files")
     images, names = [], []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        try:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
-            names.append(p.name)
-        except (UnidentifiedImageError, OSError) as err:
-            print(f"[mech-vtokens] skipped {p.name}: not a readable image ({err})", file=sys.stderr)
+    for r in D.ImageFolder(folder, recursive=False):  # InputError naming the fix for a missing / empty folder
+        im, note = r.load()
+        if im is None:
+            print(f"[mech-vtokens] skipped {r.id}: {note.removeprefix('skipped: ')}", file=sys.stderr)
+        else:
+            images.append(im)
+            names.append(r.id)
     return images, names
 
 
@@ -98,7 +91,9 @@ def analyze_cmd(args) -> int:
         raise InputError(f"--probes: unknown {unknown}; choose from {', '.join(ALL_PROBES)}")
     images, names = _load_folder(Path(args.images))
     if not images:
-        raise InputError(f"--images {args.images}: no readable images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        from .data import IMAGE_SUFFIXES
+
+        raise InputError(f"--images {args.images}: no readable images ({', '.join(IMAGE_SUFFIXES)})")
     print(f"[mech-vtokens] loading {args.model}", flush=True)
     vlm = mv.load(args.model, dtype=args.dtype, device_map=args.device_map)
     prompts = [vlm.prompt(args.question) for _ in images]

@@ -27,6 +27,7 @@ import string
 import torch
 
 from .errors import InputError
+from .loop import DEFAULT_BATCH_SIZE, counted, keywords
 
 SCORERS = ("exact", "contains", "choice", "auto")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -142,7 +143,7 @@ def _prompt_text(vlm, record) -> str:
     return vlm.prompt(q)
 
 
-def generate(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: int = 0) -> list[str]:
+def answer_batch(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: int = 0) -> list[str]:
     """Greedy answers for a prepared batch under ``interventions`` (HF generate inside ``applied``)."""
     from mech_vtokens.interventions import applied
 
@@ -157,6 +158,7 @@ def generate(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: int =
                 ids = vlm.hf.generate(**batch.inputs, **kwargs)
         else:
             ids = vlm.hf.generate(**batch.inputs, **kwargs)
+    counted()  # one generation over the batch: one forward of the job (see mech_vtokens.loop.counting)
     new = ids[:, batch.inputs["input_ids"].shape[1]:]
     return [t.strip() for t in vlm.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -196,8 +198,9 @@ class EvalResult:
         return f"EvalResult({len(self.answers)} answers, conditions {list(self.settings['conditions'])})"
 
 
-def evaluate(vlm, source, conditions, scorer="auto", max_new_tokens: int = 16, batch_size: int = 8, seed: int = 0,
-             out=None, progress: bool = True, limit=None, shard=None) -> EvalResult:
+@keywords
+def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = 16, batch_size: int = DEFAULT_BATCH_SIZE,
+             seed: int = 0, out=None, progress: bool = True, limit=None, shard=None) -> EvalResult:
     """Generate an answer for every record of ``source`` (a VQA ``.jsonl`` or a Source whose records have questions
     and answers) under every condition; score with ``scorer`` ("exact", "contains", "choice", "auto": choice when
     the record has choices, else exact; or a function); return an :class:`EvalResult`. ``out``: write answers per
@@ -254,7 +257,7 @@ def evaluate(vlm, source, conditions, scorer="auto", max_new_tokens: int = 16, b
             if ok:
                 batch = _prepare_left(vlm, [im for _, im in ok], [_prompt_text(vlm, r) for r, _ in ok])
                 for name, ivs in conditions.items():
-                    preds = generate(vlm, batch, _build(ivs, vlm, batch), max_new_tokens, seed)
+                    preds = answer_batch(vlm, batch, _build(ivs, vlm, batch), max_new_tokens, seed)
                     for (r, _), p in zip(ok, preds):
                         rows.append({"record_id": r.id, "condition": name, "question": r.question, "prediction": p,
                                      "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed})
@@ -284,7 +287,7 @@ class HarnessModel:
     greedily under ``interventions`` (objects or factories ``f(vlm, batch)``). ``images``: one PIL image (or list)
     per prompt; a prompt without the image placeholder is wrapped in the model's prompt format."""
 
-    def __init__(self, vlm, interventions=(), max_new_tokens: int = 16, seed: int = 0, batch_size: int = 8):
+    def __init__(self, vlm, interventions=(), max_new_tokens: int = 16, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE):
         self.vlm, self.max_new_tokens, self.seed, self.batch_size = vlm, max_new_tokens, seed, batch_size
         self.interventions = _check_conditions({"model": interventions})["model"]
 
@@ -300,6 +303,6 @@ class HarnessModel:
         out = []
         for s in range(0, len(texts), self.batch_size):
             batch = _prepare_left(self.vlm, images[s:s + self.batch_size], texts[s:s + self.batch_size])
-            out += generate(self.vlm, batch, _build(self.interventions, self.vlm, batch), self.max_new_tokens,
+            out += answer_batch(self.vlm, batch, _build(self.interventions, self.vlm, batch), self.max_new_tokens,
                             self.seed)
         return out

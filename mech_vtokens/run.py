@@ -3,29 +3,38 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import nnsight
 
 from .component import on_device
 from .errors import InputError
+from .loop import counted, forward, keywords
 from .results import Result
 
+DEFAULT_MAX_NEW_TOKENS = 20
 
-def run(vlm, images, prompts, probes=(), interventions=(), remote=False, **processor_kwargs) -> list:
+
+@keywords
+def run(vlm, images, prompts, *, probes=(), interventions=(), remote=False, processor_kwargs=None) -> list:
     """Run ``probes`` and ``interventions`` (any order, any number) in one forward over the batch.
 
     Returns one result per probe, then one per intervention. ``remote``: False (local), True (NDIF; the model must
-    have been loaded by hub id) or ``"local"`` (the whole remote code path, simulated here).
+    have been loaded by hub id) or ``"local"`` (the whole remote code path, simulated here). ``processor_kwargs``:
+    options for the processor (e.g. ``{"max_pixels": N}``). For many images in batches see
+    :func:`mech_vtokens.loop.batches` / :func:`mech_vtokens.runner.run_dataset`.
     """
     vlm.check_remote(remote)
-    batch = vlm.prepare(images, prompts, **processor_kwargs)
-    exp = vlm.experiment(batch, probes, interventions)
-    model = vlm.model
-    with vlm.trace(**batch.inputs, remote=remote):
-        raw = exp.execute(model)
-        raw = nnsight.save(raw)
-    return exp.results(raw)
+    batch = vlm.prepare(images, prompts, **(processor_kwargs or {}))
+    return forward(vlm, batch, probes, interventions, remote=remote)
+
+
+def _generate_keywords():
+    """What ``generate``'s ``**generate_kwargs`` may hold: HF generation-config fields and ``generate``'s own."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    return set(GenerationConfig().to_dict()) | set(inspect.signature(GenerationMixin.generate).parameters)
 
 
 class Generation(Result):
@@ -58,8 +67,9 @@ class Generation(Result):
         return pd.DataFrame({"row": range(len(self.text)), "prompt": self.prompts, "text": self.text})
 
 
-def generate(vlm, images, prompts, probes=(), interventions=(), max_new_tokens: int = 20, remote=False,
-             processor_kwargs=None, **generate_kwargs) -> Generation:
+@keywords(extra=_generate_keywords)
+def generate(vlm, images, prompts, *, probes=(), interventions=(), max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             remote=False, processor_kwargs=None, **generate_kwargs) -> Generation:
     """Generate under ``interventions`` (and read ``probes`` on the prompt's forward), in ONE nnsight generate trace.
 
     Interventions act where the paper defines them: ``Prune`` / ``VisualEntry`` / ``VisualExit`` on the prefill and
@@ -93,5 +103,6 @@ def generate(vlm, images, prompts, probes=(), interventions=(), max_new_tokens: 
                     exp.execute(model, steps=tracer.iter[:max_new_tokens], out=raw)
             with tracer.invoke():
                 sequences = nnsight.save(tracer.result)
+    counted()
     results = exp.results(raw) if exp is not None else []
     return Generation(sequences, batch.visual_mask.shape[1], vlm.processor.tokenizer, results, batch.prompts)

@@ -27,11 +27,10 @@ import os
 from pathlib import Path
 
 from .errors import InputError
+from .loop import DEFAULT_BATCH_SIZE, DEFAULT_QUESTION, check_batch_size, forward, keywords
 from .store import Store, Writer, check_shard, shard_of
 
 log = logging.getLogger("mech_vtokens.runner")
-
-DEFAULT_QUESTION = "describe the image ."
 
 
 # ---- probe / intervention specs --------------------------------------------------------------------------------
@@ -155,8 +154,8 @@ def record_frames(df, batch, ids):
 class Runner:
     """See the module docstring and :func:`run_dataset` (the same arguments)."""
 
-    def __init__(self, vlm, source, probes=(), interventions=(), out="mech-vtokens-run", batch_size: int = 8,
-                 remote=False, question: str | None = None, k: int = 5, progress: bool = True, limit=None,
+    def __init__(self, vlm, source, *, probes=(), interventions=(), out="mech-vtokens-run",
+                 batch_size: int = DEFAULT_BATCH_SIZE, remote=False, question: str | None = None, k: int = 5, progress: bool = True, limit=None,
                  overwrite: bool = False, min_side: int | None = None, max_side: int | None = None,
                  dtype=None, device_map=None, shard=None):
         from . import data as D
@@ -174,8 +173,7 @@ class Runner:
             raise InputError(f"vlm must be a loaded model (mech_vtokens.load(...)) or a hub id / directory, not "
                              f"{type(vlm).__name__}")
         vlm.check_remote(remote)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InputError(f"batch_size={batch_size!r}: give a positive int (images per forward)")
+        check_batch_size(batch_size)
         if isinstance(probes, (str, bytes)) or not hasattr(probes, "__iter__"):
             probes = [probes]
         if not hasattr(interventions, "__iter__"):
@@ -240,15 +238,10 @@ class Runner:
         return good, self.vlm.prepare([im for _, im in good], [self._prompt(r) for r, _ in good])
 
     def _forward(self, batch, recs):
-        import nnsight
-
         pairs = [(n, p) for s, n in zip(self.probe_specs, self.names) for p in s.build(self.vlm, recs)]
         probes, owners = [p for _, p in pairs], [n for n, _ in pairs]
         ivs = [i for s in self.iv_specs for i in s.build(self.vlm, recs)]
-        exp = self.vlm.experiment(batch, probes, ivs)
-        with self.vlm.trace(**batch.inputs, remote=self.remote):
-            raw = nnsight.save(exp.execute(self.vlm.model))
-        return list(zip(owners, exp.results(raw)[:len(probes)]))
+        return list(zip(owners, forward(self.vlm, batch, probes, ivs, remote=self.remote)[:len(probes)]))
 
     def run(self) -> Store:
         from tqdm.auto import tqdm
@@ -288,8 +281,15 @@ class Runner:
         w.commit([r.id for r, _ in ok], frames, **m)
 
 
-def run_dataset(vlm, source, probes=(), interventions=(), out="mech-vtokens-run", batch_size: int = 8,
-                remote=False, **kwargs) -> Store:
+def _runner_keywords():
+    import inspect
+
+    return set(inspect.signature(Runner.__init__).parameters) - {"self", "vlm", "source"}
+
+
+@keywords(extra=_runner_keywords)
+def run_dataset(vlm, source, *, probes=(), interventions=(), out="mech-vtokens-run",
+                batch_size: int = DEFAULT_BATCH_SIZE, remote=False, progress: bool = True, **kwargs) -> Store:
     """Run ``probes`` (+ ``interventions``) over every record of ``source`` in batches of ``batch_size`` images,
     ONE forward per batch, writing each batch's records to ``out`` as it goes; returns the :class:`Store`.
 
@@ -306,4 +306,5 @@ def run_dataset(vlm, source, probes=(), interventions=(), out="mech-vtokens-run"
 
     Run it again with the same arguments after a crash or a kill: it resumes (see the module docstring).
     """
-    return Runner(vlm, source, probes, interventions, out, batch_size, remote, **kwargs).run()
+    return Runner(vlm, source, probes=probes, interventions=interventions, out=out, batch_size=batch_size,
+                  remote=remote, progress=progress, **kwargs).run()

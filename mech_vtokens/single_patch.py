@@ -58,7 +58,7 @@ def _canvas_size(vlm) -> tuple[int, int]:
     return n * unit, n * unit
 
 
-def generate(vlm, n: int = 30, seed: int = 0, kinds=KINDS, background=(128, 128, 128)):
+def make_samples(vlm, n: int = 30, seed: int = 0, kinds=KINDS, background=(128, 128, 128)):
     """``n`` samples per kind for ``vlm`` (seeded). Each target sits inside one visual token's patch."""
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     vlm = mv.load(args.model or default_model()[0])
-    samples = generate(vlm, n=args.n, seed=args.seed)
+    samples = make_samples(vlm, n=args.n, seed=args.seed)
     res = score(vlm, samples, answer(vlm, samples))
     print(res.pop("accuracy").to_string(index=False))
     print(json.dumps(res, indent=1))

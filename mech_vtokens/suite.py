@@ -5,9 +5,11 @@ Used by ``mech-vtokens demo`` and ``mech-vtokens analyze``; callable from Python
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import InputError
+from .loop import DEFAULT_BATCH_SIZE, batches as _batches, counting, forward, keywords
 
 ALL_PROBES = ("embed_lens", "logit_lens", "norms", "sinks", "vit_sinks", "labels", "partition")
 
@@ -35,7 +37,8 @@ def build_probes(vlm, names, k: int = 5, labels=None):
     return out
 
 
-def analyze(vlm, images, prompts, probes=ALL_PROBES, labels=None, k: int = 5, batch_size: int = 4,
+@keywords
+def analyze(vlm, images, prompts, *, probes=ALL_PROBES, labels=None, k: int = 5, batch_size: int = DEFAULT_BATCH_SIZE,
             out: str | Path = "mech-vtokens-report", remote=False, overlays: int = 3, progress: bool = True,
             boxes=None, calibration: int = 20):
     """Run the suite over ``images`` in batches (one forward each), write tables (CSV) and ``report.html`` into
@@ -43,11 +46,8 @@ def analyze(vlm, images, prompts, probes=ALL_PROBES, labels=None, k: int = 5, ba
 
     "partition" calibrates a sink / dead / alive partition on the first ``calibration`` images (statistical rule),
     then classifies every image in the same forward as the other probes. ``boxes``: COCO-style
-    ``[{"bbox": [x, y, w, h], "label": ...}]`` per image, for the semantic-sparsity figure."""
-    from tqdm.auto import tqdm
-
-    from .run import run
-
+    ``[{"bbox": [x, y, w, h], "label": ...}]`` per image, for the semantic-sparsity figure. The report states how
+    many forwards the whole analysis ran (``forwards.json`` too)."""
     if len(images) != len(prompts):
         raise InputError(f"{len(images)} images for {len(prompts)} prompts; pass one prompt per image")
     if not images:
@@ -58,36 +58,14 @@ def analyze(vlm, images, prompts, probes=ALL_PROBES, labels=None, k: int = 5, ba
     build_probes(vlm, names, k, labels)  # validates names before any forward
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list] = {}
-    extra: dict = {}
-    part = None
     if "partition" in names and len(images) < 2:
         raise InputError("the partition needs at least 2 images (cross-image statistics); drop 'partition' or add "
                          "images")
-    if "partition" in names:
-        from .partition import calibrate, summarize
-
-        n_cal = max(2, min(calibration, len(images)))
-        part = calibrate(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
-        extra["partition"] = part
-        extra["summary"] = summarize(part, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
-        from .partition import cluster_dominance
-
-        extra["clusters"] = cluster_dominance(vlm, images[:n_cal], prompts[:n_cal], remote=remote)
-    if boxes is not None:
-        from .partition import semantic_sparsity
-
-        extra["sparsity"] = semantic_sparsity(vlm, images, boxes, prompts, k=k, batch_size=batch_size, remote=remote)
-    batches = []
-    for start in tqdm(range(0, len(images), batch_size), desc="batches", unit="batch", disable=not progress):
-        sl = slice(start, start + batch_size)
-        ps = build_probes(vlm, names, k, labels[sl] if labels is not None else None)
-        if part is not None:
-            ps["partition"] = part
-        res = run(vlm, images[sl], prompts[sl], probes=list(ps.values()), remote=remote)
-        for name, r in zip(ps, res):
-            results.setdefault(name, []).append(r)
-        batches.append((start, vlm.prepare(images[sl], prompts[sl])))
+    with counting() as forwards:
+        results, batches, extra = _analysis(vlm, images, prompts, names, labels, k, batch_size, remote, progress,
+                                            boxes, calibration)
+    extra["forwards"] = forwards.n
+    (out / "forwards.json").write_text(json.dumps({"forwards": forwards.n}))
     _write_tables(results, out)
     for name in ("summary", "sparsity", "clusters"):
         if name in extra:
@@ -95,6 +73,40 @@ def analyze(vlm, images, prompts, probes=ALL_PROBES, labels=None, k: int = 5, ba
     report = _report(vlm, results, batches, overlays, extra)
     path = report.save(out / "report.html")
     return results, path
+
+
+def _analysis(vlm, images, prompts, names, labels, k, batch_size, remote, progress, boxes, calibration):
+    """Every forward of :func:`analyze`: (results per probe name, [(start, batch)], extra results)."""
+    results: dict[str, list] = {}
+    extra: dict = {}
+    part = None
+    if "partition" in names:
+        from .partition import calibrate, summarize
+
+        n_cal = max(2, min(calibration, len(images)))
+        part = calibrate(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
+        extra["partition"] = part
+        extra["summary"] = summarize(vlm, images[:n_cal], prompts[:n_cal], partition=part, batch_size=batch_size,
+                                     remote=remote)
+        from .partition import cluster_dominance
+
+        extra["clusters"] = cluster_dominance(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size,
+                                              remote=remote)
+    if boxes is not None:
+        from .partition import semantic_sparsity
+
+        extra["sparsity"] = semantic_sparsity(vlm, images, prompts, annotations=boxes, k=k, batch_size=batch_size,
+                                              remote=remote)
+    batches = []
+    for start, batch in _batches(vlm, images, prompts, batch_size, progress):
+        sl = slice(start, start + batch_size)
+        ps = build_probes(vlm, names, k, labels[sl] if labels is not None else None)
+        if part is not None:
+            ps["partition"] = part
+        for name, r in zip(ps, forward(vlm, batch, list(ps.values()), remote=remote)):
+            results.setdefault(name, []).append(r)
+        batches.append((start, batch))
+    return results, batches, extra
 
 
 def _frames(results):
@@ -119,7 +131,8 @@ def _report(vlm, results, batches, overlays: int, extra=None):
     rep = Report(f"mech-vtokens report — {vlm.source or type(vlm.hf).__name__}")
     n_img = sum(len(b.images) for _, b in batches)
     rep.text(f"{vlm.family} model, {vlm.n_layers} decoder layers, {vlm.n_vision_layers} vision layers; "
-             f"{n_img} images; one forward per batch for every probe.")
+             f"{n_img} images; one forward per batch for every probe; {(extra or {}).get('forwards', '?')} "
+             f"forwards in all.")
     lenses = [results[n][0] for n in ("embed_lens", "logit_lens") if n in results]
     norms = results.get("norms", [None])[0]
     first = batches[0][1]

@@ -57,7 +57,7 @@ NOTEBOOKS = {
         ("code", "from mech_vtokens.partition import GroupDynamics, calibrate, summarize\n\n"
                  "images, questions, _ = demo_inputs(28)\nprompts = [vlm.prompt(q) for q in questions]\n"
                  "part = calibrate(vlm, images[:20], prompts[:20])   # one forward per batch\npart"),
-        ("code", "summary = summarize(part, images[:20], prompts[:20])\nsummary.to_pandas()"),
+        ("code", "summary = summarize(vlm, images[:20], prompts[:20], partition=part)\nsummary.to_pandas()"),
         ("code", "res = part.classify(images[20:], prompts[20:])\nres.fractions()"),
         ("code", "dyn, = mv.run(vlm, images[20:], prompts[20:], probes=[GroupDynamics(part)])\n"
                  "dyn.to_pandas().head(8)"),
@@ -76,7 +76,7 @@ NOTEBOOKS = {
         ("code", "import numpy as np\n\nres = ppart.classify(pimages[20:], pprompts[20:])\n"
                  "want = np.concatenate([np.array(lab).reshape(-1) for _, lab in drawn[20:]])\n"
                  "print('token accuracy vs the planted truth:', (np.array(res.labels) == want).mean())\n"
-                 "summarize(ppart, pimages[:20], pprompts[:20]).plot()"),
+                 "summarize(pvlm, pimages[:20], pprompts[:20], partition=ppart).plot()"),
         ("code", "from mech_vtokens.views import PatchOverlay\n\n"
                  "batch = pvlm.prepare(pimages[20:22], pprompts[20:22])\none, = mv.run(pvlm, pimages[20:22], pprompts[20:22], probes=[ppart])\n"
                  "PatchOverlay(batch, 0, groups=one.labels, title='planted fixture: groups')"),

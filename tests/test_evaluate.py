@@ -95,7 +95,7 @@ def test_identical_twice_and_resume(vqa, tiny_vlm, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(a.answers, b.answers)
     assert (tmp_path / "e" / "table.csv").exists()
     calls = []
-    monkeypatch.setattr("mech_vtokens.evaluate.generate", lambda *x, **k: calls.append(1))
+    monkeypatch.setattr("mech_vtokens.evaluate.answer_batch", lambda *x, **k: calls.append(1))
     c = evaluate(vlm, vqa, conds, max_new_tokens=3, batch_size=2, out=tmp_path / "e", progress=False)
     assert not calls
     pd.testing.assert_frame_equal(a.answers, c.answers)

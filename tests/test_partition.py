@@ -88,10 +88,10 @@ def test_both_rules_recover_the_planted_partition(planted, fam):
     cal = [T.planted_image(truth, s)[0] for s in range(20)]
     unseen = [T.planted_image(truth, 1000 + s) for s in range(100)]
     kw = dict(vit_threshold=truth["vit_threshold"], phi_threshold=truth["phi_threshold"])
-    stat = calibrate(vlm, cal, pr, **kw)
+    stat = calibrate(vlm, cal, pr, batch_size=20, **kw)
     assert stat.info["n_forwards"] == 1  # 20 images, one batch
     assert stat.llm["dims"] == truth["sink_dims"]  # discovered from the BOS-role token
-    ref = calibrate(vlm, cal, pr, rule="reference", **kw)
+    ref = calibrate(vlm, cal, pr, rule="reference", batch_size=20, **kw)
     assert ref.reference["ids"] == {g: [truth["ref_ids"][g]] for g in GROUPS[:3]}  # derived, not given
     for part in (stat, ref):
         res = part.classify([im for im, _ in unseen], pr, batch_size=20)
@@ -200,7 +200,7 @@ def test_group_dynamics_attention_and_summary(planted):
     sdpa = planted("llava")[0]
     with pytest.raises(InputError, match="eager"):
         mv.run(sdpa, ims[:1], pr, probes=[GroupDynamics(part)])
-    summ = summarize(part, ims, pr).to_pandas().set_index("group")
+    summ = summarize(vlm, ims, pr, partition=part).to_pandas().set_index("group")
     assert summ.percent.sum() == pytest.approx(100.0)
     res = part.classify(ims, pr)
     for g in GROUPS:
@@ -208,7 +208,7 @@ def test_group_dynamics_attention_and_summary(planted):
     for g in ("vit_sink", "llm_sink", "dead"):  # image-independent by construction
         assert summ.cross_image_similarity[g] > 0.999
     with pytest.raises(InputError, match="at least 2 images"):
-        summarize(part, ims[:1], pr)
+        summarize(vlm, ims[:1], pr, partition=part)
 
 
 def test_semantic_sparsity_equals_hand_computation(planted):
@@ -229,7 +229,7 @@ def test_semantic_sparsity_equals_hand_computation(planted):
                     objs.append({"bbox": [c * cell, r * cell, cell, cell], "label": words[(r + c + i) % 12]})
         ann.append(objs)
     sites = ["hook_embed", "blocks.2.hook_resid_post"]
-    res = semantic_sparsity(vlm, ims, ann, pr, k=5, sites=sites).to_pandas().set_index("site")
+    res = semantic_sparsity(vlm, ims, pr, annotations=ann, k=5, sites=sites).to_pandas().set_index("site")
     # by hand: plain-torch cosine top-5 against the input embeddings, cell membership from the drawing
     act, = mv.run(vlm, ims, [pr] * 2, probes=[Activations(sites, visual_only=True)])
     E = torch.nn.functional.normalize(vlm.embedding_matrix.detach().float(), dim=-1)
@@ -250,7 +250,7 @@ def test_semantic_sparsity_equals_hand_computation(planted):
         assert res.object_hit[s] == pytest.approx(hit / pairs)
         assert res.any_grounded[s] == pytest.approx(grounded / batch.n_visual)
     with pytest.raises(InputError, match="bbox"):
-        semantic_sparsity(vlm, ims, [[{"label": "cat"}], []], pr)
+        semantic_sparsity(vlm, ims, pr, annotations=[[{"label": "cat"}], []])
 
 
 def test_figure1_cluster_dominance_on_planted_fixture(planted):

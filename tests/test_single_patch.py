@@ -15,7 +15,7 @@ def test_target_changes_only_its_own_patch(tiny_vlm, family):
     """Removing the target changes the projector output of its token far more than any other token's (the ViT's
     attention spreads a little of every patch everywhere, so "only" is measured as a >= 4x margin)."""
     vlm = tiny_vlm(family)
-    samples = SP.generate(vlm, n=2, seed=1)
+    samples = SP.make_samples(vlm, n=2, seed=1)
     assert {s.kind for s in samples} == set(SP.KINDS)
     for s in samples:
         batch = vlm.prepare([s.image], [vlm.image_placeholder])
@@ -32,7 +32,7 @@ def test_target_changes_only_its_own_patch(tiny_vlm, family):
 
 def test_questions_and_scorer_on_known_answers(tiny_vlm):
     vlm = tiny_vlm("llava")
-    samples = SP.generate(vlm, n=3, seed=0)
+    samples = SP.make_samples(vlm, n=3, seed=0)
     # a perfect answerer and one that always names the background: the insights must read 1 and 1 / 0
     perfect = [(i, k, a, a) for i, s in enumerate(samples) for k, _, a in s.qa]
     res = SP.score(vlm, samples, perfect)
@@ -43,4 +43,4 @@ def test_questions_and_scorer_on_known_answers(tiny_vlm):
     res = SP.score(vlm, samples, biased)
     assert res["colour_answer_is_background"] == 1.0 and res["colour_answer_is_text_colour"] == 0.0
     with pytest.raises(InputError, match="unknown single-patch kinds"):
-        SP.generate(vlm, kinds=["video"])
+        SP.make_samples(vlm, kinds=["video"])

@@ -290,7 +290,7 @@ def lens_report(model, processor, samples) -> dict:
 # ----------------------------------------------------------------------------------------------------- report
 
 
-def evaluate(checkpoint=None, n: int = 800, n_lens: int = 400) -> dict:
+def measure(checkpoint=None, n: int = 800, n_lens: int = 400) -> dict:
     model, processor = load(checkpoint)
     samples = heldout(n)
     return {"checkpoint": str(checkpoint or "shipped"), "n_heldout_images": n,
@@ -352,7 +352,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    r = evaluate(a.checkpoint, a.n, a.n_lens)
+    r = measure(a.checkpoint, a.n, a.n_lens)
     print(format_report(r))
     if a.json:
         a.json.write_text(json.dumps(r, indent=1))

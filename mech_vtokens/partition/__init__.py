@@ -5,11 +5,11 @@ from .calibrate import calibrate
 from .clustering import (Clusters, CrossImage, anchor_clusters, centroid_labels, cross_image_similarity,
                          max_similarity)
 from .dynamics import GroupDynamics, GroupDynamicsResult
-from .figure1 import Figure1, cluster_dominance
+from .dominance import ClusterDominance, cluster_dominance
 from .partition import GROUPS, PRESETS, Partition, PartitionGroup, PartitionResult, model_identity
 from .sparsity import SparsityResult, semantic_sparsity
 from .summary import PartitionSummary, summarize
 
-__all__ = ["Figure1", "cluster_dominance", "GROUPS", "PRESETS", "Clusters", "CrossImage", "GroupDynamics", "GroupDynamicsResult", "Partition", "PartitionGroup", "PartitionResult",
+__all__ = ["ClusterDominance", "cluster_dominance", "GROUPS", "PRESETS", "Clusters", "CrossImage", "GroupDynamics", "GroupDynamicsResult", "Partition", "PartitionGroup", "PartitionResult",
            "anchor_clusters", "calibrate", "centroid_labels", "cross_image_similarity", "max_similarity",
            "model_identity", "PartitionSummary", "semantic_sparsity", "SparsityResult", "summarize"]

@@ -25,20 +25,22 @@ import torch
 
 from ..errors import InputError
 from .clustering import _check_tau, anchor_clusters, centroid_labels, cross_image_similarity
-from .partition import GROUPS, PRESETS, Partition, batches, forward, model_identity
+from ..loop import DEFAULT_BATCH_SIZE, batches, forward, keywords
+from .partition import GROUPS, PRESETS, Partition, model_identity
 
 
-def _gather(vlm, images, prompts, batch_size, vit_layer, vit_threshold, sink_dims, phi_threshold, llm_site, remote):
+def _gather(vlm, images, prompts, batch_size, vit_layer, vit_threshold, sink_dims, phi_threshold, llm_site, remote,
+            progress):
     from mech_vtokens.probes import Activations, SinkChannels, ViTSinks
 
     per_image, dims, n_forwards = [], set(), 0
-    for batch in batches(vlm, images, prompts, batch_size):
+    for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="calibration"):
         if batch.n_visual == 0:
             raise InputError("the calibration set has no visual tokens: pass images with their placeholders in the "
                              "prompts (or prompts=None for the default prompt)")
         sc = SinkChannels(dims=sink_dims, threshold=phi_threshold, sites=[llm_site], reference_site=llm_site)
         act, vs, scr = forward(vlm, batch, [Activations(["hook_embed"], visual_only=True),
-                                            ViTSinks(layer=vit_layer, threshold=vit_threshold), sc], remote)
+                                            ViTSinks(layer=vit_layer, threshold=vit_threshold), sc], remote=remote)
         n_forwards += 1
         dims |= set(scr.sink_dims)
         site = vlm.adapter.canonical(llm_site)
@@ -113,10 +115,11 @@ def _find_dead(per_image, tau, stable, min_size, mu):
     return direction[None], info
 
 
-def calibrate(vlm, images, prompts=None, rule: str = "statistical", *, tau: float = 0.9, stable: float = 0.95,
+@keywords
+def calibrate(vlm, images, prompts=None, *, rule: str = "statistical", tau: float = 0.9, stable: float = 0.95,
               min_size: int = 2, vit_layer: int = -1, vit_threshold: float = 75.0, sink_dims="auto",
               phi_threshold: float = 20.0, llm_site: str | None = None, reference=None, k: int = 3,
-              batch_size: int = 20, remote=False) -> Partition:
+              batch_size: int = DEFAULT_BATCH_SIZE, remote=False, progress: bool = False) -> Partition:
     """Calibrate a :class:`Partition` of ``vlm``'s visual tokens on ``images`` (>= 2); see the module docstring.
 
     ``rule``: "statistical" (the paper's definitions) or "reference" (EmbedLens reference ids; ``reference``:
@@ -158,7 +161,7 @@ def calibrate(vlm, images, prompts=None, rule: str = "statistical", *, tau: floa
         llm_site = "blocks.1.hook_resid_post" if vlm.n_layers > 1 else "blocks.0.hook_resid_post"
     llm_site = vlm.adapter.canonical(llm_site)
     per_image, dims, n_fw = _gather(vlm, images, prompts, batch_size, vit_layer, vit_threshold, sink_dims,
-                                    phi_threshold, llm_site, remote)
+                                    phi_threshold, llm_site, remote, progress)
     for im in per_image:
         im["vit"] = im["norm"] > vit_threshold
         im["llm"] = torch.zeros_like(im["vit"])

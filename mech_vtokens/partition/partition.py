@@ -28,12 +28,12 @@ from mech_vtokens.token_sets import TokenSet
 
 from ..component import Probe
 from ..errors import InputError
+from ..loop import DEFAULT_BATCH_SIZE, batches, forward
 from ..results import Result
 
 GROUPS = ("vit_sink", "llm_sink", "dead", "alive")
 PRESETS = {"llava-1.5-7b": {"k": 3, "ids": {"vit_sink": [1141], "llm_sink": [26673], "dead": [30296]},
                             "vocab": 32000}}
-DEFAULT_QUESTION = "describe the image ."  # asked through vlm.prompt (the model's chat template)
 
 
 def model_identity(vlm) -> dict:
@@ -167,12 +167,13 @@ class Partition(Probe):
             raise InputError("this Partition is not bound to a model; use Partition.load(path, vlm) or calibrate()")
         return self._vlm
 
-    def classify(self, images, prompts=None, batch_size: int = 20, remote=False):
+    def classify(self, images, prompts=None, *, batch_size: int = DEFAULT_BATCH_SIZE, remote=False,
+                 progress: bool = False):
         """Classify the visual tokens of ``images``: one forward per ``batch_size`` images. Returns a
         :class:`PartitionResult` over all of them (``n_forwards`` says how many forwards ran)."""
         results = []
-        for batch in batches(self.vlm, images, prompts, batch_size):
-            results.append(forward(self.vlm, batch, [self], remote)[0])
+        for _, batch in batches(self.vlm, images, prompts, batch_size, progress):
+            results.append(forward(self.vlm, batch, [self], remote=remote)[0])
         return PartitionResult.concat(results)
 
     def token_set(self, group: str):
@@ -250,7 +251,7 @@ class PartitionGroup(TokenSet):
     def visual(self, batch):
         key = id(batch)
         if key not in self._cache:
-            res = forward(self.partition.vlm, batch, [self.partition], False)[0]
+            res = forward(self.partition.vlm, batch, [self.partition])[0]  # on the backend of the running job
             self._cache = {key: (batch, res.codes)}  # holds the batch, so its id stays unique while cached
         codes = self._cache[key][1]
         if self.group == "sinks":
@@ -259,36 +260,6 @@ class PartitionGroup(TokenSet):
 
     def __repr__(self):
         return f"PartitionGroup({self.group!r})"
-
-
-# ---- shared helpers (outside the trace) --------------------------------------------------------------------------
-
-def batches(vlm, images, prompts, batch_size):
-    images = list(images)
-    if not images:
-        raise InputError("no images given: pass a list of PIL images")
-    if prompts is None:
-        prompts = [vlm.prompt(DEFAULT_QUESTION)] * len(images)
-    elif isinstance(prompts, str):
-        prompts = [prompts] * len(images)
-    if len(prompts) != len(images):
-        raise InputError(f"{len(prompts)} prompts for {len(images)} images: give one prompt per image, one string "
-                         f"for all, or None for the default")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise InputError(f"batch_size={batch_size!r}: give a positive integer")
-    for s in range(0, len(images), batch_size):
-        yield vlm.prepare(images[s:s + batch_size], prompts[s:s + batch_size])
-
-
-def forward(vlm, batch, probes, remote=False):
-    """ONE forward of ``probes`` over a prepared batch (what ``mv.run`` does after ``prepare``)."""
-    import nnsight
-
-    vlm.check_remote(remote)
-    exp = vlm.experiment(batch, probes)
-    with vlm.trace(**batch.inputs, remote=remote):
-        raw = nnsight.save(exp.execute(vlm.model))
-    return exp.results(raw)
 
 
 class PartitionResult(Result):

@@ -1,6 +1,6 @@
 """Semantic sparsity from boxes (paper Sec. 6.2 "Sparse Distribution of Object Semantics", Fig. 7).
 
-``semantic_sparsity(vlm, images, annotations, prompts=None, k=5)``. ``annotations``: per image a list of COCO-style
+``semantic_sparsity(vlm, images, prompts=None, annotations=..., k=5)``. ``annotations``: per image a list of COCO-style
 objects ``{"bbox": [x, y, w, h], "label": "cat"}`` (``"category"`` / ``"name"`` are accepted for the label),
 boxes in ORIGINAL-image pixels. Object tokens of an object: the visual tokens whose box centre
 (``batch.tokens["box"]``: the adapter's geometry, tiles included) lies inside its bbox. One EmbedLens forward per
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
+from ..loop import DEFAULT_BATCH_SIZE, batches, forward, keywords
 from ..results import Result
 
 
@@ -47,12 +48,19 @@ def _hits(ids, variants):
     return out
 
 
-def semantic_sparsity(vlm, images, annotations, prompts=None, k: int = 5, rule: str = "whole_word",
-                      batch_size: int = 8, sites=None, remote=False) -> "SparsityResult":
+def _old_order(args, kwargs):
+    if len(args) >= 3 and not isinstance(args[2], str) and any(isinstance(p, (list, tuple)) for p in args[2]):
+        return ("semantic_sparsity(vlm, images, annotations, prompts) is the old order: call "
+                "semantic_sparsity(vlm, images, prompts, annotations=annotations)")
+    return None
+
+
+@keywords(old=_old_order)
+def semantic_sparsity(vlm, images, prompts=None, *, annotations, k: int = 5, rule: str = "whole_word",
+                      batch_size: int = DEFAULT_BATCH_SIZE, sites=None, remote=False,
+                      progress: bool = False) -> "SparsityResult":
     from mech_vtokens.probes import EmbedLens
     from mech_vtokens.probes.label_matching import label_token_ids
-
-    from .partition import batches, forward
 
     images = list(images)
     if len(annotations) != len(images):
@@ -71,8 +79,8 @@ def semantic_sparsity(vlm, images, annotations, prompts=None, k: int = 5, rule: 
         table.append(row)
     lens = EmbedLens(k=k, sites=sites)
     counts, start = {}, 0
-    for batch in batches(vlm, images, prompts, batch_size):
-        res = forward(vlm, batch, [lens], remote)[0]
+    for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="semantic sparsity"):
+        res = forward(vlm, batch, [lens], remote=remote)[0]
         img = batch.tokens["image"]
         for site, ids in res.ids.items():
             c = counts.setdefault(site, [0, 0, 0, 0])  # object hits, object pairs, grounded tokens, tokens

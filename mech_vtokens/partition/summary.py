@@ -11,21 +11,33 @@ import torch
 from ..errors import InputError
 from ..results import Result
 from .clustering import cross_image_similarity
-from .partition import GROUPS, batches, forward
+from ..loop import DEFAULT_BATCH_SIZE, batches, forward, keywords
+from .partition import GROUPS, Partition
 
 
-def summarize(partition, images, prompts=None, batch_size: int = 20, remote=False) -> "PartitionSummary":
-    """Classify ``images`` (>= 2) and read their LM-input vectors in the same forward; returns the summary."""
+@keywords
+def summarize(vlm, images, prompts=None, *, partition=None, batch_size: int = DEFAULT_BATCH_SIZE, remote=False,
+              progress: bool = False) -> "PartitionSummary":
+    """Classify ``images`` (>= 2) with ``partition`` (of ``vlm``) and read their LM-input vectors in the same
+    forward; returns the summary."""
     from mech_vtokens.probes import Activations
 
+    if isinstance(vlm, Partition):
+        raise InputError("summarize(partition, images, ...) is the old order: call summarize(vlm, images, prompts, "
+                         "partition=partition)")
+    if not isinstance(partition, Partition):
+        raise InputError(f"partition={partition!r}: give the Partition of calibrate(vlm, images) or "
+                         f"Partition.load(path, vlm)")
+    if partition.vlm is not vlm:
+        raise InputError("the partition is bound to another model than vlm: calibrate it on this model or "
+                         "Partition.load(path, vlm)")
     images = list(images)
     if len(images) < 2:
         raise InputError(f"the summary's cross-image similarities need at least 2 images, got {len(images)}")
-    vlm = partition.vlm
     counts = torch.zeros(len(GROUPS))
     cents = {g: [] for g in GROUPS}
-    for batch in batches(vlm, images, prompts, batch_size):
-        res, act = forward(vlm, batch, [partition, Activations(["hook_embed"], visual_only=True)], remote)
+    for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="summary"):
+        res, act = forward(vlm, batch, [partition, Activations(["hook_embed"], visual_only=True)], remote=remote)
         x = act["hook_embed"].float()
         img = batch.tokens["image"]
         for gi, g in enumerate(GROUPS):

@@ -10,28 +10,34 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
+from ..loop import DEFAULT_BATCH_SIZE, batches, forward, keywords
 from ..results import Result
 from .clustering import anchor_clusters, cross_image_similarity
 
 
-def cluster_dominance(vlm, images, prompts=None, tau: float = 0.9, top: int = 5, remote=False) -> "Figure1":
-    """Cluster the LM-input visual tokens of each image (one forward for all images) and compare across images."""
+@keywords
+def cluster_dominance(vlm, images, prompts=None, *, tau: float = 0.9, top: int = 5,
+                      batch_size: int = DEFAULT_BATCH_SIZE, remote=False, progress: bool = False) -> "ClusterDominance":
+    """Cluster the LM-input visual tokens of each image (one forward per ``batch_size`` images) and compare across
+    images."""
     from mech_vtokens.probes import Activations
-
-    from ..run import run
 
     images = list(images)
     if len(images) < 2:
         raise InputError(f"Fig. 1 compares clusters across images: pass at least 2 images, got {len(images)}")
     prompts = prompts or [vlm.image_placeholder] * len(images)
-    batch = vlm.prepare(images, prompts)
-    act, = run(vlm, images, prompts, probes=[Activations(["hook_embed"], visual_only=True)], remote=remote)
-    x = act["hook_embed"].float()
-    clusters = [anchor_clusters(x[batch.tokens["image"] == i], tau) for i in range(len(images))]
-    return Figure1(clusters, cross_image_similarity(clusters, top=top), tau, top)
+    clusters = []
+    for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="clusters"):
+        act, = forward(vlm, batch, [Activations(["hook_embed"], visual_only=True)], remote=remote)
+        x = act["hook_embed"].float()
+        img = batch.tokens["image"]
+        clusters += [anchor_clusters(x[img == i], tau) for i in torch.unique(img).tolist()]
+    return ClusterDominance(clusters, cross_image_similarity(clusters, top=top), tau, top)
 
 
-class Figure1(Result):
+class ClusterDominance(Result):
+    """What :func:`cluster_dominance` returns (paper Fig. 1): ``clusters`` per image, ``cross`` similarities."""
+
     name = "cluster_dominance"
 
     def __init__(self, clusters, cross, tau, top):

@@ -1,0 +1,184 @@
+"""The ONE batch loop: images + prompts -> batches -> ONE forward per batch for every probe and intervention.
+
+Every job that runs forwards over images (``run``, ``run_dataset``, ``suite.analyze``, ``partition.calibrate`` /
+``summarize`` / ``semantic_sparsity`` / ``cluster_dominance``, ``Partition.classify``, a ``PartitionGroup`` token
+set resolving against a batch) is a composition of :func:`batches` and :func:`forward`:
+
+    for start, batch in batches(vlm, images, prompts, batch_size=8, progress=True):
+        lens, = forward(vlm, batch, probes=[EmbedLens(k=5)], remote=remote)
+
+- :func:`forward` counts what it runs: ``with counting() as c: ...; c.n`` is the number of forwards of the block
+  (nested counters all count; the report of ``analyze`` states its count).
+- ``remote`` of the running forward is in force for the forwards it starts itself (a token set that classifies the
+  batch first runs on the same backend): ``forward(..., remote=None)`` inherits it.
+- :func:`keywords` gives the public functions one signature rule: an unknown keyword (``intervention=`` for
+  ``interventions=``) or a call in an old positional order raises ``InputError`` naming the close match, before any
+  work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import inspect
+
+from .errors import InputError
+
+DEFAULT_BATCH_SIZE = 8  # images per forward, the one default of every batched job
+DEFAULT_QUESTION = "describe the image ."
+
+
+
+class _Job:
+    """The running job's counters and backend: plain attributes (a remote trace ships this module by value, which a
+    ContextVar or a thread-local would not survive)."""
+
+    counters: tuple = ()
+    remote = False
+
+
+_job = _Job()
+
+
+class Forwards:
+    """How many forwards (traces over a batch; one ``generate`` trace counts one) ran while counting: ``n``."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __repr__(self) -> str:
+        return f"Forwards({self.n})"
+
+
+@contextlib.contextmanager
+def counting():
+    """``with counting() as c:`` -> ``c.n`` forwards ran inside the block (through :func:`forward` / ``run`` /
+    ``generate``)."""
+    c = Forwards()
+    before = _job.counters
+    _job.counters = before + (c,)
+    try:
+        yield c
+    finally:
+        _job.counters = before
+
+
+def counted() -> None:
+    """Record one forward on every active counter (called by each trace the package runs)."""
+    for c in _job.counters:
+        c.n += 1
+
+
+@contextlib.contextmanager
+def remote_of(remote):
+    """Make ``remote`` the backend of the forwards started inside (``forward(..., remote=None)``)."""
+    before, _job.remote = _job.remote, remote
+    try:
+        yield remote
+    finally:
+        _job.remote = before
+
+
+def current_remote():
+    """The backend of the running job (False outside any)."""
+    return _job.remote
+
+
+def forward(vlm, batch, probes=(), interventions=(), remote=None) -> list:
+    """ONE forward of ``probes`` and ``interventions`` over a prepared ``batch``: one result per probe, then one per
+    intervention. ``remote=None``: the backend of the job this forward runs in (local outside any)."""
+    import nnsight
+
+    remote = current_remote() if remote is None else remote
+    vlm.check_remote(remote)
+    with remote_of(remote):  # token sets resolved while planning run their own forwards on the same backend
+        exp = vlm.experiment(batch, probes, interventions)
+        with vlm.trace(**batch.inputs, remote=remote):
+            raw = nnsight.save(exp.execute(vlm.model))
+        counted()
+    return exp.results(raw)
+
+
+def check_batch_size(batch_size, name="batch_size") -> int:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"{name}={batch_size!r}: give a positive int (images per forward)")
+    return batch_size
+
+
+def inputs(vlm, images, prompts):
+    """(images, prompts) as lists of the same length: ``prompts=None`` is the default question for every image, one
+    string is used for all."""
+    images = list(images) if images is not None else []
+    if not images:
+        raise InputError("no images given: pass a list of PIL images")
+    if prompts is None:
+        prompts = [vlm.prompt(DEFAULT_QUESTION)] * len(images)
+    elif isinstance(prompts, str):
+        prompts = [prompts] * len(images)
+    prompts = list(prompts)
+    if len(prompts) != len(images):
+        raise InputError(f"{len(prompts)} prompts for {len(images)} images: give one prompt per image, one string "
+                         f"for all, or None for the default")
+    return images, prompts
+
+
+def batches(vlm, images, prompts, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+            processor_kwargs=None, desc: str = "batches"):
+    """Yield ``(start, batch)``: ``batch`` the prepared images[start:start + batch_size] with their prompts; a tqdm
+    bar when ``progress``. Inputs are checked before the first batch is prepared."""
+    from tqdm.auto import tqdm
+
+    images, prompts = inputs(vlm, images, prompts)
+    check_batch_size(batch_size)
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        sl = slice(start, start + batch_size)
+        yield start, vlm.prepare(images[sl], prompts[sl], **(processor_kwargs or {}))
+
+
+# ---- one signature rule -----------------------------------------------------------------------------------------
+
+def _params(fn):
+    sig = inspect.signature(fn)
+    named = [p.name for p in sig.parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not p.name.startswith("_")]
+    return sig, named
+
+
+def unknown_keyword(fn_name, key, known) -> InputError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}=?" if close else f"its keywords are {', '.join(known)}"
+    return InputError(f"{fn_name}() got the unknown keyword {key}=; {hint} (processor options go in "
+                      f"processor_kwargs={{...}} where the function takes them)")
+
+
+def keywords(fn=None, *, extra=None, old=None):
+    """Decorator: unknown keywords and calls that do not fit ``fn``'s signature raise ``InputError`` (naming the
+    close match / the signature) before ``fn`` runs. ``extra()``: further names accepted by ``fn``'s ``**kwargs``
+    (those it passes on, e.g. HF ``generate``'s); without ``extra`` a ``**kwargs`` accepts nothing unknown.
+    ``old(args, kwargs)``: a message when the call is in an old argument order (checked first)."""
+    if fn is None:
+        return lambda f: keywords(f, extra=extra, old=old)
+    sig, named = _params(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        msg = old(args, kwargs) if old is not None else None
+        if msg:
+            raise InputError(msg)
+        passed_on = set(extra()) if extra is not None else set()
+        for key in kwargs:
+            if key not in named and key not in passed_on:
+                raise unknown_keyword(fn.__name__, key, named)
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as err:
+            plain = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()
+                                            if p.kind != p.VAR_KEYWORD], return_annotation=sig.empty)
+            shown = str(plain)
+            raise InputError(f"{fn.__name__}(): {err}; call it as {fn.__name__}{shown} (everything after the data "
+                             f"is keyword-only: probes=[...], interventions=[...], ...)") from None
+        return fn(*args, **kwargs)
+
+    return wrapper
