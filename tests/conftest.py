@@ -23,7 +23,8 @@ def tiny_dir(tmp_path_factory):
 
     def make(name: str) -> str:
         if name in T.REAL_CHECKPOINTS:
-            return T.real_model(name, root / name.replace("/", "__"))
+            # 3 decoder layers, as the tiny fixtures: tests name layers up to 2 (e.g. VisualEntry(2) in test_generate)
+            return T.real_model(name, root / name.replace("/", "__"), layers=3)
         return T.tiny_model(name, root / name)
 
     return make
@@ -36,9 +37,12 @@ def tiny_vlm(tiny_dir):
     cache = {}
 
     def get(name: str):
+        """``name``: a family, a real checkpoint id, or ``"<id>@float32"`` (that fixture loaded in fp32, for tests
+        whose reference tolerances are fp32's)."""
         if name not in cache:
-            vlm = mv.load(tiny_dir(name))
-            if name in T.REAL_CHECKPOINTS and hasattr(vlm.processor.image_processor, "max_patches"):
+            base, _, dtype = name.partition("@")
+            vlm = mv.load(tiny_dir(base), dtype=getattr(torch, dtype) if dtype else None)
+            if base in T.REAL_CHECKPOINTS and hasattr(vlm.processor.image_processor, "max_patches"):
                 from families import REAL_MAX_PATCHES
 
                 vlm.processor.image_processor.max_patches = REAL_MAX_PATCHES  # see tests/families.py
