@@ -196,3 +196,33 @@ def test_probes_interventions_generate_and_remote_run(real_vlm, ck):
     mv.run(vlm, [img], [prompt], probes=[LogitLens(k=3)], interventions=[ZeroSublayer("all", layers=0)])
     out = mv.generate(vlm, [img], [prompt], max_new_tokens=2)
     assert len(out.text) == 1
+
+
+# ---- call-time processor settings: the geometry follows what the processor applies in THIS call ------------------
+CALL_SIZES = [(300, 110), (90, 200)]
+
+
+@pytest.mark.parametrize("kw", [dict(max_patches=12), dict(max_patches=2), dict(max_patches=6, min_patches=3)])
+def test_internvl_call_time_max_patches_follows_the_tiling_rule(real_vlm, kw):
+    vlm = real_vlm("OpenGVLab/InternVL3-1B-hf")
+    imgs = [T.image(112, seed=i).resize(s) for i, s in enumerate(CALL_SIZES)]
+    batch = vlm.prepare(imgs, [vlm.prompt("what color is the object?")] * 2, **kw)
+    for i, (w, h) in enumerate(CALL_SIZES):
+        cols, rows, tiles = _internvl_tiles(w, h, max_num=kw["max_patches"], min_num=kw.get("min_patches", 1))
+        g = batch.grids[i]
+        assert (g["tile_cols"], g["tile_rows"], g["tiles"]) == (cols, rows, tiles)
+        assert int(batch.visual_mask[i].sum()) == 256 * tiles == int((batch.tokens["image"] == i).sum())
+
+
+@pytest.mark.parametrize("ck", ["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"])
+@pytest.mark.parametrize("kw", [dict(max_pixels=6272), dict(min_pixels=62720), dict(min_pixels=3136, max_pixels=3136)])
+def test_qwen_call_time_pixels_follow_smart_resize(real_vlm, ck, kw):
+    vlm = real_vlm(ck)
+    pp = hub_file(ck, "preprocessor_config.json")
+    imgs = [T.image(112, seed=i).resize(s) for i, s in enumerate(CALL_SIZES)]
+    batch = vlm.prepare(imgs, [vlm.prompt("what color is the object?")] * 2, **kw)
+    for i, (w, h) in enumerate(CALL_SIZES):
+        want = _qwen_boxes(w, h, kw.get("min_pixels", pp["min_pixels"]), kw.get("max_pixels", pp["max_pixels"]))
+        sel = batch.tokens["image"] == i
+        assert int(batch.visual_mask[i].sum()) == len(want) == int(sel.sum())
+        assert torch.allclose(batch.tokens["box"][sel], torch.tensor(want, dtype=torch.float64), atol=1e-9)
