@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny models of every family, built from configs, saved, and loaded back through ``load``."""
+"""Shared fixtures: tiny models of every family, built from configs, and the real-file fixtures of real checkpoints
+(mech_vtokens/fixtures/real.py), saved and loaded back through ``load``. Both take a family name or a real
+checkpoint id (tests/families.py)."""
 
 import os
 
@@ -19,8 +21,11 @@ FAMILIES = T.FAMILIES
 def tiny_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
 
-    def make(family: str) -> str:
-        return T.tiny_model(family, root / family)
+    def make(name: str) -> str:
+        if name in T.REAL_CHECKPOINTS:
+            # 3 decoder layers, as the tiny fixtures: tests name layers up to 2 (e.g. VisualEntry(2) in test_generate)
+            return T.real_model(name, root / name.replace("/", "__"), layers=3)
+        return T.tiny_model(name, root / name)
 
     return make
 
@@ -31,10 +36,18 @@ def tiny_vlm(tiny_dir):
 
     cache = {}
 
-    def get(family: str):
-        if family not in cache:
-            cache[family] = mv.load(tiny_dir(family))
-        return cache[family]
+    def get(name: str):
+        """``name``: a family, a real checkpoint id, or ``"<id>@float32"`` (that fixture loaded in fp32, for tests
+        whose reference tolerances are fp32's)."""
+        if name not in cache:
+            base, _, dtype = name.partition("@")
+            vlm = mv.load(tiny_dir(base), dtype=getattr(torch, dtype) if dtype else None)
+            if base in T.REAL_CHECKPOINTS and hasattr(vlm.processor.image_processor, "max_patches"):
+                from families import REAL_MAX_PATCHES
+
+                vlm.processor.image_processor.max_patches = REAL_MAX_PATCHES  # see tests/families.py
+            cache[name] = vlm
+        return cache[name]
 
     return get
 

@@ -8,11 +8,13 @@ import torch
 
 from mech_vtokens import testing as T
 
+import families as F
+
 
 def batch_of(vlm, family, seeds=(1, 2)):
-    """Two rows of different lengths: the shorter one is left-padded."""
+    """Two rows of different lengths: the shorter one is left-padded. ``family``: a family or a real checkpoint id."""
     return vlm.prepare([T.image(seed=seeds[0]), T.image(seed=seeds[1])],
-                       [T.prompt(family), T.prompt(family, "describe the image")])
+                       [F.prompt(vlm, family), F.prompt(vlm, family, "describe the image")])
 
 
 def lm_of(vlm):  # a VLM or a plain HF model

@@ -8,6 +8,8 @@ from mech_vtokens import testing as T
 from mech_vtokens.component import Probe
 from mech_vtokens.probes.activations import Activations
 
+import families as F
+
 FAMILIES = T.FAMILIES
 
 # Non-square images so rows/cols and crop/resize offsets cannot be confused.
@@ -29,7 +31,7 @@ def _batch(vlm, family, markers=None):
                 im = Image.fromarray(a)
             out.append(im)
         imgs = out
-    prompts = [T.prompt(family), T.prompt(family, "how many objects are there ?")]
+    prompts = [F.prompt(vlm, family), F.prompt(vlm, family, "how many objects are there ?")]
     return imgs, prompts
 
 
@@ -75,7 +77,7 @@ def _hf_reference(vlm, inputs):
     return got
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", F.ALL)
 def test_visual_positions_equal_processor(tiny_vlm, family):
     vlm = tiny_vlm(family)
     imgs, prompts = _batch(vlm, family)
@@ -93,7 +95,7 @@ def test_visual_positions_equal_processor(tiny_vlm, family):
     assert batch.n_visual == expected == len(batch.tokens["image"])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", F.FAMILIES_AND_ONE_REAL)
 def test_geometry_marker_lands_in_the_declared_token(tiny_vlm, family):
     """A marker drawn inside one token's box changes that token's projector output / LM input the most."""
     vlm = tiny_vlm(family)
@@ -132,7 +134,7 @@ def test_geometry_marker_lands_in_the_declared_token(tiny_vlm, family):
         assert int(vrows[vis_change[vrows].argmax()]) in tok["vision_rows"][t].tolist()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", F.FAMILIES_AND_ONE_REAL)
 def test_every_site_equals_plain_hf(tiny_vlm, family):
     vlm = tiny_vlm(family)
     imgs, prompts = _batch(vlm, family)
@@ -181,7 +183,7 @@ def test_two_full_depth_probes_any_order_one_forward(tiny_vlm, family):
     assert len(r12[0]) == vlm.n_layers
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", F.FAMILIES_AND_ONE_REAL)
 def test_remote_local_identical(tiny_vlm, family):
     vlm = tiny_vlm(family)
     imgs, prompts = _batch(vlm, family)

@@ -75,7 +75,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("Qwen/Qwen2-VL-2B-Instruct@float32",))  # + a real-file fixture
 def test_cached_decode_equals_rerunning_the_forward(tiny_vlm, family):
     vlm = tiny_vlm(family)
     b = batch_of(vlm, family)

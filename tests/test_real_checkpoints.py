@@ -177,22 +177,103 @@ def test_internvl_processor_with_the_video_token_past_the_vocab_is_accepted_and_
 
 @pytest.mark.parametrize("ck", ["llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "OpenGVLab/InternVL3-1B-hf"])
 def test_probes_interventions_generate_and_remote_run(real_vlm, ck):
-    from mech_vtokens.interventions.prune import Prune
+    import torch.nn.functional as F
+
+    from intervention_refs import clean_lm_kwargs, nn_run
+    from mech_vtokens.interventions import Prune, resolve
     from mech_vtokens.interventions.zero_sublayer import ZeroSublayer
+    from mech_vtokens.partition import calibrate
     from mech_vtokens.probes.embed_lens import EmbedLens
     from mech_vtokens.probes.logit_lens import LogitLens
     from mech_vtokens.probes.norm_tracker import NormTracker
     from mech_vtokens.probes.sink_channels import SinkChannels
+    from test_interventions import prune_reference
 
     vlm = real_vlm(ck)
-    img, prompt = _images()[0], _prompt(vlm)
+    img, prompt = T.image(112, seed=0), vlm.prompt("what color is the object?")  # square: InternVL 1 tile
     probes = [EmbedLens(k=3), LogitLens(k=3), NormTracker(), SinkChannels()]
     res = mv.run(vlm, [img], [prompt], probes=probes)
     lens = res[0].to_pandas()
     assert len(lens) > 0
+    # EmbedLens at hook_embed == plain-torch fp32 cosine top-k over the rows a token maps to, from HF's own forward
+    batch = vlm.prepare([img], [prompt])
+    with torch.no_grad():
+        h0 = vlm.hf(**batch.inputs, output_hidden_states=True).hidden_states[0][batch.visual_mask].float()
+    W = vlm.hf.get_input_embeddings().weight[:len(vlm.tokenizer)].float()
+    want = (F.normalize(h0, dim=1) @ F.normalize(W, dim=1).T).topk(3, dim=1).indices
+    assert torch.equal(res[0].ids["hook_embed"], want)
     local = mv.run(vlm, [img], [prompt], probes=[EmbedLens(k=3)], remote="local")
     assert local[0].to_pandas().equals(res[0].to_pandas())
-    mv.run(vlm, [img], [prompt], probes=[LogitLens(k=3)], interventions=[Prune("all")])
+    # Prune(all visual): the logits of a hand-built LM forward without those columns (model dtype: its rounding)
+    sel = resolve(Prune("all").tokens, batch)
+    logits, _ = nn_run(vlm, batch, [Prune("all")])
+    (ref, real, _), = prune_reference(vlm, batch, sel, clean_lm_kwargs(vlm, batch))
+    assert logits.shape[1] == batch.visual_mask.shape[1] - batch.n_visual == ref.shape[0]
+    tol = 4 * torch.finfo(ref.dtype).eps * float(ref.abs().max())
+    assert float((logits[0][real] - ref[real]).abs().max()) <= tol
     mv.run(vlm, [img], [prompt], probes=[LogitLens(k=3)], interventions=[ZeroSublayer("all", layers=0)])
     out = mv.generate(vlm, [img], [prompt], max_new_tokens=2)
     assert len(out.text) == 1
+    # the partition calibrates on a few images and puts every visual token in one group
+    cal = [T.image(112, seed=s) for s in range(3)]
+    part = calibrate(vlm, cal, [prompt] * 3)
+    got = part.classify([img], [prompt])
+    assert len(got.codes) == batch.n_visual and bool(((got.codes >= 0) & (got.codes < 4)).all())
+
+
+def test_cli_analyze_on_a_real_fixture_dir(real_vlm, tmp_path, monkeypatch):
+    import pandas as pd
+
+    import mech_vtokens.cli as cli
+    import mech_vtokens.suite as suite
+
+    ck = "Qwen/Qwen2-VL-2B-Instruct"
+    vlm = real_vlm(ck)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, s in enumerate(SIZES):
+        T.image(112, seed=i).resize(s).save(imgs / f"{i}.png")
+    seen = []
+    original = suite.analyze  # cli imports it from the suite at call time
+    monkeypatch.setattr(suite, "analyze", lambda v, images, prompts, **kw: seen.append(prompts) or original(
+        v, images, prompts, **kw))
+    out = tmp_path / "out"
+    assert cli.main(["analyze", "--model", str(vlm.source), "--images", str(imgs), "--probes", "embed_lens,norms",
+                     "--out", str(out), "--k", "2", "--question", "what color is it?"]) == 0
+    # the prompt is the chat template's (system turn, vision span, assistant turn opened)
+    assert seen[0] == [vlm.processor.apply_chat_template(_messages(text="what color is it?"),
+                                                         add_generation_prompt=True)] * 2
+    assert (out / "report.html").exists()
+    df = pd.read_csv(out / "embed_lens.csv")
+    n_vis = sum(len(_qwen_boxes(w, h, 3136, 12845056)) for w, h in SIZES)
+    assert sorted(df.image.unique()) == [0, 1] and len(df[(df.site == "hook_embed")]) == n_vis * 2
+
+
+# ---- call-time processor settings: the geometry follows what the processor applies in THIS call ------------------
+CALL_SIZES = [(300, 110), (90, 200)]
+
+
+@pytest.mark.parametrize("kw", [dict(max_patches=12), dict(max_patches=2), dict(max_patches=6, min_patches=3)])
+def test_internvl_call_time_max_patches_follows_the_tiling_rule(real_vlm, kw):
+    vlm = real_vlm("OpenGVLab/InternVL3-1B-hf")
+    imgs = [T.image(112, seed=i).resize(s) for i, s in enumerate(CALL_SIZES)]
+    batch = vlm.prepare(imgs, [vlm.prompt("what color is the object?")] * 2, **kw)
+    for i, (w, h) in enumerate(CALL_SIZES):
+        cols, rows, tiles = _internvl_tiles(w, h, max_num=kw["max_patches"], min_num=kw.get("min_patches", 1))
+        g = batch.grids[i]
+        assert (g["tile_cols"], g["tile_rows"], g["tiles"]) == (cols, rows, tiles)
+        assert int(batch.visual_mask[i].sum()) == 256 * tiles == int((batch.tokens["image"] == i).sum())
+
+
+@pytest.mark.parametrize("ck", ["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"])
+@pytest.mark.parametrize("kw", [dict(max_pixels=6272), dict(min_pixels=62720), dict(min_pixels=3136, max_pixels=3136)])
+def test_qwen_call_time_pixels_follow_smart_resize(real_vlm, ck, kw):
+    vlm = real_vlm(ck)
+    pp = hub_file(ck, "preprocessor_config.json")
+    imgs = [T.image(112, seed=i).resize(s) for i, s in enumerate(CALL_SIZES)]
+    batch = vlm.prepare(imgs, [vlm.prompt("what color is the object?")] * 2, **kw)
+    for i, (w, h) in enumerate(CALL_SIZES):
+        want = _qwen_boxes(w, h, kw.get("min_pixels", pp["min_pixels"]), kw.get("max_pixels", pp["max_pixels"]))
+        sel = batch.tokens["image"] == i
+        assert int(batch.visual_mask[i].sum()) == len(want) == int(sel.sum())
+        assert torch.allclose(batch.tokens["box"][sel], torch.tensor(want, dtype=torch.float64), atol=1e-9)
