@@ -189,7 +189,8 @@ def main():
         "| run | time (s) | × plain | × floor (exact ids) | peak RSS above weights (MiB) |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {n} | {t:.3f} | {r:.2f} | {rf:.3f} | {m / mib:.0f} |" for n, t, r, rf, m in rows]
+    lines += [f"| {n} | {t:.3f} | {r:.2f} | {rf:.3f} | {'not measured' if m != m else f'{m / mib:.0f}'} |"
+              for n, t, r, rf, m in rows]
     lines += [
         "",
         f"- suite (nnsight) / floor exact = **{times['suite'] / times['floor_exact']:.3f}**; suite (hooks) / floor "
@@ -204,6 +205,7 @@ def main():
         f" ({fallbacks} of {n_tok // K} token-points needed the full-vocabulary fallback)"
         f"; the bf16 floor agrees on {100 * floor_agree:.2f} % of top-5 ids and {100 * top1_floor:.2f} % of "
         f"top-1 ids",
+        "- peak RSS: not measured (--no-memory)" if args.no_memory else
         f"- peak RSS above weights: suite / plain = {mem['suite'] / max(1, mem['plain']):.2f}, hooks / plain = "
         f"{mem['hooks'] / max(1, mem['plain']):.2f} (goal ≤ 1.3); naive / plain = "
         f"{mem['naive'] / max(1, mem['plain']):.2f}",
