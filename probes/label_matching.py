@@ -177,10 +177,11 @@ class LabelMatchingResult(Result):
     def hits(self):
         import pandas as pd
 
-        from .embed_lens import _layer_of
+        from mech_vtokens.sites import site_column, site_layer
 
         df = pd.DataFrame(self._records)
-        df.insert(2, "layer", [_layer_of(s, self._n_layers) for s in df.site])
+        df.insert(2, "layer", [site_layer(s, self._n_layers) for s in df.site])
+        df["site"] = site_column(df["site"], self.lenses[0]._order)
         return df[["lens", "site", "layer", "image", "label", "hit"]]
 
     def to_pandas(self):
