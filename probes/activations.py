@@ -9,6 +9,7 @@ from __future__ import annotations
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result
+from mech_vtokens.sites import site_column
 
 
 class Activations(Probe):
@@ -42,15 +43,16 @@ class Activations(Probe):
 
     def collect(self, raw, batch, vlm):
         return ActivationsResult({vlm.adapter.canonical(s): raw[vlm.adapter.canonical(s)]
-                                  for s in self.site_names}, self.visual_only)
+                                  for s in self.site_names}, self.visual_only, vlm.adapter.forward_order)
 
 
 class ActivationsResult(Result):
     name = "activations"
 
-    def __init__(self, values: dict, visual_only: bool):
+    def __init__(self, values: dict, visual_only: bool, order):
         self.values = values
         self.visual_only = visual_only
+        self._order = order  # every site name in forward order: orders the table's ``site`` column
 
     def __getitem__(self, site):
         return self.values[site]
@@ -58,5 +60,7 @@ class ActivationsResult(Result):
     def to_pandas(self):
         import pandas as pd
 
-        return pd.DataFrame([{"site": s, "shape": tuple(v.shape), "dtype": str(v.dtype)}
-                             for s, v in self.values.items()])
+        df = pd.DataFrame([{"site": s, "shape": tuple(v.shape), "dtype": str(v.dtype)}
+                           for s, v in self.values.items()])
+        df["site"] = site_column(df["site"], self._order)
+        return df

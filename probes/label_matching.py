@@ -78,7 +78,7 @@ def _labels_ids(tokenizer, labels, rule, n_images):
     return table
 
 
-def _hits(result, table, batch, k=None):
+def _hits(result, table, k=None):
     """(image, label, site) -> hit, from a LensResult (visual rows only)."""
     recs = []
     for site, ids in result.ids.items():
@@ -140,13 +140,13 @@ class LabelMatching(Probe):
     def collect(self, raw, batch, vlm):
         table = _labels_ids(vlm.tokenizer, self.labels, self.rule, len(batch.image_sizes))
         results = [lens.collect(raw[j], batch, vlm) for j, lens in enumerate(self._lenses)]
-        return LabelMatchingResult(self._records(results, table, batch), vlm.n_layers, results)
+        return LabelMatchingResult(self._records(results, table), vlm.n_layers, results)
 
     @staticmethod
-    def _records(results, table, batch):
+    def _records(results, table, k=None):
         recs = []
         for res in results:
-            for r in _hits(res, table, batch):
+            for r in _hits(res, table, k):
                 r["lens"] = res.lens
                 recs.append(r)
         return recs
@@ -157,12 +157,8 @@ class LabelMatching(Probe):
         if not isinstance(lens_results, (list, tuple)):
             lens_results = [lens_results]
         table = _labels_ids(tokenizer, labels, rule, len(batch.image_sizes))
-        recs = []
-        for res in lens_results:
-            for r in _hits(res, table, batch, k):
-                r["lens"] = res.lens
-                recs.append(r)
-        return LabelMatchingResult(recs, res._n_layers, list(lens_results))
+        return LabelMatchingResult(LabelMatching._records(lens_results, table, k), lens_results[-1]._n_layers,
+                                   list(lens_results))
 
 
 class LabelMatchingResult(Result):
@@ -177,10 +173,11 @@ class LabelMatchingResult(Result):
     def hits(self):
         import pandas as pd
 
-        from .embed_lens import _layer_of
+        from mech_vtokens.sites import site_column, site_layer
 
         df = pd.DataFrame(self._records)
-        df.insert(2, "layer", [_layer_of(s, self._n_layers) for s in df.site])
+        df.insert(2, "layer", [site_layer(s, self._n_layers) for s in df.site])
+        df["site"] = site_column(df["site"], self.lenses[0]._order)
         return df[["lens", "site", "layer", "image", "label", "hit"]]
 
     def to_pandas(self):

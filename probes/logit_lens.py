@@ -21,8 +21,9 @@ import torch
 
 from mech_vtokens.component import weight_of
 from mech_vtokens.errors import InputError
+from mech_vtokens.ops import topk_rerank
 
-from .embed_lens import LensResult, _Lens, _lens_rows, _store, _topk_rerank
+from .lens import LensResult, _Lens, _lens_rows, _store
 
 
 class LogitLens(_Lens):
@@ -67,8 +68,8 @@ class LogitLens(_Lens):
             norm = _resolve(ctx["model"], mine["final_norm"])
 
             def lens(h):
-                res = _topk_rerank(norm(h), weight, mine["k"], mine["n_cand"], mine["chunk"], bias=bias,
-                                   penalty=penalty, want_lse=mine["logprobs"])
+                res = topk_rerank(norm(h), weight, mine["k"], mine["n_cand"], mine["chunk"], bias=bias,
+                                  penalty=penalty, want_lse=mine["logprobs"])
                 if mine["logprobs"]:
                     return res[0] - res[3][:, None], res[1], res[2]
                 return res[:3]

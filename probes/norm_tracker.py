@@ -20,6 +20,7 @@ import torch
 from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
+from mech_vtokens.sites import parse_site, site_column
 
 
 class NormTracker(Probe):
@@ -48,14 +49,16 @@ class NormTracker(Probe):
         att = batch.inputs.get("attention_mask")
         att = torch.ones_like(batch.visual_mask) if att is None else att.bool()
         sites = self.sites(vlm)
-        firsts = [s for s in sites if s in ("vision.blocks.0.hook_resid_post", "hook_embed")]
-        return {"select": att, "first": firsts, "last": sites[-1]}
+        towers = {s: vlm.adapter.parse_site(s).tower for s in sites}
+        firsts = [s for j, s in enumerate(sites) if j == 0 or towers[sites[j - 1]] != towers[s]]
+        return {"select": att, "first": firsts, "last": sites[-1],
+                "vision": [s for s in sites if towers[s] == "vision"]}
 
     def at(self, site, value, ctx, out):
         mine = ctx["mine"]
         with torch.no_grad():
             x = value.detach()
-            x = x.reshape(-1, x.shape[-1]) if site.startswith("vision.") else select_rows(x, mine["select"], ctx)[0]
+            x = x.reshape(-1, x.shape[-1]) if site in mine["vision"] else select_rows(x, mine["select"], ctx)[0]
             x = x.float()
             rec = {"l1": x.abs().sum(-1), "l2": x.norm(dim=-1)}
             prev = out.get("_prev")
@@ -71,7 +74,7 @@ class NormTracker(Probe):
 
     def collect(self, raw, batch, vlm):
         return NormResult({s: raw[s] for s in self.sites(vlm)}, batch, self.extras(vlm, batch)["select"],
-                          self.groups)
+                          self.groups, vlm.n_layers, vlm.adapter.forward_order)
 
 
 def _labels(groups, n_visual):
@@ -98,8 +101,9 @@ class NormResult(Result):
 
     name = "norms"
 
-    def __init__(self, data, batch, select, groups):
+    def __init__(self, data, batch, select, groups, n_layers, order):
         self.data, self._batch, self._select, self.groups = data, batch, select, groups
+        self._n_layers, self._order = n_layers, order  # for ``tower`` / ``layer`` and the forward order of ``site``
 
     def to_pandas(self, groups=None):
         import numpy as np
@@ -113,7 +117,8 @@ class NormResult(Result):
         lm["group"] = [vlab[v] if v >= 0 else "text" for v in lm["visual_index"]]
         parts = []
         for s, rec in self.data.items():
-            if s.startswith("vision."):
+            info = parse_site(s, self._n_layers)
+            if info.tower == "vision":
                 n = len(rec["l2"])
                 owner = np.full(n, -1)
                 if b.n_visual:
@@ -125,17 +130,18 @@ class NormResult(Result):
                                    "group": [vlab[o] if o >= 0 else "unused" for o in owner]})
                 if b.n_visual:
                     df.loc[owner >= 0, "image"] = b.tokens["image"].numpy()[owner[owner >= 0]]
-                tower, layer = "vision", int(s.split(".")[2])
             else:
                 df = lm.copy()
-                tower, layer = "lm", int(s.split(".")[1]) if s.startswith("blocks.") else -1
+            tower, layer = info.tower, info.layer
             df.insert(0, "tower", tower)
             df.insert(1, "site", s)
             df.insert(2, "layer", layer)
             for key in ("l1", "l2", "cos_prev"):
                 df[key] = rec[key].numpy()
             parts.append(df)
-        return pd.concat(parts, ignore_index=True)
+        df = pd.concat(parts, ignore_index=True)
+        df["site"] = site_column(df["site"], self._order)
+        return df
 
     def by_group(self, groups=None):
         df = self.to_pandas(groups)

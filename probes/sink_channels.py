@@ -6,8 +6,10 @@ per token (every attended position by default) at every read site. Sites: ``hook
 ``hook_resid_mid`` (after attention, "MHA-ℓ") and ``hook_resid_post`` (after the MLP, "MLP-ℓ"): the sublayers of
 Fig. 4. ``layer`` in the table: -1 for ``hook_embed``, ``i`` for ``blocks.{i}.*``.
 
-Sink dims ``dims``: a list of channel indices, a preset (``"llama2-7b"`` = {1415, 2533}, ``"llama2-13b"`` =
-{2100, 4743}) or ``"auto"`` (default): discovered from the BOS token's massive activations. Rule: D_sink = every
+Sink dims ``dims``: a list of channel indices, a preset or ``"auto"`` (default). Presets are declared per family on
+the adapter (``Adapter.sink_dims``, keyed by checkpoint; LLaVA: ``"llava-hf/llava-1.5-7b-hf"`` = ``"llama2-7b"`` =
+{1415, 2533}, ``"llava-hf/llava-1.5-13b-hf"`` = ``"llama2-13b"`` = {2100, 4743}); a preset the model's family does
+not declare is refused before the forward. ``"auto"``: discovered from the BOS token's massive activations. Rule: D_sink = every
 channel d with |x_bos[d]| / RMS(x_bos) >= ``discover_ratio`` (default: ``threshold``) at ANY read site, where x_bos is
 the state at the first attended position of each prompt row (the BOS token when the tokenizer adds one; otherwise the
 first token, which plays the sink role). Note that the ratio is bounded by sqrt(d_model) (64 for LLaMA-7B, 8 for a
@@ -34,8 +36,15 @@ import torch
 from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
+from mech_vtokens.sites import site_column, site_layer
 
-PRESETS = {"llama2-7b": (1415, 2533), "llama2-13b": (2100, 4743)}
+
+
+def _presets():
+    """Every sink-dims preset name any family declares (``Adapter.sink_dims``)."""
+    from mech_vtokens.adapters import ADAPTERS
+
+    return list(dict.fromkeys(name for a in ADAPTERS for name in a.sink_dims))
 
 
 def _sublayer_sites(n_layers):
@@ -45,14 +54,6 @@ def _sublayer_sites(n_layers):
     return out
 
 
-def _lm_frame(batch, sel):
-    return token_frame(batch, sel)
-
-
-def _layer(site):
-    return int(site.split(".")[1]) if site.startswith("blocks.") else -1
-
-
 class SinkChannels(Probe):
     """φ(x) sink-channel ratio per token per site, sink-dim discovery from BOS, BOS cosine and rank tracking
     (paper Sec. 4.2, Fig. 4). See the module docstring for the rules."""
@@ -60,8 +61,9 @@ class SinkChannels(Probe):
     def __init__(self, dims="auto", threshold: float = 20.0, sites=None, discover_ratio: float | None = None,
                  reference_site: str | None = None, top: int = 5):
         if isinstance(dims, str):
-            if dims != "auto" and dims not in PRESETS:
-                raise InputError(f"dims={dims!r}: give 'auto', a preset ({', '.join(PRESETS)}) or a list of channels")
+            if dims != "auto" and dims not in _presets():
+                raise InputError(f"dims={dims!r}: give 'auto', a preset ({', '.join(_presets())}) or a list of "
+                                 f"channels")
         else:
             dims = [int(d) for d in dims]
             if not dims:
@@ -77,8 +79,14 @@ class SinkChannels(Probe):
         self.dims, self.threshold, self.site_names = dims, float(threshold), sites
         self.discover_ratio, self.reference_site, self.top = discover_ratio, reference_site, top
 
-    def _dims(self):
-        return list(PRESETS[self.dims]) if isinstance(self.dims, str) and self.dims in PRESETS else self.dims
+    def _dims(self, vlm):
+        if self.dims == "auto" or not isinstance(self.dims, str):
+            return self.dims
+        table = vlm.adapter.sink_dims
+        if self.dims not in table:
+            raise InputError(f"sink-dims preset {self.dims!r} is not declared for this {vlm.family} model (its presets: "
+                             f"{', '.join(table) or 'none'}); pass this model's channels as a list or dims='auto'")
+        return list(table[self.dims])
 
     def sites(self, vlm):
         names = self.site_names or _sublayer_sites(vlm.n_layers)
@@ -98,12 +106,12 @@ class SinkChannels(Probe):
     def check(self, vlm, batch):
         sites = self.sites(vlm)
         d = vlm.adapter.d_model
-        dims = self._dims()
+        dims = self._dims(vlm)
         if dims != "auto":
             bad = [x for x in dims if not 0 <= x < d]
             if bad:
                 raise InputError(f"sink dims {bad} are outside the hidden size {d} of this model (channels 0..{d - 1});"
-                                 f" the presets are for LLaMA-2 widths: pass this model's channels or dims='auto'")
+                                 f" a preset holds its checkpoint's channels: pass this model's channels or dims='auto'")
         ref = self._reference(vlm)
         if ref not in sites:
             raise InputError(f"reference_site {ref!r} is not among the read sites; add it to sites or choose one of "
@@ -112,7 +120,7 @@ class SinkChannels(Probe):
     def extras(self, vlm, batch):
         att = batch.inputs.get("attention_mask")
         att = torch.ones_like(batch.visual_mask) if att is None else att.bool()
-        dims = self._dims()
+        dims = self._dims(vlm)
         thr = min(self.threshold, self.discover_ratio or self.threshold)
         d = vlm.adapter.d_model
         return {"select": att, "bos": att.int().argmax(dim=1),
@@ -144,7 +152,7 @@ class SinkChannels(Probe):
 
     def collect(self, raw, batch, vlm):
         sites = self.sites(vlm)
-        dims = self._dims()
+        dims = self._dims(vlm)
         disc = self.discover_ratio or self.threshold
         if dims == "auto":
             found = set()
@@ -167,7 +175,8 @@ class SinkChannels(Probe):
                     phi[s] = torch.full_like(v[:, 0], float("nan"))
         ex = self.extras(vlm, batch)
         return SinkChannelsResult(sites, phi, {s: raw[s]["bos_cos"] for s in sites}, dims, self.threshold,
-                                  _lm_frame(batch, ex["select"]), self._reference(vlm), self.top)
+                                  token_frame(batch, ex["select"]), self._reference(vlm), self.top, vlm.n_layers,
+                                  vlm.adapter.forward_order)
 
 
 class SinkChannelsResult(Result):
@@ -176,10 +185,11 @@ class SinkChannelsResult(Result):
 
     name = "sink_channels"
 
-    def __init__(self, sites, phi, bos_cos, dims, threshold, frame, reference, top):
+    def __init__(self, sites, phi, bos_cos, dims, threshold, frame, reference, top, n_layers, order):
         self.sites, self.phi, self.bos_cos = sites, phi, bos_cos
         self.sink_dims, self.threshold, self._frame = list(dims), threshold, frame
         self.reference_site, self.top = reference, top
+        self._n_layers, self._order = n_layers, order  # for ``layer`` and the forward order of ``site``
 
     def to_pandas(self):
         import pandas as pd
@@ -188,13 +198,15 @@ class SinkChannelsResult(Result):
         for s in self.sites:
             df = self._frame.copy()
             df.insert(2, "site", s)
-            df.insert(3, "layer", _layer(s))
+            df.insert(3, "layer", site_layer(s, self._n_layers))
             p = self.phi[s].numpy()
             df["phi"] = p
             df["sink"] = p > self.threshold  # NaN (auto mode, no sink channel in the top-m) -> False, exactly
             df["bos_cos"] = self.bos_cos[s].numpy()
             parts.append(df)
-        return pd.concat(parts, ignore_index=True)
+        df = pd.concat(parts, ignore_index=True)
+        df["site"] = site_column(df["site"], self._order)
+        return df
 
     def sinks(self, site):
         """(n_tokens,) bool: φ > threshold at ``site`` (rows in the table's token order)."""
@@ -223,8 +235,12 @@ class SinkChannelsResult(Result):
                 rank[c.argsort(descending=True)] = torch.arange(1, len(c) + 1)
                 for t, j in enumerate(chosen.tolist()):
                     out.append({"row": int(row), "tracked": t, "visual_index": int(vis[j]), "site": s,
-                                "layer": _layer(s), "rank": int(rank[j]), "bos_cos": float(c[j])})
-        return pd.DataFrame(out)
+                                "layer": site_layer(s, self._n_layers), "rank": int(rank[j]),
+                                "bos_cos": float(c[j])})
+        out = pd.DataFrame(out)
+        if len(out):
+            out["site"] = site_column(out["site"], self._order)
+        return out
 
     def plot(self, axes=None):
         """Fig. 4: mean BOS cosine per sublayer (visual tokens, flagged sinks, text) and the rank tracking."""

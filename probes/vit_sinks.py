@@ -20,6 +20,7 @@ import torch
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result
+from mech_vtokens.sites import site_column, site_layer
 
 
 class ViTSinks(Probe):
@@ -55,7 +56,7 @@ class ViTSinks(Probe):
 
     def collect(self, raw, batch, vlm):
         site = self.sites(vlm)[0]
-        return ViTSinksResult(site, raw[site], batch, self.threshold)
+        return ViTSinksResult(site, raw[site], batch, self.threshold, vlm.n_layers, vlm.adapter.forward_order)
 
 
 class ViTSinksResult(Result):
@@ -64,9 +65,9 @@ class ViTSinksResult(Result):
 
     name = "vit_sinks"
 
-    def __init__(self, site, rec, batch, threshold):
-        self.site, self.threshold, self._batch = site, threshold, batch
-        self.layer = int(site.split(".")[2])
+    def __init__(self, site, rec, batch, threshold, n_layers, order):
+        self.site, self.threshold, self._batch, self._order = site, threshold, batch, order
+        self.layer = site_layer(site, n_layers)
         self.l2, self.l2_mean, self.row_norms = rec["max"], rec["mean"], rec["rows"]
 
     @property
@@ -77,7 +78,7 @@ class ViTSinksResult(Result):
         from mech_vtokens.results import visual_index_frame
 
         df = visual_index_frame(self._batch)
-        df["site"] = self.site
+        df["site"] = site_column([self.site] * len(df), self._order)
         df["vision_layer"] = self.layer
         df["l2"], df["l2_mean"] = self.l2.numpy(), self.l2_mean.numpy()
         df["sink"] = self.sinks.numpy()

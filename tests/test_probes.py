@@ -11,7 +11,7 @@ import mech_vtokens as mv
 from mech_vtokens import testing as T
 from mech_vtokens.errors import InputError
 from mech_vtokens.probes import EmbedLens, LogitLens
-from mech_vtokens.probes.embed_lens import _topk_rerank
+from mech_vtokens.ops import topk_rerank
 
 import families as FM
 
@@ -167,7 +167,7 @@ def test_rerank_ids_equal_fp32_for_bf16_inputs():
     ref = (h.float() @ W.float().T * inv).topk(5, dim=1)
     fallbacks = 0
     for n_cand, chunk in [(16, 512), (5, 700), (6, 3000), (40, 3000)]:
-        v, i, nf = _topk_rerank(h, W, 5, n_cand, chunk, row_scale=inv)
+        v, i, nf = topk_rerank(h, W, 5, n_cand, chunk, row_scale=inv)
         assert torch.equal(i, ref.indices), (n_cand, chunk)
         torch.testing.assert_close(v, ref.values, atol=1e-5, rtol=0)
         fallbacks += nf

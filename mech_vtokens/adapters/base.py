@@ -141,6 +141,19 @@ class Adapter:
         order = self.site(name)[0]
         return next(n for n, row in self._sites.items() if row[0] == order)
 
+    def parse_site(self, name: str):
+        """The site's (name, tower, kind, layer, hook) after resolving negative indices: the one parser
+        (:func:`mech_vtokens.sites.parse_site`, which documents the ``layer`` convention)."""
+        from ..sites import parse_site
+
+        return parse_site(self.canonical(name), self.n_layers)
+
+    @property
+    def forward_order(self) -> list[str]:
+        """Every site name, intervention-only block sites included, in forward order: what orders a table's
+        ``site`` column (:func:`mech_vtokens.sites.site_column`)."""
+        return list(self._sites)
+
     # ---- visual tokens --------------------------------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(batch, seq) bool: True at visual positions (``input_ids == image_token_id``; padding-aware by
@@ -228,6 +241,9 @@ class Adapter:
     vision_feature_layer_key: str | None = "vision_feature_layer"
 
     max_images_per_prompt: int | None = None
+    # BOS sink channels (``SinkChannels(dims=<preset>)``): preset name -> the LM channels that carry the massive
+    # activations, per checkpoint (or the LM it was trained from) of this family. Probes only look presets up here.
+    sink_dims: dict = {}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(family={self.family!r}, decoder_layers={self.n_layers}, "

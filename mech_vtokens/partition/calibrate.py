@@ -55,7 +55,7 @@ def _gather(vlm, images, prompts, batch_size, vit_layer, vit_threshold, sink_dim
 
 
 def _text_centroid(vlm):
-    from mech_vtokens.probes.embed_lens import _special_ids
+    from mech_vtokens.probes.lens import _special_ids
 
     E = vlm.embedding_matrix.detach().float()
     keep = torch.ones(E.shape[0], dtype=torch.bool)

@@ -133,8 +133,9 @@ def cross_image_similarity(centroids: list, top: int | None = None) -> CrossImag
 
 def centroid_labels(vlm, centroids: torch.Tensor, k: int = 3, skip_special: bool = False):
     """EmbedLens labels of centroids (Sec. 3.2, "Cluster Tracking"): (ids (n, k), cosines (n, k)) of the top-k INPUT
-    embeddings by cosine, with the probes' exact fp32 re-rank (``probes.embed_lens``)."""
-    from mech_vtokens.probes.embed_lens import _special_ids, _topk_rerank
+    embeddings by cosine, with the probes' exact fp32 re-rank (``mech_vtokens.ops``)."""
+    from mech_vtokens.ops import topk_rerank
+    from mech_vtokens.probes.lens import _special_ids
 
     weight = vlm.embedding_matrix.detach()
     norms = weight.float().norm(dim=1)
@@ -144,5 +145,5 @@ def centroid_labels(vlm, centroids: torch.Tensor, k: int = 3, skip_special: bool
         pen = torch.zeros(weight.shape[0])
         pen[_special_ids(vlm.tokenizer, weight.shape[0])] = float("-inf")
     h = torch.as_tensor(centroids).to(weight.device)
-    v, i, _ = _topk_rerank(h, weight, k, max(2 * k, k + 3), 8192, row_scale=scale, penalty=pen, normalize=True)
+    v, i, _ = topk_rerank(h, weight, k, max(2 * k, k + 3), 8192, row_scale=scale, penalty=pen, normalize=True)
     return i, v

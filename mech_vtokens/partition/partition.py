@@ -101,7 +101,7 @@ class Partition(Probe):
     def extras(self, vlm, batch):
         mine = {"visual": batch.visual_mask, "rule": self.rule}
         if self.rule == "reference":
-            from mech_vtokens.probes.embed_lens import _module_path
+            from mech_vtokens.probes.lens import _module_path
 
             ids = self.reference["ids"]
             mine.update(k=int(self.reference["k"]), embed=_module_path(vlm.hf, vlm.hf.get_input_embeddings()),
@@ -129,13 +129,13 @@ class Partition(Probe):
                 h = x[mine["visual"]]
                 if mine["rule"] == "reference":
                     from mech_vtokens.adapters.base import _resolve
-                    from mech_vtokens.probes.embed_lens import _topk_rerank
+                    from mech_vtokens.ops import topk_rerank
 
                     w = _resolve(ctx["model"], mine["embed"]).weight.detach()
                     norms = torch.cat([w[s:s + 2048].float().norm(dim=1) for s in range(0, w.shape[0], 2048)])
                     scale = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
                     k = mine["k"]
-                    _, ids, _ = _topk_rerank(h, w, k, max(2 * k, k + 3), 8192, row_scale=scale, normalize=True)
+                    _, ids, _ = topk_rerank(h, w, k, max(2 * k, k + 3), 8192, row_scale=scale, normalize=True)
                     for g, ref in mine["ref"].items():
                         out[g] = torch.isin(ids, ref.to(ids.device)).any(-1) if len(ref) else \
                             torch.zeros(len(ids), dtype=torch.bool)

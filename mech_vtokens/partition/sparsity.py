@@ -22,6 +22,7 @@ import torch
 from ..errors import InputError
 from ..loop import DEFAULT_BATCH_SIZE, batches, forward, keywords
 from ..results import Result
+from ..sites import site_layer
 
 
 def _label(obj):
@@ -114,7 +115,7 @@ class SparsityResult(Result):
 
         rows = []
         for s, (h, n, g, t) in self.counts.items():
-            layer = -1 if s == "hook_embed" else (int(s.split(".")[1]) if s.startswith("blocks.") else self.n_layers)
+            layer = site_layer(s, self.n_layers)
             rows.append({"site": s, "layer": layer, "object_hit": h / n if n else float("nan"),
                          "any_grounded": g / t if t else float("nan"), "object_tokens": n, "visual_tokens": t})
         return pd.DataFrame(rows)
