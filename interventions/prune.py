@@ -25,12 +25,12 @@ Deliberate difference: the authors' code is unseeded for the random control; ``M
 
 from __future__ import annotations
 
-from mech_vtokens.component import Intervention, kv_cache, rows_for
+from mech_vtokens.compat import cache_position, kv_cache, past_length
+from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import overlap
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
-from .zero_sublayer import InterventionResult
 
 
 def refuse_single_pass(ctx, cache, past, who):
@@ -93,7 +93,7 @@ class Prune(Intervention):
         b, n, d = emb.shape
         index, valid = rows_for(mine["index"], b).to(emb.device), rows_for(mine["valid"], b).to(emb.device)
         cache = kv_cache(kwargs)
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        past = past_length(kwargs)
         am = kwargs.get("attention_mask")
         if am is not None and not (isinstance(am, torch.Tensor) and am.ndim == 2):
             raise ValueError("Prune needs a 2-D attention mask (or None) at the language model; got "
@@ -131,9 +131,5 @@ class Prune(Intervention):
             kwargs["attention_mask"] = extend_keys(st["am"].to(emb.device), b, past + n - st["width"])
             step = torch.arange(n, device=emb.device) + (past - st["width"])
             kwargs["position_ids"] = (st["next"] + step).contiguous()
-        if kwargs.get("cache_position") is not None:  # transformers < 5.24
-            kwargs["cache_position"] = torch.arange(past, past + kwargs["inputs_embeds"].shape[1], device=emb.device)
+        kwargs.update(cache_position(kwargs, past, kwargs["inputs_embeds"].shape[1], emb.device))
         return (args, kwargs)
-
-    def collect(self, raw, batch, vlm):
-        return InterventionResult(self)
