@@ -87,15 +87,15 @@ def _mask(like, am, q):
     return torch.zeros(allowed.shape, dtype=like.dtype, device=dev).masked_fill(~allowed, torch.finfo(like.dtype).min)
 
 
-def _split_positions(pos):
-    """Position ids as the LM holds them -> (ids for the rotary module, ids for the decoder layers' kwarg). Qwen in
-    generate passes (4, batch, n): text positions first, then the three M-RoPE axes; plain (3, batch, n) M-RoPE has
-    no layer ids."""
-    if pos.ndim == 3 and pos.shape[0] == 4:
+def _split_positions(pos, mrope):
+    """Position ids as the LM holds them -> (ids for the rotary module, ids for the decoder layers' kwarg). M-RoPE
+    (the adapter's ``rope = "mrope"``): (3, batch, n), one row per axis, no layer ids; Qwen's generate puts the text
+    positions in front of the three axes, (4, batch, n)."""
+    if not mrope:
+        return pos, pos
+    if pos.shape[0] == 4:
         return pos[1:], pos[0]
-    if pos.ndim == 3:
-        return pos, None
-    return pos, pos
+    return pos, None
 
 
 def _rotary(ctx, h, pos):
@@ -162,7 +162,7 @@ class _Window(Intervention):
         return None
 
     def extras(self, vlm, batch):
-        return dict(packed_layout(~resolve(self.tokens, batch, self.who)),
+        return dict(packed_layout(~resolve(self.tokens, batch, self.who)), mrope=vlm.adapter.rope == "mrope",
                     k_site=vlm.adapter.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"))
 
     def decode_sites(self, vlm):  # every decode step: each layer gets the mask of its own (shorter or full) cache
@@ -234,7 +234,7 @@ class VisualEntry(_Window):
         am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am.to(h.device)
         pos = full["pos"]
         if pos is None:  # what the LM builds when it gets none: 0..n-1
-            pos = torch.arange(n, device=h.device).unsqueeze(0)
+            pos = torch.arange(n, device=h.device).expand(*((3,) if mine["mrope"] else ()), 1, n)
         out["_am"], out["_next"] = am, pos[..., -1:] + 1  # for the decode steps
         return self._restore(new, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, n),
                              pos)
@@ -252,7 +252,7 @@ class VisualEntry(_Window):
         return self._restore(h, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, q), pos)
 
     def _restore(self, h, rest, kwargs, positional, ctx, out, mask, pos):
-        rope_pos, layer_pos = _split_positions(pos.to(h.device))
+        rope_pos, layer_pos = _split_positions(pos.to(h.device), ctx["mine"]["mrope"])
         kw = {"attention_mask": mask, "position_embeddings": _rotary(ctx, h, rope_pos)}
         if kwargs.get("position_ids") is not None and layer_pos is not None:
             kw["position_ids"] = layer_pos

@@ -81,7 +81,7 @@ class Prune(Intervention):
         return packed_layout(~resolve(self.tokens, batch, "Prune"))
 
     def extras(self, vlm, batch):
-        return self.layout(vlm, batch)
+        return dict(self.layout(vlm, batch), mrope=vlm.adapter.rope == "mrope")
 
     def at(self, site, value, ctx, out):
         import torch
@@ -106,19 +106,19 @@ class Prune(Intervention):
                 extra = torch.arange(full, n, device=emb.device).expand(b, -1)
                 index = torch.cat([index, extra], 1)
                 valid = torch.cat([valid, torch.ones_like(extra, dtype=torch.bool)], 1)
-            if pos is None:
-                pos = torch.arange(n, device=emb.device).expand(b, n)
+            if pos is None:  # what the LM builds when it gets none: 0..n-1 (on every M-RoPE axis)
+                pos = torch.arange(n, device=emb.device).expand(*((3,) if mine["mrope"] else ()), b, n)
             am_full = torch.ones(b, n, dtype=torch.long, device=emb.device) if am is None else am
             new_am = am_full.gather(1, index) * valid.to(am_full.dtype)
             if self.positions == "original":
-                if pos.ndim == 3:
+                if mine["mrope"]:  # one row of ids per M-RoPE axis in front
                     new_pos = pos.gather(2, index.unsqueeze(0).expand(pos.shape[0], -1, -1))
                 else:
                     new_pos = pos.gather(1, index)
                 nxt = pos[..., -1:] + 1
             else:
                 rep = (new_am.long().cumsum(1) - 1).clamp(min=0)
-                new_pos = rep.unsqueeze(0).expand(pos.shape[0], -1, -1) if pos.ndim == 3 else rep
+                new_pos = rep.unsqueeze(0).expand(pos.shape[0], -1, -1) if mine["mrope"] else rep
                 nxt = new_pos[..., -1:] + 1
             kwargs["inputs_embeds"] = emb.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
             kwargs["attention_mask"] = new_am

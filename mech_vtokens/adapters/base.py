@@ -69,6 +69,9 @@ class Adapter:
     # The LM's rotary embedding module; the softmax inside eager attention as an nnsight ``.source`` path from the
     # attention module (site ``blocks.{i}.attn.hook_pattern``).
     rotary_emb: str = "model.language_model.rotary_emb"
+    # The LM's position ids: "rope" = (batch, seq); "mrope" = multimodal RoPE, one id per axis (t, h, w) stacked in
+    # front: (3, batch, seq) (Qwen). Interventions that change the sequence read this, never the tensor's shape.
+    rope: str = "rope"
     attn_pattern: str = "source.attention_interface_1.source.nn_functional_softmax_0"
     geometry: type[Geometry] = Geometry
     processor_class: str = ""
