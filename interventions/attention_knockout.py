@@ -24,11 +24,9 @@ from mech_vtokens.errors import InputError
 
 from ._util import layer_list
 from mech_vtokens.token_sets import as_token_set, fit, resolve
-from .zero_sublayer import InterventionResult
 
 
 class AttentionKnockout(Intervention):
-    needs_nnsight = True  # the plain-hook harness refuses it (see mech_vtokens.harness)
 
     def __init__(self, kind: str = "vv", layers=0, tokens="all"):
         if kind not in ("vv", "vt"):
@@ -64,6 +62,3 @@ class AttentionKnockout(Intervention):
         queries = vis if self.kind == "vv" else ~vis
         cut = queries[:, None, :, None] & keys[:, None, None, :]
         return value.masked_fill(cut, 0.0)
-
-    def collect(self, raw, batch, vlm):
-        return InterventionResult(self)

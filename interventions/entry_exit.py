@@ -41,20 +41,20 @@ M-RoPE ids rather than a flat ``0..L-1``.
 
 from __future__ import annotations
 
-from mech_vtokens.component import Intervention, kv_cache, rows_for
+from mech_vtokens.compat import cache_position, kv_cache, past_length
+from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import layer_list
 from .prune import Prune, extend_keys, refuse_single_pass
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
-from .zero_sublayer import InterventionResult
 
 
 def _lm_step(value, ctx, out, who):
     """At ``lm.hook_inputs``: how many keys the cache already holds (0 at the prefill), after the refusals."""
     kwargs = value[1]
     cache = kv_cache(kwargs)
-    past = int(cache.get_seq_length()) if cache is not None else 0
+    past = past_length(kwargs)
     refuse_single_pass(ctx, cache, past, who)
     emb = kwargs.get("inputs_embeds")
     if past == 0 and emb is not None and emb.shape[1] != ctx["mine"]["keep"].shape[1]:
@@ -87,15 +87,15 @@ def _mask(like, am, q):
     return torch.zeros(allowed.shape, dtype=like.dtype, device=dev).masked_fill(~allowed, torch.finfo(like.dtype).min)
 
 
-def _split_positions(pos):
-    """Position ids as the LM holds them -> (ids for the rotary module, ids for the decoder layers' kwarg). Qwen in
-    generate passes (4, batch, n): text positions first, then the three M-RoPE axes; plain (3, batch, n) M-RoPE has
-    no layer ids."""
-    if pos.ndim == 3 and pos.shape[0] == 4:
+def _split_positions(pos, mrope):
+    """Position ids as the LM holds them -> (ids for the rotary module, ids for the decoder layers' kwarg). M-RoPE
+    (the adapter's ``rope = "mrope"``): (3, batch, n), one row per axis, no layer ids; Qwen's generate puts the text
+    positions in front of the three axes, (4, batch, n)."""
+    if not mrope:
+        return pos, pos
+    if pos.shape[0] == 4:
         return pos[1:], pos[0]
-    if pos.ndim == 3:
-        return pos, None
-    return pos, pos
+    return pos, None
 
 
 def _rotary(ctx, h, pos):
@@ -162,14 +162,11 @@ class _Window(Intervention):
         return None
 
     def extras(self, vlm, batch):
-        return dict(packed_layout(~resolve(self.tokens, batch, self.who)),
+        return dict(packed_layout(~resolve(self.tokens, batch, self.who)), mrope=vlm.adapter.rope == "mrope",
                     k_site=vlm.adapter.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"))
 
     def decode_sites(self, vlm):  # every decode step: each layer gets the mask of its own (shorter or full) cache
         return self.sites(vlm)
-
-    def collect(self, raw, batch, vlm):
-        return InterventionResult(self)
 
 
 class VisualEntry(_Window):
@@ -237,7 +234,7 @@ class VisualEntry(_Window):
         am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am.to(h.device)
         pos = full["pos"]
         if pos is None:  # what the LM builds when it gets none: 0..n-1
-            pos = torch.arange(n, device=h.device).unsqueeze(0)
+            pos = torch.arange(n, device=h.device).expand(*((3,) if mine["mrope"] else ()), 1, n)
         out["_am"], out["_next"] = am, pos[..., -1:] + 1  # for the decode steps
         return self._restore(new, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, n),
                              pos)
@@ -255,15 +252,12 @@ class VisualEntry(_Window):
         return self._restore(h, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, q), pos)
 
     def _restore(self, h, rest, kwargs, positional, ctx, out, mask, pos):
-        import torch
-
-        rope_pos, layer_pos = _split_positions(pos.to(h.device))
+        rope_pos, layer_pos = _split_positions(pos.to(h.device), ctx["mine"]["mrope"])
         kw = {"attention_mask": mask, "position_embeddings": _rotary(ctx, h, rope_pos)}
         if kwargs.get("position_ids") is not None and layer_pos is not None:
             kw["position_ids"] = layer_pos
-        if kwargs.get("cache_position") is not None:  # transformers < 5.24
-            done = out["_step"]["done"] + out["_am"].shape[1] if out["_decoding"] else 0
-            kw["cache_position"] = torch.arange(done, done + h.shape[1], device=h.device)
+        done = out["_step"]["done"] + out["_am"].shape[1] if out["_decoding"] else 0
+        kw.update(cache_position(kwargs, done, h.shape[1], h.device))
         out["_kw"] = kw
         kwargs.update(kw)
         return _pack(h, rest, kwargs, positional)
@@ -308,9 +302,7 @@ class VisualExit(_Window):
         if out["_decoding"]:  # the new tokens attend to the shortened cache; their positions are unchanged
             am = extend_keys(out["_am"], b, out["_done"] + n)
             kw = {"attention_mask": _mask(kwargs.get("attention_mask"), am, n)}
-            if kwargs.get("cache_position") is not None:  # transformers < 5.24
-                done = out["_am"].shape[1] + out["_done"]
-                kw["cache_position"] = torch.arange(done, done + n, device=h.device)
+            kw.update(cache_position(kwargs, out["_am"].shape[1] + out["_done"], n, h.device))
             out["_kw"] = kw
             kwargs.update(kw)
             return _pack(h, rest, kwargs, positional)
@@ -328,8 +320,7 @@ class VisualExit(_Window):
         pid = kwargs.get("position_ids")
         if pid is not None and pid.ndim == 2:
             kw["position_ids"] = pid.expand(b, -1).gather(1, index)
-        if kwargs.get("cache_position") is not None:  # transformers < 5.24
-            kw["cache_position"] = torch.arange(index.shape[1], device=h.device)
+        kw.update(cache_position(kwargs, 0, index.shape[1], h.device))
         out["_kw"] = kw
         kwargs.update(kw)
         return _pack(new, rest, kwargs, positional)

@@ -25,12 +25,12 @@ Deliberate difference: the authors' code is unseeded for the random control; ``M
 
 from __future__ import annotations
 
-from mech_vtokens.component import Intervention, kv_cache, rows_for
+from mech_vtokens.compat import cache_position, kv_cache, past_length
+from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
 
 from ._util import overlap
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
-from .zero_sublayer import InterventionResult
 
 
 def refuse_single_pass(ctx, cache, past, who):
@@ -81,7 +81,7 @@ class Prune(Intervention):
         return packed_layout(~resolve(self.tokens, batch, "Prune"))
 
     def extras(self, vlm, batch):
-        return self.layout(vlm, batch)
+        return dict(self.layout(vlm, batch), mrope=vlm.adapter.rope == "mrope")
 
     def at(self, site, value, ctx, out):
         import torch
@@ -93,7 +93,7 @@ class Prune(Intervention):
         b, n, d = emb.shape
         index, valid = rows_for(mine["index"], b).to(emb.device), rows_for(mine["valid"], b).to(emb.device)
         cache = kv_cache(kwargs)
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        past = past_length(kwargs)
         am = kwargs.get("attention_mask")
         if am is not None and not (isinstance(am, torch.Tensor) and am.ndim == 2):
             raise ValueError("Prune needs a 2-D attention mask (or None) at the language model; got "
@@ -106,19 +106,19 @@ class Prune(Intervention):
                 extra = torch.arange(full, n, device=emb.device).expand(b, -1)
                 index = torch.cat([index, extra], 1)
                 valid = torch.cat([valid, torch.ones_like(extra, dtype=torch.bool)], 1)
-            if pos is None:
-                pos = torch.arange(n, device=emb.device).expand(b, n)
+            if pos is None:  # what the LM builds when it gets none: 0..n-1 (on every M-RoPE axis)
+                pos = torch.arange(n, device=emb.device).expand(*((3,) if mine["mrope"] else ()), b, n)
             am_full = torch.ones(b, n, dtype=torch.long, device=emb.device) if am is None else am
             new_am = am_full.gather(1, index) * valid.to(am_full.dtype)
             if self.positions == "original":
-                if pos.ndim == 3:
+                if mine["mrope"]:  # one row of ids per M-RoPE axis in front
                     new_pos = pos.gather(2, index.unsqueeze(0).expand(pos.shape[0], -1, -1))
                 else:
                     new_pos = pos.gather(1, index)
                 nxt = pos[..., -1:] + 1
             else:
                 rep = (new_am.long().cumsum(1) - 1).clamp(min=0)
-                new_pos = rep.unsqueeze(0).expand(pos.shape[0], -1, -1) if pos.ndim == 3 else rep
+                new_pos = rep.unsqueeze(0).expand(pos.shape[0], -1, -1) if mine["mrope"] else rep
                 nxt = new_pos[..., -1:] + 1
             kwargs["inputs_embeds"] = emb.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
             kwargs["attention_mask"] = new_am
@@ -131,9 +131,5 @@ class Prune(Intervention):
             kwargs["attention_mask"] = extend_keys(st["am"].to(emb.device), b, past + n - st["width"])
             step = torch.arange(n, device=emb.device) + (past - st["width"])
             kwargs["position_ids"] = (st["next"] + step).contiguous()
-        if kwargs.get("cache_position") is not None:  # transformers < 5.24
-            kwargs["cache_position"] = torch.arange(past, past + kwargs["inputs_embeds"].shape[1], device=emb.device)
+        kwargs.update(cache_position(kwargs, past, kwargs["inputs_embeds"].shape[1], emb.device))
         return (args, kwargs)
-
-    def collect(self, raw, batch, vlm):
-        return InterventionResult(self)

@@ -12,7 +12,6 @@ from mech_vtokens.errors import InputError
 
 from ._util import finite
 from mech_vtokens.token_sets import as_token_set, fit, resolve
-from .zero_sublayer import InterventionResult
 
 
 class Rescale(Intervention):
@@ -46,6 +45,3 @@ class Rescale(Intervention):
 
         m = fit(ctx["mine"]["mask"], value, ctx).unsqueeze(-1)
         return torch.where(m, value * self.factor, value)
-
-    def collect(self, raw, batch, vlm):
-        return InterventionResult(self)

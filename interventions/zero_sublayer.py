@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from mech_vtokens.component import Intervention
 from mech_vtokens.errors import InputError
-from mech_vtokens.results import Result
+from mech_vtokens.results import InterventionResult  # noqa: F401  (its old home; results.py now)
 
 from ._util import layer_list
 from mech_vtokens.token_sets import as_token_set, fit, resolve
@@ -50,22 +50,3 @@ class ZeroSublayer(Intervention):
             return None
         m = fit(ctx["mine"]["mask"], value, ctx)
         return value.masked_fill(m.unsqueeze(-1), 0.0)
-
-    def collect(self, raw, batch, vlm):
-        return InterventionResult(self)
-
-
-class InterventionResult(Result):
-    """What an intervention returns from ``run``: which one ran (interventions change the forward; nothing to
-    reduce)."""
-
-    name = "intervention"
-
-    def __init__(self, intervention, **facts):
-        self.intervention = intervention
-        self.facts = facts
-
-    def to_pandas(self):
-        import pandas as pd
-
-        return pd.DataFrame([{"intervention": repr(self.intervention), **self.facts}])

@@ -11,10 +11,10 @@ Subclass :class:`Probe` or :class:`Intervention` and implement:
 - ``sites(vlm) -> list[str]``: the site names it needs (``vlm.sites`` lists them; negative layers allowed).
 - ``check(vlm, batch)``: raise :class:`~mech_vtokens.errors.InputError` for bad input (called before the forward).
 - ``at(site, value, ctx, out)``: runs INSIDE the trace when the forward reaches ``site``. ``value`` is the tensor
-  there; ``ctx`` a dict of batch facts (``visual_mask``, ``attention_mask``, ``model``: the nnsight root envoy,
-  ``paths``: module paths of ``embed``, ``final_norm``, ``lm_head``, and what ``extras`` returned); ``out`` this
-  component's dict for reduced results. A probe stores small reduced tensors in ``out``; an intervention returns
-  the replacement value (or None to leave it).
+  there; ``ctx`` a dict of batch facts (``visual_mask``, ``attention_mask``, ``model``: the nnsight root envoy, or
+  the HF model under plain hooks; ``decode``; ``extras``: every component's ``extras``; ``mine``: this one's);
+  ``out`` this component's dict for reduced results. A probe stores small reduced tensors in ``out``; an
+  intervention returns the replacement value (or None to leave it).
 - ``extras(vlm, batch) -> dict``: optional small tensors computed outside the trace and shipped into it; inside
   ``at`` they are ``ctx["mine"]`` (this component's own extras).
 - ``collect(raw, batch, vlm) -> Result``: turns ``out`` into a result object (outside the trace).
@@ -22,7 +22,9 @@ Subclass :class:`Probe` or :class:`Intervention` and implement:
   prefill (default none: probes and prefill-only interventions act on the prompt's forward alone). ``ctx["decode"]``
   is True on those steps.
 - optional ``conflicts(other, vlm, batch) -> str | None``: a message when this component contradicts ``other``
-  (e.g. pruning a token another intervention zeroes); the Experiment raises it as an ``InputError``.
+  (e.g. pruning a token another intervention zeroes); the Experiment raises it as an ``InputError``. Default None.
+- optional ``layout(vlm, batch) -> dict | None``: for an intervention that changes the sequence length (Prune,
+  VisualEntry / VisualExit), the new layout (see ``Experiment._layout_window``). Default None: length unchanged.
 
 Code in ``at`` may import only torch / numpy / transformers / einops / nnsight / the stdlib (it is shipped by value
 to NDIF for remote runs), must not rely on dataclass methods, and must keep no state on ``self``.
@@ -46,6 +48,12 @@ class Component:
     def decode_sites(self, vlm) -> list[str]:
         return []
 
+    def conflicts(self, other, vlm, batch) -> str | None:
+        return None
+
+    def layout(self, vlm, batch) -> dict | None:
+        return None
+
     def at(self, site, value, ctx, out):
         raise NotImplementedError
 
@@ -64,18 +72,20 @@ class Probe(Component):
 
 
 class Intervention(Component):
-    """Changes the value at its sites (returns the replacement from ``at``)."""
+    """Changes the value at its sites (returns the replacement from ``at``); ``collect`` returns an
+    :class:`~mech_vtokens.results.InterventionResult` (nothing to reduce)."""
 
     kind = "intervention"
+
+    def collect(self, raw, batch, vlm):
+        from .results import InterventionResult
+
+        return InterventionResult(self)
 
 
 # ---- helpers for code that runs INSIDE the trace (torch only) -----------------------------------------------------
 
-def kv_cache(kwargs):
-    """The KV cache a module received (transformers >= 5.24 calls it ``cache``, earlier 5.x ``past_key_values``), or
-    None."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
+from .compat import kv_cache  # noqa: E402,F401  (kept importable here: the KV cache kwarg under both names)
 
 
 def rows_for(t, n):

@@ -164,13 +164,8 @@ def answer_batch(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: i
 
 
 def _prepare_left(vlm, images, prompts):
-    tok = vlm.tokenizer
-    side = getattr(tok, "padding_side", "left")
-    tok.padding_side = "left"  # batched generation needs the prompts' ends aligned
-    try:
-        return vlm.prepare(images, prompts)
-    finally:
-        tok.padding_side = side
+    # batched generation needs the prompts' ends aligned: left padding for this call only (the tokenizer unchanged)
+    return vlm.prepare(images, prompts, padding_side="left")
 
 
 class EvalResult:

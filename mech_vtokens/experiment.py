@@ -20,62 +20,18 @@ from __future__ import annotations
 import torch
 
 from .adapters.base import _resolve
-from .component import ctx_on, on_device
+from .component import on_device
 from .errors import InputError
-
-
-def _read(env, kind, index):
-    if kind == "output":
-        value = env.output
-        return value if index is None else value[index]
-    if kind == "input":
-        return env.input
-    if kind == "inputs":
-        return env.inputs
-    return env.inputs[1][index]  # kind == "kwarg"
-
-
-def _write(env, kind, index, value):
-    if kind == "output":
-        if index is None:
-            env.output = value
-        else:
-            old = env.output
-            env.output = tuple(old[:index]) + (value,) + tuple(old[index + 1:])
-    elif kind == "input":
-        env.input = value
-    elif kind == "inputs":
-        env.inputs = value
-    else:
-        args, kwargs = env.inputs
-        kwargs = dict(kwargs)
-        kwargs[index] = value
-        env.inputs = (args, kwargs)
+from .sites import Site, forward_ctx, visit
 
 
 def _execute(model, plan, comps, ctx, out=None, decode=False):
-    """Runs inside the trace: visit each planned site in forward order, hand its value to the components."""
-    ctx = dict(ctx)
-    ctx["model"] = model
-    ctx["decode"] = decode
-    after = ctx.get("after_layout")  # masks of the shortened sequence, for the sites after a sequence change
-    ctx_after = dict(ctx, **after["ctx"]) if after and not decode else ctx
+    """Runs inside the trace: visit each planned site in forward order (``mech_vtokens.sites.visit``)."""
+    ctxs = forward_ctx(ctx, model, decode)
     out = {} if out is None else out
     moved = {}  # ctx's tensors on each device a site of this forward runs on (a split model has several)
-    for name, path, kind, index, cids in plan:
-        env = _resolve(model, path)
-        value = _read(env, kind, index)
-        changed = False
-        c = ctx_on(ctx_after if after and name in after["sites"] else ctx, value, moved)
-        for cid in cids:
-            comp = comps[cid]
-            slot = out.setdefault(cid, {})
-            c["mine"] = c.get("extras", {}).get(cid, {})  # this component's extras(...)
-            new = comp.at(name, value, c, slot)
-            if new is not None:
-                value, changed = new, True
-        if changed:
-            _write(env, kind, index, value)
+    for site in plan:
+        visit(_resolve(model, site.path), site, comps, ctxs, out, moved)  # envoys resolve by attribute only
     return out
 
 
@@ -98,9 +54,27 @@ class Experiment:
     """A validated plan for one batch: which component acts at which site, in forward order."""
 
     def __init__(self, vlm, batch, probes=(), interventions=()):
+        probes, interventions = self._validated(list(probes), list(interventions))
+        self.comps = comps = interventions + probes  # interventions act first at a shared site
+        for c in comps:
+            c.check(vlm, batch)
+        self._refuse_conflicts(vlm, batch)
+        self.n_interventions = len(interventions)
+        self.ctx = dict(batch.ctx)
+        self.ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(comps)}
+        plan = self._plan(vlm, lambda c: c.sites(vlm))
+        window = self._layout_window(vlm, batch, interventions, plan)
+        self.plan = [s._replace(shortened=s.name in window) for s in plan]
+        # generation steps after the prefill: only the sites components asked for there (Prune's positions and
+        # mask, VisualEntry / VisualExit's per-window masks, ZeroSublayer(every_step=True)); probes read the prefill
+        self.decode_plan = [s._replace(shortened=s.name in window)
+                            for s in self._plan(vlm, lambda c: c.decode_sites(vlm))]
+        self._vlm, self._batch = vlm, batch
+
+    @staticmethod
+    def _validated(probes, interventions):
         from .component import Intervention, Probe
 
-        probes, interventions = list(probes), list(interventions)
         for c in probes:
             if not isinstance(c, Probe):
                 raise InputError(f"{c!r} is not a Probe; pass interventions with interventions=[...]")
@@ -109,62 +83,59 @@ class Experiment:
                 raise InputError(f"{c!r} is not an Intervention; pass probes with probes=[...]")
         if not probes and not interventions:
             raise InputError("nothing to run: pass probes=[...] and/or interventions=[...]")
-        comps = interventions + probes  # interventions act first at a shared site
-        for c in comps:
-            c.check(vlm, batch)
-        for a in comps:  # contradicting components (e.g. prune a token and zero it): components may define conflicts
-            for b in comps:
-                msg = a.conflicts(b, vlm, batch) if a is not b and hasattr(a, "conflicts") else None
+        return probes, interventions
+
+    def _refuse_conflicts(self, vlm, batch):
+        """Contradicting components (e.g. prune a token and zero it): ``Component.conflicts`` says so."""
+        for a in self.comps:
+            for b in self.comps:
+                msg = a.conflicts(b, vlm, batch) if a is not b else None
                 if msg:
                     raise InputError(msg)
+
+    def _plan(self, vlm, sites_of) -> list[Site]:
+        """The sites ``sites_of(component)`` names, canonical and in forward order, each with its components in
+        list order."""
         by_site: dict[str, list[int]] = {}
-        for cid, c in enumerate(comps):
-            for name in c.sites(vlm):
+        for cid, c in enumerate(self.comps):
+            for name in sites_of(c):
                 canon = vlm.adapter.canonical(name)
                 if cid not in by_site.setdefault(canon, []):
                     by_site[canon].append(cid)
         plan = []
         for name in sorted(by_site, key=lambda n: vlm.adapter.site(n)[0]):
             _, path, kind, index = vlm.adapter.site(name)
-            plan.append((name, path, kind, index, by_site[name]))
-        self.plan = plan
-        # generation steps after the prefill: only the sites components asked for there (Prune's positions and
-        # mask, VisualEntry / VisualExit's per-window masks, ZeroSublayer(every_step=True)); probes read the prefill
-        by_decode: dict[str, list[int]] = {}
-        for cid, c in enumerate(comps):
-            for name in c.decode_sites(vlm):
-                by_decode.setdefault(vlm.adapter.canonical(name), []).append(cid)
-        self.decode_plan = [(n, p, k, i, [c for c in cids if c in by_decode.get(n, [])])
-                            for n, p, k, i, cids in plan if n in by_decode]
-        self.comps = comps
-        self.n_interventions = len(interventions)
-        self.ctx = dict(batch.ctx)
-        self.ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(comps)}
-        # An intervention that shortens the sequence (Prune, VisualExit) defines ``layout(vlm, batch)`` -> dict with
-        # "keep" (batch, seq) bool, "index"/"valid" (batch, seq') gather index into the old sequence; sites after
-        # ``lm.hook_inputs`` (or in the layout's "start"/"stop" window) then get the visual and attention masks of the
-        # shortened sequence in ``ctx`` (and
-        # ``ctx["layout"]`` to map full-length masks; see ``mech_vtokens.token_sets.fit``).
-        layouts = [c for c in interventions if hasattr(c, "layout")]
+            plan.append(Site(name, path, kind, index, tuple(by_site[name])))
+        return plan
+
+    def _layout_window(self, vlm, batch, interventions, plan) -> set:
+        """The names of the planned sites that see a shortened sequence, and their ctx (``ctx["after_layout"]``).
+
+        An intervention that shortens the sequence (Prune, VisualExit) returns from ``layout(vlm, batch)`` a dict
+        with "keep" (batch, seq) bool, "index"/"valid" (batch, seq') gather index into the old sequence; sites after
+        ``lm.hook_inputs`` (or in the layout's "start"/"stop" window) then get the visual and attention masks of the
+        shortened sequence in ``ctx`` (and ``ctx["layout"]`` to map full-length masks; see
+        ``mech_vtokens.token_sets.fit``)."""
+        layouts = [(c, c.layout(vlm, batch)) for c in interventions]
+        layouts = [(c, lay) for c, lay in layouts if lay is not None]
         if len(layouts) > 1:
-            raise InputError(f"{layouts[0]!r} and {layouts[1]!r} both change the sequence length; combine their token "
-                             f"sets into one intervention")
-        if layouts:
-            lay = layouts[0].layout(vlm, batch)
-            idx, valid = lay["index"], lay["valid"]
-            am = batch.ctx["attention_mask"]
-            am = torch.ones_like(batch.visual_mask, dtype=torch.long) if am is None else am
-            # the shortened window: after ``lay["start"]`` (default ``lm.hook_inputs``) and, if given, before
-            # ``lay["stop"]`` (VisualEntry restores the full sequence there; VisualExit starts at a decoder layer)
-            start = vlm.adapter.site(lay.get("start", "lm.hook_inputs"))[0]
-            stop = vlm.adapter.site(lay["stop"])[0] if lay.get("stop") else len(vlm.adapter._sites)
-            lay = {k: v for k, v in lay.items() if k not in ("start", "stop")}
-            self.ctx["layout"] = lay
-            self.ctx["after_layout"] = {
-                "sites": [p[0] for p in plan if start < vlm.adapter.site(p[0])[0] < stop],
-                "ctx": {"shortened": True, "visual_mask": batch.visual_mask.gather(1, idx) & valid,
-                        "attention_mask": am.gather(1, idx) * valid.to(am.dtype)}}
-        self._vlm, self._batch = vlm, batch
+            raise InputError(f"{layouts[0][0]!r} and {layouts[1][0]!r} both change the sequence length; combine their "
+                             f"token sets into one intervention")
+        if not layouts:
+            return set()
+        lay = layouts[0][1]
+        idx, valid = lay["index"], lay["valid"]
+        am = batch.ctx["attention_mask"]
+        am = torch.ones_like(batch.visual_mask, dtype=torch.long) if am is None else am
+        # the shortened window: after ``lay["start"]`` (default ``lm.hook_inputs``) and, if given, before
+        # ``lay["stop"]`` (VisualEntry restores the full sequence there; VisualExit starts at a decoder layer)
+        start = vlm.adapter.site(lay.get("start", "lm.hook_inputs"))[0]
+        stop = vlm.adapter.site(lay["stop"])[0] if lay.get("stop") else len(vlm.adapter._sites)
+        self.ctx["layout"] = {k: v for k, v in lay.items() if k not in ("start", "stop")}
+        self.ctx["after_layout"] = {
+            "ctx": {"shortened": True, "visual_mask": batch.visual_mask.gather(1, idx) & valid,
+                    "attention_mask": am.gather(1, idx) * valid.to(am.dtype)}}
+        return {s.name for s in plan if start < vlm.adapter.site(s.name)[0] < stop}
 
     def execute(self, model, steps=None, out=None):
         """Call INSIDE a trace of ``model`` (the nnsight model, ``vlm.model``); returns the raw reduced results.
@@ -203,5 +174,5 @@ class Experiment:
         return state
 
     def __repr__(self) -> str:
-        sites = ", ".join(p[0] for p in self.plan[:6]) + (" ..." if len(self.plan) > 6 else "")
+        sites = ", ".join(p.name for p in self.plan[:6]) + (" ..." if len(self.plan) > 6 else "")
         return f"Experiment({len(self.comps)} components, {len(self.plan)} sites: {sites})"

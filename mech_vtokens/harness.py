@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from mech_vtokens.adapters.base import _resolve
-from mech_vtokens.component import ctx_on, kv_cache
+from mech_vtokens.compat import past_length
 from mech_vtokens.errors import InputError
+from mech_vtokens.sites import HookCall, forward_ctx, visit
 
 
 class _ModelFacts:
@@ -61,74 +61,46 @@ def applied(model, interventions, batch_or_inputs, probes=()):
     hf, adapter = facts.hf, facts.adapter
     batch = _batch(adapter, batch_or_inputs)
     exp = Experiment(facts, batch, probes=probes, interventions=interventions)
-    for _, path, _, _, cids in exp.plan:
-        if ".source." in f".{path}.":
-            who = ", ".join(repr(exp.comps[c]) for c in cids)
-            raise InputError(f"{who} acts inside a function of the model (nnsight .source: {path!r}), which plain torch "
-                             f"hooks cannot reach; run it in an nnsight trace (mech_vtokens.run / an Experiment) "
+    for site in exp.plan:
+        if ".source." in f".{site.path}.":
+            who = ", ".join(repr(exp.comps[c]) for c in site.cids)
+            raise InputError(f"{who} acts inside a function of the model (nnsight .source: {site.path!r}), which "
+                             f"plain torch hooks cannot reach; run it in an nnsight trace (mech_vtokens.run / an Experiment) "
                              f"instead of applied(...)")
-    ctx = dict(exp.ctx)
-    ctx["model"] = hf
-    ctx["generating"] = True  # every forward under the hooks is seen, decode steps included
-    after = ctx.get("after_layout")
-    ctx_after = dict(ctx, **after["ctx"]) if after else ctx
+    # the Experiment's ctx for a prefill and for a decode step: every forward under the hooks is seen
+    ctxs = {d: forward_ctx(dict(exp.ctx, generating=True), hf, d) for d in (False, True)}
+    on_decode = {site.name: site for site in exp.decode_plan}
     raw: dict = {}
     state = {"decode": False}
     prefill_len = batch.visual_mask.shape[1]
+    moved: dict = {}  # ctx's tensors on each device a hooked module runs on
     handles = []
 
     def lm_pre(module, args, kwargs):
         emb = kwargs.get("inputs_embeds")
         n = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
-        cache = kv_cache(kwargs)
-        past = int(cache.get_seq_length()) if cache is not None else 0
-        state["decode"] = past > 0 or n != prefill_len
+        state["decode"] = past_length(kwargs) > 0 or n != prefill_len
 
-    on_decode = {name: cids for name, _, _, _, cids in exp.decode_plan}
-
-    moved: dict = {}  # ctx's tensors on each device a hooked module runs on
-
-    def make_run(name, cids, c0):
-        def run(value):
-            c = ctx_on(c0, value, moved)
-            c["decode"] = state["decode"]
-            changed = False
-            for cid in (on_decode.get(name, ()) if state["decode"] else cids):
-                c["mine"] = c["extras"].get(cid, {})
-                new = exp.comps[cid].at(name, value, c, raw.setdefault(cid, {}))
-                if new is not None:
-                    value, changed = new, True
-            return value if changed else None
-        return run
+    def run(call, site):  # the one site access (mech_vtokens.sites) on this hook call; True if it wrote
+        if state["decode"]:
+            site = on_decode.get(site.name)
+            if site is None:
+                return False
+        return visit(call, site, exp.comps, ctxs[state["decode"]], raw, moved)
 
     try:
-        lm = _resolve(hf, adapter.language_model)
-        handles.append(lm.register_forward_pre_hook(lm_pre, with_kwargs=True))
-        for name, path, kind, index, cids in exp.plan:
-            module = _resolve(hf, path)
-            run = make_run(name, cids, ctx_after if after and name in after["sites"] else ctx)
-            if kind == "output":
-                def hook(mod, args, output, run=run, index=index):
-                    new = run(output if index is None else output[index])
-                    if new is None:
-                        return None
-                    if index is None:
-                        return new
-                    return tuple(output[:index]) + (new,) + tuple(output[index + 1:])
+        handles.append(hf.get_submodule(adapter.language_model).register_forward_pre_hook(lm_pre, with_kwargs=True))
+        for site in exp.plan:
+            module = hf.get_submodule(site.path)
+            if site.kind == "output":
+                def hook(mod, args, output, site=site):
+                    call = HookCall(output=output)
+                    return call.output if run(call, site) else None
                 handles.append(module.register_forward_hook(hook))
             else:
-                def pre(mod, args, kwargs, run=run, kind=kind, index=index):
-                    if kind == "inputs":
-                        return run((args, kwargs))
-                    if kind == "kwarg":
-                        new = run(kwargs[index])
-                        return None if new is None else (args, {**kwargs, index: new})
-                    if args:  # kind == "input": the first input
-                        new = run(args[0])
-                        return None if new is None else ((new,) + tuple(args[1:]), kwargs)
-                    key = next(iter(kwargs))
-                    new = run(kwargs[key])
-                    return None if new is None else (args, {**kwargs, key: new})
+                def pre(mod, args, kwargs, site=site):
+                    call = HookCall(inputs=(args, kwargs))
+                    return call.inputs if run(call, site) else None
                 handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         yield Applied(exp, raw)
     finally:

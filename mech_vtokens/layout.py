@@ -37,7 +37,7 @@ def _scan(vlm) -> None:
     import nnsight
     import torch
 
-    from .experiment import _read
+    from .sites import read
 
     adapter = vlm.adapter
     # Text only (no image to invent here): the vision path is checked structurally above, its sites by the first run.
@@ -50,7 +50,7 @@ def _scan(vlm) -> None:
     with torch.no_grad(), vlm.model.trace(**batch.inputs):
         for name in lm_sites:
             _, path, kind, index = adapter.site(name)
-            shapes[name] = nnsight.save(_read(_resolve(vlm.model, path), kind, index).shape)
+            shapes[name] = nnsight.save(read(_resolve(vlm.model, path), kind, index).shape)
     vocab = vlm.unembed.out_features
     for name, shape in shapes.items():
         want = (1, seq, vocab if name == "unembed.hook_out" else adapter.d_model)

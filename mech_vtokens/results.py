@@ -19,6 +19,22 @@ class Result:
         return self.to_pandas().head(20).to_html()
 
 
+class InterventionResult(Result):
+    """What an intervention returns from ``run``: which one ran (interventions change the forward; nothing to
+    reduce)."""
+
+    name = "intervention"
+
+    def __init__(self, intervention, **facts):
+        self.intervention = intervention
+        self.facts = facts
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame([{"intervention": repr(self.intervention), **self.facts}])
+
+
 def visual_index_frame(batch):
     """Columns identifying each visual token of a batch, in ``batch.visual_positions`` order."""
     import pandas as pd

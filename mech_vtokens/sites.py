@@ -1,88 +1,130 @@
-"""The one site parser: a site name -> (tower, kind, layer, hook), and the ordered ``site`` column of every table.
+"""ONE site access for both backends: read / write a site's value given its (kind, index), and hand it to its
+components.
 
-Every probe table, ``SparsityResult`` and the plots read ``layer`` from here, so one site has one layer number
-everywhere. The convention (``n_layers`` = decoder layers of the model):
+A site is a module plus an accessor ``kind`` (``"output"`` with an optional tuple ``index``, ``"input"``: the first
+input, ``"inputs"``: the whole ``(args, kwargs)`` pair, ``"kwarg"``: one keyword input named by ``index``). Both
+backends go through :func:`visit`:
 
-==================================== ======== ============== ==============================
-site                                 tower    kind           layer
-==================================== ======== ============== ==============================
-``vision.blocks.{i}.<hook>``         vision   vision_block   ``i`` (its own vision index)
-``vision_projector.hook_out``        lm       projector      -1 (what the LM receives)
-``hook_embed``                       lm       embed          -1 (the LM input)
-``lm.hook_inputs``                   lm       lm_inputs      -1
-``blocks.{i}.<hook>``                lm       block          ``i``
-``ln_final.hook_normalized``         lm       final_norm     ``n_layers`` (after the last block)
-``unembed.hook_out``                 lm       unembed        ``n_layers``
-==================================== ======== ============== ==============================
+- nnsight (:class:`~mech_vtokens.Experiment` in a trace): the module is an envoy, read and written through its
+  ``.output`` / ``.input`` / ``.inputs``;
+- plain torch hooks (:func:`mech_vtokens.harness.applied`): a hook call is wrapped in a :class:`HookCall`, which has
+  the same three attributes over the hook's ``output`` or ``(args, kwargs)``; the hook returns what was written.
 
-``tower`` separates the two index spaces (vision layer 3 is not decoder layer 3). The projector output counts as the
-LM's input (layer -1 of tower ``lm``): the lenses read it in the LM's token space, next to ``hook_embed``.
+:func:`visit` hands the value to the site's components in plan order (interventions first, in list order, then
+probes: a probe sees the value the forward continues with) and writes the value back only when one changed it.
 
-Names must be canonical (negative block indices resolved: ``Adapter.canonical``; ``Adapter.parse_site`` does both).
-Forward order comes from the adapter's site table (``vlm.sites``), never from sorting names: ``site_column`` makes
-the ``site`` column an ordered ``pandas.Categorical`` in that order, so sorting, ``groupby`` and plots follow the
-forward pass (``hook_embed`` before ``blocks.0.*``, ``blocks.2`` before ``blocks.10``).
+Code here runs inside the trace: torch and stdlib only, no state kept on objects.
 """
 
 from __future__ import annotations
 
-import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from .errors import InputError
+from .component import ctx_on
 
 
-class SiteInfo(NamedTuple):
+class Site(NamedTuple):
+    """One planned site: its name, module path, accessor kind and index, the ids of the components acting there (in
+    order), and whether it lies after a sequence change (it then gets the shortened sequence's ctx)."""
+
     name: str
-    tower: str  # "vision" | "lm"
-    kind: str  # vision_block | projector | embed | lm_inputs | block | final_norm | unembed
-    layer: int  # see the module docstring
-    hook: str  # the part after the block prefix: "hook_resid_post", "attn.hook_pattern", "hook_embed", ...
+    path: str
+    kind: str
+    index: Any
+    cids: tuple
+    shortened: bool = False
 
 
-_FIXED = {
-    "vision_projector.hook_out": ("lm", "projector", -1, "hook_out"),
-    "hook_embed": ("lm", "embed", -1, "hook_embed"),
-    "lm.hook_inputs": ("lm", "lm_inputs", -1, "hook_inputs"),
-}
-_AFTER = {
-    "ln_final.hook_normalized": ("final_norm", "hook_normalized"),
-    "unembed.hook_out": ("unembed", "hook_out"),
-}
-_BLOCK = re.compile(r"(vision\.)?blocks\.(\d+)\.([\w.]+)")
+def read(env, kind, index):
+    """The value at a site of the module ``env`` (an nnsight envoy or a :class:`HookCall`)."""
+    if kind == "output":
+        value = env.output
+        return value if index is None else value[index]
+    if kind == "input":
+        return env.input
+    if kind == "inputs":
+        return env.inputs
+    return env.inputs[1][index]  # kind == "kwarg"
 
 
-def parse_site(name: str, n_layers: int) -> SiteInfo:
-    """(name, tower, kind, layer, hook) of a CANONICAL site name; ``n_layers``: the model's decoder layers."""
-    if name in _FIXED:
-        return SiteInfo(name, *_FIXED[name])
-    if name in _AFTER:
-        kind, hook = _AFTER[name]
-        return SiteInfo(name, "lm", kind, int(n_layers), hook)
-    m = _BLOCK.fullmatch(name)
-    if m:
-        vision = m.group(1) is not None
-        return SiteInfo(name, "vision" if vision else "lm", "vision_block" if vision else "block", int(m.group(2)),
-                        m.group(3))
-    raise InputError(f"site {name!r} is not a canonical site name; resolve it first with vlm.adapter.canonical(name) "
-                     f"(negative block indices) or use one of vlm.sites")
+def write(env, kind, index, value):
+    """Replace the value at a site of ``env`` (the rest of a tuple output / of the inputs unchanged)."""
+    if kind == "output":
+        if index is None:
+            env.output = value
+        else:
+            old = env.output
+            env.output = tuple(old[:index]) + (value,) + tuple(old[index + 1:])
+    elif kind == "input":
+        env.input = value
+    elif kind == "inputs":
+        env.inputs = value
+    else:
+        args, kwargs = env.inputs
+        kwargs = dict(kwargs)
+        kwargs[index] = value
+        env.inputs = (args, kwargs)
 
 
-def site_layer(name: str, n_layers: int) -> int:
-    """The ``layer`` number of a canonical site (module docstring)."""
-    return parse_site(name, n_layers).layer
+class HookCall:
+    """One torch hook call seen as an nnsight envoy: ``output`` (forward hook) or ``inputs`` = ``(args, kwargs)``
+    (forward-pre hook with kwargs); ``input`` is the first positional input, else the first keyword one (nnsight's
+    ``.input``). ``written`` says whether :func:`write` replaced anything."""
+
+    def __init__(self, output=None, inputs=None):
+        self._output, self._inputs, self.written = output, inputs, False
+
+    @property
+    def output(self):
+        return self._output
+
+    @output.setter
+    def output(self, value):
+        self._output, self.written = value, True
+
+    @property
+    def inputs(self):
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, value):
+        self._inputs, self.written = value, True
+
+    @property
+    def input(self):
+        args, kwargs = self._inputs
+        return args[0] if args else next(iter(kwargs.values()))
+
+    @input.setter
+    def input(self, value):
+        args, kwargs = self._inputs
+        if args:
+            self.inputs = ((value,) + tuple(args[1:]), kwargs)
+        else:
+            self.inputs = (args, {**kwargs, next(iter(kwargs)): value})
 
 
-def site_column(values, order):
-    """``values`` (site names) as an ordered ``pandas.Categorical`` whose categories are the sites of ``order``
-    (forward order: ``Adapter.forward_order``) that occur in ``values``."""
-    import pandas as pd
-
-    present = set(values)
-    missing = present.difference(order)
-    if missing:
-        raise ValueError(f"sites {sorted(missing)} are not in the forward order given")
-    return pd.Categorical(values, categories=[s for s in order if s in present], ordered=True)
+def forward_ctx(ctx, model, decode):
+    """The ctx of one forward pass: (for the sites before a sequence change, for the sites after it). ``model``: what
+    components reach modules through (the nnsight root envoy, or the HF model under plain hooks)."""
+    ctx = dict(ctx, model=model, decode=decode)
+    after = ctx.get("after_layout")
+    return ctx, (dict(ctx, **after["ctx"]) if after else ctx)
 
 
-__all__ = ["SiteInfo", "parse_site", "site_column", "site_layer"]
+def visit(env, site, comps, ctxs, out, moved):
+    """At one site of ``env``: read the value, hand it to the site's components in order, write it back if changed.
+
+    ``ctxs``: :func:`forward_ctx`'s pair; ``out``: the per-component dicts of reduced results; ``moved``: a dict owned
+    by the caller (one per forward) caching ctx's tensors per device (:func:`~mech_vtokens.component.ctx_on`)."""
+    value = read(env, site.kind, site.index)
+    c = ctx_on(ctxs[1] if site.shortened else ctxs[0], value, moved)
+    changed = False
+    for cid in site.cids:
+        c["mine"] = c.get("extras", {}).get(cid, {})  # this component's extras(...)
+        new = comps[cid].at(site.name, value, c, out.setdefault(cid, {}))
+        if new is not None:
+            value, changed = new, True
+    if changed:
+        write(env, site.kind, site.index, value)
+    return changed

@@ -275,8 +275,6 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
     """
     import json
 
-    import torch.nn.functional as F
-
     if family not in _PLANTED:
         raise ValueError(f"planted_partition_model supports {tuple(_PLANTED)}, not {family!r}")
     path = Path(path)
@@ -321,7 +319,7 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
             last.mlp.fc1.bias.fill_(-20.0)
             last.mlp.fc1.weight[0, 24] = 10.0
             last.mlp.fc2.weight[24, 0], last.mlp.fc2.weight[25, 0] = 15.0, -15.0
-            proj_in, act_lin, out_lin = 32, model.model.multi_modal_projector.linear_1, \
+            act_lin, out_lin = model.model.multi_modal_projector.linear_1, \
                 model.model.multi_modal_projector.linear_2
         elif family == "qwen2_5_vl":
             v = model.model.visual
@@ -332,7 +330,7 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
                     lin.bias.zero_()
             v.blocks[0].mlp.down_proj.bias.copy_(const)  # the constant channel pair
             v.merger.ln_q.weight.fill_(1.0)
-            proj_in, act_lin, out_lin = 128, v.merger.mlp[0], v.merger.mlp[2]
+            act_lin, out_lin = v.merger.mlp[0], v.merger.mlp[2]
         else:  # internvl
             v = model.model.vision_tower
             v.embeddings.patch_embeddings.projection.weight.copy_(w)
@@ -347,7 +345,7 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
             pr = model.model.multi_modal_projector
             pr.layer_norm.weight.fill_(1.0)
             pr.layer_norm.bias.zero_()
-            proj_in, act_lin, out_lin = 128, pr.linear_1, pr.linear_2
+            act_lin, out_lin = pr.linear_1, pr.linear_2
 
         # ---- the LM's input space -------------------------------------------------------------------------
         E = model.get_input_embeddings().weight
@@ -382,7 +380,6 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
         s_llm[dims] = 3.0
         v_dead = -0.1 * ez + 0.15 * unit("dead")
         v_dead[dims] = -0.05  # away from the BOS-role token too
-        dev = model.get_input_embeddings().weight.dtype
         act_lin.weight.zero_()
         act_lin.bias.zero_()
         for j in range(16):
@@ -396,7 +393,6 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
         out_lin.weight[:, 13] = (s_llm - base) / 4
         out_lin.weight[:, 14] = (v_dead - base) / 4
         out_lin.bias.copy_(base - 30.0 * out_lin.weight[:, :16].sum(1))
-        del proj_in, dev
 
         # ---- attention: keys negative on channel z (dead tokens) get ~no attention -------------------------
         lm = model.model.language_model
@@ -410,7 +406,6 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
                         if lin.bias is not None:
                             lin.bias[hh * hd + r] = 0.0
                     lin.weight[hh * hd + hd // 2 - 1, z] = 2.0
-        del F
     _save(model, proc, path)
     # measured facts of the construction (no code under test involved)
     truth = {"family": family, "side": spec["side"], "cell": spec["cell"], "grid": spec["grid"],

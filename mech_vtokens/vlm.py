@@ -231,7 +231,7 @@ class VLM:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         mask = self.adapter.visual_mask(inputs["input_ids"])
         sizes = [im.size for im in flat]
-        tokens = self.geometry.tokens(inputs, sizes, processor_kwargs) if flat else self.geometry._pack([])
+        tokens = self.geometry.tokens(inputs, sizes, processor_kwargs) if flat else self.geometry.empty()
         if len(tokens["image"]) != int(mask.sum()):
             raise InputError(f"the processor produced {int(mask.sum())} image-token positions but the geometry of "
                              f"the {self.family} adapter expects {len(tokens['image'])}; the processor does not "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result
-from mech_vtokens.sites import site_column
+from mech_vtokens.site_names import site_column
 
 
 class Activations(Probe):

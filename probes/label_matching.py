@@ -173,7 +173,7 @@ class LabelMatchingResult(Result):
     def hits(self):
         import pandas as pd
 
-        from mech_vtokens.sites import site_column, site_layer
+        from mech_vtokens.site_names import site_column, site_layer
 
         df = pd.DataFrame(self._records)
         df.insert(2, "layer", [site_layer(s, self._n_layers) for s in df.site])

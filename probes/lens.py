@@ -3,7 +3,7 @@ and ``LensResult`` (the table both lenses return). The exact top-k kernel itself
 
 ``sites``: default ``hook_embed`` and ``blocks.{i}.hook_resid_post`` of every layer; any LM site
 (``vision_projector.hook_out``, ``hook_embed``, any ``blocks.{i}.*``, ``ln_final.hook_normalized``) may be given.
-``layer`` in the table comes from the one site parser (``mech_vtokens.sites``): -1 for ``hook_embed`` /
+``layer`` in the table comes from the one site parser (``mech_vtokens.site_names``): -1 for ``hook_embed`` /
 ``vision_projector.hook_out`` (the LM input), ``i`` for ``blocks.{i}.*``, ``n_layers`` for ``ln_final``; ``site``
 is an ordered Categorical in forward order. ``positions``: ``"visual"`` (default), ``"text"``, ``"all"``
 (every attended position) or a list of sequence positions (applied to every prompt row). The projector site reads
@@ -24,7 +24,7 @@ import torch
 from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
-from mech_vtokens.sites import site_column, site_layer
+from mech_vtokens.site_names import site_column, site_layer
 
 _LM_SITES_MSG = ("the lenses read LM sites only: 'vision_projector.hook_out', 'hook_embed', 'blocks.{i}.<hook>', "
                  "'ln_final.hook_normalized'")

@@ -20,7 +20,7 @@ import torch
 from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
-from mech_vtokens.sites import parse_site, site_column
+from mech_vtokens.site_names import parse_site, site_column
 
 
 class NormTracker(Probe):

@@ -36,7 +36,7 @@ import torch
 from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result, token_frame
-from mech_vtokens.sites import site_column, site_layer
+from mech_vtokens.site_names import site_column, site_layer
 
 
 

@@ -20,7 +20,7 @@ import torch
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
 from mech_vtokens.results import Result
-from mech_vtokens.sites import site_column, site_layer
+from mech_vtokens.site_names import site_column, site_layer
 
 
 class ViTSinks(Probe):

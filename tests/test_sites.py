@@ -1,4 +1,4 @@
-"""The one site parser (``mech_vtokens.sites``): every site of every family, the layer convention, the ordered
+"""The one site parser (``mech_vtokens.site_names``): every site of every family, the layer convention, the ordered
 ``site`` column of every probe table, one ``ln_final`` layer number everywhere, sink-dims presets from the adapter."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_parser_on_every_site_of_every_family(tiny_vlm, fam):
     # negative indices resolve first; the canonical-only parser refuses them with the fix named
     assert a.parse_site("blocks.-1.hook_mlp_out") == a.parse_site(f"blocks.{n - 1}.hook_mlp_out")
     assert a.parse_site("vision.blocks.-1.hook_resid_post").layer == a.n_vision_layers - 1
-    from mech_vtokens.sites import parse_site
+    from mech_vtokens.site_names import parse_site
 
     with pytest.raises(InputError, match="canonical"):
         parse_site("blocks.-1.hook_resid_post", n)

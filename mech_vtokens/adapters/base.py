@@ -69,6 +69,9 @@ class Adapter:
     # The LM's rotary embedding module; the softmax inside eager attention as an nnsight ``.source`` path from the
     # attention module (site ``blocks.{i}.attn.hook_pattern``).
     rotary_emb: str = "model.language_model.rotary_emb"
+    # The LM's position ids: "rope" = (batch, seq); "mrope" = multimodal RoPE, one id per axis (t, h, w) stacked in
+    # front: (3, batch, seq) (Qwen). Interventions that change the sequence read this, never the tensor's shape.
+    rope: str = "rope"
     attn_pattern: str = "source.attention_interface_1.source.nn_functional_softmax_0"
     geometry: type[Geometry] = Geometry
     processor_class: str = ""
@@ -143,15 +146,15 @@ class Adapter:
 
     def parse_site(self, name: str):
         """The site's (name, tower, kind, layer, hook) after resolving negative indices: the one parser
-        (:func:`mech_vtokens.sites.parse_site`, which documents the ``layer`` convention)."""
-        from ..sites import parse_site
+        (:func:`mech_vtokens.site_names.parse_site`, which documents the ``layer`` convention)."""
+        from ..site_names import parse_site
 
         return parse_site(self.canonical(name), self.n_layers)
 
     @property
     def forward_order(self) -> list[str]:
         """Every site name, intervention-only block sites included, in forward order: what orders a table's
-        ``site`` column (:func:`mech_vtokens.sites.site_column`)."""
+        ``site`` column (:func:`mech_vtokens.site_names.site_column`)."""
         return list(self._sites)
 
     # ---- visual tokens --------------------------------------------------------------------------------------

@@ -69,6 +69,10 @@ class Geometry:
                                               **(call_kwargs or {}))["images_kwargs"]
         return merged[name] if name in merged else getattr(self.ip, name, None)
 
+    def empty(self) -> dict:
+        """The token table of a batch without images (no visual token)."""
+        return self._pack([])
+
     @staticmethod
     def _pack(items: list[tuple]) -> dict:
         """items: (image, tile, row, col, (x0, y0, x1, y1), vision_rows list, projector_row)."""

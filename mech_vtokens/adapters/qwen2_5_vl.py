@@ -27,3 +27,4 @@ class Qwen25VLAdapter(Adapter):
     image_span = "<|vision_start|>{image}<|vision_end|>"
     image_size_knob = 'max_pixels (vlm.prepare(..., max_pixels=N) / processor_kwargs={"max_pixels": N})'
     vision_feature_layer_key = None  # the merger reads the last vision block
+    rope = "mrope"  # position ids (3, batch, seq): temporal, height, width

@@ -22,7 +22,7 @@ import torch
 from ..errors import InputError
 from ..loop import DEFAULT_BATCH_SIZE, batches, forward, keywords
 from ..results import Result
-from ..sites import site_layer
+from ..site_names import site_layer
 
 
 def _label(obj):
