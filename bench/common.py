@@ -94,9 +94,10 @@ def kept_states(vlm, batch) -> dict:
     return got
 
 
-def chunked_topk(h, mat, k: int, scale=None, chunk: int = 8192):
+def chunked_topk(h, mat, k: int, scale=None, chunk: int = 8192, values: bool = False):
     """Top-k ids of ``h @ mat.T`` (times ``scale`` per column, e.g. inverse row norms for a cosine), over vocabulary
-    chunks with a running top-k: the bare floor the probe suite is timed against."""
+    chunks with a running top-k, in the model dtype: the bare floor the probe suite is timed against.
+    ``values=True``: (values, ids)."""
     bv = bi = None
     for s in range(0, mat.shape[0], chunk):
         sc = h @ mat[s:s + chunk].T
@@ -109,4 +110,4 @@ def chunked_topk(h, mat, k: int, scale=None, chunk: int = 8192):
             v, j = v.topk(k, dim=1)
             i = i2.gather(1, j)
         bv, bi = v, i
-    return bi
+    return (bv, bi) if values else bi

@@ -20,8 +20,14 @@ math after the forward:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import chunked_topk  # noqa: E402  (the floor's running top-k, one copy for every bench)
 
 
 def suite_probes(k: int, dims):
@@ -67,23 +73,6 @@ def states(vlm, batch) -> dict:
     return got
 
 
-def _cheap_topk(h, mat, n, scale=None, chunk=8192):
-    """Top-n (values, ids) of ``(h @ mat.T) * scale`` in the model dtype, over vocabulary chunks (running top-n)."""
-    bv = bi = None
-    for s in range(0, mat.shape[0], chunk):
-        sc = h @ mat[s:s + chunk].T
-        if scale is not None:
-            sc = sc * scale[s:s + chunk].to(sc.dtype)
-        v, i = sc.topk(min(n, sc.shape[1]), dim=1)
-        i = i + s
-        if bv is not None:
-            v, i2 = torch.cat([bv, v], 1), torch.cat([bi, i], 1)
-            v, j = v.topk(n, dim=1)
-            i = i2.gather(1, j)
-        bv, bi = v, i
-    return bv, bi
-
-
 def _fp32(hf, mat, ids, scale=None, block=64):
     """fp32 scores of ``ids`` (m, c) for the rows ``hf`` (m, d): their matrix rows gathered, never a copy of it."""
     out = torch.empty(ids.shape, dtype=torch.float32)
@@ -95,7 +84,7 @@ def _fp32(hf, mat, ids, scale=None, block=64):
 def exact_topk(h, mat, k, scale=None, chunk=8192):
     """Top-k (fp32 scores, ids) of ``(h @ mat.T) * scale`` with ids equal to an fp32 computation."""
     n = min(max(2 * k, k + 3), mat.shape[0])
-    bv, bi = _cheap_topk(h, mat, n, scale, chunk)
+    bv, bi = chunked_topk(h, mat, n, scale, chunk, values=True)
     hf = h.float()
     v, j = _fp32(hf, mat, bi, scale).topk(k, dim=1)
     ids = bi.gather(1, j)
@@ -131,7 +120,7 @@ def floor(vlm, batch, k, dims, inv, exact=True, chunk=8192) -> dict:
                     v, i = exact_topk(hh, mat, k, scale, chunk)
                     res[(name, p)] = (i, v / h.float().norm(dim=1, keepdim=True) if cos else v)
                 else:
-                    res[(name, p)] = (_cheap_topk(hh, mat, k, scale, chunk)[1], None)
+                    res[(name, p)] = (chunked_topk(hh, mat, k, scale, chunk), None)
         vis = {f"vision.blocks.{i}.hook_resid_post": st[f"vision.{i}"].reshape(-1, st[f"vision.{i}"].shape[-1])
                for i in range(nv)}
         for tower in (vis, {p: x[att] for p, x in lm_post.items()}):  # the norms
