@@ -282,7 +282,8 @@ class HarnessModel:
     greedily under ``interventions`` (objects or factories ``f(vlm, batch)``). ``images``: one PIL image (or list)
     per prompt; a prompt without the image placeholder is wrapped in the model's prompt format."""
 
-    def __init__(self, vlm, interventions=(), max_new_tokens: int = 16, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(self, vlm, interventions=(), max_new_tokens: int = 16, seed: int = 0,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
         self.vlm, self.max_new_tokens, self.seed, self.batch_size = vlm, max_new_tokens, seed, batch_size
         self.interventions = _check_conditions({"model": interventions})["model"]
 
