@@ -40,7 +40,7 @@ DIMS = [1415, 2533]
 SECTION = "## Probe suite vs a same-work floor"
 
 
-def main():
+def main():  # noqa: C901 - a benchmark script: argument handling, modes and the report in one sequence
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--write", action="store_true")

@@ -194,6 +194,17 @@ class EvalResult:
 
 
 @keywords
+def _check_generation_args(scorer, max_new_tokens, batch_size):
+    """evaluate's argument checks for the scorer, the answer length and the batch size (raise InputError)."""
+    if not (scorer in SCORERS or callable(scorer)):
+        raise InputError(f"scorer={scorer!r}: choose one of {SCORERS} or pass a function (prediction, answers) -> "
+                         f"float")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive int")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: give a positive int")
+
+
 def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = 16, batch_size: int = DEFAULT_BATCH_SIZE,
              seed: int = 0, out=None, progress: bool = True, limit=None, shard=None) -> EvalResult:
     """Generate an answer for every record of ``source`` (a VQA ``.jsonl`` or a Source whose records have questions
@@ -210,13 +221,7 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = 16
     from .store import Store, Writer, atomic_write_bytes, check_shard, shard_of
 
     conditions = _check_conditions(conditions)
-    if not (scorer in SCORERS or callable(scorer)):
-        raise InputError(f"scorer={scorer!r}: choose one of {SCORERS} or pass a function (prediction, answers) -> "
-                         f"float")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive int")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size={batch_size!r}: give a positive int")
+    _check_generation_args(scorer, max_new_tokens, batch_size)
     shard = check_shard(shard)
     src = D.open_source(source)
     if limit is not None:

@@ -245,7 +245,8 @@ _CONTENT_WORDS = ("cat", "dog", "car", "tree", "person", "red", "green", "blue",
                   "star")
 
 
-def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0):
+# C901: one weight-planting recipe per family, written out step by step (a test fixture)
+def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0):  # noqa: C901
     """A tiny ``family`` model (llava, qwen2_5_vl, internvl) whose weights plant a known token partition.
 
     Returns ``(path, truth)``; draw images with :func:`planted_image` (``truth`` says where the sinks are).

@@ -257,7 +257,7 @@ def run_loop(name: str, steps: int, params_groups, make_batch, loss_fn, warmup: 
     print(f"[{name}] {steps} steps in {time.time() - t0:.0f}s, loss(ema) {ema:.3f}", flush=True)
 
 
-def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:
+def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:  # noqa: C901 - staged, resumable recipe
     from transformers import CLIPModel, LlavaForConditionalGeneration
 
     torch.set_num_threads(threads)
