@@ -193,7 +193,6 @@ class EvalResult:
         return f"EvalResult({len(self.answers)} answers, conditions {list(self.settings['conditions'])})"
 
 
-@keywords
 def _check_generation_args(scorer, max_new_tokens, batch_size):
     """evaluate's argument checks for the scorer, the answer length and the batch size (raise InputError)."""
     if not (scorer in SCORERS or callable(scorer)):
@@ -205,6 +204,7 @@ def _check_generation_args(scorer, max_new_tokens, batch_size):
         raise InputError(f"batch_size={batch_size!r}: give a positive int")
 
 
+@keywords
 def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = 16, batch_size: int = DEFAULT_BATCH_SIZE,
              seed: int = 0, out=None, progress: bool = True, limit=None, shard=None) -> EvalResult:
     """Generate an answer for every record of ``source`` (a VQA ``.jsonl`` or a Source whose records have questions
