@@ -136,8 +136,8 @@ def prompts_for(vlm, n):
 def check(checkpoint: str, device: str, dtype, small: bool, layers: int, repeats: int, new_tokens: int) -> dict:
     import mech_vtokens as mv
     from mech_vtokens import testing as T
-    from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer,
-                               applied)
+    from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit,
+                                            ZeroSublayer, applied)
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens, NormTracker, SinkChannels, ViTSinks
 
     row = {"checkpoint": checkpoint}

@@ -40,7 +40,7 @@ DIMS = [1415, 2533]
 SECTION = "## Probe suite vs a same-work floor"
 
 
-def main():
+def main():  # noqa: C901 - a benchmark script: argument handling, modes and the report in one sequence
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--write", action="store_true")
@@ -201,7 +201,8 @@ def main():
         f"- same work: the exact floor's outputs equal the suite's — nnsight: **{'yes' if fl_ok['suite'] else 'NO'}**, "
         f"hooks: **{'yes' if fl_ok['hooks'] else 'NO'}** ({fmt_check(checks['suite'])}); the two backends' lens ids "
         f"and scores identical: **{'yes' if backends_same else 'NO'}**",
-        f"- suite top-5 ids identical to fp32 (both lenses, every point, every visual token): **{'yes' if same else 'NO'}**"
+        f"- suite top-5 ids identical to fp32 (both lenses, every point, every visual token): "
+        f"**{'yes' if same else 'NO'}**"
         f" ({fallbacks} of {n_tok // K} token-points needed the full-vocabulary fallback)"
         f"; the bf16 floor agrees on {100 * floor_agree:.2f} % of top-5 ids and {100 * top1_floor:.2f} % of "
         f"top-1 ids",

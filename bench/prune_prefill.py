@@ -92,8 +92,8 @@ def main():
                                                                                vlm.adapter.lm_head))
     (f_plain, f_plain_lm), (f_pruned, f_pruned_lm) = flops(hf_plain), flops(hf_pruned)
 
-    t = interleaved({"hf_plain": timed("hf_plain", hf_plain), "hf_pruned": timed("hf_pruned", hf_pruned), "trace_plain": trace_plain,
-                     "trace_pruned": trace_pruned}, repeats=args.repeats, stat="min")
+    t = interleaved({"hf_plain": timed("hf_plain", hf_plain), "hf_pruned": timed("hf_pruned", hf_pruned),
+                     "trace_plain": trace_plain, "trace_pruned": trace_pruned}, repeats=args.repeats, stat="min")
     seq = batch.visual_mask.shape[1]
     kb = k // args.batch
     print(f"batch {args.batch}; sequence {seq} tokens ({n // args.batch} visual); pruned {kb} visual per image "

@@ -330,9 +330,11 @@ def main():
     (Path(CACHE) / "scale.json").write_text(json.dumps(results, indent=1, default=float))
     if args.write:
         md = Path(__file__).parent / "RESULTS.md"
-        text = md.read_text().rstrip() + "\n\n## Runs at scale (`bench/scale.py`)\n\n    PYTHONPATH=. python bench/scale.py " \
+        text = md.read_text().rstrip() + "\n\n## Runs at scale (`bench/scale.py`)\n\n" \
+            "    PYTHONPATH=. python bench/scale.py " \
             f"--repeats {args.repeats} --models {args.models} --write\n\n" + note + ". Time: medians of interleaved " \
-            "repeats; peak RSS: first call in a fresh process, above the loaded model. Eager attention everywhere.\n\n" \
+            "repeats; peak RSS: first call in a fresh process, above the loaded model. " \
+            "Eager attention everywhere.\n\n" \
             + "\n\n".join(table(r) for r in results) + "\n"
         md.write_text(text)
 

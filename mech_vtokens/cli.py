@@ -28,7 +28,8 @@ def _summary(results) -> None:
             top1 = df[df["rank"] == 0]
             summary = (top1.groupby(["site", "token"]).size().rename("visual_tokens").reset_index()
                        .sort_values(["site", "visual_tokens"], ascending=[True, False]).groupby("site").head(3))
-            n_tokens = sum(int((r.to_pandas()["rank"] == 0).sum()) for r in results[name]) // max(1, top1.site.nunique())
+            n_tokens = sum(int((r.to_pandas()["rank"] == 0).sum()) for r in results[name]) \
+                // max(1, top1.site.nunique())
             print(f"\n{name}: most frequent top-1 token per site (over {n_tokens} visual tokens)")
             print(summary.to_string(index=False))
         if "labels" in results:

@@ -251,7 +251,8 @@ class InMemory(Source):
                 raise InputError(f"InMemory: {len(xs)} {name} for {n} images; pass one per image")
         super().__init__(
             Record(ids[i] if ids is not None else i, im, questions[i] if questions is not None else None,
-                   answers=(answers[i] if answers is not None else ()), labels=(labels[i] if labels is not None else ()))
+                   answers=(answers[i] if answers is not None else ()),
+                   labels=(labels[i] if labels is not None else ()))
             for i, im in enumerate(images))
 
 

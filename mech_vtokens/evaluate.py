@@ -193,6 +193,17 @@ class EvalResult:
         return f"EvalResult({len(self.answers)} answers, conditions {list(self.settings['conditions'])})"
 
 
+def _check_generation_args(scorer, max_new_tokens, batch_size):
+    """evaluate's argument checks for the scorer, the answer length and the batch size (raise InputError)."""
+    if not (scorer in SCORERS or callable(scorer)):
+        raise InputError(f"scorer={scorer!r}: choose one of {SCORERS} or pass a function (prediction, answers) -> "
+                         f"float")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive int")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: give a positive int")
+
+
 @keywords
 def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = 16, batch_size: int = DEFAULT_BATCH_SIZE,
              seed: int = 0, out=None, progress: bool = True, limit=None, shard=None) -> EvalResult:
@@ -210,13 +221,7 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = 16
     from .store import Store, Writer, atomic_write_bytes, check_shard, shard_of
 
     conditions = _check_conditions(conditions)
-    if not (scorer in SCORERS or callable(scorer)):
-        raise InputError(f"scorer={scorer!r}: choose one of {SCORERS} or pass a function (prediction, answers) -> "
-                         f"float")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive int")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size={batch_size!r}: give a positive int")
+    _check_generation_args(scorer, max_new_tokens, batch_size)
     shard = check_shard(shard)
     src = D.open_source(source)
     if limit is not None:
@@ -282,7 +287,8 @@ class HarnessModel:
     greedily under ``interventions`` (objects or factories ``f(vlm, batch)``). ``images``: one PIL image (or list)
     per prompt; a prompt without the image placeholder is wrapped in the model's prompt format."""
 
-    def __init__(self, vlm, interventions=(), max_new_tokens: int = 16, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(self, vlm, interventions=(), max_new_tokens: int = 16, seed: int = 0,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
         self.vlm, self.max_new_tokens, self.seed, self.batch_size = vlm, max_new_tokens, seed, batch_size
         self.interventions = _check_conditions({"model": interventions})["model"]
 

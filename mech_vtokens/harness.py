@@ -65,7 +65,8 @@ def applied(model, interventions, batch_or_inputs, probes=()):
         if ".source." in f".{site.path}.":
             who = ", ".join(repr(exp.comps[c]) for c in site.cids)
             raise InputError(f"{who} acts inside a function of the model (nnsight .source: {site.path!r}), which "
-                             f"plain torch hooks cannot reach; run it in an nnsight trace (mech_vtokens.run / an Experiment) "
+                             f"plain torch hooks cannot reach; run it in an nnsight trace "
+                             f"(mech_vtokens.run / an Experiment) "
                              f"instead of applied(...)")
     # the Experiment's ctx for a prefill and for a decode step: every forward under the hooks is seen
     ctxs = {d: forward_ctx(dict(exp.ctx, generating=True), hf, d) for d in (False, True)}

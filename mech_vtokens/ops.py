@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 
-def topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=None, normalize=False,
+# C901: the cheap chunked pass and the exact fp32 rerank share their state; kept in one place for the numerics
+def topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=None, normalize=False,  # noqa: C901
                  want_lse=False):
     """Top-k over ``(h @ weight.T + bias) * row_scale + penalty`` with ids equal to an fp32 computation.
 

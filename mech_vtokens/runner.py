@@ -155,7 +155,8 @@ class Runner:
     """See the module docstring and :func:`run_dataset` (the same arguments)."""
 
     def __init__(self, vlm, source, *, probes=(), interventions=(), out="mech-vtokens-run",
-                 batch_size: int = DEFAULT_BATCH_SIZE, remote=False, question: str | None = None, k: int = 5, progress: bool = True, limit=None,
+                 batch_size: int = DEFAULT_BATCH_SIZE, remote=False, question: str | None = None, k: int = 5,
+                 progress: bool = True, limit=None,
                  overwrite: bool = False, min_side: int | None = None, max_side: int | None = None,
                  dtype=None, device_map=None, shard=None):
         from . import data as D

@@ -245,7 +245,8 @@ _CONTENT_WORDS = ("cat", "dog", "car", "tree", "person", "red", "green", "blue",
                   "star")
 
 
-def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0):
+# C901: one weight-planting recipe per family, written out step by step (a test fixture)
+def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0):  # noqa: C901
     """A tiny ``family`` model (llava, qwen2_5_vl, internvl) whose weights plant a known token partition.
 
     Returns ``(path, truth)``; draw images with :func:`planted_image` (``truth`` says where the sinks are).
@@ -291,7 +292,8 @@ def planted_partition_model(family: str, path: str | os.PathLike, seed: int = 0)
         for c in range(3):
             filt[3 * q + c, c, r0:r0 + h, c0:c0 + h] = 1.0 / (h * h)
     yy, xx = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
-    sign = {12: 2.0 * ((xx + yy) % 2) - 1, 13: 2.0 * (xx % 2) - 1, 14: 2.0 * (yy % 2) - 1}  # +1 where the pattern is bright
+    # +1 where the pattern is bright
+    sign = {12: 2.0 * ((xx + yy) % 2) - 1, 13: 2.0 * (xx % 2) - 1, 14: 2.0 * (yy % 2) - 1}
     is_llava = family == "llava"
     gains = {12: 10.0, 13: 10.0, 14: 10.0} if is_llava else {12: 50.0, 13: 3.0, 14: 3.0}
     for j, s in sign.items():

@@ -169,6 +169,36 @@ class VLM:
                     "mech_vtokens.load('<org>/<name>') or use remote='local' to simulate the remote path here")
 
     # ---- inputs ---------------------------------------------------------------------------------------------
+    def _check_prompt_row(self, row, ims, text, ph, token):
+        """prepare's checks of one prompt and its images (raise InputError)."""
+        from PIL import Image
+
+        if not isinstance(text, str):
+            raise InputError(f"prompt {row} is a {type(text).__name__}, not a string")
+        n_ph = text.count(ph)
+        bare = text.count(token) - n_ph * ph.count(token)
+        if bare:
+            raise InputError(f"prompt {row} holds the image token {token!r} {bare} time(s) outside the whole "
+                             f"image span {ph!r}: write the span once per image, or build the prompt with "
+                             f"vlm.prompt(question, n_images=...)")
+        for im in ims:
+            if not isinstance(im, Image.Image):
+                raise InputError(f"prompt {row}: images must be PIL images, got {type(im).__name__}; open files "
+                                 f"with PIL.Image.open(path).convert('RGB')")
+        if n_ph != len(ims):
+            if n_ph == 0 and ims:
+                fix = (f"put the image placeholder {ph!r} in the prompt where the image goes, or build it with "
+                       f"vlm.prompt(question, n_images={len(ims)})")
+            elif not ims:
+                fix = f"pass an image for each of its {n_ph} placeholder(s), or remove them"
+            else:
+                fix = "use exactly one placeholder per image"
+            raise InputError(f"prompt {row} has {n_ph} image placeholder(s) {ph!r} but {len(ims)} image(s): {fix}")
+        limit = self.adapter.max_images_per_prompt
+        if limit is not None and len(ims) > limit:
+            raise InputError(f"prompt {row} has {len(ims)} images but the {self.family} family takes at most "
+                             f"{limit} per prompt; split them over several prompts")
+
     def prepare(self, images, prompts, **processor_kwargs) -> Batch:
         """Validate and process images + prompts into a :class:`Batch` (one processor call for the whole batch).
 
@@ -195,31 +225,7 @@ class VLM:
         token = self.adapter.image_token(self.processor)
         flat, image_of_row = [], []
         for row, (ims, text) in enumerate(zip(images, prompts)):
-            if not isinstance(text, str):
-                raise InputError(f"prompt {row} is a {type(text).__name__}, not a string")
-            n_ph = text.count(ph)
-            bare = text.count(token) - n_ph * ph.count(token)
-            if bare:
-                raise InputError(f"prompt {row} holds the image token {token!r} {bare} time(s) outside the whole "
-                                 f"image span {ph!r}: write the span once per image, or build the prompt with "
-                                 f"vlm.prompt(question, n_images=...)")
-            for im in ims:
-                if not isinstance(im, Image.Image):
-                    raise InputError(f"prompt {row}: images must be PIL images, got {type(im).__name__}; open files "
-                                     f"with PIL.Image.open(path).convert('RGB')")
-            if n_ph != len(ims):
-                if n_ph == 0 and ims:
-                    fix = (f"put the image placeholder {ph!r} in the prompt where the image goes, or build it with "
-                           f"vlm.prompt(question, n_images={len(ims)})")
-                elif not ims:
-                    fix = f"pass an image for each of its {n_ph} placeholder(s), or remove them"
-                else:
-                    fix = "use exactly one placeholder per image"
-                raise InputError(f"prompt {row} has {n_ph} image placeholder(s) {ph!r} but {len(ims)} image(s): {fix}")
-            limit = self.adapter.max_images_per_prompt
-            if limit is not None and len(ims) > limit:
-                raise InputError(f"prompt {row} has {len(ims)} images but the {self.family} family takes at most "
-                                 f"{limit} per prompt; split them over several prompts")
+            self._check_prompt_row(row, ims, text, ph, token)
             flat.extend(im.convert("RGB") for im in ims)
             image_of_row.extend([row] * len(ims))
         kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)

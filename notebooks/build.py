@@ -28,7 +28,8 @@ NOTEBOOKS = {
                "unembedding), in one forward, and look at them on the image."),
         ("code", SETUP),
         ("code", "images, questions, objects = demo_inputs(2)\n"
-                 "# vlm.prompt: the checkpoint's chat template, one whole image span per image (plain format without one)\n"
+                 "# vlm.prompt: the checkpoint's chat template, "
+                 "one whole image span per image (plain format without one)\n"
                  "prompts = [vlm.prompt(q) for q in questions]\n"
                  "print(questions, objects, prompts[0])\nimages[0].resize((192, 192))"),
         ("code", "from mech_vtokens.probes import EmbedLens, LogitLens\n\n"
@@ -36,7 +37,8 @@ NOTEBOOKS = {
                  "embed.to_pandas().head(10)"),
         ("md", "Most frequent top-1 token per site, for both lenses:"),
         ("code", "import pandas as pd\n\ndf = pd.concat([embed.to_pandas(), logit.to_pandas()])\n"
-                 "top1 = df[df['rank'] == 0].groupby(['lens', 'site'])['token'].agg(lambda s: s.value_counts().index[0])\n"
+                 "top1 = df[df['rank'] == 0].groupby(['lens', 'site'])['token']"
+                 ".agg(lambda s: s.value_counts().index[0])\n"
                  "top1.unstack(0)"),
         ("md", "The patch-grid overlay: hover a patch to see its top-k tokens at the layer of the slider."),
         ("code", "from mech_vtokens.views import PatchOverlay\n\nbatch = vlm.prepare(images, prompts)\n"
@@ -52,7 +54,9 @@ NOTEBOOKS = {
                "random set.\n\nPart A runs on `MODEL` (the embedded default unless you set one). Part B runs on a "
                "*planted* fixture whose partition is known by construction, so you can see what the analyses report "
                "when the structure is there."),
-        ("code", SETUP.replace("vlm = mv.load(path)", "vlm = mv.load(path, attn_implementation='eager')  # eager: attention weights for the dynamics")),
+        ("code", SETUP.replace("vlm = mv.load(path)",
+                               "vlm = mv.load(path, attn_implementation='eager')"
+                               "  # eager: attention weights for the dynamics")),
         ("md", "## A. Your model"),
         ("code", "from mech_vtokens.partition import GroupDynamics, calibrate, summarize\n\n"
                  "images, questions, _ = demo_inputs(28)\nprompts = [vlm.prompt(q) for q in questions]\n"
@@ -69,8 +73,11 @@ NOTEBOOKS = {
                  "ppath, truth = T.planted_partition_model('llava', tempfile.mkdtemp() + '/planted')\n"
                  "pvlm = mv.load(ppath)\n"
                  "drawn = [T.planted_image(truth, seed=i, content=0.6) for i in range(40)]\n"
-                 "pimages = [im for im, _ in drawn]\npprompts = [T.prompt('llava', 'what is in the image ?')] * len(pimages)  # the fixture's format (first token = USER, its sink)\n"
-                 "# a 64-wide model cannot reach the paper's thresholds (φ ≤ √d = 8 < 20; tiny ViT norms): use the fixture's\n"
+                 "pimages = [im for im, _ in drawn]\n"
+                 "pprompts = [T.prompt('llava', 'what is in the image ?')] * len(pimages)"
+                 "  # the fixture's format (first token = USER, its sink)\n"
+                 "# a 64-wide model cannot reach the paper's thresholds "
+                 "(φ ≤ √d = 8 < 20; tiny ViT norms): use the fixture's\n"
                  "ppart = calibrate(pvlm, pimages[:20], pprompts[:20], vit_threshold=truth['vit_threshold'],\n"
                  "                  phi_threshold=truth['phi_threshold'])\nppart"),
         ("code", "import numpy as np\n\nres = ppart.classify(pimages[20:], pprompts[20:])\n"
@@ -78,12 +85,14 @@ NOTEBOOKS = {
                  "print('token accuracy vs the planted truth:', (np.array(res.labels) == want).mean())\n"
                  "summarize(pvlm, pimages[:20], pprompts[:20], partition=ppart).plot()"),
         ("code", "from mech_vtokens.views import PatchOverlay\n\n"
-                 "batch = pvlm.prepare(pimages[20:22], pprompts[20:22])\none, = mv.run(pvlm, pimages[20:22], pprompts[20:22], probes=[ppart])\n"
+                 "batch = pvlm.prepare(pimages[20:22], pprompts[20:22])\n"
+                 "one, = mv.run(pvlm, pimages[20:22], pprompts[20:22], probes=[ppart])\n"
                  "PatchOverlay(batch, 0, groups=one.labels, title='planted fixture: groups')"),
         ("md", "Prune *dead* vs a seeded random set of the same size (paper Table 2 logic): the dead-pruned model "
                "stays much closer to the unpruned one."),
         ("code", "import torch\nfrom mech_vtokens.interventions import MatchedRandom, Prune, applied\n\n"
-                 "dead = ppart.token_set('dead')\nwith torch.no_grad():\n    base = pvlm.hf(**batch.inputs).logits[:, -1]\n"
+                 "dead = ppart.token_set('dead')\nwith torch.no_grad():\n"
+                 "    base = pvlm.hf(**batch.inputs).logits[:, -1]\n"
                  "for name, iv in [('-dead', Prune(dead)), ('-matched random', Prune(MatchedRandom(dead, seed=0)))]:\n"
                  "    with applied(pvlm, [iv], batch), torch.no_grad():\n"
                  "        d = (pvlm.hf(**batch.inputs).logits[:, -1] - base).norm(dim=-1)\n"
@@ -95,7 +104,8 @@ NOTEBOOKS = {
                "probes), in `mv.generate` (every step, one nnsight trace) and on a plain HF model / `generate` "
                "through `interventions.applied`."),
         ("code", SETUP),
-        ("code", "import torch\nfrom mech_vtokens.interventions import AllVisual, Group, MatchedRandom, Prune, ZeroSublayer, applied\n\n"
+        ("code", "import torch\nfrom mech_vtokens.interventions import AllVisual, Group, "
+                 "MatchedRandom, Prune, ZeroSublayer, applied\n\n"
                  "images, questions, _ = demo_inputs(4)\nprompts = [vlm.prompt(q) for q in questions]\n"
                  "batch = vlm.prepare(images, prompts)\n\n"
                  "from contextlib import nullcontext\n\n"
@@ -103,7 +113,8 @@ NOTEBOOKS = {
                  "    ctx = applied(vlm, list(interventions), batch) if interventions else nullcontext()\n"
                  "    with ctx, torch.no_grad():\n"
                  "        out = vlm.hf.generate(**batch.inputs, max_new_tokens=3, do_sample=False)\n"
-                 "    return [vlm.tokenizer.decode(o[batch.visual_mask.shape[1]:], skip_special_tokens=True) for o in out]\n\n"
+                 "    return [vlm.tokenizer.decode(o[batch.visual_mask.shape[1]:], skip_special_tokens=True)"
+                 " for o in out]\n\n"
                  "layers = list(range(vlm.n_layers))\n"
                  "table = {\n"
                  "    'baseline': answers(),\n"
@@ -114,8 +125,10 @@ NOTEBOOKS = {
         ("md", "Prune at the LLM input: the sequence really gets shorter. Here the target set is the 30 % of visual "
                "tokens with the lowest L2 norm at the LM input (a stand-in for the calibrated *dead* group of the "
                "partition notebook), against a seeded random set of the same size per image."),
-        ("code", "from mech_vtokens.probes import NormTracker\n\nnorms, = mv.run(vlm, images, prompts, probes=[NormTracker(vision=False)])\n"
-                 "df = norms.to_pandas()\nemb = df[(df.site == 'hook_embed') & (df.visual_index >= 0)].sort_values('visual_index')\n"
+        ("code", "from mech_vtokens.probes import NormTracker\n\n"
+                 "norms, = mv.run(vlm, images, prompts, probes=[NormTracker(vision=False)])\n"
+                 "df = norms.to_pandas()\n"
+                 "emb = df[(df.site == 'hook_embed') & (df.visual_index >= 0)].sort_values('visual_index')\n"
                  "low = emb.groupby('image').l2.transform(lambda s: s <= s.quantile(0.3)).to_numpy()\n"
                  "target = Group(low, name='low-norm')\ncontrol = MatchedRandom(target, seed=0)\n\n"
                  "with torch.no_grad():\n    base = vlm.hf(**batch.inputs).logits[:, -1]\n"
@@ -133,8 +146,10 @@ NOTEBOOKS = {
         ("code", "from mech_vtokens.interventions import VisualEntry, VisualExit\n\n"
                  "rows = {'baseline': mv.generate(vlm, images, prompts, max_new_tokens=3).text}\n"
                  "for k in range(1, vlm.n_layers):\n"
-                 "    rows[f'L_in = {k}'] = mv.generate(vlm, images, prompts, interventions=[VisualEntry(k)], max_new_tokens=3).text\n"
-                 "    rows[f'exit at {k}'] = mv.generate(vlm, images, prompts, interventions=[VisualExit(k)], max_new_tokens=3).text\n"
+                 "    rows[f'L_in = {k}'] = mv.generate(vlm, images, prompts, interventions=[VisualEntry(k)], "
+                 "max_new_tokens=3).text\n"
+                 "    rows[f'exit at {k}'] = mv.generate(vlm, images, prompts, interventions=[VisualExit(k)], "
+                 "max_new_tokens=3).text\n"
                  "pd.DataFrame(rows, index=questions)"),
     ],
     "04_compose_in_your_trace.ipynb": [
@@ -143,7 +158,8 @@ NOTEBOOKS = {
                "your own reads (which must follow forward order too)."),
         ("code", SETUP),
         ("code", "import nnsight\nfrom mech_vtokens.probes import EmbedLens, NormTracker\n\n"
-                 "images, questions, _ = demo_inputs(2)\nbatch = vlm.prepare(images, [vlm.prompt(q) for q in questions])\n"
+                 "images, questions, _ = demo_inputs(2)\n"
+                 "batch = vlm.prepare(images, [vlm.prompt(q) for q in questions])\n"
                  "exp = vlm.experiment(batch, probes=[EmbedLens(k=3), NormTracker()])\nexp"),
         ("code", "lm = vlm.model.model.language_model\nwith vlm.trace(**batch.inputs):\n"
                  "    raw = nnsight.save(exp.execute(vlm.model))\n"
@@ -158,7 +174,8 @@ NOTEBOOKS = {
                "the prompt's forward. Bind a saved dict first and read `tracer.result` in a second invoke, because "
                "an early EOS cuts the per-step loop short. `mv.generate` wraps exactly this."),
         ("code", "from mech_vtokens.interventions import VisualEntry\n\n"
-                 "gen = vlm.experiment(batch, probes=[EmbedLens(k=3, sites=['hook_embed'])], interventions=[VisualEntry(2)])\n"
+                 "gen = vlm.experiment(batch, probes=[EmbedLens(k=3, sites=['hook_embed'])], "
+                 "interventions=[VisualEntry(2)])\n"
                  "with vlm.generate(max_new_tokens=4, do_sample=False) as tracer:\n"
                  "    raw = nnsight.save({})\n"
                  "    with tracer.invoke(**batch.inputs):\n"
@@ -166,17 +183,20 @@ NOTEBOOKS = {
                  "    with tracer.invoke():\n"
                  "        ids = nnsight.save(tracer.result)\n"
                  "lens_at_input, _ = gen.results(raw)\n"
-                 "same = mv.generate(vlm, images, [vlm.prompt(q) for q in questions], interventions=[VisualEntry(2)], max_new_tokens=4)\n"
+                 "same = mv.generate(vlm, images, [vlm.prompt(q) for q in questions], "
+                 "interventions=[VisualEntry(2)], max_new_tokens=4)\n"
                  "print(vlm.tokenizer.batch_decode(ids[:, batch.visual_mask.shape[1]:], skip_special_tokens=True), "
                  "'| mv.generate:', same.text)"),
     ],
     "05_remote_ndif.ipynb": [
-        ("md", "# Remote on NDIF\n\nThe same code runs on NDIF with `remote=True` (a model loaded by its hub id, an NDIF "
+        ("md", "# Remote on NDIF\n\nThe same code runs on NDIF with `remote=True` "
+               "(a model loaded by its hub id, an NDIF "
                "API key configured with `nnsight.CONFIG.set_default_api_key(...)`). By default this notebook uses "
                "`remote='local'`, which runs the whole remote code path here: the trace is serialised, every module "
                "that NDIF does not have is hidden, the package's code is shipped by value (`nnsight.register`), then "
                "it runs — so a passing local run is strong evidence the real one works."),
-        ("code", "REMOTE = 'local'  # True for the real NDIF service (needs MODEL = a hub id and an API key)\n" + SETUP),
+        ("code", "REMOTE = 'local'  # True for the real NDIF service "
+                 "(needs MODEL = a hub id and an API key)\n" + SETUP),
         ("code", "from mech_vtokens.probes import EmbedLens, SinkChannels\n\nimages, questions, _ = demo_inputs(2)\n"
                  "prompts = [vlm.prompt(q) for q in questions]\n"
                  "lens, sinks = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()], remote=REMOTE)\n"
@@ -186,8 +206,10 @@ NOTEBOOKS = {
         ("md", "Generation under interventions runs remotely the same way: one generate trace, the interventions "
                "acting on every step on the server."),
         ("code", "from mech_vtokens.interventions import Prune, Positions\n\n"
-                 "far = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], max_new_tokens=4, remote=REMOTE)\n"
-                 "near = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], max_new_tokens=4)\n"
+                 "far = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], "
+                 "max_new_tokens=4, remote=REMOTE)\n"
+                 "near = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], "
+                 "max_new_tokens=4)\n"
                  "print('identical to a local run:', far.text == near.text)\nfar.to_pandas()"),
     ],
 }

@@ -157,7 +157,8 @@ class _Lens(Probe):
     def __init__(self, k: int = 5, sites=None, positions="visual", chunk: int = 8192, skip_special: bool = False,
                  candidates: int | None = None, unused_rows: bool = False):
         if not isinstance(unused_rows, bool):
-            raise InputError(f"{type(self).__name__}: unused_rows={unused_rows!r}; pass True (search the matrix rows no "
+            raise InputError(f"{type(self).__name__}: unused_rows={unused_rows!r}; "
+                             f"pass True (search the matrix rows no "
                              f"token maps to as well) or False (the default: rows below len(tokenizer) only)")
         if not isinstance(k, int) or k <= 0:
             raise InputError(f"{type(self).__name__}: k={k!r}; give a positive integer number of tokens (e.g. k=5)")

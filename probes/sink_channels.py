@@ -9,7 +9,8 @@ Fig. 4. ``layer`` in the table: -1 for ``hook_embed``, ``i`` for ``blocks.{i}.*`
 Sink dims ``dims``: a list of channel indices, a preset or ``"auto"`` (default). Presets are declared per family on
 the adapter (``Adapter.sink_dims``, keyed by checkpoint; LLaVA: ``"llava-hf/llava-1.5-7b-hf"`` = ``"llama2-7b"`` =
 {1415, 2533}, ``"llava-hf/llava-1.5-13b-hf"`` = ``"llama2-13b"`` = {2100, 4743}); a preset the model's family does
-not declare is refused before the forward. ``"auto"``: discovered from the BOS token's massive activations. Rule: D_sink = every
+not declare is refused before the forward. ``"auto"``: discovered from the BOS token's massive activations.
+Rule: D_sink = every
 channel d with |x_bos[d]| / RMS(x_bos) >= ``discover_ratio`` (default: ``threshold``) at ANY read site, where x_bos is
 the state at the first attended position of each prompt row (the BOS token when the tokenizer adds one; otherwise the
 first token, which plays the sink role). Note that the ratio is bounded by sqrt(d_model) (64 for LLaMA-7B, 8 for a
@@ -84,7 +85,8 @@ class SinkChannels(Probe):
             return self.dims
         table = vlm.adapter.sink_dims
         if self.dims not in table:
-            raise InputError(f"sink-dims preset {self.dims!r} is not declared for this {vlm.family} model (its presets: "
+            raise InputError(f"sink-dims preset {self.dims!r} is not declared for this {vlm.family} model "
+                             f"(its presets: "
                              f"{', '.join(table) or 'none'}); pass this model's channels as a list or dims='auto'")
         return list(table[self.dims])
 
@@ -110,8 +112,10 @@ class SinkChannels(Probe):
         if dims != "auto":
             bad = [x for x in dims if not 0 <= x < d]
             if bad:
-                raise InputError(f"sink dims {bad} are outside the hidden size {d} of this model (channels 0..{d - 1});"
-                                 f" a preset holds its checkpoint's channels: pass this model's channels or dims='auto'")
+                raise InputError(f"sink dims {bad} are outside the hidden size {d} of this model "
+                                 f"(channels 0..{d - 1});"
+                                 f" a preset holds its checkpoint's channels: "
+                                 f"pass this model's channels or dims='auto'")
         ref = self._reference(vlm)
         if ref not in sites:
             raise InputError(f"reference_site {ref!r} is not among the read sites; add it to sites or choose one of "

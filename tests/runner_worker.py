@@ -4,7 +4,8 @@
 
 PLAN_JSON: a list of attempts ``{"out": dir, "shard": null | [i, n], "kill": null | {"kind": "write", "n": int,
 "phase": "before" | "mid" | "after"} | {"kind": "time", "delay": seconds}}``, or ``{"parallel": [attempt, ...]}``:
-those attempts (no kills) forked at once, several writer processes on one store, all waited for. Each attempt runs ``run_dataset`` in a forked child; a "write" kill
+those attempts (no kills) forked at once, several writer processes on one store, all waited for.
+Each attempt runs ``run_dataset`` in a forked child; a "write" kill
 makes the child SIGKILL itself at its n-th atomic write (before writing, with the temp file written but not yet
 renamed, or just after the rename: the only moments the store on disk changes); a "progress" kill is ``os.kill``
 from this process ``delay`` s after the manifest has gained ``parts`` more committed batches (a random point inside

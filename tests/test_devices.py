@@ -73,9 +73,10 @@ def bf16_vlm(tiny_dir):
 
 
 def _runs():
-    from mech_vtokens.interventions import (AttentionKnockout, Complement, MatchedRandom, Positions, Prune, Rescale, VisualEntry,
-                               VisualExit, ZeroSublayer)
-    from mech_vtokens.probes import (Activations, EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels, ViTSinks)
+    from mech_vtokens.interventions import (AttentionKnockout, Complement, MatchedRandom, Positions, Prune, Rescale,
+                                            VisualEntry, VisualExit, ZeroSublayer)
+    from mech_vtokens.probes import (Activations, EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels,
+                                     ViTSinks)
 
     every_probe = [EmbedLens(k=3), LogitLens(k=3, logprobs=True), SinkChannels(threshold=3.0), NormTracker(),
                    ViTSinks(threshold=3.0), LabelMatching([["cat"], ["red", "dog"]], k=5),

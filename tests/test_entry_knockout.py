@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import mech_vtokens as mv
-from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer,
-                           applied, resolve)
+from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit,
+                                        ZeroSublayer, applied, resolve)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
@@ -336,7 +336,8 @@ def test_bad_input(tiny_vlm, eager_vlm):
     b = batch_of(vlm, "llava")
     n = vlm.n_layers
     for bad, msg in ((VisualEntry(n), "out of range"), (VisualEntry(-n - 1), "out of range"),
-                     (VisualEntry(0), "layer 0"), (VisualExit(0), "Prune"), (VisualExit(n), "out of range"), (VisualEntry(1.5), "one int"),
+                     (VisualEntry(0), "layer 0"), (VisualExit(0), "Prune"), (VisualExit(n), "out of range"),
+                     (VisualEntry(1.5), "one int"),
                      (VisualEntry(1, Positions([b.n_visual])), "outside the visual span"),
                      (VisualExit(1, torch.zeros(b.n_visual, dtype=torch.bool)), "selects no token"),
                      (AttentionKnockout("vv", 0), 'attn_implementation="eager"')):

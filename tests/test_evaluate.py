@@ -32,7 +32,8 @@ def test_scorers():
     assert exact_match("The red.", ["red"]) == 1.0 and exact_match("red circle", ["red"]) == 0.0
     assert contains("it is a red circle", ["red"]) == 1.0 and contains("reddish", ["red"]) == 0.0
     assert choice_letter("(B) blue", ["B"]) == 1.0 and choice_letter("answer: b", ["B"], ["red", "blue"]) == 1.0
-    assert choice_letter("A", ["blue"], ["red", "blue"]) == 0.0 and choice_letter("B.", ["blue"], ["red", "blue"]) == 1.0
+    assert choice_letter("A", ["blue"], ["red", "blue"]) == 0.0 and \
+        choice_letter("B.", ["blue"], ["red", "blue"]) == 1.0
     assert choice_letter("none", ["A"], ["x", "y"]) == 0.0
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import mech_vtokens as mv
-from mech_vtokens.interventions import AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer, applied
+from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit,
+                                        ZeroSublayer, applied)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 from intervention_refs import batch_of

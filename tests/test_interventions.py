@@ -9,8 +9,8 @@ import nnsight
 import pytest
 import torch
 
-from mech_vtokens.interventions import (AllVisual, Complement, Group, MatchedRandom, Positions, Prune, Rescale, ZeroSublayer,
-                           applied, resolve)
+from mech_vtokens.interventions import (AllVisual, Complement, Group, MatchedRandom, Positions, Prune, Rescale,
+                                        ZeroSublayer, applied, resolve)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
@@ -315,7 +315,8 @@ def test_compose_prune_zero_rescale_probe(tiny_vlm, family):
         keep = [j for j in range(L) if not ps[r, j]]
         zr = zs[r, keep]
         am = clean["attention_mask"][r:r + 1, keep] if clean["attention_mask"] is not None else None
-        pos = torch.arange(L)[keep][None] if clean["position_ids"] is None else clean["position_ids"][..., r:r + 1, keep]
+        pos = (torch.arange(L)[keep][None] if clean["position_ids"] is None
+               else clean["position_ids"][..., r:r + 1, keep])
 
         def zero(mod, args, out, zr=zr):
             o = out.clone()

@@ -40,5 +40,5 @@ def test_plot_cells_exist():
 
 def test_notebooks_are_present():
     names = {p.name for p in NOTEBOOKS}
-    assert {"01_quickstart.ipynb", "02_sink_dead_alive.ipynb", "03_interventions.ipynb", "04_compose_in_your_trace.ipynb",
-            "05_remote_ndif.ipynb"} <= names
+    assert {"01_quickstart.ipynb", "02_sink_dead_alive.ipynb", "03_interventions.ipynb",
+            "04_compose_in_your_trace.ipynb", "05_remote_ndif.ipynb"} <= names

@@ -32,7 +32,8 @@ def _reference_states(vlm, batch):
 
     layers = _resolve(vlm.hf, vlm.adapter.decoder_layers)
     got = {}
-    hook = layers[-1].register_forward_hook(lambda m, i, o: got.__setitem__("last", o[0] if isinstance(o, tuple) else o))
+    hook = layers[-1].register_forward_hook(lambda m, i, o: got.__setitem__("last",
+                                                                         o[0] if isinstance(o, tuple) else o))
     try:
         with torch.no_grad():
             out = vlm.hf(**batch.inputs, output_hidden_states=True)

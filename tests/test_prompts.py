@@ -19,7 +19,8 @@ TEMPLATES = {
         "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
         "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
         "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+        "{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
     "qwen": (
         "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
         "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
@@ -27,7 +28,8 @@ TEMPLATES = {
         "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
         "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
     "internvl": (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% for content in message['content'] %}"
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+        "{% for content in message['content'] %}"
         "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'text' %}"
         "{{ content['text'] }}{% endif %}{% endfor %}{{'<|im_end|>\n'}}{% endfor %}"
         "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"),

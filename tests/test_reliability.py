@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import mech_vtokens as mv
-from mech_vtokens.interventions import (AllVisual, AttentionKnockout, Complement, Group, MatchedRandom, Positions, Prune, Rescale,
-                           VisualEntry, VisualExit, ZeroSublayer, applied)
+from mech_vtokens.interventions import (AllVisual, AttentionKnockout, Complement, Group, MatchedRandom, Positions,
+                                        Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer, applied)
 from mech_vtokens.token_sets import as_token_set
 from mech_vtokens import data as D
 from mech_vtokens import testing as T

@@ -162,7 +162,8 @@ def test_rerun_of_a_finished_run_does_nothing(tmp_path, tiny_vlm, monkeypatch):
 def test_sigkill_at_5_random_points_then_resume_equals_uninterrupted(tmp_path, tiny_dir):
     """A worker process runs the same dataset; 5 attempts are SIGKILLed at seeded random points (at the n-th atomic
     write: before it, half-written temp file, just after the rename — the only moments the store changes — or by
-    os.kill from outside at a random moment of a later batch); a final attempt finishes. The result equals an uninterrupted run
+    os.kill from outside at a random moment of a later batch); a final attempt finishes.
+    The result equals an uninterrupted run
     record for record, with no record lost or duplicated."""
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -60,7 +60,7 @@ def test_overlay_groups_legend_and_bad_input(tiny_vlm):
     batch = vlm.prepare([T.image()], [T.prompt("llava")])
     groups = ["dead"] * 30 + ["alive"] * 5 + ["sink"]
     data = PatchOverlay(batch, 0, groups=groups).data()
-    assert {l["label"] for l in data["legend"]} == {"alive (5)", "dead (30)", "sink (1)"}
+    assert {e["label"] for e in data["legend"]} == {"alive (5)", "dead (30)", "sink (1)"}
     assert [c["group"] for c in data["cells"]] == groups
     with pytest.raises(InputError, match="3 values for 36 visual tokens"):
         PatchOverlay(batch, 0, values=[1, 2, 3])

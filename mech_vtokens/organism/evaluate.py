@@ -133,11 +133,13 @@ def hidden_states(model, processor, samples, batch: int = 64):
         enc = processor(text=["<image> describe the image ."] * len(ch), images=[s.image for s in ch],
                         return_tensors="pt", padding=True)
         caught = {}
-        hooks = [layer.register_forward_hook(lambda m, i, o, j=j: caught.__setitem__(j + 1, o[0] if isinstance(o, tuple) else o))
+        hooks = [layer.register_forward_hook(lambda m, i, o, j=j: caught.__setitem__(j + 1,
+                                                                                  o[0] if isinstance(o, tuple) else o))
                  for j, layer in enumerate(lm.layers)]
-        hooks.append(lm.register_forward_pre_hook(lambda m, a, kw: caught.__setitem__(0, kw["inputs_embeds"]), with_kwargs=True))
+        hooks.append(lm.register_forward_pre_hook(lambda m, a, kw: caught.__setitem__(0, kw["inputs_embeds"]),
+                                                  with_kwargs=True))
         try:
-            o = model(**enc, output_hidden_states=False)
+            model(**enc, output_hidden_states=False)  # the hooks catch the states
         finally:
             for h in hooks:
                 h.remove()
@@ -251,7 +253,8 @@ def lens_report(model, processor, samples) -> dict:
         ht = txt[layer]
         phi_v = hv.abs().amax(-1) / hv.pow(2).mean(-1).sqrt()
         phi_t = ht.abs().amax(-1) / ht.pow(2).mean(-1).sqrt()
-        cos_best = (torch.nn.functional.normalize(hv, dim=-1) @ torch.nn.functional.normalize(E[word_ids], dim=-1).T).amax(-1)
+        cos_best = (torch.nn.functional.normalize(hv, dim=-1)
+                    @ torch.nn.functional.normalize(E[word_ids], dim=-1).T).amax(-1)
         row["norms"] = {"visual_mean": round(float(hv.norm(dim=-1).mean()), 3),
                         "visual_max": round(float(hv.norm(dim=-1).max()), 3),
                         "text_mean": round(float(ht.norm(dim=-1).mean()), 3)}
@@ -302,12 +305,15 @@ def _f(x) -> str:
 
 
 def format_report(r: dict) -> str:
-    lines = ["Held-out accuracy (greedy answer exactly right)", f"{'kind':<11}{'n':>6}{'acc':>8}{'baseline':>10}{'chance':>8}"]
+    lines = ["Held-out accuracy (greedy answer exactly right)",
+             f"{'kind':<11}{'n':>6}{'acc':>8}{'baseline':>10}{'chance':>8}"]
     for k, v in r["accuracy"].items():
         lines.append(f"{k:<11}{v['n']:>6}{v['accuracy']:>8.3f}{v['baseline']:>10.3f}{v['chance']:>8.3f}")
     lens = r["lens"]
-    lines += ["", f"Lens hit rates, top-{K} of ordinary words (random {lens['random_hit_rate']:.3f}); in / elsewhere (macro)",
-              f"{'layer':<6}" + "".join(f"{lname + ':' + g:>18}" for lname in ["embed", "logit"] for g in ["colour", "shape", "backgr", "text"])]
+    lines += ["", f"Lens hit rates, top-{K} of ordinary words (random {lens['random_hit_rate']:.3f}); "
+                  f"in / elsewhere (macro)",
+              f"{'layer':<6}" + "".join(f"{lname + ':' + g:>18}" for lname in ["embed", "logit"]
+                                        for g in ["colour", "shape", "backgr", "text"])]
     for row in lens["layers"]:
         cells = []
         for lname in ["embed", "logit"]:
@@ -317,20 +323,24 @@ def format_report(r: dict) -> str:
         lines.append(f"{row['layer']:<6}" + "".join(f"{c:>18}" for c in cells))
     lines += ["", "Anti-EmbedLens (word among the 5 most NEGATIVE cosines) in / elsewhere at layer 0: "
               + "; ".join(f"{g} {lens['layers'][0]['anti-embed'][g]['macro']['in']:.2f}/"
-                          f"{lens['layers'][0]['anti-embed'][g]['macro']['elsewhere']:.2f}" for g in ["colour", "shape"])]
+                          f"{lens['layers'][0]['anti-embed'][g]['macro']['elsewhere']:.2f}"
+                          for g in ["colour", "shape"])]
     lines += ["", "Per-colour EmbedLens hit rate at the LM input (layer 0) and the best layer: in / elsewhere"]
-    best = max(lens["layers"], key=lambda row: row["embed"]["colour"]["macro"]["in"] - row["embed"]["colour"]["macro"]["elsewhere"])
+    best = max(lens["layers"],
+               key=lambda row: row["embed"]["colour"]["macro"]["in"] - row["embed"]["colour"]["macro"]["elsewhere"])
     for w in world.COLOUR_WORDS:
         a = lens["layers"][0]["embed"]["colour"]["per_word"][w]
         b = best["embed"]["colour"]["per_word"][w]
-        lines.append(f"  {w:<8} L0 {_f(a['in'])}/{_f(a['elsewhere'])}   L{best['layer']} {_f(b['in'])}/{_f(b['elsewhere'])}  (n_in {a['n_in']})")
+        lines.append(f"  {w:<8} L0 {_f(a['in'])}/{_f(a['elsewhere'])}   "
+                     f"L{best['layer']} {_f(b['in'])}/{_f(b['elsewhere'])}  (n_in {a['n_in']})")
     lines += ["", "Per-shape EmbedLens hit rate at layer 0: in / elsewhere"]
     for w in world.SHAPE_WORDS:
         a = lens["layers"][0]["embed"]["shape"]["per_word"][w]
         lines.append(f"  {w:<8} {_f(a['in'])}/{_f(a['elsewhere'])} (n_in {a['n_in']})")
     lines += ["", "EmbedLens top-1 most common words per layer: "
               + "; ".join(f"L{row['layer']} {row['embed']['top1_most_common']}" for row in lens["layers"])]
-    lines += ["", f"{'layer':<6}{'|vis|':>8}{'|txt|':>8}{'best cos':>9}{'phi vis max':>12}{'phi vis med':>12}{'phi txt max':>12}{'phi bos':>9}"]
+    lines += ["", f"{'layer':<6}{'|vis|':>8}{'|txt|':>8}{'best cos':>9}{'phi vis max':>12}{'phi vis med':>12}"
+                  f"{'phi txt max':>12}{'phi bos':>9}"]
     for row in lens["layers"]:
         n, p = row["norms"], row["phi"]
         lines.append(f"{row['layer']:<6}{n['visual_mean']:>8.2f}{n['text_mean']:>8.2f}{row['best_word_cosine_mean']:>9.3f}"

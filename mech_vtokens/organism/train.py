@@ -143,9 +143,9 @@ def pad_batch(seqs: list[list[int]], labels: list[list[int]]):
     ids = torch.full((len(seqs), n), PAD, dtype=torch.long)
     lab = torch.full((len(seqs), n), -100, dtype=torch.long)
     att = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
         ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(lb)] = torch.tensor(lb)
         att[i, : len(s)] = 1
     return ids, lab, att
 
@@ -171,9 +171,9 @@ def vlm_batch(data: Data, idx: list[int], rng: random.Random, caption_fraction: 
         else:
             _, prompt, target = rng.choice(data.qa[i])
         s = [BOS] + [IMG] * n_img + prompt + target + [EOS]
-        l = [-100] * (1 + n_img + len(prompt)) + target + [EOS]
+        lb = [-100] * (1 + n_img + len(prompt)) + target + [EOS]
         seqs.append(s)
-        labels.append(l)
+        labels.append(lb)
     ids, lab, att = pad_batch(seqs, labels)
     return ids, lab, att, pixels(data.images[idx])
 
@@ -257,7 +257,7 @@ def run_loop(name: str, steps: int, params_groups, make_batch, loss_fn, warmup: 
     print(f"[{name}] {steps} steps in {time.time() - t0:.0f}s, loss(ema) {ema:.3f}", flush=True)
 
 
-def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:
+def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:  # noqa: C901 - staged, resumable recipe
     from transformers import CLIPModel, LlavaForConditionalGeneration
 
     torch.set_num_threads(threads)
@@ -304,7 +304,9 @@ def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:
 
         def clip_loss(b):
             px, ids, att, target = b
-            o = clip(input_ids=ids, attention_mask=att, pixel_values=px)
+            # `clip` is the enclosing train()'s local, read through the closure while run_loop runs below;
+            # ruff reports F821 only because of the later `del clip` (after the last call of this function).
+            o = clip(input_ids=ids, attention_mask=att, pixel_values=px)  # noqa: F821
             li = o.logits_per_image
             return 0.5 * (torch.sum(-target * F.log_softmax(li, 1), 1).mean()
                           + torch.sum(-target * F.log_softmax(li.t(), 1), 1).mean())
@@ -373,7 +375,8 @@ def train(out: Path, recipe: Recipe, seed: int = 0, threads: int = 2) -> Path:
                                  recipe.caption_fraction_projector, n_img)
 
             groups = [{"params": list(proj.parameters()), "lr": recipe.projector_lr}]
-            run_loop("projector", recipe.projector_steps, groups, make, vlm_loss, recipe.warmup, log, recipe.weight_decay)
+            run_loop("projector", recipe.projector_steps, groups, make, vlm_loss, recipe.warmup, log,
+                     recipe.weight_decay)
         else:
             unfreeze = recipe.vision_lr_scale > 0
             set_trainable(unfreeze, True, True)

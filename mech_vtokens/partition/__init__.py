@@ -10,6 +10,7 @@ from .partition import GROUPS, PRESETS, Partition, PartitionGroup, PartitionResu
 from .sparsity import SparsityResult, semantic_sparsity
 from .summary import PartitionSummary, summarize
 
-__all__ = ["ClusterDominance", "cluster_dominance", "GROUPS", "PRESETS", "Clusters", "CrossImage", "GroupDynamics", "GroupDynamicsResult", "Partition", "PartitionGroup", "PartitionResult",
+__all__ = ["ClusterDominance", "cluster_dominance", "GROUPS", "PRESETS", "Clusters", "CrossImage", "GroupDynamics",
+           "GroupDynamicsResult", "Partition", "PartitionGroup", "PartitionResult",
            "anchor_clusters", "calibrate", "centroid_labels", "cross_image_similarity", "max_similarity",
            "model_identity", "PartitionSummary", "semantic_sparsity", "SparsityResult", "summarize"]

@@ -115,8 +115,9 @@ def _find_dead(per_image, tau, stable, min_size, mu):
     return direction[None], info
 
 
+# C901: the paper's calibration steps (sinks, clusters, dead/alive, per rule) read as one sequence
 @keywords
-def calibrate(vlm, images, prompts=None, *, rule: str = "statistical", tau: float = 0.9, stable: float = 0.95,
+def calibrate(vlm, images, prompts=None, *, rule: str = "statistical", tau: float = 0.9, stable: float = 0.95,  # noqa: C901
               min_size: int = 2, vit_layer: int = -1, vit_threshold: float = 75.0, sink_dims="auto",
               phi_threshold: float = 20.0, llm_site: str | None = None, reference=None, k: int = 3,
               batch_size: int = DEFAULT_BATCH_SIZE, remote=False, progress: bool = False) -> Partition:

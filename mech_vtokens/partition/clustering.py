@@ -26,7 +26,8 @@ def _check_tau(tau) -> float:
     try:
         tau = float(tau)
     except (TypeError, ValueError):
-        raise InputError(f"τ={tau!r}: give a cosine threshold in (0, 1] (the paper uses 0.9; 0.8 and 0.95 too)") from None
+        raise InputError(f"τ={tau!r}: give a cosine threshold in (0, 1] "
+                         f"(the paper uses 0.9; 0.8 and 0.95 too)") from None
     if not 0.0 < tau <= 1.0:
         raise InputError(f"τ={tau}: the cosine threshold must be in (0, 1] (the paper uses 0.9; 0.8 and 0.95 too)")
     return tau

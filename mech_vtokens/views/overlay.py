@@ -137,26 +137,34 @@ background-size:100% 100%"></div>
 const D={payload};const root=document.getElementById("{uid}");
 const stage=root.querySelector(".stage"),info=root.querySelector(".info"),ctl=root.querySelector(".controls");
 let site=D.sites.length?D.sites[D.sites.length-1]:null, tile=D.tiles[0], cur=null;
-if(D.sites.length){{const lab=document.createElement("label");lab.textContent="layer: ";const s=document.createElement("input");
+if(D.sites.length){{const lab=document.createElement("label");lab.textContent="layer: ";
+const s=document.createElement("input");
 s.type="range";s.min=0;s.max=D.sites.length-1;s.value=D.sites.length-1;s.className="layer-slider";
 const out=document.createElement("span");out.className="site-name";out.textContent=" "+site;
-s.oninput=()=>{{site=D.sites[+s.value];out.textContent=" "+site;if(cur)show(cur);}};lab.appendChild(s);lab.appendChild(out);ctl.appendChild(lab);}}
+s.oninput=()=>{{site=D.sites[+s.value];out.textContent=" "+site;if(cur)show(cur);}};
+lab.appendChild(s);lab.appendChild(out);ctl.appendChild(lab);}}
 if(D.tiles.length>1){{const sel=document.createElement("select");sel.className="tile-select";
-D.tiles.forEach(t=>{{const o=document.createElement("option");o.value=t;o.textContent=(t===D.tiles[D.tiles.length-1]&&D.grid.tiles>1)?"thumbnail":"tile "+t;sel.appendChild(o);}});
+D.tiles.forEach(t=>{{const o=document.createElement("option");o.value=t;
+o.textContent=(t===D.tiles[D.tiles.length-1]&&D.grid.tiles>1)?"thumbnail":"tile "+t;
+sel.appendChild(o);}});
 sel.onchange=()=>{{tile=+sel.value;draw();}};ctl.appendChild(document.createTextNode(" "));ctl.appendChild(sel);}}
 const leg=root.querySelector(".legend");D.legend.forEach(l=>{{const d=document.createElement("div");
-d.innerHTML='<span style="display:inline-block;width:12px;height:12px;background:'+l.color+'"></span> '+l.label;leg.appendChild(d);}});
+d.innerHTML='<span style="display:inline-block;width:12px;height:12px;background:'+l.color+'"></span> '+l.label;
+leg.appendChild(d);}});
 function show(c){{cur=c;let t="token "+c.i+"  grid ("+c.row+","+c.col+")"+(c.tile>=0?" tile "+c.tile:"");
 if(c.value!==undefined)t+="\\nvalue "+c.value;if(c.group!==undefined)t+="\\ngroup "+c.group;
-for(const lens in D.tops){{const k=D.cells.indexOf(c);t+="\\n\\n"+lens+" @ "+site+"\\n  "+D.tops[lens][site][k].join("\\n  ");}}
+for(const lens in D.tops){{const k=D.cells.indexOf(c);
+t+="\\n\\n"+lens+" @ "+site+"\\n  "+D.tops[lens][site][k].join("\\n  ");}}
 info.textContent=t;}}
 function draw(){{stage.querySelectorAll(".cell").forEach(e=>e.remove());
 D.cells.filter(c=>c.tile===tile).forEach(c=>{{const e=document.createElement("div");e.className="cell";
-const b=(D.grid.tiles>1&&c.tile===D.tiles[D.tiles.length-1])?[c.col/D.grid.cols,c.row/D.grid.rows,(c.col+1)/D.grid.cols,(c.row+1)/D.grid.rows]:c.box;
+const b=(D.grid.tiles>1&&c.tile===D.tiles[D.tiles.length-1])?[c.col/D.grid.cols,c.row/D.grid.rows,
+(c.col+1)/D.grid.cols,(c.row+1)/D.grid.rows]:c.box;
 Object.assign(e.style,{{position:"absolute",left:(b[0]*100)+"%",top:(b[1]*100)+"%",width:((b[2]-b[0])*100)+"%",
 height:((b[3]-b[1])*100)+"%",boxSizing:"border-box",border:"1px solid rgba(255,255,255,.35)",
 background:c.color||"transparent",opacity:c.color?0.55:1}});e.dataset.token=c.i;
-e.onmouseenter=()=>{{show(c);e.style.outline="2px solid #000";}};e.onmouseleave=()=>{{e.style.outline="";}};stage.appendChild(e);}});}}
+e.onmouseenter=()=>{{show(c);e.style.outline="2px solid #000";}};
+e.onmouseleave=()=>{{e.style.outline="";}};stage.appendChild(e);}});}}
 draw();}})();</script>"""
 
     def _repr_html_(self) -> str:

@@ -53,7 +53,8 @@ class Report:
 
     @property
     def html(self) -> str:
-        style = ("<style>.mvt-table{border-collapse:collapse;font-size:12px}.mvt-table td,.mvt-table th{padding:2px 6px;"
+        style = ("<style>.mvt-table{border-collapse:collapse;font-size:12px}"
+                 ".mvt-table td,.mvt-table th{padding:2px 6px;"
                  "border-bottom:1px solid #ddd}figure img{max-width:720px}</style>")
         head = f"<script>{bundle()}</script>" if self._has_cv else ""
         return page(self.title, f"{style}{head}<h1>{_html.escape(self.title)}</h1>" + "\n".join(self.parts))
