@@ -85,13 +85,18 @@ def kept_states(vlm, batch) -> dict:
         hooks.append(layer.register_forward_hook(
             lambda m, i_, o, i=i: got.__setitem__(f"blocks.{i}.hook_resid_post", o[0] if isinstance(o, tuple)
                                                   else o)))
+    forward_with_hooks(hf, batch.inputs, hooks)
+    return got
+
+
+def forward_with_hooks(hf, inputs, hooks) -> None:
+    """One no-grad HF forward with ``hooks`` (torch hook handles) installed; every one removed after, also on error."""
     try:
         with torch.no_grad():
-            hf(**batch.inputs)
+            hf(**inputs)
     finally:
         for h in hooks:
             h.remove()
-    return got
 
 
 def chunked_topk(h, mat, k: int, scale=None, chunk: int = 8192, values: bool = False):

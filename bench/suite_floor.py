@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import chunked_topk  # noqa: E402  (the floor's running top-k, one copy for every bench)
+from common import chunked_topk, forward_with_hooks  # noqa: E402  (one copy for every bench)
 
 
 def suite_probes(k: int, dims):
@@ -64,12 +64,7 @@ def states(vlm, batch) -> dict:
             lambda m, args, kw, i=i: got.__setitem__(f"mid.{i}", args[0] if args else next(iter(kw.values()))),
             with_kwargs=True))
         hooks.append(layer.register_forward_hook(keep(f"post.{i}")))
-    try:
-        with torch.no_grad():
-            hf(**batch.inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(hf, batch.inputs, hooks)
     return got
 
 
