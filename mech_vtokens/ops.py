@@ -53,7 +53,7 @@ def topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=
         if best_v is not None:
             v = torch.cat([best_v, v.to(best_v.dtype)], 1)
             i = torch.cat([best_i, i], 1)
-            v, j = v.topk(n_cand, dim=1)
+            v, j = v.topk(min(n_cand, v.shape[1]), dim=1)  # small chunks: fewer than n_cand seen so far
             i = i.gather(1, j)
         best_v, best_i = v, i
     hf = h.float()
