@@ -8,8 +8,10 @@ a resumed run skips the ids it already has).
 
 Images are opened lazily (only when a batch needs them, so memory stays flat) by :func:`load_image`, which never
 raises for a bad file: corrupt / truncated / missing files and absurd shapes are SKIPPED (image None, the reason in
-``note``); grey, palette, 16-bit, CMYK and RGBA images are CONVERTED to RGB (alpha composited on white), tiny images
-upscaled, huge ones downscaled — the conversion is named in ``note`` and logged by the runner.
+``note``); grey, palette, 16-bit, CMYK and RGBA images, numpy arrays and tensors are CONVERTED to RGB by
+:func:`to_rgb` — the ONE conversion, also used by ``vlm.prepare`` and the CLI, so an image is the same input on every
+path (16-bit scaled, alpha composited on white, arrays' layout checked) — tiny images upscaled, huge ones downscaled;
+the conversion is named in ``note`` and logged by the runner.
 
 Ids: folder — the file's path relative to the folder (posix); COCO — the image id; JSONL — the line's ``id`` /
 ``question_id`` field, else ``"line<n>"`` (1-based line number); in memory — the index or the ids you pass.
@@ -61,44 +63,22 @@ class Record:
 
 
 def load_image(src, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE):
-    """Open ``src`` (path or PIL image) as RGB. Returns ``(image, note)``: ``image`` None when skipped, ``note`` the
-    reason (skipped) or the conversions done (None if the image was used as is)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Open ``src`` (path, PIL image, numpy array or torch tensor) as RGB by :func:`to_rgb`. Returns
+    ``(image, note)``: ``image`` None when skipped, ``note`` the reason (skipped) or the conversions done (None if
+    the image was used as is)."""
+    from PIL import Image
 
-    notes = []
+    im, notes = _open(src, max_side)
+    if im is None:
+        return None, notes
+    mode, alpha = im.mode, im.mode in _ALPHA_MODES or "transparency" in im.info
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if isinstance(src, Image.Image):
-                im = src
-            else:
-                path = Path(src)
-                if not path.is_file():
-                    return None, f"skipped: file not found ({path})"
-                im = Image.open(path)
-            w, h = im.size
-            if w < 1 or h < 1:
-                return None, f"skipped: empty image ({w}x{h})"
-            if w * h > MAX_PIXELS:
-                return None, f"skipped: {w}x{h} = {w * h / 1e6:.0f} Mpx is over the {MAX_PIXELS / 1e6:.0f} Mpx limit"
-            if max(w, h) / min(w, h) > MAX_ASPECT:
-                return None, f"skipped: aspect ratio {max(w, h) / min(w, h):.0f}:1 over {MAX_ASPECT:.0f}:1 ({w}x{h})"
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-                notes.append(f"first of {im.n_frames} frames")
-            if max(w, h) > max_side and hasattr(im, "draft") and im.format == "JPEG":
-                im.draft("RGB", (max_side, max_side))  # decode at reduced size: memory stays flat
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-    except Image.DecompressionBombError as err:
-        return None, f"skipped: too large to decode safely ({err})"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        return None, f"skipped: not a readable image ({type(err).__name__}: {err})"
-    mode = im.mode
-    if mode != "RGB":
-        im = _to_rgb(im)
-        notes.append(f"converted {mode} to RGB" + (" (alpha on white)" if "A" in mode or "transparency" in im.info
-                                                    else ""))
+        rgb = to_rgb(im)
+    except InputError as err:
+        return None, f"skipped: {err}"
+    if rgb is not im:
+        notes.append(f"converted {mode} to RGB" + (" (alpha on white)" if alpha else ""))
+    im = rgb
     w, h = im.size
     if max(w, h) > max_side:
         s = max_side / max(w, h)
@@ -112,22 +92,219 @@ def load_image(src, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE):
     return im, ("; ".join(notes) or None)
 
 
-def _to_rgb(im):
+def _open(src, max_side):
+    """(decoded PIL image, notes) or (None, why skipped)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    notes = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(src, Image.Image):
+                im = src
+            elif getattr(src, "ndim", None) is not None:  # a numpy array or torch tensor
+                im = to_rgb(src, "the array")
+            else:
+                path = Path(src)
+                if not path.is_file():
+                    return None, f"skipped: file not found ({path})"
+                im = Image.open(path)
+            why = _bad_size(*im.size)
+            if why:
+                return None, why
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+                notes.append(f"first of {im.n_frames} frames")
+            if max(im.size) > max_side and hasattr(im, "draft") and im.format == "JPEG":
+                im.draft("RGB", (max_side, max_side))  # decode at reduced size: memory stays flat
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+    except InputError as err:
+        return None, f"skipped: {err}"
+    except Image.DecompressionBombError as err:
+        return None, f"skipped: too large to decode safely ({err})"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        return None, f"skipped: not a readable image ({type(err).__name__}: {err})"
+    return im, notes
+
+
+def _bad_size(w, h):
+    if w < 1 or h < 1:
+        return f"skipped: empty image ({w}x{h})"
+    if w * h > MAX_PIXELS:
+        return f"skipped: {w}x{h} = {w * h / 1e6:.0f} Mpx is over the {MAX_PIXELS / 1e6:.0f} Mpx limit"
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        return f"skipped: aspect ratio {max(w, h) / min(w, h):.0f}:1 over {MAX_ASPECT:.0f}:1 ({w}x{h})"
+    return None
+
+
+# ---- the ONE image conversion (prepare, every loader, the CLI) -------------------------------------------------
+
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, on every path
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+IMAGE_RULES = ("PIL images (any mode), numpy arrays HxW (grey) or HxWxC (C = 1, 3 or 4; uint8 0..255, uint16 "
+               "0..65535, float 0..1) or torch tensors CxHxW as torchvision (or HxW; same dtypes)")
+
+
+def is_image(x) -> bool:
+    """True for one image as :func:`to_rgb` takes it: a PIL image, or a 2-D / 3-D numpy array or torch tensor."""
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        return True
+    nd = getattr(x, "ndim", None)
+    return nd in (2, 3) and type(x).__module__.split(".")[0] in ("numpy", "torch")
+
+
+def image_lists(images, n_prompts: int):
+    """``vlm.prepare``'s ``images`` as one list of RGB PIL images per prompt (each converted by :func:`to_rgb`):
+    None (no images), ONE image, one image per prompt, or a list of images per prompt."""
+    if images is None:
+        return [[] for _ in range(n_prompts)]
+    if is_image(images):
+        images = [images]
+    rows = []
+    for r, im in enumerate(images):
+        if im is None:
+            rows.append([])
+        elif is_image(im):
+            rows.append([to_rgb(im, f"the image of prompt {r}")])
+        elif isinstance(im, (list, tuple)):
+            rows.append([to_rgb(x, f"image {j} of prompt {r}") for j, x in enumerate(im)])
+        else:
+            to_rgb(im, f"the image of prompt {r}")  # raises: not an image, nor a list of them
+    return rows
+
+
+def to_rgb(image, what: str = "image"):
+    """``image`` as an 8-bit RGB PIL image, by ONE rule used by ``vlm.prepare``, every data loader and the CLI:
+
+    - PIL: an EXIF rotation flag applied first; RGB as is; 16-bit grey (``I;16*``, and ``I``: read as
+      0..65535) scaled by 255/65535, rounded; ``F`` (float) read as 0..1 (else refused); alpha (``RGBA``, ``LA``,
+      ``PA``, palette or grey/RGB with a transparent colour) composited on :data:`BACKGROUND` (white):
+      ``c = round(c * a + 255 * (1 - a))``, ``a = alpha / 255``; palette, ``1``, ``L``, ``CMYK``, ``YCbCr``,
+      ``LAB``, ``HSV`` by PIL's ``convert("RGB")``.
+    - numpy: HxW grey or HxWxC (channels LAST, C = 1 / 3 / 4 = grey / RGB / RGBA); a 3-D array whose first axis
+      is 1 / 3 / 4 and whose last is not is channels-first and refused (``a.transpose(1, 2, 0)``).
+    - torch: CxHxW (channels FIRST, as torchvision) or HxW; a 3-D tensor whose last axis is 1 / 3 / 4 and whose
+      first is not is channels-last and refused (``t.permute(2, 0, 1)``); batches (4-D) are refused.
+    - dtypes: uint8 as is; uint16 scaled by 255/65535; other integers must lie in 0..255; bool: 0 / 255; floats
+      must lie in [0, 1] (scaled by 255, rounded); NaN is refused.
+
+    InputError (naming the rule and the fix) for anything else, before any work."""
     import numpy as np
     from PIL import Image
 
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / int / float grey: stretch to 0..255
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
-        return Image.fromarray(np.nan_to_num(a).astype(np.uint8), "L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image, what)
+    mod = type(image).__module__.split(".")[0]
+    if mod == "torch" and hasattr(image, "permute"):
+        return _array_to_rgb(_tensor_to_hwc(image, what), what)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(_ndarray_to_hwc(image, what), what)
+    raise InputError(f"{what} is a {type(image).__name__}; images must be {IMAGE_RULES}; open files with "
+                     f"PIL.Image.open(path) (or mech_vtokens.data.load_image(path))")
+
+
+def _tensor_to_hwc(t, what):
+    if t.ndim == 2:
+        return t.detach().cpu().float().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+    if t.ndim != 3:
+        raise InputError(f"{what} is a tensor of shape {tuple(t.shape)}; give ONE image CxHxW (or HxW)"
+                         + ("; for a batch pass a list of images (list(t))" if t.ndim == 4 else ""))
+    c_first, c_last = t.shape[0] in (1, 3, 4), t.shape[-1] in (1, 3, 4)
+    if not c_first:
+        hint = "; it looks channels-last: pass t.permute(2, 0, 1)" if c_last else ""
+        raise InputError(f"{what} is a tensor of shape {tuple(t.shape)}; tensors are CxHxW as torchvision "
+                         f"(C = 1, 3 or 4){hint}")
+    t = t.detach().cpu().permute(1, 2, 0)
+    return t.float().numpy() if t.is_floating_point() else t.numpy()
+
+
+def _ndarray_to_hwc(a, what):
+    if a.ndim == 2:
+        return a
+    if a.ndim != 3:
+        raise InputError(f"{what} is an array of shape {a.shape}; give ONE image HxWxC (or HxW)"
+                         + ("; for a batch pass a list of images (list(a))" if a.ndim == 4 else ""))
+    if a.shape[-1] not in (1, 3, 4):
+        hint = "; it looks channels-first: pass a.transpose(1, 2, 0)" if a.shape[0] in (1, 3, 4) else ""
+        raise InputError(f"{what} is an array of shape {a.shape}; numpy images are HxWxC (C = 1, 3 or 4){hint}")
+    return a
+
+
+def _to_uint8(a, what):
+    import numpy as np
+
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16:
+        return np.rint(a.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer):
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise InputError(f"{what}: {a.dtype} values span {lo}..{hi}; integer images other than uint16 must lie "
+                             f"in 0..255 (give uint8, uint16 for 16-bit, or floats in [0, 1])")
+        return a.astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        if np.isnan(a).any():
+            raise InputError(f"{what} holds NaN values; give finite pixel values (floats in [0, 1])")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo < 0 or hi > 1:
+            raise InputError(f"{what}: float values span {lo:g}..{hi:g}; float images must lie in [0, 1] (divide "
+                             f"0..255 values by 255, or give uint8)")
+        return np.rint(a.astype(np.float64) * 255.0).astype(np.uint8)
+    raise InputError(f"{what}: dtype {a.dtype} is not an image dtype; give uint8, uint16, bool or floats in [0, 1]")
+
+
+def _array_to_rgb(a, what):
+    from PIL import Image
+
+    a = _to_uint8(a, what)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if min(a.shape[:2]) < 1:
+        raise InputError(f"{what} is empty (shape {a.shape}); give an image with pixels")
+    mode = "L" if a.ndim == 2 else ("RGB" if a.shape[-1] == 3 else "RGBA")
+    return _pil_to_rgb(Image.fromarray(a.copy(), mode), what)
+
+
+def _composite(rgba):
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(rgba, dtype=np.float64)
+    alpha = a[..., 3:] / 255.0
+    bg = np.asarray(BACKGROUND, dtype=np.float64)
+    return Image.fromarray(np.rint(a[..., :3] * alpha + bg * (1.0 - alpha)).astype(np.uint8), "RGB")
+
+
+def _pil_to_rgb(im, what="image"):
+    import numpy as np
+    from PIL import Image
+
+    if im.getexif().get(_ORIENTATION, 1) != 1:  # a camera's rotation flag: applied on every path
+        from PIL import ImageOps
+
+        im = ImageOps.exif_transpose(im)
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
+    if im.mode in _SIXTEEN_BIT or im.mode == "I":
+        a = np.clip(np.asarray(im, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.rint(a * (255.0 / 65535.0)).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        return _array_to_rgb(np.asarray(im, dtype=np.float64), what)
+    try:
+        if im.mode in _ALPHA_MODES or "transparency" in im.info:
+            return _composite(im.convert("RGBA"))
+        return im.convert("RGB")
+    except ValueError as err:
+        raise InputError(f"{what}: PIL cannot convert mode {im.mode} ({err}); convert it to RGB or RGBA "
+                         f"first") from None
 
 
 class Source:

@@ -109,7 +109,9 @@ def check_batch_size(batch_size, name="batch_size") -> int:
 def inputs(vlm, images, prompts):
     """(images, prompts) as lists of the same length: ``prompts=None`` is the default question for every image, one
     string is used for all."""
-    images = list(images) if images is not None else []
+    from .data import is_image
+
+    images = [images] if is_image(images) else list(images) if images is not None else []  # one image: a list of one
     if not images:
         raise InputError("no images given: pass a list of PIL images")
     if prompts is None:

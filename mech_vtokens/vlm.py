@@ -208,16 +208,11 @@ class VLM:
         n_images)`` builds such prompts. ``batch.visual_tokens_per_image`` reports what each image became; above
         ``vlm.visual_token_warning`` tokens it warns, naming the processor setting that caps it.
         """
-        from PIL import Image
+        from .data import image_lists
 
         if isinstance(prompts, str):
             prompts = [prompts]
-        if images is None:
-            images = [[] for _ in prompts]
-        elif isinstance(images, Image.Image):
-            images = [[images]]
-        else:
-            images = [[im] if isinstance(im, Image.Image) else list(im or []) for im in images]
+        images = image_lists(images, len(prompts))  # the ONE conversion (mech_vtokens.data.to_rgb)
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} image entries for {len(prompts)} prompts; pass one image (or one "
                              f"list of images) per prompt")
