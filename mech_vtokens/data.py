@@ -450,3 +450,48 @@ def open_source(spec, images_dir=None, question: str | None = None) -> Source:
         return VqaJsonl(p, images_dir)
     raise InputError(f"cannot tell what {p} is: pass a folder of images, a COCO instances .json or a VQA .jsonl "
                      f"(or build a mech_vtokens.data Source)")
+
+
+def writable_dir(path, what: str = "out"):
+    """``path`` as a directory that exists and can be written (created with its parents if missing), or an
+    InputError naming the problem (a file in the way, no permission) and the fix, before any work."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"{what}={str(path)!r}: {blocker} is a file, not a directory; give a directory path "
+                         f"(created if missing) or move the file away")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{what}={str(path)!r}: cannot create the directory ({err.strerror or err}); give a "
+                         f"directory you can write to") from None
+    probe = path / f".mech_vtokens-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"{what}={str(path)!r} is not writable ({err.strerror or err}); give a directory you can "
+                         f"write to (or fix its permissions)") from None
+    return path
+
+
+def check_labels(source, tokenizer) -> None:
+    """For the ``"labels"`` probe (label matching) of a run over ``source``: InputError when no record carries a
+    label this tokenizer can match (an image folder or VQA file without labels would give an empty table); a
+    warning naming how many records have no usable label otherwise."""
+    from mech_vtokens.probes.label_matching import label_token_ids
+
+    usable = [any(label_token_ids(tokenizer, str(lab)) for lab in r.labels) for r in source]
+    if not any(usable):
+        some = any(r.labels for r in source)
+        why = ("none of its labels is a token of this model's vocabulary" if some else
+               f"its {type(source).__name__} records carry no labels")
+        raise InputError(f"probe 'labels' (label matching) needs object labels per image, but {why}: use a COCO "
+                         f"instances file (CocoInstances), InMemory(images, labels=[[...], ...]) or a JSONL with a "
+                         f"'labels' field, or drop 'labels' from probes")
+    missing = usable.count(False)
+    if missing:
+        log.warning("probe 'labels': %d of %d records have no usable label; their label-matching rows are empty",
+                    missing, len(usable))
+        warnings.warn(f"probe 'labels': {missing} of {len(usable)} records have no label this model's vocabulary "
+                      f"holds; label matching skips them", stacklevel=3)

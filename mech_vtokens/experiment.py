@@ -50,11 +50,24 @@ def _execute_steps(model, plan, decode_plan, comps, ctx, steps, out):
     return out
 
 
+def _listed(comps, what) -> list:
+    """``probes=`` / ``interventions=`` as a list: one component is a list of one (as in ``run_dataset``)."""
+    from .component import Component
+
+    if comps is None:
+        return []
+    if isinstance(comps, Component):
+        return [comps]
+    if isinstance(comps, (str, bytes)) or not hasattr(comps, "__iter__"):
+        raise InputError(f"{what}={comps!r}: give a list of components (or one), e.g. {what}=[...]")
+    return list(comps)
+
+
 class Experiment:
     """A validated plan for one batch: which component acts at which site, in forward order."""
 
     def __init__(self, vlm, batch, probes=(), interventions=()):
-        probes, interventions = self._validated(list(probes), list(interventions))
+        probes, interventions = self._validated(_listed(probes, "probes"), _listed(interventions, "interventions"))
         self.comps = comps = interventions + probes  # interventions act first at a shared site
         for c in comps:
             c.check(vlm, batch)

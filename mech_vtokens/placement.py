@@ -8,22 +8,43 @@ import torch
 from .errors import InputError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# common spellings of the same three dtypes, accepted as they are (documented in README "Loading")
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "f32": "float32", "fp16": "float16", "half": "float16",
+                 "f16": "float16", "bf16": "bfloat16", "torch.float32": "float32", "torch.float16": "float16",
+                 "torch.bfloat16": "bfloat16"}
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def close_match(value, valid) -> str:
+    """" (did you mean 'x'?)" for the closest of ``valid`` to the string ``value``, or ""."""
+    import difflib
+
+    if not isinstance(value, str):
+        return ""
+    near = difflib.get_close_matches(value.lower(), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def check_dtype(dtype):
-    """``dtype`` as ``from_pretrained`` takes it (None, "auto" or a torch float dtype); InputError otherwise."""
+    """``dtype`` as ``from_pretrained`` takes it (None, "auto" or a torch float dtype); InputError otherwise.
+    Accepts the names in ``DTYPES`` and their aliases in ``DTYPE_ALIASES`` ("bf16", "fp16", "half", ...)."""
     if dtype is None or dtype == "auto":
         return dtype
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    valid = ", ".join(repr(n) for n in ("auto", *DTYPES)) + " (or torch.float32 / torch.float16 / torch.bfloat16)"
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
+    valid = ", ".join(repr(n) for n in ("auto", *DTYPES)) + " (or torch.float32 / torch.float16 / torch.bfloat16; " \
+        "aliases: " + ", ".join(repr(a) for a in DTYPE_ALIASES if not a.startswith("torch.")) + ")"
+    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        return DTYPES[dtype.strip().lower()]
+    if isinstance(dtype, str) and dtype.strip().lower() in DTYPE_ALIASES:
+        return DTYPES[DTYPE_ALIASES[dtype.strip().lower()]]
     hint = ""
-    if isinstance(dtype, torch.dtype) or (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None),
-                                                                                 torch.dtype)):
-        hint = " (a quantized or integer model needs a quantization_config, not dtype)"
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
+    if name is not None and isinstance(getattr(torch, name, None), torch.dtype):
+        hint = (" (an integer or quantized model needs a quantization_config, e.g. BitsAndBytesConfig(load_in_8bit="
+                "True), not dtype; a float dtype other than these three is not a load dtype)")
+    else:
+        hint = close_match(dtype, [*DTYPES, *DTYPE_ALIASES])
     raise InputError(f"dtype={dtype!r} is not a dtype a model can be loaded in{hint}; use one of {valid}")
 
 
@@ -87,7 +108,8 @@ def check_attn_implementation(attn) -> None:
     valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
     if isinstance(attn, str) and (attn in valid or "/" in attn):
         return
-    raise InputError(f"attn_implementation={attn!r} is not an attention implementation; use one of "
+    raise InputError(f"attn_implementation={attn!r} is not an attention implementation{close_match(attn, valid)}; "
+                     f"use one of "
                      f"{', '.join(repr(v) for v in valid)} (\"eager\" for attention patterns and AttentionKnockout)")
 
 
@@ -97,3 +119,34 @@ def check_load_args(dtype, device_map, attn_implementation):
     check_device_map(device_map)
     check_attn_implementation(attn_implementation)
     return dtype
+
+
+# what a local model directory needs for its processor: one file of each group (names as save_pretrained writes them)
+PROCESSOR_FILES = {"image processor config": ("preprocessor_config.json", "processor_config.json"),
+                   "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")}
+
+
+def check_remote_value(remote) -> None:
+    """InputError unless ``remote`` is False / None (local), True (NDIF) or "local" (the remote path, simulated)."""
+    if remote is None or isinstance(remote, bool) or (isinstance(remote, str) and remote == "local"):
+        return
+    cli = " (\"ndif\" is the CLI's spelling of --remote; in Python NDIF is remote=True)" \
+        if isinstance(remote, str) and remote.strip().lower() == "ndif" else close_match(remote, ["local"])
+    raise InputError(f"remote={remote!r} is not a backend{cli}; use remote=False (here), remote=True (NDIF) or "
+                     f"remote='local' (the whole remote code path, simulated here)")
+
+
+def check_processor_files(source) -> None:
+    """For a local model directory: InputError naming the processor files it lacks (before transformers turns the
+    missing file into a hub lookup error)."""
+    import os
+
+    if not os.path.isdir(str(source)):
+        return
+    have = set(os.listdir(str(source)))
+    missing = {what: names for what, names in PROCESSOR_FILES.items() if not have & set(names)}
+    if missing:
+        need = "; ".join(f"a {what} ({' or '.join(names)})" for what, names in missing.items())
+        raise InputError(f"{source} holds no processor: it lacks {need}. Save the processor there "
+                         f"(AutoProcessor.from_pretrained(<checkpoint>).save_pretrained({str(source)!r})) or pass "
+                         f"it: mech_vtokens.load({str(source)!r}, processor=...)")

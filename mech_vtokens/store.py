@@ -227,7 +227,9 @@ class Writer:
     def __enter__(self) -> "Writer":
         from filelock import FileLock, Timeout
 
-        self.out.mkdir(parents=True, exist_ok=True)
+        from .data import writable_dir
+
+        writable_dir(self.out)  # a file in the way / no permission: InputError naming the fix
         i, n = self.shard
         lock = FileLock(self.out / f".writer-{i}-of-{n}.lock")
         try:

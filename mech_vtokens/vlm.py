@@ -160,7 +160,10 @@ class VLM:
         return " ".join(([system] if system else []) + [self.image_placeholder] * n_images + [question])
 
     def check_remote(self, remote) -> None:
-        """Raise before any work if ``remote=True`` cannot work for this model."""
+        """Raise before any work if ``remote`` is not a backend, or ``remote=True`` cannot work for this model."""
+        from .placement import check_remote_value
+
+        check_remote_value(remote)
         if remote is True:
             if self.source is None or os.path.isdir(str(self.source)):
                 raise InputError(
@@ -303,6 +306,9 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
                              f"directory written by save_pretrained ({err})") from None
         adapter_cls = adapter_class_for(config)
         if processor is None:
+            from .placement import check_processor_files
+
+            check_processor_files(source)  # a local dir without them: name the files, not a hub error
             processor = adapter_cls.load_processor(source, config)
         # nnsight loads the weights itself from the id, so remote runs get the right model key.
         nn_model = TransformersModel(source, task="image-text-to-text", processor=processor, dispatch=True,
