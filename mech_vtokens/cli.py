@@ -17,6 +17,15 @@ import argparse
 import sys
 from pathlib import Path
 
+def _thresholds_line(out) -> None:
+    """Print what the report says about the sink thresholds (the paper's, or calibrated and why)."""
+    import json
+
+    path = Path(out) / "thresholds.json"
+    if path.exists():
+        print(f"\n[mech-vtokens] {json.loads(path.read_text())['text']}")
+
+
 def _summary(results) -> None:
     import pandas as pd
 
@@ -60,6 +69,7 @@ def demo(args) -> int:
     results, report = analyze(vlm, images, prompts, probes=probes, labels=objects, k=args.k, out=args.out,
                               batch_size=args.batch_size, boxes=boxes)
     _summary(results)
+    _thresholds_line(args.out)
     print(f"\n[mech-vtokens] report: {report}\n[mech-vtokens] tables: {Path(args.out)}/*.csv")
     return 0
 
@@ -104,6 +114,7 @@ def analyze_cmd(args) -> int:
     results, report = analyze(vlm, images, prompts, probes=[p for p in probes if p != "labels"], k=args.k,
                               out=args.out, batch_size=args.batch_size, remote=remote)
     _summary(results)
+    _thresholds_line(args.out)
     print(f"\n[mech-vtokens] {len(images)} images ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})")
     print(f"[mech-vtokens] report: {report}\n[mech-vtokens] tables: {Path(args.out)}/*.csv")
     return 0

@@ -189,6 +189,8 @@ class Runner:
         self.vlm, self.source = vlm, D.open_source(source)
         if limit is not None:
             self.source = D.Source(self.source.records[:int(limit)])
+        if "labels" in self.names:
+            D.check_labels(self.source, vlm.tokenizer)  # an unlabelled source: say so, not an empty table
         self.out, self.batch_size, self.remote, self.k = Path(out), batch_size, remote, k
         self.question = question or DEFAULT_QUESTION
         self.progress, self.overwrite = progress, overwrite

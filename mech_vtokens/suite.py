@@ -14,8 +14,10 @@ from .loop import DEFAULT_BATCH_SIZE, batches as _batches, counting, forward, ke
 ALL_PROBES = ("embed_lens", "logit_lens", "norms", "sinks", "vit_sinks", "labels", "partition")
 
 
-def build_probes(vlm, names, k: int = 5, labels=None):
-    """Probe objects for ``names`` (see ALL_PROBES); 'labels' needs per-image object labels."""
+def build_probes(vlm, names, k: int = 5, labels=None, thresholds=None):
+    """Probe objects for ``names`` (see ALL_PROBES); 'labels' needs per-image object labels. ``thresholds``:
+    ``{"phi": ..., "vit": ...}`` for SinkChannels / ViTSinks (default: the paper's 20 / 75)."""
+    th = thresholds or {}
     from mech_vtokens.probes import EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels, ViTSinks
 
     unknown = [n for n in names if n not in ALL_PROBES]
@@ -29,9 +31,9 @@ def build_probes(vlm, names, k: int = 5, labels=None):
     if "norms" in names:
         out["norms"] = NormTracker()
     if "sinks" in names:
-        out["sinks"] = SinkChannels()
+        out["sinks"] = SinkChannels(threshold=th.get("phi", 20.0))
     if "vit_sinks" in names:
-        out["vit_sinks"] = ViTSinks()
+        out["vit_sinks"] = ViTSinks(threshold=th.get("vit", 75.0))
     if "labels" in names and labels is not None:
         out["labels"] = LabelMatching(labels, k=k)
     return out
@@ -57,7 +59,9 @@ def analyze(vlm, images, prompts, *, probes=ALL_PROBES, labels=None, k: int = 5,
     names = list(probes)
     build_probes(vlm, names, k, labels)  # validates names before any forward
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .data import writable_dir
+
+    writable_dir(out)  # a file in the way / no permission: InputError naming the fix, before any forward
     if "partition" in names and len(images) < 2:
         raise InputError("the partition needs at least 2 images (cross-image statistics); drop 'partition' or add "
                          "images")
@@ -66,6 +70,8 @@ def analyze(vlm, images, prompts, *, probes=ALL_PROBES, labels=None, k: int = 5,
                                             boxes, calibration)
     extra["forwards"] = forwards.n
     (out / "forwards.json").write_text(json.dumps({"forwards": forwards.n}))
+    th = extra["thresholds"]
+    (out / "thresholds.json").write_text(json.dumps({k: th[k] for k in ("phi", "vit", "calibrated", "text")}))
     _write_tables(results, out)
     for name in ("summary", "sparsity", "clusters"):
         if name in extra:
@@ -78,13 +84,15 @@ def analyze(vlm, images, prompts, *, probes=ALL_PROBES, labels=None, k: int = 5,
 def _analysis(vlm, images, prompts, names, labels, k, batch_size, remote, progress, boxes, calibration):
     """Every forward of :func:`analyze`: (results per probe name, [(start, batch)], extra results)."""
     results: dict[str, list] = {}
-    extra: dict = {}
+    extra: dict = {"thresholds": _thresholds(vlm, images, prompts, names, batch_size, remote, calibration)}
+    th = extra["thresholds"]
     part = None
     if "partition" in names:
         from .partition import calibrate, summarize
 
         n_cal = max(2, min(calibration, len(images)))
-        part = calibrate(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
+        part = calibrate(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote,
+                         phi_threshold=th["phi"])  # its ViT rule reads the last block (calibrate's own default)
         extra["partition"] = part
         extra["summary"] = summarize(vlm, images[:n_cal], prompts[:n_cal], partition=part, batch_size=batch_size,
                                      remote=remote)
@@ -100,13 +108,54 @@ def _analysis(vlm, images, prompts, names, labels, k, batch_size, remote, progre
     batches = []
     for start, batch in _batches(vlm, images, prompts, batch_size, progress):
         sl = slice(start, start + batch_size)
-        ps = build_probes(vlm, names, k, labels[sl] if labels is not None else None)
+        ps = build_probes(vlm, names, k, labels[sl] if labels is not None else None, thresholds=th)
         if part is not None:
             ps["partition"] = part
         for name, r in zip(ps, forward(vlm, batch, list(ps.values()), remote=remote)):
             results.setdefault(name, []).append(r)
         batches.append((start, batch))
     return results, batches, extra
+
+
+def _thresholds(vlm, images, prompts, names, batch_size, remote, calibration) -> dict:
+    """The suite's sink thresholds and the sentence the report states about them: the paper's φ > 20 / L2 > 75, or,
+    where φ > 20 cannot happen (φ <= sqrt(d_model) < 20) and a sink probe runs, data-calibrated ones
+    (:func:`mech_vtokens.partition.sink_thresholds` on the first ``calibration`` images; its forwards are counted)."""
+    from .partition.calibrate import PAPER_PHI, PAPER_VIT, phi_bound, sink_thresholds
+
+    out = {"phi": PAPER_PHI, "vit": PAPER_VIT, "calibrated": False,
+           "text": f"Sink thresholds: the paper's φ > {PAPER_PHI:g} (Sec. 4.2) and ViT L2 > {PAPER_VIT:g} (Sec. 4.1)."}
+    bound = phi_bound(vlm)
+    if PAPER_PHI < bound or not {"sinks", "vit_sinks", "partition"} & set(names):
+        return out
+    if not {"sinks", "vit_sinks"} & set(names):  # the partition alone: say why, without extra forwards
+        out["text"] = (f"Sink thresholds: the paper's φ > {PAPER_PHI:g} is out of reach for this model (φ <= sqrt(d) "
+                       f"= {bound:.1f}, d = {vlm.adapter.d_model}): the partition finds no LLM sink by construction; "
+                       f"add the 'sinks' probe (or use mech_vtokens.partition.sink_thresholds) for calibrated ones.")
+        return out
+    n_cal = max(1, min(calibration, len(images)))
+    t = sink_thresholds(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
+    bits = [f"Sink thresholds: the paper's φ > {PAPER_PHI:g} is out of reach for this model (φ(x) = max|x_d| / RMS(x) "
+            f"<= sqrt(d) = {bound:.1f}, d = {vlm.adapter.d_model}), so it would report 0 sinks whatever the input; "
+            f"this report uses data-calibrated thresholds (mech_vtokens.partition.sink_thresholds on {t['n_images']} "
+            f"images, {t['rule']}):"]
+    if t["phi"] is not None:
+        out["phi"] = t["phi"]
+        bits.append(f"φ > {t['phi']:.2f} (median visual-token φ {t['phi_visual_median']:.2f}, BOS φ "
+                    f"{t['phi_bos']:.2f} at {t['llm_site']});")
+    else:
+        bits.append(f"no φ threshold (the BOS token's φ {t['phi_bos']:.2f} does not stand out from the visual "
+                    f"tokens' {t['phi_visual_median']:.2f}: no sink channels at {t['llm_site']}; φ > {PAPER_PHI:g} "
+                    f"kept);")
+    if t["vit"] is not None:
+        out["vit"] = t["vit"]
+        bits.append(f"ViT L2 > {t['vit']:.3g} for the ViT-sinks probe (median {t['vit_median']:.3g}, max "
+                    f"{t['vit_max']:.3g} at the layer the LM receives).")
+    else:
+        bits.append(f"no ViT threshold (no high-norm outliers: max L2 {t['vit_max']:.3g} vs median "
+                    f"{t['vit_median']:.3g}: no ViT sinks; L2 > {PAPER_VIT:g} kept).")
+    out.update(calibrated=True, text=" ".join(bits), calibration=t)
+    return out
 
 
 def _frames(results):
@@ -133,6 +182,8 @@ def _report(vlm, results, batches, overlays: int, extra=None):
     rep.text(f"{vlm.family} model, {vlm.n_layers} decoder layers, {vlm.n_vision_layers} vision layers; "
              f"{n_img} images; one forward per batch for every probe; {(extra or {}).get('forwards', '?')} "
              f"forwards in all.")
+    if extra and "thresholds" in extra:
+        rep.text(extra["thresholds"]["text"])
     lenses = [results[n][0] for n in ("embed_lens", "logit_lens") if n in results]
     norms = results.get("norms", [None])[0]
     first = batches[0][1]
@@ -174,7 +225,8 @@ def _report(vlm, results, batches, overlays: int, extra=None):
     if "sinks" in results:
         rep.heading("BOS sink channels (paper Sec. 4.2, Fig. 4)")
         sk = results["sinks"][0]
-        rep.text(f"sink dims used: {sk.sink_dims}; threshold φ > {sk.threshold}")
+        rep.text(f"sink dims used: {sk.sink_dims}; threshold φ > {sk.threshold:.4g} (φ <= sqrt(d) = "
+                 f"{sk.phi_bound:.1f}). {extra['thresholds']['text'] if 'thresholds' in extra else ''}")
         rep.figure(sk.plot(), "φ and cosine to the BOS state across sublayers")
         df = sk.to_pandas()
         rep.table(df[df.visual_index >= 0].groupby("site", sort=False).agg(

@@ -10,6 +10,7 @@ Everything here is deterministic: the same family and seed give the same weights
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -199,11 +200,44 @@ def _save(model, proc, path) -> str:
 def tiny_model(family: str, path: str | os.PathLike, seed: int = 0) -> str:
     """Build a tiny random ``family`` model + processor, ``save_pretrained`` them into ``path``; return the path.
 
-    Cached: if ``path`` already holds a saved model it is returned as is.
+    Cached: if ``path`` already holds the model of this ``family`` and ``seed`` (``tiny_model.json`` says which) it
+    is returned as is; one of another family or seed written here is rebuilt; any other model there is refused.
     """
-    if (Path(path) / "config.json").exists():
+    if family not in FAMILIES:
+        from .errors import InputError
+
+        raise InputError(f"tiny_model: unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if _cached(family, seed, Path(path)):
         return str(path)
-    return _save(*build(family, seed), path)
+    out = _save(*build(family, seed), path)
+    (Path(path) / TINY_MARKER).write_text(json.dumps({"family": family, "seed": seed}))
+    return out
+
+
+TINY_MARKER = "tiny_model.json"  # which family / seed tiny_model saved in a directory
+
+
+def _cached(family: str, seed: int, path: Path) -> bool:
+    """True when ``path`` holds tiny_model(family, seed); False when it must be (re)built; InputError when it holds
+    a model tiny_model did not write."""
+    import shutil
+
+    from .errors import InputError
+
+    if not (path / "config.json").exists():
+        return False
+    marker = path / TINY_MARKER
+    if marker.exists():
+        if json.loads(marker.read_text()) == {"family": family, "seed": seed}:
+            return True
+        shutil.rmtree(path)  # ours, of another family / seed: rebuild
+        return False
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == family and seed == 0:
+        return True  # written before the marker existed, by the only seed those callers used
+    raise InputError(f"tiny_model({family!r}, {str(path)!r}, seed={seed}): {path} already holds a {model_type!r} model "
+                     f"that tiny_model did not mark as ({family!r}, seed {seed}); give an empty or new path, or delete "
+                     f"it")
 
 
 def medium_llava(path: str | os.PathLike, seed: int = 0) -> str:

@@ -12,9 +12,13 @@ the adapter (``Adapter.sink_dims``, keyed by checkpoint; LLaVA: ``"llava-hf/llav
 not declare is refused before the forward. ``"auto"``: discovered from the BOS token's massive activations.
 Rule: D_sink = every
 channel d with |x_bos[d]| / RMS(x_bos) >= ``discover_ratio`` (default: ``threshold``) at ANY read site, where x_bos is
-the state at the first attended position of each prompt row (the BOS token when the tokenizer adds one; otherwise the
-first token, which plays the sink role). Note that the ratio is bounded by sqrt(d_model) (64 for LLaMA-7B, 8 for a
-64-wide test model): lower ``threshold`` on narrow models.
+the state at the first attended TEXT position of each prompt row (the BOS token when the tokenizer adds one; otherwise
+the first text token, which plays the sink role; never a visual token, also when the prompt starts with the image).
+
+Reachable thresholds: φ(x) <= sqrt(d_model) (64 for LLaMA-7B; 13.9 for the 192-wide default organism), so the
+paper's τ = 20 can never be met on a model narrower than d = 400: ``check`` then warns before the forward
+(:class:`~mech_vtokens.errors.ThresholdWarning`, naming sqrt(d)) and points to the data-calibrated threshold
+``mech_vtokens.partition.sink_thresholds(vlm, images)["phi"]``; ``result.reachable`` says it in the result.
 
 Exactness with ``"auto"`` (the dims are only known after the forward): each token keeps its top-m channels by
 |x|/RMS with m = floor(d_model / τ^2) + 1. Since Σ_d (x[d]/RMS)^2 = d_model, fewer than m channels can reach τ, so
@@ -53,6 +57,18 @@ def _sublayer_sites(n_layers):
     for i in range(n_layers):
         out += [f"blocks.{i}.hook_resid_mid", f"blocks.{i}.hook_resid_post"]
     return out
+
+
+def _text_mask(batch):
+    att = batch.inputs.get("attention_mask")
+    att = torch.ones_like(batch.visual_mask) if att is None else att.bool()
+    return att & ~batch.visual_mask
+
+
+def _bos_positions(batch):
+    """(rows,) the BOS-role position of each row: its first attended TEXT token (the BOS token when the tokenizer
+    adds one; never a visual token, also when a prompt starts with the image and the tokenizer adds no BOS)."""
+    return _text_mask(batch).int().argmax(dim=1)
 
 
 class SinkChannels(Probe):
@@ -107,6 +123,10 @@ class SinkChannels(Probe):
 
     def check(self, vlm, batch):
         sites = self.sites(vlm)
+        no_text = (~_text_mask(batch).any(dim=1)).nonzero()[:, 0].tolist()
+        if no_text:
+            raise InputError(f"SinkChannels compares every token with its row's BOS-role token (the first text token), "
+                             f"but prompt(s) {no_text} hold no text token: add the question text (vlm.prompt(...))")
         d = vlm.adapter.d_model
         dims = self._dims(vlm)
         if dims != "auto":
@@ -116,6 +136,11 @@ class SinkChannels(Probe):
                                  f"(channels 0..{d - 1});"
                                  f" a preset holds its checkpoint's channels: "
                                  f"pass this model's channels or dims='auto'")
+        from mech_vtokens.partition.calibrate import warn_unreachable_phi
+
+        warn_unreachable_phi(vlm, self.threshold, "SinkChannels")
+        if self.discover_ratio is not None and self.dims == "auto":
+            warn_unreachable_phi(vlm, self.discover_ratio, "SinkChannels(discover_ratio=...)")
         ref = self._reference(vlm)
         if ref not in sites:
             raise InputError(f"reference_site {ref!r} is not among the read sites; add it to sites or choose one of "
@@ -127,7 +152,7 @@ class SinkChannels(Probe):
         dims = self._dims(vlm)
         thr = min(self.threshold, self.discover_ratio or self.threshold)
         d = vlm.adapter.d_model
-        return {"select": att, "bos": att.int().argmax(dim=1),
+        return {"select": att, "bos": _bos_positions(batch),
                 "dims": None if dims == "auto" else torch.tensor(dims, dtype=torch.long),
                 "m": min(d, int(math.floor(d / thr ** 2)) + 1)}
 
@@ -178,14 +203,20 @@ class SinkChannels(Probe):
                 else:
                     phi[s] = torch.full_like(v[:, 0], float("nan"))
         ex = self.extras(vlm, batch)
-        return SinkChannelsResult(sites, phi, {s: raw[s]["bos_cos"] for s in sites}, dims, self.threshold,
-                                  token_frame(batch, ex["select"]), self._reference(vlm), self.top, vlm.n_layers,
-                                  vlm.adapter.forward_order)
+        res = SinkChannelsResult(sites, phi, {s: raw[s]["bos_cos"] for s in sites}, dims, self.threshold,
+                                 token_frame(batch, ex["select"]), self._reference(vlm), self.top, vlm.n_layers,
+                                 vlm.adapter.forward_order)
+        res.phi_bound = math.sqrt(vlm.adapter.d_model)
+        res.reachable = self.threshold < res.phi_bound  # False: no token can be a sink whatever the input
+        return res
 
 
 class SinkChannelsResult(Result):
     """``to_pandas()``: row, image, site, layer, position, visual_index, phi, sink, bos_cos. ``sink_dims``: the
-    channels used (given or discovered). ``rank_tracking()``: Fig. 4 (right)."""
+    channels used (given or discovered). ``rank_tracking()``: Fig. 4 (right). ``phi_bound``: sqrt(d_model), the
+    largest φ possible; ``reachable``: threshold < phi_bound (False: 0 sinks whatever the input)."""
+
+    phi_bound, reachable = float("inf"), True
 
     name = "sink_channels"
 

@@ -4,7 +4,8 @@ Following the paper (after Darcet et al.), a token is a ViT sink if its L2 norm 
 exceeds τ = 75. ``layer`` defaults to that layer, from the config as the family's adapter declares it
 (``vision_feature_layer``: -2 for LLaVA-1.5, -1 for InternVL; Qwen's merger reads the last block); the result
 names it (``result.layer``, column ``vision_layer``). ``threshold``: 75 is calibrated for CLIP ViT-L; other encoders
-(and tiny test models) need their own.
+(and tiny test models) need their own: ``mech_vtokens.partition.sink_thresholds(vlm, images)["vit"]`` calibrates one
+on data. When no token exceeds the threshold the result says why (``result.note``, a ThresholdWarning).
 
 Mapping to the LM's visual tokens: each visual token is built from the rows ``batch.tokens["vision_rows"]`` of the
 vision-block output (LLaVA: its one patch, CLS dropped; Qwen2-VL/2.5-VL: the 2x2 merged patches, looked up through
@@ -56,14 +57,27 @@ class ViTSinks(Probe):
 
     def collect(self, raw, batch, vlm):
         site = self.sites(vlm)[0]
-        return ViTSinksResult(site, raw[site], batch, self.threshold, vlm.n_layers, vlm.adapter.forward_order)
+        res = ViTSinksResult(site, raw[site], batch, self.threshold, vlm.n_layers, vlm.adapter.forward_order)
+        if len(res.l2) and not bool(res.sinks.any()):
+            import warnings
+
+            from mech_vtokens.errors import ThresholdWarning
+
+            res.note = (f"ViTSinks: no visual token's L2 norm exceeds {self.threshold:g} at {site} (max "
+                        f"{float(res.l2.max()):.3g}, median {float(res.l2.median()):.3g}); the paper's 75 is CLIP "
+                        f"ViT-L/14's number: for this vision tower use a data-calibrated threshold, "
+                        f"mech_vtokens.partition.sink_thresholds(vlm, images)['vit']")
+            warnings.warn(res.note, ThresholdWarning, stacklevel=2)
+        return res
 
 
 class ViTSinksResult(Result):
     """``to_pandas()``: row, image, position, visual_index, grid_row, grid_col, site, vision_layer, l2, l2_mean,
-    sink. ``layer``: the vision block read (non-negative index)."""
+    sink. ``layer``: the vision block read (non-negative index). ``note``: why no token is a sink, when none is
+    (the threshold above every norm: 75 is CLIP ViT-L's), else None."""
 
     name = "vit_sinks"
+    note = None
 
     def __init__(self, site, rec, batch, threshold, n_layers, order):
         self.site, self.threshold, self._batch, self._order = site, threshold, batch, order

@@ -3,6 +3,7 @@ validated at the API boundary; 6: thresholds a model can never reach; 7: bugs) i
 the right result exactly, or an InputError raised before any forward whose message names the fix."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -162,7 +163,347 @@ def test_one_image_not_in_a_list_is_one_image(tiny_vlm):
     iterated row by row), with the same result as the list of one."""
     vlm = tiny_vlm("llava")
     arr = np.asarray(T.image(60))
-    ref, = mv.run(vlm, [T.image(60)], [P], probes=[NormTracker()])
+    ref = _norms(mv.run(vlm, [T.image(60)], [P], probes=[NormTracker()]))
     for one in (arr, torch.from_numpy(arr).permute(2, 0, 1), T.image(60)):
-        r, = mv.run(vlm, one, P, probes=[NormTracker()])
+        r = _norms(mv.run(vlm, one, P, probes=[NormTracker()]))
         pd.testing.assert_frame_equal(r.to_pandas(), ref.to_pandas())
+
+
+# ---- class 3: arguments validated at the API boundary, naming the valid values -----------------------------------
+
+@pytest.mark.parametrize("alias,want", [("bf16", torch.bfloat16), ("BF16", torch.bfloat16), ("fp16", torch.float16),
+                                        ("half", torch.float16), ("fp32", torch.float32), ("float", torch.float32),
+                                        ("torch.bfloat16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                        (torch.float16, torch.float16), ("auto", "auto"), (None, None)])
+def test_dtype_aliases_load_that_dtype(alias, want):
+    from mech_vtokens.placement import check_dtype
+
+    assert check_dtype(alias) == want
+
+
+@pytest.mark.parametrize("kw,fix", [
+    ({"dtype": "bfloat61"}, r"did you mean 'bfloat16'\?.*use one of 'auto', 'float32'"),
+    ({"dtype": "flaot16"}, r"did you mean 'float16'\?"),
+    ({"dtype": "int8"}, r"needs a quantization_config, e.g. BitsAndBytesConfig"),
+    ({"dtype": torch.int8}, r"needs a quantization_config"),
+    ({"dtype": "torch.uint8"}, r"needs a quantization_config"),
+    ({"dtype": 16}, r"is not a dtype a model can be loaded in; use one of"),
+    ({"attn_implementation": "eagre"}, r"did you mean 'eager'\?.*use one of 'eager'"),
+    ({"attn_implementation": "spda"}, r"did you mean 'sdpa'\?"),
+    ({"attn_implementation": 3}, r"is not an attention implementation; use one of"),
+    ({"device_map": "cuda:7"}, r"this machine has \d+ cuda device\(s\); use one of 'cpu'"),
+    ({"device_map": {"": "cuda:7"}}, r"device_map\[''\]='cuda:7': this machine has"),
+    ({"device_map": "gpu"}, r"is not a device; use one of 'cpu'"),
+    ({"device_map": "disk"}, r"places no module where it can run"),
+])
+def test_load_arguments_refused_before_any_weight_is_read(kw, fix, tiny_dir, monkeypatch):
+    import transformers
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were read before the argument check")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", no_weights)
+    with pytest.raises(InputError, match=fix):
+        mv.load(tiny_dir("llava"), **kw)
+
+
+def test_model_dir_without_processor_files_names_them(tiny_dir, tmp_path):
+    import shutil
+
+    src = tiny_dir("llava")
+    for drop, fix in [(("processor_config.json",), r"lacks a image processor config \(preprocessor_config.json or "
+                                                     r"processor_config.json\)"),
+                      (("tokenizer.json",), r"lacks a tokenizer \(tokenizer.json or tokenizer.model"),
+                      (("processor_config.json", "tokenizer.json", "tokenizer_config.json"),
+                       r"image processor config .*; a tokenizer .*save_pretrained.*processor=")]:
+        d = tmp_path / "_".join(drop)
+        shutil.copytree(src, d, ignore=shutil.ignore_patterns(*drop))
+        with pytest.raises(InputError, match=fix):
+            mv.load(d)
+
+
+@pytest.mark.parametrize("remote,fix", [("ndif", r"\"ndif\" is the CLI's spelling .*remote=True"),
+                                        ("NDIF", r"CLI's spelling"), ("locla", r"did you mean 'local'\?"),
+                                        ("remote", r"is not a backend; use remote=False \(here\), remote=True"),
+                                        (1, r"is not a backend"), ("true", r"is not a backend")])
+def test_remote_values_refused_before_the_forward(remote, fix, no_forward):
+    with pytest.raises(InputError, match=fix):
+        mv.run(no_forward, [T.image(60)], [P], probes=[NormTracker()], remote=remote)
+    with pytest.raises(InputError, match=fix):
+        mv.generate(no_forward, [T.image(60)], [P], max_new_tokens=1, remote=remote)
+
+
+def _norms(results):
+    """The NormTracker result of a run (a list of results, or a mapping of them)."""
+    rs = results.values() if isinstance(results, dict) else results
+    return next(r for r in rs if type(r).__name__ == "NormResult")
+
+
+def test_one_component_is_a_list_of_one_everywhere(tiny_vlm):
+    """probes= / interventions= take one component or a list, in run, generate, forward, applied and an
+    Experiment: the same results as the list of one."""
+    from mech_vtokens.interventions import Rescale, applied
+    from mech_vtokens.loop import forward
+
+    vlm = tiny_vlm("llava")
+    im = T.image(60)
+    ref = _norms(mv.run(vlm, [im], [P], probes=[NormTracker()], interventions=[Rescale(factor=0.5)]))
+    one = _norms(mv.run(vlm, [im], [P], probes=NormTracker(), interventions=Rescale(factor=0.5)))
+    pd.testing.assert_frame_equal(one.to_pandas(), ref.to_pandas())
+    batch = vlm.prepare([im], [P])
+    fw = _norms(forward(vlm, batch, NormTracker(), Rescale(factor=0.5)))
+    pd.testing.assert_frame_equal(fw.to_pandas(), ref.to_pandas())
+    g1 = mv.generate(vlm, [im], [P], interventions=Rescale(factor=0.5), max_new_tokens=3)
+    g2 = mv.generate(vlm, [im], [P], interventions=[Rescale(factor=0.5)], max_new_tokens=3)
+    assert g1.text == g2.text
+    with applied(vlm, Rescale(factor=0.5), batch):
+        a = vlm.hf(**batch.inputs).logits
+    with applied(vlm, [Rescale(factor=0.5)], batch):
+        b = vlm.hf(**batch.inputs).logits
+    assert torch.equal(a, b)
+    for bad, fix in [({"probes": 3}, r"probes=3: give a list of components \(or one\)"),
+                     ({"probes": "norms"}, r"probes='norms': give a list of components"),
+                     ({"interventions": 0.5, "probes": [NormTracker()]}, r"interventions=0.5: give a list")]:
+        with pytest.raises(InputError, match=fix):
+            mv.run(vlm, [im], [P], **bad)
+
+
+@pytest.mark.parametrize("kind", ["file", "file-parent", "unwritable"])
+def test_out_dir_that_cannot_be_written(kind, tiny_vlm, tmp_path):
+    from mech_vtokens.runner import run_dataset
+    from mech_vtokens.suite import analyze
+
+    vlm = tiny_vlm("llava")
+    if kind == "file":
+        out, fix = tmp_path / "f", r"f is a file, not a directory; give a directory path"
+        out.write_text("x")
+    elif kind == "file-parent":
+        (tmp_path / "f").write_text("x")
+        out, fix = tmp_path / "f" / "sub", r"f is a file, not a directory"
+    else:
+        out, fix = Path("/proc/mech-vtokens-test/out"), r"cannot create the directory .*give a directory you can write"
+    with pytest.raises(InputError, match=fix):
+        run_dataset(vlm, D.InMemory([T.image(60)]), probes=["norms"], out=out, progress=False)
+    with pytest.raises(InputError, match=fix):
+        analyze(vlm, [T.image(60)], [P], probes=["norms"], out=out, progress=False)
+
+
+# ---- class 7: SinkChannels' BOS is the first TEXT token, never a visual one ---------------------------------------
+
+SINK_PROMPTS = [
+    ("image first, no BOS", ["<image> what color is the object ?"]),
+    ("text first", ["USER : <image> what color is the object ? ASSISTANT :"]),
+    ("explicit BOS", ["<s> <image> what color is it ?"]),
+    ("padded batch of both", ["<image> what color is the object ?", "USER : <image> what is it ? ASSISTANT :"]),
+]
+
+
+@pytest.mark.parametrize("name,prompts", SINK_PROMPTS, ids=[s[0] for s in SINK_PROMPTS])
+def test_sink_channels_bos_is_the_first_text_token(name, prompts, tiny_vlm):
+    """bos_cos and the discovered sink dims use each row's first attended TEXT token (checked against the hidden
+    states read by Activations), also when the prompt starts with the image and the tokenizer adds no BOS."""
+    from mech_vtokens.probes import SinkChannels
+    from mech_vtokens.probes.activations import Activations
+
+    vlm = tiny_vlm("llava")
+    assert vlm.tokenizer("what").input_ids[0] != vlm.tokenizer.bos_token_id  # the fixture adds no BOS
+    sites = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    ims = [T.image(60, seed=i) for i in range(len(prompts))]
+    sc, act = mv.run(vlm, ims, prompts, probes=[SinkChannels(threshold=2.0, sites=sites,
+                                                             reference_site=sites[-1]), Activations(sites)])
+    batch = vlm.prepare(ims, prompts)
+    att = batch.inputs["attention_mask"].bool()
+    text = att & ~batch.visual_mask
+    df = sc.to_pandas()
+    dims = set()
+    for row in range(len(prompts)):
+        first_text = int(text[row].nonzero()[0, 0])
+        assert not batch.visual_mask[row, first_text]
+        for s in sites:
+            x = act[s][row].float()
+            want = torch.nn.functional.cosine_similarity(x, x[first_text][None], dim=-1)
+            got = df[(df.row == row) & (df.site == s)].sort_values("position")
+            pos = torch.as_tensor(got.position.to_numpy())
+            torch.testing.assert_close(torch.as_tensor(got.bos_cos.to_numpy()), want[pos], atol=1e-5, rtol=0)
+            bos = x[first_text]
+            dims |= set(((bos.abs() / bos.pow(2).mean().sqrt()) >= 2.0).nonzero()[:, 0].tolist())
+    assert sc.sink_dims == sorted(dims)
+    if name.startswith("image first"):
+        assert int(text[0].nonzero()[0, 0]) == batch.n_visual  # the BOS role went past the image, to "what"
+
+
+def test_sink_channels_refuses_a_prompt_without_text(no_forward):
+    from mech_vtokens.probes import SinkChannels
+
+    with pytest.raises(InputError, match=r"prompt\(s\) \[0\] hold no text token: add the question text"):
+        mv.run(no_forward, [T.image(60)], ["<image>"], probes=[SinkChannels(threshold=2.0)])
+
+
+# ---- class 7: "labels" on a source without labels; tiny_model's cache ----------------------------------------------
+
+def _folder(tmp, n=2):
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        T.image(60, seed=i).save(tmp / f"{i}.png")
+    return tmp
+
+
+@pytest.mark.parametrize("source,fix", [
+    (lambda t: _folder(t / "imgs"), r"ImageFolder records carry no labels: use a COCO instances file"),
+    (lambda t: D.InMemory([T.image(60)]), r"InMemory records carry no labels"),
+    (lambda t: D.InMemory([T.image(60)], labels=[["zebra-crossing"]]),
+     r"none of its labels is a token of this model's vocabulary"),
+])
+def test_labels_probe_on_an_unlabelled_source_is_refused(source, fix, no_forward, tmp_path):
+    from mech_vtokens.runner import run_dataset
+
+    with pytest.raises(InputError, match=fix):
+        run_dataset(no_forward, source(tmp_path), probes=["labels"], out=tmp_path / "out", progress=False)
+
+
+def test_labels_probe_on_a_labelled_source_still_runs(tiny_vlm, tmp_path):
+    from mech_vtokens.runner import run_dataset
+
+    vlm = tiny_vlm("llava")
+    store = run_dataset(vlm, D.InMemory([T.image(60), T.image(60, seed=1)], labels=[["red"], []]),
+                        probes=["labels"], out=tmp_path / "out", progress=False)
+    df = store.frame("labels")
+    assert len(df) and set(df.record_id) == {"0"}
+
+
+def test_tiny_model_cache_checks_family_and_seed(tmp_path):
+    import json
+
+    path = tmp_path / "m"
+    T.tiny_model("llava", path)
+    assert json.loads((path / "config.json").read_text())["model_type"] == "llava"
+    w0 = (path / "model.safetensors").read_bytes()
+    assert T.tiny_model("llava", path) == str(path) and (path / "model.safetensors").read_bytes() == w0  # cached
+    T.tiny_model("qwen2_vl", path)  # another family at the same path: rebuilt, not the cached LLaVA
+    assert json.loads((path / "config.json").read_text())["model_type"] == "qwen2_vl"
+    T.tiny_model("llava", path, seed=1)  # another seed: rebuilt with that seed's weights
+    w1 = (path / "model.safetensors").read_bytes()
+    assert w1 != w0
+    T.tiny_model("llava", path)
+    assert (path / "model.safetensors").read_bytes() == w0  # seed 0 again: bit-identical to the first build
+    (path / "tiny_model.json").unlink()  # a model tiny_model did not mark: refused, never returned as another
+    with pytest.raises(InputError, match=r"already holds a 'llava' model that tiny_model did not mark"):
+        T.tiny_model("internvl", path)
+    with pytest.raises(InputError, match=r"unknown family 'lava'; choose one of llava"):
+        T.tiny_model("lava", tmp_path / "x")
+
+
+# ---- class 6: thresholds a model can never reach -----------------------------------------------------------------
+
+@pytest.fixture()
+def forward_raises(tiny_vlm):
+    """The tiny LLaVA (d = 64, sqrt(d) = 8) whose LM raises when it runs: a warning seen before that came first."""
+    vlm = tiny_vlm("llava")
+
+    def boom(*a):
+        raise RuntimeError("the forward ran")
+
+    h = vlm.hf.get_input_embeddings().register_forward_hook(boom)
+    yield vlm
+    h.remove()
+
+
+def _unreachable_cases():
+    from mech_vtokens.partition import calibrate
+    from mech_vtokens.probes import SinkChannels
+
+    ims = [T.image(60), T.image(60, seed=1)]
+    run = lambda v, p: mv.run(v, ims, [P, P], probes=[p])  # noqa: E731
+    return [
+        ("default 20", lambda v: run(v, SinkChannels()), r"φ > 20 is out of reach .*sqrt\(d\) = 8.0 \(d = 64\)"),
+        ("exactly sqrt(d)", lambda v: run(v, SinkChannels(threshold=8.0)), r"φ > 8 is out of reach"),
+        ("above, given dims", lambda v: run(v, SinkChannels(dims=[1, 2], threshold=100.0)), r"φ > 100"),
+        ("discover_ratio", lambda v: run(v, SinkChannels(threshold=3.0, discover_ratio=9.0)),
+         r"discover_ratio=...\): the sink threshold φ > 9"),
+        ("calibrate", lambda v: calibrate(v, ims, [P, P]), r"calibrate: the sink threshold φ > 20 is out of reach"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_unreachable_phi_threshold_is_warned_before_the_forward(case, forward_raises):
+    from mech_vtokens.errors import ThresholdWarning
+
+    name, call, fix = _unreachable_cases()[case]
+    with pytest.warns(ThresholdWarning, match=fix) as rec:
+        with pytest.raises(RuntimeError, match="the forward ran"):
+            call(forward_raises)
+    assert "sink_thresholds(vlm, images)['phi']" in str(rec[0].message)
+
+
+def test_reachable_threshold_no_warning_and_result_says_which(tiny_vlm):
+    import warnings
+
+    from mech_vtokens.errors import ThresholdWarning
+    from mech_vtokens.probes import SinkChannels
+
+    vlm = tiny_vlm("llava")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ok, = mv.run(vlm, [T.image(60)], [P], probes=[SinkChannels(threshold=7.9)])
+        bad, = mv.run(vlm, [T.image(60)], [P], probes=[SinkChannels(threshold=20.0)])
+    assert [str(w.message)[:12] for w in rec if issubclass(w.category, ThresholdWarning)] == ["SinkChannels"]
+    assert ok.reachable and not bad.reachable and bad.phi_bound == pytest.approx(8.0)
+    assert not bad.to_pandas().sink.any()
+
+
+def test_sink_thresholds_find_the_planted_sinks(tmp_path):
+    """On a model with planted ViT and LLM sinks, the data-calibrated thresholds flag exactly the planted tokens."""
+    from mech_vtokens.partition import sink_thresholds
+    from mech_vtokens.probes import SinkChannels, ViTSinks
+
+    path, truth = T.planted_partition_model("llava", tmp_path / "planted")
+    vlm = mv.load(path)
+    ims = [T.planted_image(truth, seed=s)[0] for s in range(3)]
+    prs = [T.prompt("llava")] * 3
+    t = sink_thresholds(vlm, ims, prs, vit_layer=-1)
+    assert t["phi"] is not None and t["vit"] is not None and t["phi"] < t["phi_bound"]
+    assert t["n_forwards"] == 1 and t["n_images"] == 3
+    sc, vs = mv.run(vlm, ims, prs, probes=[SinkChannels(threshold=t["phi"], sites=[t["llm_site"]],
+                                                        reference_site=t["llm_site"]),
+                                           ViTSinks(layer=-1, threshold=t["vit"])])
+    g = truth["grid"]
+    want_vit = torch.zeros(g, g, dtype=torch.bool)
+    want_llm = torch.zeros(g, g, dtype=torch.bool)
+    for r, c in truth["vit"]:
+        want_vit[r, c] = True
+    for r, c in truth["llm"]:
+        want_llm[r, c] = True
+    df = sc.to_pandas()
+    vis = df[df.visual_index >= 0].sort_values(["row", "visual_index"])
+    assert torch.equal(torch.as_tensor(vis.sink.to_numpy()), want_llm.flatten().repeat(3))
+    assert sorted(sc.sink_dims) == sorted(truth["sink_dims"])
+    assert torch.equal(vs.sinks, want_vit.flatten().repeat(3))
+
+
+def test_the_report_says_why_and_uses_calibrated_thresholds(tiny_vlm, tmp_path):
+    import json
+
+    from mech_vtokens.suite import analyze
+
+    vlm = tiny_vlm("llava")
+    ims = [T.image(60, seed=i) for i in range(3)]
+    _, report = analyze(vlm, ims, [P] * 3, probes=["sinks", "vit_sinks"], out=tmp_path, progress=False, overlays=0)
+    th = json.loads((tmp_path / "thresholds.json").read_text())
+    assert th["calibrated"] and "out of reach for this model" in th["text"] and "sqrt(d) = 8.0" in th["text"]
+    html = open(report).read()
+    assert "sqrt(d) = 8.0, d = 64" in html and "sink_thresholds" in html
+    for ok in (["norms"],):  # no sink probe: no threshold forwards, the paper's numbers stated
+        analyze(vlm, ims, [P] * 3, probes=ok, out=tmp_path / "n", progress=False, overlays=0)
+        assert not json.loads((tmp_path / "n" / "thresholds.json").read_text())["calibrated"]
+
+
+def test_vit_sinks_says_why_it_found_none(tiny_vlm):
+    from mech_vtokens.errors import ThresholdWarning
+    from mech_vtokens.probes import ViTSinks
+
+    vlm = tiny_vlm("llava")
+    with pytest.warns(ThresholdWarning, match=r"no visual token's L2 norm exceeds 1e\+06 .*CLIP ViT-L/14's number"):
+        none, = mv.run(vlm, [T.image(60)], [P], probes=[ViTSinks(threshold=1e6)])
+    assert not none.sinks.any() and "sink_thresholds(vlm, images)['vit']" in none.note
+    some, = mv.run(vlm, [T.image(60)], [P], probes=[ViTSinks(threshold=float(none.l2.median()))])
+    assert some.sinks.any() and some.note is None

@@ -5,6 +5,8 @@ One forward per batch reads, per visual token: the L2 norm at the last vision la
 vector at ``hook_embed`` (``probes.Activations``). Then, outside the trace:
 
 1. ViT sinks: norm > ``vit_threshold`` (75 for CLIP ViT-L, Sec. 4.1); LLM sinks: φ > ``phi_threshold`` (20, Sec. 4.2).
+   φ <= sqrt(d_model): a ``phi_threshold`` at or above it is unreachable and warned about before any forward;
+   :func:`sink_thresholds` calibrates both thresholds on data for models the paper's numbers do not fit.
 2. Dead (Sec. 5, App. B): per image, anchor clustering (τ) of the remaining tokens; every cluster of >= ``min_size``
    tokens gets its cross-image stability s (mean over the other images of max_j cos to their clusters, App. B.2).
    Stable clusters (s >= ``stable``) are grouped across images by centroid cosine >= τ; a group is text-distant
@@ -158,6 +160,7 @@ def calibrate(vlm, images, prompts=None, *, rule: str = "statistical", tau: floa
                          info={"source": reference if isinstance(reference, str) else "given"}, vlm=vlm)
     if len(images) < 2:
         raise InputError(f"calibration needs at least 2 images (cross-image statistics), got {len(images)}")
+    warn_unreachable_phi(vlm, phi_threshold, "calibrate")  # before any forward
     if llm_site is None:
         llm_site = "blocks.1.hook_resid_post" if vlm.n_layers > 1 else "blocks.0.hook_resid_post"
     llm_site = vlm.adapter.canonical(llm_site)
@@ -191,3 +194,111 @@ def calibrate(vlm, images, prompts=None, *, rule: str = "statistical", tau: floa
     ids = {g: [min(c for c, n in v.items() if n == max(v.values()))] for g, v in votes.items() if v}
     info = dict(info, votes={g: dict(v) for g, v in votes.items()}, source="derived")
     return Partition("reference", identity, reference={"k": k, "ids": ids}, info=info, vlm=vlm)
+
+
+# ---- thresholds a model can reach (issue: the paper's numbers are LLaMA-7B's / CLIP ViT-L's) --------------------
+
+PAPER_PHI, PAPER_VIT = 20.0, 75.0  # paper Secs. 4.2 / 4.1: LLaMA-2-7B (d = 4096, sqrt(d) = 64), CLIP ViT-L/14
+
+
+def phi_bound(vlm) -> float:
+    """sqrt(d_model): φ(x) = max_d |x_d| / RMS(x) can never exceed it (equality: all the energy in one channel)."""
+    import math
+
+    return math.sqrt(vlm.adapter.d_model)
+
+
+def unreachable_phi(vlm, threshold, who: str = "SinkChannels") -> str | None:
+    """The warning text when φ > ``threshold`` can never hold on ``vlm`` (threshold >= sqrt(d_model)), else None."""
+    bound = phi_bound(vlm)
+    if threshold is None or threshold < bound:
+        return None
+    return (f"{who}: the sink threshold φ > {threshold:g} is out of reach for this model: φ(x) = max|x_d| / RMS(x) "
+            f"<= sqrt(d) = {bound:.1f} (d = {vlm.adapter.d_model}), so it would report 0 sinks whatever the input "
+            f"(the paper's 20 is for d = 4096, sqrt(d) = 64). Use a data-calibrated threshold: "
+            f"mech_vtokens.partition.sink_thresholds(vlm, images)['phi'], or one below {bound:.1f}")
+
+
+def warn_unreachable_phi(vlm, threshold, who: str = "SinkChannels") -> bool:
+    """Warn (:class:`~mech_vtokens.errors.ThresholdWarning`, before any forward) when φ > ``threshold`` is
+    unreachable on ``vlm``; True if it warned."""
+    import warnings
+
+    from ..errors import ThresholdWarning
+
+    msg = unreachable_phi(vlm, threshold, who)
+    if msg:
+        warnings.warn(msg, ThresholdWarning, stacklevel=3)
+    return msg is not None
+
+
+def _phi_all(x):
+    """max_d |x_d| / RMS(x) over ALL channels, per row of x (..., d)."""
+    return x.abs().amax(-1) / x.pow(2).mean(-1).sqrt().clamp_min(1e-30)
+
+
+def _midpoint(typical: float, outlier: float, min_ratio: float):
+    """The log-space midpoint sqrt(typical * outlier) when ``outlier`` stands out (>= min_ratio x typical), else
+    None (no outlier group to separate)."""
+    import math
+
+    if not (typical > 0 and outlier >= min_ratio * typical):
+        return None
+    return math.sqrt(typical * outlier)
+
+
+@keywords
+def sink_thresholds(vlm, images, prompts=None, *, llm_site: str | None = None, vit_layer: int | None = None,
+                    min_ratio: float = 4.0, batch_size: int = DEFAULT_BATCH_SIZE, remote=False,
+                    progress: bool = False) -> dict:
+    """Data-calibrated sink thresholds for ``vlm`` (one forward per batch of ``images``), for models where the
+    paper's numbers do not apply (φ > 20 is unreachable when sqrt(d_model) <= 20; the ViT-sink 75 is CLIP ViT-L's).
+
+    Rule (both in log space, between the typical token and the known outlier):
+
+    - ``"phi"``: sqrt(m_vis * m_bos), m_vis = median over visual tokens of max_d |x_d| / RMS(x) at ``llm_site``
+      (all channels), m_bos = median over prompts of the same for the BOS-role token (first text token, the sink
+      by construction). φ cannot exceed sqrt(d), so "stands out" is measured in that range: None unless m_bos
+      lies in the upper half of the log range from m_vis to sqrt(d) (m_bos >= sqrt(m_vis * sqrt(d))), i.e. no
+      BOS outlier, no sink channels at that site. (LLaMA-7B: m_bos ~ 60 of 64; a random 64-wide state: ~3.)
+    - ``"vit"``: sqrt(n_med * n_max) over the ViTSinks L2 norm of every visual token at ``vit_layer`` (default: the
+      layer the LM receives). None when n_max < ``min_ratio`` * n_med (no high-norm outliers; the L2 norm has no
+      width bound). ``min_ratio`` (4): real ViT sinks stand out by an order of magnitude (Darcet et al. 2024).
+
+    A model without sinks (the default organism: ViT max 2.6x median, BOS φ below the visual tokens') gets None:
+    "no sinks" is then the finding, not an artefact of the threshold.
+
+    Returns ``{"phi", "vit", "phi_bound" (sqrt(d)), "phi_visual_median", "phi_bos", "vit_median", "vit_max",
+    "llm_site", "n_images", "n_forwards", "rule"}``; pass them on as ``SinkChannels(threshold=t["phi"])``,
+    ``ViTSinks(threshold=t["vit"])`` or ``calibrate(..., phi_threshold=t["phi"], vit_threshold=t["vit"])``.
+    """
+    import math
+
+    from mech_vtokens.probes import Activations, ViTSinks
+    from mech_vtokens.probes.sink_channels import _bos_positions
+
+    if not min_ratio > 1:
+        raise InputError(f"min_ratio={min_ratio!r}: give a ratio > 1 (how far the outlier must stand out)")
+    if llm_site is None:
+        llm_site = "blocks.1.hook_resid_post" if vlm.n_layers > 1 else "blocks.0.hook_resid_post"
+    site = vlm.adapter.canonical(llm_site)
+    vis_phi, bos_phi, norms, n_fw, n_img = [], [], [], 0, 0
+    for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="thresholds"):
+        if batch.n_visual == 0:
+            raise InputError("sink_thresholds needs visual tokens: pass images with their placeholders")
+        act, vs = forward(vlm, batch, [Activations([site]), ViTSinks(layer=vit_layer, threshold=PAPER_VIT)],
+                          remote=remote)
+        n_fw, n_img = n_fw + 1, n_img + len(batch.image_sizes)
+        phi = _phi_all(act[site].detach().float())  # (rows, seq)
+        vis_phi.append(phi[batch.visual_mask])
+        bos_phi.append(phi[torch.arange(phi.shape[0]), _bos_positions(batch)])
+        norms.append(vs.l2.float())
+    vis_phi, bos_phi, norms = torch.cat(vis_phi), torch.cat(bos_phi), torch.cat(norms)
+    m_vis, m_bos = float(vis_phi.median()), float(bos_phi.median())
+    n_med, n_max = float(norms.median()), float(norms.max())
+    bound = phi_bound(vlm)
+    phi = _midpoint(m_vis, m_bos, math.sqrt(bound / m_vis) if m_vis > 0 else math.inf)
+    return {"phi": phi, "vit": _midpoint(n_med, n_max, min_ratio),
+            "phi_bound": bound, "phi_visual_median": m_vis, "phi_bos": m_bos, "vit_median": n_med,
+            "vit_max": n_max, "llm_site": site, "n_images": n_img, "n_forwards": n_fw,
+            "rule": "log-space midpoint between the typical visual token and the outlier"}

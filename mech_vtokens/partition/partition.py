@@ -94,6 +94,10 @@ class Partition(Probe):
 
     def check(self, vlm, batch):
         check_identity(self.identity, vlm)
+        if self.llm is not None and self.llm.get("dims"):
+            from .calibrate import warn_unreachable_phi
+
+            warn_unreachable_phi(vlm, float(self.llm["threshold"]), "Partition")
         if batch.n_visual == 0:
             raise InputError("Partition classifies visual tokens, but the batch has none: pass images (and their "
                              "placeholders in the prompts)")
