@@ -287,6 +287,8 @@ def _pil_to_rgb(im, what="image"):
     import numpy as np
     from PIL import Image
 
+    if min(im.size) < 1:
+        raise InputError(f"{what} is empty ({im.width}x{im.height} px); give an image with pixels")
     if im.getexif().get(_ORIENTATION, 1) != 1:  # a camera's rotation flag: applied on every path
         from PIL import ImageOps
 

@@ -113,8 +113,12 @@ def check_attn_implementation(attn) -> None:
                      f"{', '.join(repr(v) for v in valid)} (\"eager\" for attention patterns and AttentionKnockout)")
 
 
-def check_load_args(dtype, device_map, attn_implementation):
-    """All three checks; returns ``dtype`` as ``from_pretrained`` takes it."""
+def check_load_args(dtype, device_map, attn_implementation, hf_kwargs=None):
+    """All three checks (and ``torch_dtype=`` among the pass-through keywords, which would skip the dtype check);
+    returns ``dtype`` as ``from_pretrained`` takes it."""
+    if hf_kwargs and "torch_dtype" in hf_kwargs:
+        raise InputError(f"torch_dtype={hf_kwargs['torch_dtype']!r}: pass dtype={hf_kwargs['torch_dtype']!r} "
+                         f"(transformers 5 renamed it; dtype is checked before any weight is read)")
     dtype = check_dtype(dtype)
     check_device_map(device_map)
     check_attn_implementation(attn_implementation)

@@ -281,7 +281,7 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
 
     from .placement import check_load_args
 
-    dtype = check_load_args(dtype, device_map, attn_implementation)  # before any weight is read
+    dtype = check_load_args(dtype, device_map, attn_implementation, hf_kwargs)  # before any weight is read
     kwargs = dict(hf_kwargs)
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -142,6 +142,7 @@ BAD_IMAGES = [
     ("tensor batch", lambda: torch.zeros(2, 3, 50, 60), r"for a batch pass a list of images"),
     ("tensor 0..255 floats", lambda: torch.full((3, 50, 60), 255.0), r"float images must lie in \[0, 1\]"),
     ("tensor empty", lambda: torch.zeros(3, 0, 60), r"is empty"),
+    ("PIL empty", lambda: Image.new("RGB", (0, 5)), r"is empty \(0x5 px\)|empty image \(0x5\)"),
     ("path string", lambda: "cat.png", r"open files with PIL.Image.open\(path\)"),
     ("F out of range", lambda: _pil("F", (60, 50), 3.0), r"float images must lie in \[0, 1\]"),
 ]
@@ -195,6 +196,7 @@ def test_dtype_aliases_load_that_dtype(alias, want):
     ({"device_map": {"": "cuda:7"}}, r"device_map\[''\]='cuda:7': this machine has"),
     ({"device_map": "gpu"}, r"is not a device; use one of 'cpu'"),
     ({"device_map": "disk"}, r"places no module where it can run"),
+    ({"torch_dtype": "bf16"}, r"torch_dtype='bf16': pass dtype='bf16'"),
 ])
 def test_load_arguments_refused_before_any_weight_is_read(kw, fix, tiny_dir, monkeypatch):
     import transformers
@@ -507,3 +509,35 @@ def test_vit_sinks_says_why_it_found_none(tiny_vlm):
     assert not none.sinks.any() and "sink_thresholds(vlm, images)['vit']" in none.note
     some, = mv.run(vlm, [T.image(60)], [P], probes=[ViTSinks(threshold=float(none.l2.median()))])
     assert some.sinks.any() and some.note is None
+
+
+# ---- class 7: LLaVA token boxes against the processor's own resize + centre crop ----------------------------------
+
+@pytest.mark.parametrize("size", [(97, 61), (61, 97), (85, 85), (301, 123), (84, 85), (123, 84)])
+def test_llava_boxes_match_the_processors_crop_on_odd_sizes(size, tiny_vlm):
+    """With nearest resampling every model-input pixel IS one original pixel; the processor's own output (coordinate-
+    coded images) says which. Each token's box must put that pixel's centre in the same original pixel: an offset
+    off by half a pixel (a float centre crop where the processor uses integer sizes and //) fails on odd sizes."""
+    import copy
+
+    vlm = tiny_vlm("llava")
+    ip = copy.deepcopy(vlm.processor.image_processor)
+    ip.resample, ip.do_normalize, ip.do_rescale = 0, False, False  # nearest; raw 0..255 values
+    w, h = size
+    xs, ys = np.meshgrid(np.arange(w), np.arange(h))
+    coded = [np.stack([c % 256, c // 256, np.zeros_like(c)], -1).astype(np.uint8) for c in (xs, ys)]
+    out = [ip(Image.fromarray(a), return_tensors="pt")["pixel_values"][0] for a in coded]
+    col = (out[0][0] + 256 * out[0][1]).round().long()  # (side, side): original column sampled at each input pixel
+    row = (out[1][0] + 256 * out[1][1]).round().long()
+    tokens = vlm.prepare([Image.new("RGB", size)], [P]).tokens
+    p = vlm.hf.config.vision_config.patch_size
+    checked = 0
+    for j in range(len(tokens["image"])):
+        r, c = int(tokens["row"][j]), int(tokens["col"][j])
+        x0, y0, x1, y1 = (float(v) for v in tokens["box"][j])
+        for u in range(c * p, (c + 1) * p):  # every input pixel of the token: its centre's original pixel
+            assert int(np.floor(x0 + (u - c * p + 0.5) * (x1 - x0) / p)) == int(col[0, u])
+        for v in range(r * p, (r + 1) * p):
+            assert int(np.floor(y0 + (v - r * p + 0.5) * (y1 - y0) / p)) == int(row[v, 0])
+        checked += 1
+    assert checked == len(tokens["image"]) == (vlm.hf.config.vision_config.image_size // p) ** 2
