@@ -80,6 +80,25 @@ def _vqa_file(tmp, lines):
     return tmp / "q.jsonl"
 
 
+def _without_processor(vlm, tmp):
+    import shutil
+
+    shutil.copytree(vlm.source, tmp / "m", ignore=shutil.ignore_patterns("processor_config.json"))
+    return tmp / "m"
+
+
+def _unmarked(vlm, tmp):
+    import shutil
+
+    shutil.copytree(vlm.source, tmp / "m", ignore=shutil.ignore_patterns("tiny_model.json"))
+    return tmp / "m"
+
+
+def _file(tmp):
+    (tmp / "out").write_text("x")
+    return tmp / "out"
+
+
 def _cli(argv):
     from mech_vtokens.cli import main
 
@@ -97,6 +116,14 @@ CATALOGUE = [
      r"needs its processor: mech_vtokens.load\(model, processor\)"),
     ("load-unsupported-family", lambda v, t: mv.load(_llama(), processor=object()), r"unsupported model type "
                                                                                      r"'llama'.*To add one"),
+    ("load-dtype-typo", lambda v, t: mv.load(str(v.source), dtype="bfloat61"), r"did you mean 'bfloat16'\?"),
+    ("load-dtype-int8", lambda v, t: mv.load(str(v.source), dtype="int8"), r"needs a quantization_config"),
+    ("load-torch-dtype", lambda v, t: mv.load(str(v.source), torch_dtype="bf16"), r"pass dtype='bf16'"),
+    ("load-attn-typo", lambda v, t: mv.load(str(v.source), attn_implementation="eagre"), r"did you mean 'eager'\?"),
+    ("load-missing-device", lambda v, t: mv.load(str(v.source), device_map="cuda:7"),
+     r"this machine has \d+ cuda device\(s\); use one of 'cpu'"),
+    ("load-dir-without-processor", lambda v, t: mv.load(_without_processor(v, t)),
+     r"lacks a image processor config .*Save the processor there"),
     # prepare / run
     ("prompt-without-placeholder", lambda v, t: v.prepare([_img()], ["what is it ?"]),
      r"put the image placeholder '<image>' in the prompt"),
@@ -105,6 +132,14 @@ CATALOGUE = [
     ("image-tensor-channels-last", lambda v, t: v.prepare([[torch.zeros(8, 8, 3)]], [P]),
      r"tensors are CxHxW as torchvision .*pass t.permute\(2, 0, 1\)"),
     ("placeholder-without-image", lambda v, t: v.prepare([[]], [P]), r"pass an image for each"),
+    ("image-array-channels-first", lambda v, t: v.prepare([__import__("numpy").zeros((3, 8, 9), "uint8")], [P]),
+     r"channels-first: pass a.transpose\(1, 2, 0\)"),
+    ("image-tensor-batch", lambda v, t: v.prepare([torch.zeros(2, 3, 8, 8)], [P]), r"pass a list of images"),
+    ("image-float-out-of-range", lambda v, t: v.prepare([torch.full((3, 8, 8), 255.0)], [P]),
+     r"float images must lie in \[0, 1\]"),
+    ("remote-cli-spelling", lambda v, t: mv.run(v, [_img()], [P], probes=[NormTracker()], remote="ndif"),
+     r"CLI's spelling of --remote; in Python NDIF is remote=True"),
+    ("probes-not-a-list", lambda v, t: mv.run(v, [_img()], [P], probes=3), r"give a list of components \(or one\)"),
     ("nothing-to-run", lambda v, t: mv.run(v, [_img()], [P]), r"nothing to run: pass probes=\[...\]"),
     ("intervention-as-probe", lambda v, t: mv.run(v, [_img()], [P], probes=[Prune()]),
      r"not a Probe; pass interventions with interventions=\[...\]"),
@@ -170,6 +205,12 @@ CATALOGUE = [
     ("runner-locked", lambda v, t: _locked(v, t), r"wait for it to finish or use another out directory"),
     ("runner-corrupt-manifest", lambda v, t: _bad_manifest(v, t), r"move it away or pass overwrite=True"),
     ("store-empty-dir", lambda v, t: Store(t), r"run mech_vtokens.runner.run_dataset\(.*\) first"),
+    ("runner-out-is-a-file", lambda v, t: run_dataset(v, D.InMemory([_img()]), probes=["norms"], out=_file(t),
+                                                      progress=False), r"is a file, not a directory"),
+    ("runner-labels-without-labels", lambda v, t: run_dataset(v, D.InMemory([_img()]), probes=["labels"], out=t,
+                                                              progress=False), r"records carry no labels"),
+    ("tiny-model-other-model-cached", lambda v, t: T.tiny_model("qwen2_vl", _unmarked(v, t)),
+     r"already holds a 'llava' model that tiny_model did not mark"),
     ("runner-shard", lambda v, t: run_dataset(v, D.InMemory([_img()]), probes=["norms"], out=t, shard=(2, 2)),
      r"give \(i, n\) with 0 <= i < n"),
     ("runner-dtype-with-loaded-model", lambda v, t: run_dataset(v, D.InMemory([_img()]), probes=["norms"], out=t,
