@@ -5,7 +5,9 @@ Used by ``mech-vtokens demo`` and ``mech-vtokens analyze``; callable from Python
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 from .errors import InputError
@@ -65,7 +67,7 @@ def analyze(vlm, images, prompts, *, probes=ALL_PROBES, labels=None, k: int = 5,
     if "partition" in names and len(images) < 2:
         raise InputError("the partition needs at least 2 images (cross-image statistics); drop 'partition' or add "
                          "images")
-    with counting() as forwards:
+    with counting() as forwards, _report_states_thresholds(vlm, names):
         results, batches, extra = _analysis(vlm, images, prompts, names, labels, k, batch_size, remote, progress,
                                             boxes, calibration)
     extra["forwards"] = forwards.n
@@ -117,6 +119,19 @@ def _analysis(vlm, images, prompts, names, labels, k, batch_size, remote, progre
     return results, batches, extra
 
 
+@contextlib.contextmanager
+def _report_states_thresholds(vlm, names):
+    """Where the report states the sink thresholds and why (the paper's φ > 20 out of reach), the probes' own
+    ThresholdWarnings would repeat it once per batch: silenced inside the analysis."""
+    from .errors import ThresholdWarning
+    from .partition.calibrate import PAPER_PHI, phi_bound
+
+    with warnings.catch_warnings():
+        if PAPER_PHI >= phi_bound(vlm) and {"sinks", "vit_sinks", "partition"} & set(names):
+            warnings.simplefilter("ignore", ThresholdWarning)
+        yield
+
+
 def _thresholds(vlm, images, prompts, names, batch_size, remote, calibration) -> dict:
     """The suite's sink thresholds and the sentence the report states about them: the paper's φ > 20 / L2 > 75, or,
     where φ > 20 cannot happen (φ <= sqrt(d_model) < 20) and a sink probe runs, data-calibrated ones
@@ -137,8 +152,8 @@ def _thresholds(vlm, images, prompts, names, batch_size, remote, calibration) ->
     t = sink_thresholds(vlm, images[:n_cal], prompts[:n_cal], batch_size=batch_size, remote=remote)
     bits = [f"Sink thresholds: the paper's φ > {PAPER_PHI:g} is out of reach for this model (φ(x) = max|x_d| / RMS(x) "
             f"<= sqrt(d) = {bound:.1f}, d = {vlm.adapter.d_model}), so it would report 0 sinks whatever the input; "
-            f"this report uses data-calibrated thresholds (mech_vtokens.partition.sink_thresholds on {t['n_images']} "
-            f"images, {t['rule']}):"]
+            f"this report calibrates the thresholds on data instead (mech_vtokens.partition.sink_thresholds on "
+            f"{t['n_images']} images, {t['rule']}):"]
     if t["phi"] is not None:
         out["phi"] = t["phi"]
         bits.append(f"φ > {t['phi']:.2f} (median visual-token φ {t['phi_visual_median']:.2f}, BOS φ "

@@ -235,6 +235,12 @@ def test_remote_values_refused_before_the_forward(remote, fix, no_forward):
         mv.generate(no_forward, [T.image(60)], [P], max_new_tokens=1, remote=remote)
 
 
+def _run(*args, **kwargs):
+    """mv.run's results in probe order, whether it returns a list or a mapping keyed by probe name."""
+    res = mv.run(*args, **kwargs)
+    return list(res.values()) if isinstance(res, dict) else list(res)
+
+
 def _norms(results):
     """The NormTracker result of a run (a list of results, or a mapping of them)."""
     rs = results.values() if isinstance(results, dict) else results
@@ -311,8 +317,8 @@ def test_sink_channels_bos_is_the_first_text_token(name, prompts, tiny_vlm):
     assert vlm.tokenizer("what").input_ids[0] != vlm.tokenizer.bos_token_id  # the fixture adds no BOS
     sites = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     ims = [T.image(60, seed=i) for i in range(len(prompts))]
-    sc, act = mv.run(vlm, ims, prompts, probes=[SinkChannels(threshold=2.0, sites=sites,
-                                                             reference_site=sites[-1]), Activations(sites)])
+    sc, act = _run(vlm, ims, prompts, probes=[SinkChannels(threshold=2.0, sites=sites,
+                                                           reference_site=sites[-1]), Activations(sites)])
     batch = vlm.prepare(ims, prompts)
     att = batch.inputs["attention_mask"].bool()
     text = att & ~batch.visual_mask
@@ -446,8 +452,8 @@ def test_reachable_threshold_no_warning_and_result_says_which(tiny_vlm):
     vlm = tiny_vlm("llava")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        ok, = mv.run(vlm, [T.image(60)], [P], probes=[SinkChannels(threshold=7.9)])
-        bad, = mv.run(vlm, [T.image(60)], [P], probes=[SinkChannels(threshold=20.0)])
+        ok, = _run(vlm, [T.image(60)], [P], probes=[SinkChannels(threshold=7.9)])
+        bad, = _run(vlm, [T.image(60)], [P], probes=[SinkChannels(threshold=20.0)])
     assert [str(w.message)[:12] for w in rec if issubclass(w.category, ThresholdWarning)] == ["SinkChannels"]
     assert ok.reachable and not bad.reachable and bad.phi_bound == pytest.approx(8.0)
     assert not bad.to_pandas().sink.any()
@@ -465,9 +471,9 @@ def test_sink_thresholds_find_the_planted_sinks(tmp_path):
     t = sink_thresholds(vlm, ims, prs, vit_layer=-1)
     assert t["phi"] is not None and t["vit"] is not None and t["phi"] < t["phi_bound"]
     assert t["n_forwards"] == 1 and t["n_images"] == 3
-    sc, vs = mv.run(vlm, ims, prs, probes=[SinkChannels(threshold=t["phi"], sites=[t["llm_site"]],
-                                                        reference_site=t["llm_site"]),
-                                           ViTSinks(layer=-1, threshold=t["vit"])])
+    sc, vs = _run(vlm, ims, prs, probes=[SinkChannels(threshold=t["phi"], sites=[t["llm_site"]],
+                                                      reference_site=t["llm_site"]),
+                                         ViTSinks(layer=-1, threshold=t["vit"])])
     g = truth["grid"]
     want_vit = torch.zeros(g, g, dtype=torch.bool)
     want_llm = torch.zeros(g, g, dtype=torch.bool)
@@ -489,7 +495,15 @@ def test_the_report_says_why_and_uses_calibrated_thresholds(tiny_vlm, tmp_path):
 
     vlm = tiny_vlm("llava")
     ims = [T.image(60, seed=i) for i in range(3)]
-    _, report = analyze(vlm, ims, [P] * 3, probes=["sinks", "vit_sinks"], out=tmp_path, progress=False, overlays=0)
+    import warnings
+
+    from mech_vtokens.errors import ThresholdWarning
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _, report = analyze(vlm, ims, [P] * 3, probes=["sinks", "vit_sinks"], out=tmp_path, progress=False,
+                            overlays=0)
+    assert not [w for w in rec if issubclass(w.category, ThresholdWarning)]  # the report says it once instead
     th = json.loads((tmp_path / "thresholds.json").read_text())
     assert th["calibrated"] and "out of reach for this model" in th["text"] and "sqrt(d) = 8.0" in th["text"]
     html = open(report).read()
@@ -505,9 +519,9 @@ def test_vit_sinks_says_why_it_found_none(tiny_vlm):
 
     vlm = tiny_vlm("llava")
     with pytest.warns(ThresholdWarning, match=r"no visual token's L2 norm exceeds 1e\+06 .*CLIP ViT-L/14's number"):
-        none, = mv.run(vlm, [T.image(60)], [P], probes=[ViTSinks(threshold=1e6)])
+        none, = _run(vlm, [T.image(60)], [P], probes=[ViTSinks(threshold=1e6)])
     assert not none.sinks.any() and "sink_thresholds(vlm, images)['vit']" in none.note
-    some, = mv.run(vlm, [T.image(60)], [P], probes=[ViTSinks(threshold=float(none.l2.median()))])
+    some, = _run(vlm, [T.image(60)], [P], probes=[ViTSinks(threshold=float(none.l2.median()))])
     assert some.sinks.any() and some.note is None
 
 
