@@ -222,6 +222,11 @@ def test_model_dir_without_processor_files_names_them(tiny_dir, tmp_path):
         shutil.copytree(src, d, ignore=shutil.ignore_patterns(*drop))
         with pytest.raises(InputError, match=fix):
             mv.load(d)
+    d = tmp_path / "corrupt"
+    shutil.copytree(src, d)
+    (d / "tokenizer.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"cannot load the processor of .*JSONDecodeError.*repair its files or pass"):
+        mv.load(d)
 
 
 @pytest.mark.parametrize("remote,fix", [("ndif", r"\"ndif\" is the CLI's spelling .*remote=True"),
