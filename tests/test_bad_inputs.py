@@ -560,3 +560,17 @@ def test_llava_boxes_match_the_processors_crop_on_odd_sizes(size, tiny_vlm):
             assert int(np.floor(y0 + (v - r * p + 0.5) * (y1 - y0) / p)) == int(row[v, 0])
         checked += 1
     assert checked == len(tokens["image"]) == (vlm.hf.config.vision_config.image_size // p) ** 2
+
+
+def test_lenses_with_tiny_chunks_equal_the_default(tiny_vlm):
+    """EmbedLens / LogitLens with chunk 1, 2, k-1, k (which used to crash) give the default chunk's ids."""
+    from mech_vtokens.probes import EmbedLens, LogitLens
+
+    vlm = tiny_vlm("llava")
+    k = 4
+    ref = _run(vlm, [T.image(60)], [P], probes=[EmbedLens(k=k), LogitLens(k=k)])
+    for chunk in (1, 2, k - 1, k):
+        got = _run(vlm, [T.image(60)], [P], probes=[EmbedLens(k=k, chunk=chunk), LogitLens(k=k, chunk=chunk)])
+        for a, b in zip(got, ref):
+            for site in b.ids:
+                assert torch.equal(a.ids[site], b.ids[site]), (chunk, site)
