@@ -154,3 +154,17 @@ def check_processor_files(source) -> None:
         raise InputError(f"{source} holds no processor: it lacks {need}. Save the processor there "
                          f"(AutoProcessor.from_pretrained(<checkpoint>).save_pretrained({str(source)!r})) or pass "
                          f"it: mech_vtokens.load({str(source)!r}, processor=...)")
+
+
+def load_processor(adapter_cls, source, config):
+    """``adapter_cls.load_processor(source, config)`` with the processor files checked first (a local directory
+    without them: InputError naming them) and a processor that fails to load (a broken file, an unreachable hub id)
+    an InputError naming the source and the fix, not a raw OSError / JSONDecodeError."""
+    check_processor_files(source)
+    try:
+        return adapter_cls.load_processor(source, config)
+    except InputError:
+        raise
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load the processor of {source!r} ({type(err).__name__}: {err}); repair its files "
+                         f"or pass it: mech_vtokens.load({source!r}, processor=...)") from None

@@ -306,16 +306,9 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
                              f"directory written by save_pretrained ({err})") from None
         adapter_cls = adapter_class_for(config)
         if processor is None:
-            from .placement import check_processor_files
+            from .placement import load_processor
 
-            check_processor_files(source)  # a local dir without them: name the files, not a hub error
-            try:
-                processor = adapter_cls.load_processor(source, config)
-            except InputError:
-                raise
-            except (OSError, ValueError) as err:  # a broken processor file, an unreachable hub id
-                raise InputError(f"cannot load the processor of {source!r} ({type(err).__name__}: {err}); repair "
-                                 f"its files or pass it: mech_vtokens.load({source!r}, processor=...)") from None
+            processor = load_processor(adapter_cls, source, config)  # missing / broken files: InputError naming them
         # nnsight loads the weights itself from the id, so remote runs get the right model key.
         nn_model = TransformersModel(source, task="image-text-to-text", processor=processor, dispatch=True,
                                      **kwargs)
