@@ -179,7 +179,7 @@ def test_ctx_moves_to_the_device_of_each_site():
 # ------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, names", [
-    ({"dtype": "bf16"}, ["'bfloat16'", "'float16'"]),
+    ({"dtype": "b16"}, ["'bfloat16'", "'float16'"]),  # "bf16" is an accepted alias now (placement.DTYPE_ALIASES)
     ({"dtype": "bfloat61"}, ["'bfloat16'"]),
     ({"dtype": "int8"}, ["quantization_config", "'bfloat16'"]),
     ({"dtype": torch.int8}, ["quantization_config"]),
