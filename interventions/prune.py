@@ -42,7 +42,7 @@ def refuse_single_pass(ctx, cache, past, who):
             f"the decode steps would run with the unchanged attention mask and positions against the changed KV "
             f"cache (wrong tokens, silently). Let it act on every step: mech_vtokens.generate(vlm, images, prompts, "
             f"interventions=[...]), or exp.execute(vlm.model, steps=tracer.iter[:max_new_tokens]) in your trace, "
-            f"or wrap the generate call in interventions.applied(vlm, [...], batch)")
+            f"or wrap the generate call in interventions.applied(vlm, batch, interventions=[...])")
 
 
 def extend_keys(am, b, more):

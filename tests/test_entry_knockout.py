@@ -156,7 +156,7 @@ def test_entry_options_harness_remote_and_eager(tiny_vlm, eager_vlm, family):
     logits, _ = nn_run(vlm, b, [VisualEntry(1, tokens=sub)])
     for r, (cols, ref) in enumerate(entry_reference(vlm, clean, sel, 1)):
         assert (logits[r, cols] - ref).abs().max() < TOL
-    with applied(vlm, [VisualEntry(1, tokens=sub)], b):
+    with applied(vlm, b, interventions=[VisualEntry(1, tokens=sub)]):
         with torch.no_grad():
             hooked = vlm.hf(**b.inputs).logits
     assert (hooked - logits).abs().max() < TOL
@@ -173,7 +173,7 @@ def test_entry_options_harness_remote_and_eager(tiny_vlm, eager_vlm, family):
             h = lm_of(m).layers[1].register_forward_pre_hook(grab, with_kwargs=True)
             m.hf(**b.inputs)
             h.remove()
-            with applied(m, [VisualEntry(1)], b):
+            with applied(m, b, interventions=[VisualEntry(1)]):
                 h = lm_of(m).layers[1].register_forward_pre_hook(grab, with_kwargs=True)  # runs after applied's
                 try:
                     m.hf(**b.inputs)
@@ -218,7 +218,7 @@ def test_exit_matches_manual(tiny_vlm, family):
         assert (logits[r, -ref.shape[0]:] - ref).abs().max() < TOL
         if am is not None:  # the rest of the row is padding
             assert ref.shape[0] == int((am[r].bool() & ~b.visual_mask[r]).sum())
-    with applied(vlm, [VisualExit(k)], b):
+    with applied(vlm, b, interventions=[VisualExit(k)]):
         with torch.no_grad():
             hooked = vlm.hf(**b.inputs).logits
     assert (hooked - logits).abs().max() < TOL
@@ -288,7 +288,7 @@ def test_no_residue(eager_vlm):
     for iv in (VisualEntry(1), VisualExit(2), AttentionKnockout("vt", 0)):
         nn_run(vlm, b, [iv])
         if not isinstance(iv, AttentionKnockout):
-            with applied(vlm, [iv], b):
+            with applied(vlm, b, interventions=[iv]):
                 with torch.no_grad():
                     vlm.hf(**b.inputs)
     with pytest.raises(RuntimeError, match="boom"):
@@ -360,5 +360,5 @@ def test_bad_input(tiny_vlm, eager_vlm):
     with pytest.raises(InputError, match="not in the sequence"):
         ev.experiment(b, interventions=[VisualExit(1), AttentionKnockout("vt", 2)])
     with pytest.raises(InputError, match="plain torch"):
-        with applied(ev, [AttentionKnockout("vv", 1)], b):
+        with applied(ev, b, interventions=[AttentionKnockout("vv", 1)]):
             pass
