@@ -2,7 +2,8 @@
 
     python tests/runner_worker.py MODEL_DIR SOURCE PLAN_JSON
 
-PLAN_JSON: a list of attempts ``{"out": dir, "shard": null | [i, n], "job": "run_dataset" | "evaluate", "kill": null | {"kind": "write", "n": int,
+PLAN_JSON: a list of attempts ``{"out": dir, "shard": null | [i, n], "job": "run_dataset" | "evaluate",
+"kill": null | {"kind": "write", "n": int,
 "phase": "before" | "mid" | "after"} | {"kind": "time", "delay": seconds}}``, or ``{"parallel": [attempt, ...]}``:
 those attempts (no kills) forked at once, several writer processes on one store, all waited for.
 Each attempt runs ``run_dataset`` (or, with ``"job": "evaluate"``, ``evaluate`` of a VQA source under two
