@@ -254,10 +254,12 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
     if no_q or (no_a and not callable(scorer)):
         raise InputError(f"evaluate needs a question and answer(s) per record; {(no_q or no_a)[:3]} have none: use "
                          f"a VQA .jsonl (image / question / answer) or records with question= and answers=")
+    from .component import Intervention
+
     settings = {"model": str(vlm.source or type(vlm.hf).__name__), "seed": seed, "max_new_tokens": max_new_tokens,
                 "scorer": scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "custom"),
                 "batch_size": batch_size, "greedy": True,
-                "conditions": {n: [repr(iv) if not callable(iv) or hasattr(iv, "sites") else
+                "conditions": {n: [repr(iv) if isinstance(iv, Intervention) else
                                    f"factory {getattr(iv, '__qualname__', iv)}" for iv in ivs]
                                for n, ivs in conditions.items()}}
     store = over_records(src.records, _answer_step(vlm, conditions, scorer, max_new_tokens, seed), kind="evaluate",

@@ -7,10 +7,11 @@ intervention -> results written incrementally to disk; a run killed at any momen
     store.frame("embed_lens")                                 # every record's rows, keyed by record_id
 
 The store (``out``, :mod:`mech_vtokens.store`, the same format as ``evaluate``'s): ``manifest.json`` +
-``parts/<probe>/<seq>.parquet``. A RECORD is one image (one prompt row): its rows of each probe's ``.to_pandas()``
-(LabelMatching: its per-image ``hits()``), with a ``record_id`` column first and the batch-relative columns made
-record-relative (``row``/``image`` 0, ``position`` without the left padding, ``visual_index`` / ``vision_row`` from
-the record's first). Rows that belong to no image (LLaVA's CLS row in NormTracker's vision rows) are not kept.
+``parts/<probe>/<seq>.parquet``. A RECORD is one image (one prompt row): its rows of each probe's
+``Probe.record_rows(result)`` (``.to_pandas()``; LabelMatching: its per-image ``hits()``), with a ``record_id``
+column first and the batch-relative columns made record-relative (``row``/``image`` 0, ``position`` without the
+left padding, ``visual_index`` / ``vision_row`` from the record's first). Rows that belong to no image (LLaVA's
+CLS row in NormTracker's vision rows) are not kept.
 Intervention results hold nothing per record: their reprs are in the manifest's settings.
 
 Crash safety and several writers: see :mod:`mech_vtokens.store` (atomic commits under a file lock, a kill leaves
@@ -68,6 +69,8 @@ class _Spec:
                              f"f(vlm, records) -> {kind} (is it meant for {other}?)")
 
     def build(self, vlm, records):
+        from .component import Component
+
         if isinstance(self.spec, str):
             if self.spec == "labels":
                 from mech_vtokens.probes import LabelMatching
@@ -78,7 +81,7 @@ class _Spec:
             from .suite import build_probes
 
             return list(build_probes(vlm, [self.spec], self.k).values())
-        if callable(self.spec) and not hasattr(self.spec, "sites"):
+        if callable(self.spec) and not isinstance(self.spec, Component):
             made = self.spec(vlm, records)
             return [] if made is None else (list(made) if isinstance(made, (list, tuple)) else [made])
         return [self.spec]
@@ -94,12 +97,6 @@ def _names(specs):
 
 
 # ---- record frames ---------------------------------------------------------------------------------------------
-
-def _result_frame(res):
-    if hasattr(res, "hits"):  # LabelMatching: to_pandas() aggregates over images; hits() is per image
-        return res.hits()
-    return res.to_pandas()
-
 
 def record_frames(df, batch, ids):
     """Split one probe's batch frame into record rows: ``record_id`` first, batch-relative columns made
@@ -228,7 +225,7 @@ class Runner:
         pairs = [(n, p) for s, n in zip(self.probe_specs, self.names) for p in s.build(self.vlm, recs)]
         probes, owners = [p for _, p in pairs], [n for n, _ in pairs]
         ivs = [i for s in self.iv_specs for i in s.build(self.vlm, recs)]
-        return list(zip(owners, forward(self.vlm, batch, probes, ivs, remote=self.remote)[:len(probes)]))
+        return list(zip(owners, probes, forward(self.vlm, batch, probes, ivs, remote=self.remote)[:len(probes)]))
 
     def run(self) -> Store:
         return over_records(self.source.records, self._step, kind="run_dataset", settings=self.settings,
@@ -244,8 +241,8 @@ class Runner:
         dropped_rows: dict = {}
         if batch is not None:
             ids = [r.id for r, _ in ok]
-            for name, res in self._forward(batch, [r for r, _ in ok]):
-                df, dropped = record_frames(_result_frame(res), batch, ids)
+            for name, probe, res in self._forward(batch, [r for r, _ in ok]):
+                df, dropped = record_frames(probe.record_rows(res), batch, ids)
                 frames.setdefault(name, []).append(df)
                 if dropped:
                     dropped_rows[name] = dropped_rows.get(name, 0) + dropped
