@@ -30,6 +30,10 @@ Logits come back shortened (rows left-padded to one width, as after ``Prune``). 
 to their shortened cache (mask rebuilt per step), layers ``< k`` to the full one; ``k >= 1`` (an exit at layer 0 is
 ``Prune(tokens)``).
 
+Masks: :func:`mech_vtokens.sequence.attention_mask` (transformers ``masking_utils``), one per attention kind of the
+layers from ``k`` on, so a layer with a sliding window gets the sliding-window mask of the rebuilt sequence; on a
+model with sliding-window layers generation with a KV cache is refused (see :mod:`mech_vtokens.sequence`).
+
 Both act at the decoder layers' ``(args, kwargs)`` (sites ``blocks.{i}.hook_inputs`` for every ``i >= k``: the LM
 builds one mask and one position embedding for all its layers, so each layer from ``k`` on gets the ones computed at
 ``k``) and at ``lm.hook_inputs``, and take a token set (default: all visual tokens). Sites between the shortening and

@@ -144,7 +144,8 @@ def _prompt_text(vlm, record) -> str:
     return vlm.prompt(q)
 
 
-def answer_batch(vlm, batch, interventions=(), max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0) -> list[str]:
+@keywords
+def answer_batch(vlm, batch, *, interventions=(), max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0) -> list[str]:
     """Greedy answers for a prepared batch under ``interventions`` (HF generate inside ``applied``)."""
     from mech_vtokens.interventions import applied
 
@@ -208,7 +209,8 @@ def _answer_step(vlm, conditions, scorer, max_new_tokens, seed):
         if ok:
             batch = _prepare_left(vlm, [im for _, im in ok], [_prompt_text(vlm, r) for r, _ in ok])
             for name, ivs in conditions.items():
-                preds = answer_batch(vlm, batch, _build(ivs, vlm, batch), max_new_tokens, seed)
+                preds = answer_batch(vlm, batch, interventions=_build(ivs, vlm, batch), max_new_tokens=max_new_tokens,
+                                     seed=seed)
                 for (r, _), p in zip(ok, preds):
                     rows.append({"record_id": r.id, "condition": name, "question": r.question, "prediction": p,
                                  "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed})
@@ -294,6 +296,6 @@ class HarnessModel:
         out = []
         for s in range(0, len(texts), self.batch_size):
             batch = _prepare_left(self.vlm, images[s:s + self.batch_size], texts[s:s + self.batch_size])
-            out += answer_batch(self.vlm, batch, _build(self.interventions, self.vlm, batch), self.max_new_tokens,
-                            self.seed)
+            out += answer_batch(self.vlm, batch, interventions=_build(self.interventions, self.vlm, batch),
+                                max_new_tokens=self.max_new_tokens, seed=self.seed)
         return out

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from .defaults import MAX_NEW_TOKENS
 from .errors import InputError
+from .loop import DEFAULT_BATCH_SIZE, keywords
 from .organism.world import CHARACTERS, COLOURS, SHAPES, Obj, _draw_obj
 
 KINDS = ("object", "ocr", "ocr_color")
@@ -113,7 +114,9 @@ def make_samples(vlm, n: int = 30, seed: int = 0, kinds=KINDS, background=(128, 
     return out
 
 
-def answer(vlm, samples, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8, interventions=()):
+@keywords
+def answer(vlm, samples, *, interventions=(), max_new_tokens: int = MAX_NEW_TOKENS,
+           batch_size: int = DEFAULT_BATCH_SIZE):
     """Greedy answers to every question of ``samples``: a list of (sample index, question kind, answer, predicted)."""
     import torch
 
