@@ -219,7 +219,7 @@ def check(checkpoint: str, device: str, dtype, small: bool, layers: int, repeats
     for name, iv in cases.items():
         got, _ = mv.run(vlm, images, prompts, probes=[Activations(["ln_final.hook_normalized"])], interventions=[iv])
         nn_last = traced_last(got)
-        with applied(vlm, [iv], batch):
+        with applied(vlm, batch, interventions=[iv]):
             hook_last = last_logits()
         diff = float((nn_last - hook_last).abs().max())
         changed = float((hook_last - clean_last).abs().max()) > 0
@@ -237,7 +237,7 @@ def check(checkpoint: str, device: str, dtype, small: bool, layers: int, repeats
     # ---- generation: the nnsight generate trace vs HF generate under the hooks -----------------------------------
     gen_s, out = _timed(lambda: mv.generate(vlm, images, prompts, interventions=[Prune(some)],
                                             max_new_tokens=new_tokens, min_new_tokens=new_tokens), device, 1)
-    with applied(vlm, [Prune(some)], batch), torch.no_grad():
+    with applied(vlm, batch, interventions=[Prune(some)]), torch.no_grad():
         ref = vlm.hf.generate(**dev_inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     ref_ids = ref[:, batch.visual_mask.shape[1]:].cpu()
     row["generate_ids_equal"] = bool(torch.equal(out.ids.cpu(), ref_ids)) and out.ids.device.type == "cpu"

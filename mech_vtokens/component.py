@@ -70,6 +70,12 @@ class Probe(Component):
 
     kind = "probe"
 
+    def record_rows(self, result):
+        """The rows of ``result`` that a resumable store keeps per record (``run_dataset``): rows with a ``row`` or
+        ``image`` column. Default: ``result.to_pandas()``; a probe whose table aggregates over images returns its
+        per-image rows instead (LabelMatching: ``hits()``)."""
+        return result.to_pandas()
+
 
 class Intervention(Component):
     """Changes the value at its sites (returns the replacement from ``at``); ``collect`` returns an

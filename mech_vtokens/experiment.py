@@ -68,21 +68,35 @@ class Experiment:
 
     def __init__(self, vlm, batch, probes=(), interventions=()):
         probes, interventions = self._validated(_listed(probes, "probes"), _listed(interventions, "interventions"))
-        self.comps = comps = interventions + probes  # interventions act first at a shared site
-        for c in comps:
+        self.comps = interventions + probes  # interventions act first at a shared site
+        self.n_interventions = len(interventions)
+        self._check(vlm, batch)
+        self.ctx = self._context(vlm, batch)
+        self.plan, self.decode_plan = self._plans(vlm, batch, interventions)
+        self._vlm, self._batch = vlm, batch
+
+    def _check(self, vlm, batch):
+        """Every component's own checks, then the contradictions between components (InputError)."""
+        for c in self.comps:
             c.check(vlm, batch)
         self._refuse_conflicts(vlm, batch)
-        self.n_interventions = len(interventions)
-        self.ctx = dict(batch.ctx)
-        self.ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(comps)}
+
+    def _context(self, vlm, batch) -> dict:
+        """The batch's ctx plus each component's extras (``ctx["mine"]`` at its sites)."""
+        ctx = dict(batch.ctx)
+        ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(self.comps)}
+        return ctx
+
+    def _plans(self, vlm, batch, interventions):
+        """(plan, decode plan): the planned sites in forward order, marked where they see a shortened sequence.
+        Generation steps after the prefill run only the sites components asked for there (Prune's positions and
+        mask, VisualEntry / VisualExit's per-window masks, ZeroSublayer(every_step=True)); probes read the
+        prefill."""
         plan = self._plan(vlm, lambda c: c.sites(vlm))
         window = self._layout_window(vlm, batch, interventions, plan)
-        self.plan = [s._replace(shortened=s.name in window) for s in plan]
-        # generation steps after the prefill: only the sites components asked for there (Prune's positions and
-        # mask, VisualEntry / VisualExit's per-window masks, ZeroSublayer(every_step=True)); probes read the prefill
-        self.decode_plan = [s._replace(shortened=s.name in window)
-                            for s in self._plan(vlm, lambda c: c.decode_sites(vlm))]
-        self._vlm, self._batch = vlm, batch
+        decode = self._plan(vlm, lambda c: c.decode_sites(vlm))
+        return ([s._replace(shortened=s.name in window) for s in plan],
+                [s._replace(shortened=s.name in window) for s in decode])
 
     @staticmethod
     def _validated(probes, interventions):

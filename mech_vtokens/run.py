@@ -9,11 +9,10 @@ import warnings
 import nnsight
 
 from .component import on_device
+from .defaults import MAX_NEW_TOKENS
 from .errors import InputError
 from .loop import counted, forward, keywords
 from .results import Result
-
-DEFAULT_MAX_NEW_TOKENS = 20
 
 
 @keywords
@@ -68,7 +67,7 @@ class Generation(Result):
 
 
 @keywords(extra=_generate_keywords)
-def generate(vlm, images, prompts, *, probes=(), interventions=(), max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+def generate(vlm, images, prompts, *, probes=(), interventions=(), max_new_tokens: int = MAX_NEW_TOKENS,
              remote=False, processor_kwargs=None, **generate_kwargs) -> Generation:
     """Generate under ``interventions`` (and read ``probes`` on the prompt's forward), in ONE nnsight generate trace.
 

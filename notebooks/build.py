@@ -94,7 +94,7 @@ NOTEBOOKS = {
                  "dead = ppart.token_set('dead')\nwith torch.no_grad():\n"
                  "    base = pvlm.hf(**batch.inputs).logits[:, -1]\n"
                  "for name, iv in [('-dead', Prune(dead)), ('-matched random', Prune(MatchedRandom(dead, seed=0)))]:\n"
-                 "    with applied(pvlm, [iv], batch), torch.no_grad():\n"
+                 "    with applied(pvlm, batch, interventions=[iv]), torch.no_grad():\n"
                  "        d = (pvlm.hf(**batch.inputs).logits[:, -1] - base).norm(dim=-1)\n"
                  "    print(f'{name:16s} |Δ last logits|: {d.numpy().round(4)}')"),
     ],
@@ -110,7 +110,7 @@ NOTEBOOKS = {
                  "batch = vlm.prepare(images, prompts)\n\n"
                  "from contextlib import nullcontext\n\n"
                  "def answers(interventions=()):\n"
-                 "    ctx = applied(vlm, list(interventions), batch) if interventions else nullcontext()\n"
+                 "    ctx = applied(vlm, batch, interventions=interventions) if interventions else nullcontext()\n"
                  "    with ctx, torch.no_grad():\n"
                  "        out = vlm.hf.generate(**batch.inputs, max_new_tokens=3, do_sample=False)\n"
                  "    return [vlm.tokenizer.decode(o[batch.visual_mask.shape[1]:], skip_special_tokens=True)"
@@ -133,7 +133,7 @@ NOTEBOOKS = {
                  "target = Group(low, name='low-norm')\ncontrol = MatchedRandom(target, seed=0)\n\n"
                  "with torch.no_grad():\n    base = vlm.hf(**batch.inputs).logits[:, -1]\n"
                  "def last_logits(iv):\n"
-                 "    with applied(vlm, [iv], batch), torch.no_grad():\n"
+                 "    with applied(vlm, batch, interventions=[iv]), torch.no_grad():\n"
                  "        return vlm.hf(**batch.inputs).logits[:, -1]\n"
                  "for name, iv in [('prune low-norm', Prune(target)), ('prune matched random', Prune(control))]:\n"
                  "    d = (last_logits(iv) - base).norm(dim=-1)\n"

@@ -269,9 +269,9 @@ def test_one_component_is_a_list_of_one_everywhere(tiny_vlm):
     g1 = mv.generate(vlm, [im], [P], interventions=Rescale(factor=0.5), max_new_tokens=3)
     g2 = mv.generate(vlm, [im], [P], interventions=[Rescale(factor=0.5)], max_new_tokens=3)
     assert g1.text == g2.text
-    with applied(vlm, Rescale(factor=0.5), batch):
+    with applied(vlm, batch, interventions=Rescale(factor=0.5)):
         a = vlm.hf(**batch.inputs).logits
-    with applied(vlm, [Rescale(factor=0.5)], batch):
+    with applied(vlm, batch, interventions=[Rescale(factor=0.5)]):
         b = vlm.hf(**batch.inputs).logits
     assert torch.equal(a, b)
     for bad, fix in [({"probes": 3}, r"probes=3: give a list of components \(or one\)"),

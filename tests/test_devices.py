@@ -113,7 +113,7 @@ def test_trace_code_creates_every_tensor_on_the_value_device(bf16_vlm, fam):
                 results += mv.generate(vlm, ims, prs, max_new_tokens=3, **kw).results
         batch = vlm.prepare(ims, prs)
         for ivs in ([Prune(Positions([0, 1]))], [VisualEntry(1)]):
-            with applied(vlm, ivs, batch, probes=[EmbedLens(k=2)]):
+            with applied(vlm, batch, interventions=ivs, probes=[EmbedLens(k=2)]):
                 vlm.hf.generate(**batch.inputs, max_new_tokens=3, do_sample=False)
     assert trap.seen > 0, "the trap saw no factory call in trace code: it is not watching"
     assert not trap.hits, "factory calls without device= in trace code:\n" + "\n".join(sorted(set(trap.hits)))

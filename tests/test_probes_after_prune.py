@@ -27,7 +27,7 @@ def test_lenses_norms_sinks_after_prune(tiny_vlm, family):
     # hook_embed is read before the prune: identical to a clean run
     assert torch.equal(lens.ids["hook_embed"], clean_lens.ids["hook_embed"])
     # reference: the pruned model's own hidden states (plain hooks), cosine top-k on its kept visual rows
-    with applied(vlm, [Prune(Positions(pruned))], batch), torch.no_grad():
+    with applied(vlm, batch, interventions=[Prune(Positions(pruned))]), torch.no_grad():
         out = vlm.hf(**batch.inputs, output_hidden_states=True)
     keep = torch.ones(batch.n_visual, dtype=torch.bool)
     keep[pruned] = False

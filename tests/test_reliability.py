@@ -291,12 +291,12 @@ def test_no_residue_after_interventions_and_exceptions(tiny_vlm, family):
     for iv in _interventions(vlm):
         mv.run(vlm, batch.images, batch.prompts, probes=[Activations(["hook_embed"])], interventions=[iv])
         assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks, f"residue after {iv!r} (nnsight)"
-        with applied(vlm, [iv], batch), torch.no_grad():
+        with applied(vlm, batch, interventions=[iv]), torch.no_grad():
             changed = vlm.hf(**batch.inputs).logits
         assert changed.shape != ref.shape or not torch.equal(changed, ref), f"{iv!r} changed nothing"
         assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks, f"residue after {iv!r} (applied)"
         with pytest.raises(RuntimeError, match="raised in the body"):
-            with applied(vlm, [iv], batch):
+            with applied(vlm, batch, interventions=[iv]):
                 raise RuntimeError("raised in the body")
         assert _hooks(vlm.hf) == hooks and torch.equal(clean(), ref)
     with pytest.raises(Exception, match="boom inside the trace"):
@@ -308,7 +308,7 @@ def test_no_residue_after_interventions_and_exceptions(tiny_vlm, family):
             raise ValueError("user error")
     assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks
     with pytest.raises(RuntimeError, match="boom"):  # inside applied: the hook raises mid-forward
-        with applied(vlm, [ZeroSublayer("all", 0)], batch, probes=[Boom()]), torch.no_grad():
+        with applied(vlm, batch, interventions=[ZeroSublayer("all", 0)], probes=[Boom()]), torch.no_grad():
             vlm.hf(**batch.inputs)
     assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks
     # and the nnsight path still works afterwards, equal to the plain forward

@@ -38,7 +38,7 @@ def test_nnsight_and_hook_backends_bit_identical(tiny_vlm, family):
         raw = nnsight.save(exp.execute(vlm.model))
         nn_logits = nnsight.save(vlm.model.output.logits)
     nn_res = exp.results(raw)
-    with applied(vlm, ivs, b, probes=probes) as run:
+    with applied(vlm, b, interventions=ivs, probes=probes) as run:
         with torch.no_grad():
             hook_logits = vlm.hf(**b.inputs).logits
     hook_res = run.experiment.results(run.raw)
