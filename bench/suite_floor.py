@@ -129,7 +129,7 @@ def floor(vlm, batch, k, dims, inv, exact=True, chunk=8192) -> dict:
         for i in range(nl):
             sub[f"blocks.{i}.hook_resid_mid"], sub[f"blocks.{i}.hook_resid_post"] = st[f"mid.{i}"], st[f"post.{i}"]
         rows = att.nonzero()[:, 0]
-        bos_pos = att.int().argmax(dim=1)
+        bos_pos = (att & ~vm).int().argmax(dim=1)  # the first attended TEXT token (SinkChannels)
         is_vis = vm[att]
         for p, x in sub.items():
             xf = x.float()
