@@ -81,7 +81,7 @@ def semantic_sparsity(vlm, images, prompts=None, *, annotations, k: int = 5, rul
     lens = EmbedLens(k=k, sites=sites)
     counts, start = {}, 0
     for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="semantic sparsity"):
-        res = forward(vlm, batch, [lens], remote=remote)[0]
+        res = forward(vlm, batch, [lens], remote=remote)[lens]
         img = batch.tokens["image"]
         for site, ids in res.ids.items():
             c = counts.setdefault(site, [0, 0, 0, 0])  # object hits, object pairs, grounded tokens, tokens
