@@ -51,8 +51,7 @@ class Component:
     kind = "component"
     name = "component"  # every subclass: snake_name of its class unless it sets its own (see __init_subclass__)
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
+    def __init_subclass__(cls, **kwargs):  # no super(): a class rebuilt by value (remote) has no __class__ cell
         if "name" not in cls.__dict__:
             cls.name = snake_name(cls.__name__)
 

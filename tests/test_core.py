@@ -180,7 +180,7 @@ def test_two_full_depth_probes_any_order_one_forward(tiny_vlm, family):
         hook.remove()
     assert len(calls) == 2, "each run must be exactly one forward"
     assert r12[p1] == r21[p1] and r12[p2] == r21[p2]
-    assert list(r12) == ["_every_layer", "_every_layer_1"]  # keys in list order
+    assert list(r12) == ["every_layer", "every_layer_1"]  # keys in list order
     assert len(r12[p1]) == vlm.n_layers
 
 
