@@ -37,7 +37,8 @@ def test_keys_duplicates_object_lookup_and_key_errors(vlm32):
     assert list(res) == ["embed_lens", "logit_lens", "embed_lens_1", "activations", "prune"]  # probes, then ivs
     assert isinstance(res, Results) and len(res) == 5
     assert res[lens] is res["embed_lens"] and res[lens2] is res["embed_lens_1"] and res[prune] is res["prune"]
-    assert res[lens].ids["hook_embed"].shape[1] == 2 and res[lens2].ids["hook_embed"].shape[1] == 3  # the suffix follows list order, not the alphabet
+    # the suffix follows list order: the second EmbedLens (k=3) is embed_lens_1
+    assert res[lens].ids["hook_embed"].shape[1] == 2 and res[lens2].ids["hook_embed"].shape[1] == 3
     assert isinstance(res["prune"], InterventionResult) and res["prune"].logits is None  # nothing asked
     assert lens in res and "logit_lens" in res and EmbedLens() not in res and "nope" not in res
     with pytest.raises(KeyError, match=r"did you mean 'embed_lens'\?.*'embed_lens_1', 'activations', 'prune'"):
