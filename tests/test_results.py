@@ -197,3 +197,13 @@ def test_report_adds_nothing_unless_asked_and_refuses_bad_input(vlm32):
         mv.run(vlm32, ims, prs, interventions=[Rescale(Positions([2]), 2.0).report(answer_ids=[vocab])])
     with pytest.raises(InputError, match="3 lists of answer_ids for 2 prompts"):
         mv.run(vlm32, ims, prs, interventions=[Rescale(Positions([2]), 2.0).report(answer_ids=[[1], [2], [3]])])
+
+
+def test_sparsity_table_orders_site_in_forward_order(vlm32):
+    """SparsityResult's ``site`` is the ordered categorical every probe table has (its counts come in any order)."""
+    from mech_vtokens.partition.sparsity import SparsityResult
+
+    counts = {s: [1, 2, 1, 4] for s in ["ln_final.hook_normalized", "blocks.1.hook_resid_post", "hook_embed"]}
+    df = SparsityResult(counts, vlm32.n_layers, 5, order=vlm32.adapter.forward_order).to_pandas()
+    assert df["site"].cat.ordered
+    assert list(df.sort_values("site")["site"]) == ["hook_embed", "blocks.1.hook_resid_post", "ln_final.hook_normalized"]
