@@ -206,4 +206,5 @@ def test_sparsity_table_orders_site_in_forward_order(vlm32):
     counts = {s: [1, 2, 1, 4] for s in ["ln_final.hook_normalized", "blocks.1.hook_resid_post", "hook_embed"]}
     df = SparsityResult(counts, vlm32.n_layers, 5, order=vlm32.adapter.forward_order).to_pandas()
     assert df["site"].cat.ordered
-    assert list(df.sort_values("site")["site"]) == ["hook_embed", "blocks.1.hook_resid_post", "ln_final.hook_normalized"]
+    want = ["hook_embed", "blocks.1.hook_resid_post", "ln_final.hook_normalized"]
+    assert list(df.sort_values("site")["site"]) == want
