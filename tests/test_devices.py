@@ -85,9 +85,9 @@ def _runs():
         ({"probes": every_probe}, False),
         ({"probes": [EmbedLens(k=3, skip_special=True, candidates=3), SinkChannels(dims=[0, 1]),
                      LogitLens(k=2, skip_special=True)]}, False),
-        ({"interventions": [Prune(MatchedRandom(Positions([0, 1]), seed=1))],
+        ({"interventions": [Prune(MatchedRandom(Positions([0, 1]), seed=1)).report(answer_ids=[[1, 2], [3, 4]])],
           "probes": [EmbedLens(k=3), NormTracker(), SinkChannels(threshold=3.0)]}, True),
-        ({"interventions": [Rescale(Complement(Positions([0]))), ZeroSublayer("all", 1, "mlp")]}, True),
+        ({"interventions": [Rescale(Complement(Positions([0]))).report(), ZeroSublayer("all", 1, "mlp")]}, True),
         ({"interventions": [ZeroSublayer("all", [0, 2], "attn", every_step=True)]}, True),
         ({"interventions": [VisualEntry(1)], "probes": [EmbedLens(k=3)]}, True),
         ({"interventions": [VisualExit(1)], "probes": [LogitLens(k=2)]}, True),
@@ -291,5 +291,5 @@ def test_offloaded_map_gives_the_plain_results(tiny_dir, tiny_vlm, tmp_path):
             torch.testing.assert_close(b.scores[site], a.scores[site], atol=1e-5, rtol=0, equal_nan=True)
     import pandas as pd
 
-    pd.testing.assert_frame_equal(o_res[2].to_pandas(), p_res[2].to_pandas(), check_exact=False, atol=1e-5, rtol=0)
+    pd.testing.assert_frame_equal(o_res["norm_tracker"].to_pandas(), p_res["norm_tracker"].to_pandas(), check_exact=False, atol=1e-5, rtol=0)
     assert torch.equal(o_gen.sequences, p_gen.sequences)
