@@ -291,5 +291,6 @@ def test_offloaded_map_gives_the_plain_results(tiny_dir, tiny_vlm, tmp_path):
             torch.testing.assert_close(b.scores[site], a.scores[site], atol=1e-5, rtol=0, equal_nan=True)
     import pandas as pd
 
-    pd.testing.assert_frame_equal(o_res["norm_tracker"].to_pandas(), p_res["norm_tracker"].to_pandas(), check_exact=False, atol=1e-5, rtol=0)
+    pd.testing.assert_frame_equal(o_res["norm_tracker"].to_pandas(), p_res["norm_tracker"].to_pandas(),
+                                  check_exact=False, atol=1e-5, rtol=0)
     assert torch.equal(o_gen.sequences, p_gen.sequences)
