@@ -117,7 +117,8 @@ class Intervention(Component):
         - ``"answer_logprob"`` (implied by ``answer_ids``): the log-probs there of ``answer_ids`` — one list of token
           ids for every row, or one list per row (``result.logprob``, (batch, n_answers)).
 
-        Returns the intervention itself: ``Prune(dead).report(answer_ids=[yes_id, no_id])``."""
+        Returns the intervention itself: ``Prune(dead).report(answer_ids=[yes_id, no_id])``; ``.report(())`` turns
+        the report off again."""
         import torch
 
         from .errors import InputError
