@@ -225,7 +225,8 @@ class Runner:
         pairs = [(n, p) for s, n in zip(self.probe_specs, self.names) for p in s.build(self.vlm, recs)]
         probes, owners = [p for _, p in pairs], [n for n, _ in pairs]
         ivs = [i for s in self.iv_specs for i in s.build(self.vlm, recs)]
-        return list(zip(owners, probes, forward(self.vlm, batch, probes, ivs, remote=self.remote)[:len(probes)]))
+        res = forward(self.vlm, batch, probes, ivs, remote=self.remote)
+        return [(owner, p, res[p]) for owner, p in zip(owners, probes)]
 
     def run(self) -> Store:
         return over_records(self.source.records, self._step, kind="run_dataset", settings=self.settings,

@@ -120,8 +120,8 @@ def test_run_dataset_records_match_single_image_runs(tmp_path, tiny_vlm):
 
     for rid in store.records:
         im, _ = D.load_image(folder / rid)
-        alone_lens, alone_norms = mv.run(vlm, [im], [prompt(vlm, qs[rid])],
-                                         probes=[EmbedLens(k=3), NormTracker(vision=False)])
+        alone = mv.run(vlm, [im], [prompt(vlm, qs[rid])], probes=[EmbedLens(k=3), NormTracker(vision=False)])
+        alone_lens, alone_norms = alone["embed_lens"], alone["norm_tracker"]
         for got, want in ((lens[lens.record_id == rid], alone_lens.to_pandas()),
                           (norms[norms.record_id == rid], alone_norms.to_pandas())):
             got = got.drop(columns="record_id").reset_index(drop=True)
