@@ -273,3 +273,14 @@ def test_store_of_another_version_is_refused_with_the_fix(tmp_path, tiny_vlm):
             call()
     again = run_dataset(tiny_vlm("llava"), src, probes=["norms"], out=tmp_path, progress=False, overwrite=True)
     assert again.records == ["0"] and again.manifest["version"] == 2
+
+
+def test_store_tables_are_named_as_results_keys():
+    """A probe object's store table has the name its result has in mv.run's Results (ViTSinks -> "vit_sinks", not
+    a second naming scheme), and a name given with .named() is kept."""
+    from mech_vtokens.probes import ViTSinks
+    from mech_vtokens.runner import _Spec
+
+    for probe, want in ((ViTSinks(), "vit_sinks"), (EmbedLens(k=2), "embed_lens"), (NormTracker(), "norm_tracker"),
+                        (EmbedLens(k=2).named("early"), "early")):
+        assert _Spec(probe, "probe", 5).name == probe.name == want
