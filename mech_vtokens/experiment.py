@@ -9,7 +9,7 @@ them directly to compose probes inside your own ``with vlm.trace(...)`` block::
     with vlm.trace(**batch.inputs) as tracer:
         raw = nnsight.save(exp.execute(vlm.model))
         mine = nnsight.save(vlm.model.model.language_model.layers[1].output)
-    lens = exp.results(raw)[0]
+    lens = exp.results(raw)["embed_lens"]
 
 Everything that runs inside the trace is in this module's ``_execute`` and the components' ``at`` methods:
 torch and stdlib only (remote-safe, shipped by value).
@@ -68,8 +68,13 @@ class Experiment:
 
     def __init__(self, vlm, batch, probes=(), interventions=()):
         probes, interventions = self._validated(_listed(probes, "probes"), _listed(interventions, "interventions"))
-        self.comps = interventions + probes  # interventions act first at a shared site
+        from .component import _Report
+
+        # an intervention asked with .report(...) gets a reader of the logits it produced (nothing otherwise)
+        reporters = [_Report(i, iv._report) for i, iv in enumerate(interventions) if iv._report]
+        self.comps = interventions + probes + reporters  # interventions act first at a shared site
         self.n_interventions = len(interventions)
+        self.n_probes = len(probes)
         self._check(vlm, batch)
         self.ctx = self._context(vlm, batch)
         self.plan, self.decode_plan = self._plans(vlm, batch, interventions)
@@ -187,13 +192,19 @@ class Experiment:
             return _execute(model, self.plan, self.comps, self.ctx, out)
         return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
 
-    def results(self, raw) -> list:
-        """One result per component, in the order probes then interventions were given; their tensors on the CPU
-        whatever device the model runs on."""
+    def results(self, raw):
+        """Every component's result as a :class:`~mech_vtokens.results.Results` (keyed by the component's name,
+        indexable by the component), probes then interventions in the order given; their tensors on the CPU
+        whatever device the model runs on. An intervention's report (``Intervention.report``) is in its result."""
+        from .results import Results
+
         raw = on_device(raw, "cpu")
         res = [c.collect(raw.get(cid, {}), self._batch, self._vlm) for cid, c in enumerate(self.comps)]
-        n = self.n_interventions
-        return res[n:] + res[:n]
+        n, p = self.n_interventions, self.n_probes
+        for rep, got in zip(self.comps[n + p:], res[n + p:]):
+            res[rep.owner] = res[rep.owner].with_report(got, rep.answer_ids)
+        comps = self.comps[n:n + p] + self.comps[:n]
+        return Results(list(zip(comps, res[n:n + p] + res[:n])), order=self._vlm.adapter.forward_order)
 
     def __getstate__(self):  # shipped into a (remote) trace: no model, processor or batch
         state = dict(self.__dict__)

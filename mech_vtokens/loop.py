@@ -5,7 +5,7 @@ Every job that runs forwards over images (``run``, ``run_dataset``, ``suite.anal
 set resolving against a batch) is a composition of :func:`batches` and :func:`forward`:
 
     for start, batch in batches(vlm, images, prompts, batch_size=8, progress=True):
-        lens, = forward(vlm, batch, probes=[EmbedLens(k=5)], remote=remote)
+        lens = forward(vlm, batch, probes=[EmbedLens(k=5)], remote=remote)["embed_lens"]
 
 - :func:`forward` counts what it runs: ``with counting() as c: ...; c.n`` is the number of forwards of the block
   (nested counters all count; the report of ``analyze`` states its count).
@@ -88,9 +88,10 @@ def current_remote():
     return _job.remote
 
 
-def forward(vlm, batch, probes=(), interventions=(), remote=None) -> list:
-    """ONE forward of ``probes`` and ``interventions`` over a prepared ``batch``: one result per probe, then one per
-    intervention. ``remote=None``: the backend of the job this forward runs in (local outside any)."""
+def forward(vlm, batch, probes=(), interventions=(), remote=None):
+    """ONE forward of ``probes`` and ``interventions`` over a prepared ``batch``: their ``Results`` (keyed by
+    component name, indexable by the component). ``remote=None``: the backend of the job this forward runs in
+    (local outside any)."""
     import nnsight
 
     remote = current_remote() if remote is None else remote

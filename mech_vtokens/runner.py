@@ -36,12 +36,6 @@ log = logging.getLogger("mech_vtokens.runner")
 
 # ---- probe / intervention specs --------------------------------------------------------------------------------
 
-def _snake(name: str) -> str:
-    import re
-
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 class _Spec:
     """A probe/intervention given as an object, a suite name (str) or a factory ``f(vlm, records)``."""
 
@@ -59,7 +53,7 @@ class _Spec:
                                  f"factories f(vlm, records)")
             self.name, self.desc = spec, spec
         elif isinstance(spec, cls):
-            self.name, self.desc = _snake(type(spec).__name__), repr(spec)
+            self.name, self.desc = spec.name, repr(spec)  # the key mv.run's Results uses
         elif callable(spec) and not isinstance(spec, type):
             self.name = getattr(spec, "__name__", "factory")
             self.desc = f"factory {getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', self.name)}"
@@ -227,7 +221,8 @@ class Runner:
         pairs = [(n, p) for s, n in zip(self.probe_specs, self.names) for p in s.build(self.vlm, recs)]
         probes, owners = [p for _, p in pairs], [n for n, _ in pairs]
         ivs = [i for s in self.iv_specs for i in s.build(self.vlm, recs)]
-        return list(zip(owners, probes, forward(self.vlm, batch, probes, ivs, remote=self.remote)[:len(probes)]))
+        res = forward(self.vlm, batch, probes, ivs, remote=self.remote)
+        return [(owner, p, res[p]) for owner, p in zip(owners, probes)]
 
     def run(self) -> Store:
         return over_records(self.source.records, self._step, kind="run_dataset", settings=self.settings,

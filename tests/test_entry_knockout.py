@@ -125,7 +125,8 @@ def test_entry_matches_manual_and_layers_before_never_see_visual(tiny_vlm, famil
     k = 2
     clean = clean_lm_kwargs(vlm, b)
     sites = [f"blocks.{i}.hook_resid_pre" for i in range(vlm.n_layers)] + ["blocks.1.hook_resid_post"]
-    logits, (acts, _) = nn_run(vlm, b, [VisualEntry(k)], [Activations(sites + ["hook_embed"])])
+    logits, res = nn_run(vlm, b, [VisualEntry(k)], [Activations(sites + ["hook_embed"])])
+    acts = res["activations"]
     L = b.visual_mask.shape[1]
     assert logits.shape[1] == L
     for r, (cols, ref) in enumerate(entry_reference(vlm, clean, b.visual_mask, k)):
@@ -144,7 +145,7 @@ def test_entry_matches_manual_and_layers_before_never_see_visual(tiny_vlm, famil
     # ... and nothing before layer k depends on the image: another image, bit-identical layers < k
     b2 = batch_of(vlm, family, seeds=(7, 8))
     assert b2.visual_mask.equal(vm) and not torch.equal(b2.inputs["pixel_values"], b.inputs["pixel_values"])
-    _, (acts2, _) = nn_run(vlm, b2, [VisualEntry(k)], [Activations(sites)])
+    acts2 = nn_run(vlm, b2, [VisualEntry(k)], [Activations(sites)])[1]["activations"]
     for i in range(k):
         assert torch.equal(acts2[f"blocks.{i}.hook_resid_pre"], acts[f"blocks.{i}.hook_resid_pre"])
     assert torch.equal(acts2["blocks.1.hook_resid_post"], acts["blocks.1.hook_resid_post"])
@@ -213,7 +214,8 @@ def test_exit_matches_manual(tiny_vlm, family):
     k = 1
     clean = clean_lm_kwargs(vlm, b)
     sites = [f"blocks.{i}.hook_resid_pre" for i in range(vlm.n_layers)]
-    logits, (acts, _) = nn_run(vlm, b, [VisualExit(k)], [Activations(sites)])
+    logits, res = nn_run(vlm, b, [VisualExit(k)], [Activations(sites)])
+    acts = res["activations"]
     L = b.visual_mask.shape[1]
     kept = int((~b.visual_mask).sum(1).max())
     assert logits.shape[1] == kept
@@ -307,10 +309,11 @@ def test_knockout_matches_patched_eager(eager_vlm, plain_eager, monkeypatch, fam
     b = batch_of(vlm, family)
     vm = b.visual_mask
     pat = "blocks.1.attn.hook_pattern"
-    clean = nn_run(vlm, b, [], [Activations([pat])])[1][0][pat]
+    clean = nn_run(vlm, b, [], [Activations([pat])])[1]["activations"][pat]
     for kind, queries in (("vv", vm), ("vt", ~vm)):
         layers = [1, 2]
-        logits, (acts, _) = nn_run(vlm, b, [AttentionKnockout(kind, layers)], [Activations([pat])])
+        logits, res = nn_run(vlm, b, [AttentionKnockout(kind, layers)], [Activations([pat])])
+        acts = res["activations"]
         cut = queries[:, :, None] & vm[:, None, :]
         w = acts[pat]
         # measured: exactly zero at the cut (every head), untouched elsewhere, and NOT renormalised

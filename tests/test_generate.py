@@ -124,10 +124,11 @@ def test_nnsight_generate_trace_equals_hf_under_applied(tiny_vlm, family):
     images = [T.image(seed=1), T.image(seed=2)]
     for name in ("prune", "entry-1", "exit-2-some+zero"):
         _, want = cached_generate(vlm, b, CASES[name]())
-        ids, (got, *_) = nn_generate(vlm, b, CASES[name](), probes=[lens])
+        ids, res = nn_generate(vlm, b, CASES[name](), probes=[lens])
+        got = res[lens]
         assert torch.equal(ids, want), name
         # the probes read the prompt's forward: the same as one traced forward with the same interventions
-        alone = mv.run(vlm, images, b.prompts, probes=[lens], interventions=CASES[name]())[0]
+        alone = mv.run(vlm, images, b.prompts, probes=[lens], interventions=CASES[name]())[lens]
         for site in ("hook_embed", "blocks.0.hook_resid_post"):
             assert torch.equal(got.ids[site], alone.ids[site]), (name, site)
         if name.startswith("entry"):  # block 0 runs on the text only: no visual row there
@@ -152,13 +153,13 @@ def test_mv_generate_probes_remote_and_early_stop(tiny_vlm):
     assert torch.equal(full.sequences, want) and (torch.stack(full.output.logits, 1).float() - got).abs().max() < TOL
     assert out.text == vlm.processor.tokenizer.batch_decode(want[:, b.visual_mask.shape[1]:], skip_special_tokens=True)
     # the probes read the prompt's forward: the same numbers as mv.run with the same interventions
-    alone, _, _ = mv.run(vlm, imgs, prompts, probes=[lens], interventions=ivs)
+    alone = mv.run(vlm, imgs, prompts, probes=[lens], interventions=ivs)[lens]
     for site in lens.sites(vlm):
-        assert torch.equal(out.results[0].ids[site], alone.ids[site])
+        assert torch.equal(out.results[lens].ids[site], alone.ids[site])
     remote = mv.generate(vlm, imgs, prompts, probes=[lens], interventions=ivs, max_new_tokens=STEPS,
                          remote="local", suppress_tokens=special_ids(vlm))
     assert torch.equal(remote.sequences, out.sequences)
-    assert torch.equal(remote.results[0].ids["hook_embed"], out.results[0].ids["hook_embed"])
+    assert torch.equal(remote.results[lens].ids["hook_embed"], out.results[lens].ids["hook_embed"])
     # EOS on the first token: the per-step loop is cut short, nothing raised or lost
     one = vlm.prepare(imgs[:1], prompts[:1])
     _, first = cached_generate(vlm, one, ivs, steps=1)
@@ -168,8 +169,8 @@ def test_mv_generate_probes_remote_and_early_stop(tiny_vlm):
         short = mv.generate(vlm, imgs[:1], prompts[:1], probes=[lens], interventions=ivs, max_new_tokens=STEPS,
                             eos_token_id=eos, suppress_tokens=special_ids(vlm))
     assert short.ids.tolist() == [[eos]]
-    assert torch.equal(short.results[0].ids["hook_embed"], mv.run(vlm, imgs[:1], prompts[:1], probes=[lens],
-                                                                 interventions=ivs)[0].ids["hook_embed"])
+    assert torch.equal(short.results[lens].ids["hook_embed"], mv.run(vlm, imgs[:1], prompts[:1], probes=[lens],
+                                                                   interventions=ivs)[lens].ids["hook_embed"])
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -100,7 +100,8 @@ def test_zero_sublayer_exact_and_matches_hooks(tiny_vlm, family):
     sel = resolve(Positions(list(range(0, b.n_visual, 2))), b)
     z = ZeroSublayer(Positions(list(range(0, b.n_visual, 2))), layers=[1], sublayer="both")
     sites = ["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.0.hook_attn_out"]
-    logits, (acts, _) = nn_run(vlm, b, [z], [Activations(sites)])
+    logits, res = nn_run(vlm, b, [z], [Activations(sites)])
+    acts = res["activations"]
 
     seen = {}
 
@@ -126,7 +127,7 @@ def test_zero_sublayer_exact_and_matches_hooks(tiny_vlm, family):
     assert (a[sel] == 0).all() and (m[sel] == 0).all()
     assert (a[~sel] - seen["attn"][~sel]).abs().max() < TOL and (a[~sel] != 0).any()
     assert (m[~sel] - seen["mlp"][~sel]).abs().max() < TOL
-    clean_l0 = nn_run(vlm, b, [], [Activations(["blocks.0.hook_attn_out"])])[1][0]["blocks.0.hook_attn_out"]
+    clean_l0 = nn_run(vlm, b, [], [Activations(["blocks.0.hook_attn_out"])])[1]["activations"]["blocks.0.hook_attn_out"]
     assert torch.equal(acts["blocks.0.hook_attn_out"], clean_l0)  # untouched elsewhere
 
 
@@ -136,7 +137,8 @@ def test_zero_sublayer_exact_and_matches_hooks(tiny_vlm, family):
 def test_rescale_norm_ratio_and_matches_edited_embeds(tiny_vlm, family):
     vlm = tiny_vlm(family)
     b = batch_of(vlm, family)
-    logits, (acts, _) = nn_run(vlm, b, [Rescale("all", 0.01)], [Activations(["hook_embed"])])
+    logits, res = nn_run(vlm, b, [Rescale("all", 0.01)], [Activations(["hook_embed"])])
+    acts = res["activations"]
     clean = clean_lm_kwargs(vlm, b)
     e, e0 = acts["hook_embed"], clean["inputs_embeds"]
     vm = b.visual_mask
@@ -304,7 +306,8 @@ def test_compose_prune_zero_rescale_probe(tiny_vlm, family):
     pruned, zeroed, scaled = Positions(range(0, n, 4)), Positions(range(1, n, 4)), Positions(range(2, n, 4))
     ivs = [Rescale(scaled, 0.5), Prune(pruned), ZeroSublayer(zeroed, 1, "mlp")]
     probes = [Activations(["blocks.1.hook_mlp_out", "hook_embed"])]
-    logits, (acts, *_) = nn_run(vlm, b, ivs, probes)
+    logits, res = nn_run(vlm, b, ivs, probes)
+    acts = res[probes[0]]
     ps, zs, ss = resolve(pruned, b), resolve(zeroed, b), resolve(scaled, b)
     clean = clean_lm_kwargs(vlm, b)
     emb = clean["inputs_embeds"].clone()

@@ -21,8 +21,9 @@ def test_lenses_norms_sinks_after_prune(tiny_vlm, family):
     pruned = [0, 3, 4, 9, batch.n_visual - 1]  # visual indices (both images)
     prune = Prune(Positions(pruned))
     probes = [EmbedLens(k=3), LogitLens(k=3), NormTracker(vision=False), SinkChannels(dims=[1, 2])]
-    lens, logit, norms, sinks, _ = mv.run(vlm, imgs, prompts, probes=probes, interventions=[prune])
-    clean_lens, = mv.run(vlm, imgs, prompts, probes=[EmbedLens(k=3)])
+    res = mv.run(vlm, imgs, prompts, probes=probes, interventions=[prune])
+    lens, logit, norms, sinks = (res[p] for p in probes)
+    clean_lens = mv.run(vlm, imgs, prompts, probes=[EmbedLens(k=3)])["embed_lens"]
 
     # hook_embed is read before the prune: identical to a clean run
     assert torch.equal(lens.ids["hook_embed"], clean_lens.ids["hook_embed"])

@@ -312,7 +312,7 @@ def test_no_residue_after_interventions_and_exceptions(tiny_vlm, family):
             vlm.hf(**batch.inputs)
     assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks
     # and the nnsight path still works afterwards, equal to the plain forward
-    a, = mv.run(vlm, batch.images, batch.prompts, probes=[Activations(["unembed.hook_out"])])
+    a = mv.run(vlm, batch.images, batch.prompts, probes=[Activations(["unembed.hook_out"])])["activations"]
     assert torch.equal(a["unembed.hook_out"], ref)
 
 
@@ -332,7 +332,7 @@ def test_1000_traces_flat_memory_and_no_cycles_of_ours(tiny_vlm):
         exp = vlm.experiment(batch, probes=[probe])
         with vlm.trace(**batch.inputs):
             raw = nnsight.save(exp.execute(vlm.model))
-        return exp.results(raw)[0]["hook_embed"].shape
+        return exp.results(raw)[probe]["hook_embed"].shape
 
     for _ in range(50):  # warm-up: allocator pools, caches, lazy imports
         trace()
@@ -397,7 +397,7 @@ def test_identical_twice_with_seeded_controls(tiny_vlm):
     def once():
         probes = [EmbedLens(k=3), LogitLens(k=3), NormTracker(), SinkChannels()]
         ivs = [Prune(MatchedRandom(Positions([0, 1]), seed=7))]
-        return [r.to_pandas() for r in mv.run(vlm, imgs, prompts, probes=probes, interventions=ivs)]
+        return [r.to_pandas() for r in mv.run(vlm, imgs, prompts, probes=probes, interventions=ivs).values()]
 
     for a, b in zip(once(), once()):
         pd.testing.assert_frame_equal(a, b)
