@@ -242,13 +242,17 @@ def test_remote_values_refused_before_the_forward(remote, fix, no_forward):
 
 def _run(*args, **kwargs):
     """mv.run's results in probe order, whether it returns a list or a mapping keyed by probe name."""
+    from collections.abc import Mapping
+
     res = mv.run(*args, **kwargs)
-    return list(res.values()) if isinstance(res, dict) else list(res)
+    return list(res.values()) if isinstance(res, Mapping) else list(res)
 
 
 def _norms(results):
     """The NormTracker result of a run (a list of results, or a mapping of them)."""
-    rs = results.values() if isinstance(results, dict) else results
+    from collections.abc import Mapping
+
+    rs = results.values() if isinstance(results, Mapping) else results
     return next(r for r in rs if type(r).__name__ == "NormResult")
 
 

@@ -287,8 +287,9 @@ def sink_thresholds(vlm, images, prompts=None, *, llm_site: str | None = None, v
     for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="thresholds"):
         if batch.n_visual == 0:
             raise InputError("sink_thresholds needs visual tokens: pass images with their placeholders")
-        act, vs = forward(vlm, batch, [Activations([site]), ViTSinks(layer=vit_layer, threshold=PAPER_VIT)],
-                          remote=remote)
+        acts, vits = Activations([site]), ViTSinks(layer=vit_layer, threshold=PAPER_VIT)
+        res = forward(vlm, batch, [acts, vits], remote=remote)
+        act, vs = res[acts], res[vits]
         n_fw, n_img = n_fw + 1, n_img + len(batch.image_sizes)
         phi = _phi_all(act[site].detach().float())  # (rows, seq)
         vis_phi.append(phi[batch.visual_mask])
