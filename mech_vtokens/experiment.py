@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters.base import _resolve
+from .adapters.base import ADDEND, _resolve
 from .component import on_device
 from .errors import InputError
 from .sites import Site, forward_ctx, visit
@@ -30,8 +30,9 @@ def _execute(model, plan, comps, ctx, out=None, decode=False):
     ctxs = forward_ctx(ctx, model, decode)
     out = {} if out is None else out
     moved = {}  # ctx's tensors on each device a site of this forward runs on (a split model has several)
+    taps = {}  # values kept for the "addend" sites of this forward (Site.tap)
     for site in plan:
-        visit(_resolve(model, site.path), site, comps, ctxs, out, moved)  # envoys resolve by attribute only
+        visit(_resolve(model, site.path), site, comps, ctxs, out, moved, taps)  # envoys resolve by attribute only
     return out
 
 
@@ -102,10 +103,17 @@ class Experiment:
                 canon = vlm.adapter.canonical(name)
                 if cid not in by_site.setdefault(canon, []):
                     by_site[canon].append(cid)
+        taps = set()  # an "addend" site is computed from values earlier in the forward: visit those too
+        for name in list(by_site):
+            _, _, kind, index = vlm.adapter.site(name)
+            if kind == ADDEND:
+                taps.update(index[:2])
+        for name in taps:
+            by_site.setdefault(name, [])
         plan = []
         for name in sorted(by_site, key=lambda n: vlm.adapter.site(n)[0]):
             _, path, kind, index = vlm.adapter.site(name)
-            plan.append(Site(name, path, kind, index, tuple(by_site[name])))
+            plan.append(Site(name, path, kind, index, tuple(by_site[name]), tap=name in taps))
         return plan
 
     def _layout_window(self, vlm, batch, interventions, plan) -> set:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl_moe")
 
 # Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
 from .fixtures.real import REAL_CHECKPOINTS, real_model  # noqa: E402,F401
@@ -36,11 +36,11 @@ _SPECIALS = {
                  "<|video_pad|>"],
     "internvl": ["<pad>", "<unk>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
 }
-_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen2_vl"]
+_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen3_vl"] = _SPECIALS["qwen3_vl_moe"] = _SPECIALS["qwen2_vl"]
 
 # The image token of each fixture's tokenizer (the adapters declare the span around it).
 _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>",
-                "internvl": "<IMG_CONTEXT>"}
+                "internvl": "<IMG_CONTEXT>", "qwen3_vl": "<|image_pad|>", "qwen3_vl_moe": "<|image_pad|>"}
 
 
 def image_span(family: str) -> str:
@@ -177,6 +177,45 @@ def _internvl(seed: int):
     return model, proc
 
 
+def _qwen3(seed: int, moe: bool):
+    """Qwen3-VL (dense / MoE): 3 vision blocks, DeepStack from blocks 0 and 1 into decoder layers 0 and 1 of 3 (so
+    one layer has none); 14-px patches like the Qwen2 fixtures (the hub's 16 px is the real fixtures' job)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from .adapters.components import videoless
+
+    tok = _tokenizer("qwen3_vl")
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, head_dim=16,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                 "rope_theta": 10000.0})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    if moe:  # every layer sparse but the last (mlp_only_layers): both MLP kinds are exercised
+        from transformers import Qwen3VLMoeConfig as C, Qwen3VLMoeForConditionalGeneration as M
+
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                    mlp_only_layers=[2])
+        arch = "Qwen3VLMoeForConditionalGeneration"
+    else:
+        from transformers import Qwen3VLConfig as C, Qwen3VLForConditionalGeneration as M
+
+        arch = "Qwen3VLForConditionalGeneration"
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as P
+
+    config = C(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = M(config).eval()
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    return model, videoless(P)(image_processor=ip, tokenizer=tok)
+
+
 def build(family: str, seed: int = 0):
     """(model, processor) of a tiny random model of ``family``, in memory."""
     if family == "llava":
@@ -185,6 +224,8 @@ def build(family: str, seed: int = 0):
         return _qwen(seed, family == "qwen2_5_vl")
     if family == "internvl":
         return _internvl(seed)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        return _qwen3(seed, family == "qwen3_vl_moe")
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 
