@@ -2,7 +2,9 @@
 and every LM layer, and the layer-to-layer cosine similarity (how much each layer changes a token).
 
 Sites: ``vision.blocks.{i}.hook_resid_post`` for every vision layer (``vision=True``) and ``hook_embed`` +
-``blocks.{i}.hook_resid_post`` for every LM layer (``lm=True``). ``cos_prev`` is the cosine between a token's state
+``blocks.{i}.hook_resid_post`` for every LM layer (``lm=True``), plus the vectors a family adds between layers
+(Qwen3-VL DeepStack, ``blocks.{i}.hook_deepstack``: their own norms; ``cos_prev`` NaN, and the chain of
+``cos_prev`` skips them). ``cos_prev`` is the cosine between a token's state
 at a site and at the previous site of the same tower (NaN at the first site of each tower). LM rows: every attended
 position; vision rows: every row of the block output flattened to (-1, d) (LLaVA keeps its CLS row, Qwen packs all
 images in one sequence; ``vision_row`` says which).
@@ -23,6 +25,13 @@ from mech_vtokens.results import Result, token_frame
 from mech_vtokens.site_names import parse_site, site_column
 
 
+def _injected(vlm, i):
+    """The site of the vector the model adds to the residual stream after LM layer ``i`` (Qwen3-VL DeepStack:
+    ``blocks.{i}.hook_deepstack``), as the adapter declares it; none for most families."""
+    a = vlm.adapter
+    return [f"blocks.{i}.{a.injection[0]}"] if a.injection and i in a.injection_layers() else []
+
+
 class NormTracker(Probe):
     """L1 / L2 norm and layer-to-layer cosine per token at every vision and LM layer (paper Secs. 5.2, 6.2)."""
 
@@ -36,7 +45,10 @@ class NormTracker(Probe):
         if self.vision:
             out += [f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)]
         if self.lm:
-            out += ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
+            out += ["hook_embed"]
+            for i in range(vlm.n_layers):
+                out.append(f"blocks.{i}.hook_resid_post")
+                out += _injected(vlm, i)
         return out
 
     def check(self, vlm, batch):
@@ -52,7 +64,8 @@ class NormTracker(Probe):
         towers = {s: vlm.adapter.parse_site(s).tower for s in sites}
         firsts = [s for j, s in enumerate(sites) if j == 0 or towers[sites[j - 1]] != towers[s]]
         return {"select": att, "first": firsts, "last": sites[-1],
-                "vision": [s for s in sites if towers[s] == "vision"]}
+                "vision": [s for s in sites if towers[s] == "vision"],
+                "side": [s for i in range(vlm.n_layers) for s in _injected(vlm, i)] if self.lm else []}
 
     def at(self, site, value, ctx, out):
         mine = ctx["mine"]
@@ -62,14 +75,15 @@ class NormTracker(Probe):
             x = x.float()
             rec = {"l1": x.abs().sum(-1), "l2": x.norm(dim=-1)}
             prev = out.get("_prev")
-            if site in mine["first"] or prev is None or prev.shape != x.shape:
+            side = site in mine["side"]  # a vector added between layers: its own norm, outside the cos chain
+            if side or site in mine["first"] or prev is None or prev.shape != x.shape:
                 rec["cos_prev"] = torch.full_like(rec["l2"], float("nan"))
             else:
                 rec["cos_prev"] = torch.nn.functional.cosine_similarity(x, prev, dim=-1)
             out[site] = rec
             if site == mine["last"]:
                 out.pop("_prev", None)
-            else:
+            elif not side:
                 out["_prev"] = x
 
     def collect(self, raw, batch, vlm):

@@ -35,10 +35,13 @@ TEMPLATES = {
         "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"),
 }
 SPAN = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-        "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>"}
+        "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>",
+        "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+        "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>"}
 # what flanks each run of image tokens in input_ids (InternVL: the processor's own <img> .. </img>)
 FLANKS = {"llava": (None, None), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
-          "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "internvl": ("<img>", "</img>")}
+          "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "internvl": ("<img>", "</img>"),
+          "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>")}
 
 
 def _fresh(tiny_dir, family):

@@ -1,0 +1,157 @@
+"""Qwen3-VL (dense and MoE): DeepStack, the vectors added to the residual stream between decoder layers.
+
+Everything else the family shares with the other families is proven by the family-parametrised tests (sites vs HF,
+geometry marker, probes vs plain torch, interventions, generation); here: the injection site
+``blocks.{i}.hook_deepstack`` read by the probes against plain torch, and written (zeroed, rescaled) against a
+reference forward whose LM call receives the changed DeepStack vectors, on both backends (nnsight, plain hooks) and
+``remote="local"``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mech_vtokens import testing as T
+from mech_vtokens.adapters.base import _resolve
+from mech_vtokens.errors import InputError
+from mech_vtokens.interventions import Rescale, ZeroSublayer, applied
+from mech_vtokens.loop import forward
+from mech_vtokens.probes import EmbedLens, LogitLens, NormTracker
+from mech_vtokens.probes.activations import Activations
+from mech_vtokens.token_sets import Positions
+
+import families as FM
+
+QWEN3 = tuple(f for f in FM.FAMILIES_AND_ONE_REAL if f.startswith("qwen3_vl") or f.startswith("Qwen/Qwen3-VL"))
+ATOL = 1e-5
+
+
+def _inputs(vlm, fam):
+    return ([T.image(112, 0), T.image(96, 1).resize((150, 110))],
+            [FM.prompt(vlm, fam), FM.prompt(vlm, fam, "is there a red circle on the left ?")])
+
+
+def _run(vlm, batch, probes=(), interventions=(), remote=False):
+    out = forward(vlm, batch, list(probes), list(interventions), remote=remote)
+    return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def _sites(vlm):
+    return [f"blocks.{i}.hook_deepstack" for i in vlm.adapter.injection_layers()]
+
+
+def _hf(vlm, batch, edit=None):
+    """Plain HF forward; returns (logits, packed DeepStack vectors the LM call received). ``edit(j, rows)`` -> the
+    rows to hand the LM instead for layer j (a forward-pre hook on the LM rewrites its kwarg)."""
+    got = {}
+
+    def pre(mod, args, kwargs):
+        rows = kwargs["deepstack_visual_embeds"]
+        got["rows"] = [r.detach().clone() for r in rows]
+        got["mask"] = kwargs["visual_pos_masks"].clone()
+        if edit is not None:
+            kwargs = dict(kwargs, deepstack_visual_embeds=[edit(j, r) for j, r in enumerate(rows)])
+            return args, kwargs
+        return None
+
+    h = _resolve(vlm.hf, vlm.adapter.language_model).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = vlm.hf(**batch.inputs).logits
+    finally:
+        h.remove()
+    return logits, got["rows"], got["mask"]
+
+
+@pytest.mark.parametrize("fam", QWEN3)
+def test_deepstack_site_is_what_the_lm_adds_and_probes_read_it(tiny_vlm, fam):
+    """The site holds the packed DeepStack vectors at the visual positions (zero elsewhere); EmbedLens, LogitLens
+    and NormTracker on it equal plain torch on those vectors."""
+    vlm = tiny_vlm(fam)
+    ims, prs = _inputs(vlm, fam)
+    batch = vlm.prepare(ims, prs)
+    sites = _sites(vlm)
+    assert len(sites) == len(vlm.hf.config.vision_config.deepstack_visual_indexes) >= 2
+    _, rows, mask = _hf(vlm, batch)
+    assert torch.equal(mask, batch.visual_mask)
+    act, el, ll, nt = _run(vlm, batch, [Activations(sites), EmbedLens(k=4, sites=sites), LogitLens(k=4, sites=sites),
+                                        NormTracker(vision=False)])
+    W = vlm.hf.get_input_embeddings().weight.float()[:len(vlm.tokenizer)]
+    Wout = vlm.hf.get_output_embeddings().weight.float()[:len(vlm.tokenizer)]
+    att = batch.inputs["attention_mask"].bool()
+    for j, site in enumerate(sites):
+        full = act[site]
+        assert torch.equal(full[batch.visual_mask], rows[j].to(full.dtype)), site
+        assert bool((full[~batch.visual_mask] == 0).all())
+        h = rows[j].float()
+        v, i = (F.normalize(h, dim=1) @ F.normalize(W, dim=1).T).topk(4, dim=1)
+        assert torch.equal(el.ids[site], i), site
+        torch.testing.assert_close(el.scores[site], v, atol=ATOL, rtol=0)
+        with torch.no_grad():
+            v, i = (vlm.final_norm(rows[j]).float() @ Wout.T).topk(4, dim=1)
+        assert torch.equal(ll.ids[site], i), site
+        torch.testing.assert_close(ll.scores[site], v, atol=ATOL, rtol=0)
+        torch.testing.assert_close(nt.data[site]["l2"], full[att].float().norm(dim=-1), atol=ATOL, rtol=1e-6)
+        assert nt.data[site]["cos_prev"].isnan().all()  # outside the layer-to-layer chain
+    # the chain skips the injection: cos_prev of layer 1's output is against layer 0's output
+    order = list(nt.data)
+    assert order.index("blocks.0.hook_resid_post") < order.index(sites[0]) < order.index("blocks.1.hook_resid_post")
+    st = _run(vlm, batch, [Activations(["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"])])[0]
+    x0, x1 = (st[f"blocks.{i}.hook_resid_post"][att].float() for i in (0, 1))
+    torch.testing.assert_close(nt.data["blocks.1.hook_resid_post"]["cos_prev"], F.cosine_similarity(x1, x0, dim=-1),
+                               atol=ATOL, rtol=0)
+
+
+def _edits(vlm, batch):
+    """(interventions, the same change on the packed DeepStack rows for the reference forward)."""
+    n = batch.n_visual
+    some = list(range(0, n, 3))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[some] = False
+    return {
+        "zero-all": ([ZeroSublayer("all", layers=list(vlm.adapter.injection_layers()), sublayer="injection")],
+                     lambda j, r: torch.zeros_like(r)),
+        "zero-some-layer-1": ([ZeroSublayer(Positions(some), layers=1, sublayer="injection")],
+                              lambda j, r: r * keep[:, None].to(r.dtype) if j == 1 else r),
+        "rescale-layer-0": ([Rescale("all", factor=0.5, site="blocks.0.hook_deepstack")],
+                            lambda j, r: r * 0.5 if j == 0 else r),
+    }
+
+
+@pytest.mark.parametrize("case", ["zero-all", "zero-some-layer-1", "rescale-layer-0"])
+@pytest.mark.parametrize("fam", QWEN3)
+def test_writing_the_deepstack_site_equals_the_lm_receiving_changed_vectors(tiny_vlm, fam, case):
+    """Zeroing / rescaling the injection at the site == the model run with those DeepStack rows changed in its LM
+    call (bit for bit: the same elementwise add), in an nnsight trace, remote="local" and under plain hooks."""
+    vlm = tiny_vlm(fam)
+    ims, prs = _inputs(vlm, fam)
+    batch = vlm.prepare(ims, prs)
+    comps, edit = _edits(vlm, batch)[case]
+    want, _, _ = _hf(vlm, batch, edit)
+    clean, _, _ = _hf(vlm, batch)
+    assert not torch.equal(want, clean)  # the change matters
+    got = _run(vlm, batch, [Activations(["unembed.hook_out"])], comps)[0]["unembed.hook_out"]
+    assert torch.equal(got, want)
+    far = _run(vlm, batch, [Activations(["unembed.hook_out"])], comps, remote="local")[0]["unembed.hook_out"]
+    assert torch.equal(far, want)
+    with applied(vlm, comps, batch), torch.no_grad():
+        hooked = vlm.hf(**batch.inputs).logits
+    assert torch.equal(hooked, want)
+
+
+def test_injection_site_exists_only_where_the_model_injects(tiny_vlm):
+    vlm = tiny_vlm("qwen3_vl")
+    n = vlm.n_layers
+    assert len(vlm.adapter.injection_layers()) < n  # the fixture leaves the last layer without DeepStack
+    with pytest.raises(InputError, match=r"only after decoder layers \[0, 1\]"):
+        vlm.adapter.site(f"blocks.{n - 1}.hook_deepstack")
+    batch = vlm.prepare(*_inputs(vlm, "qwen3_vl"))
+    with pytest.raises(InputError, match=r"only after decoder layers"):
+        _run(vlm, batch, interventions=[ZeroSublayer(layers=n - 1, sublayer="injection")])
+    llava = tiny_vlm("llava")
+    assert not [s for s in llava.sites if "deepstack" in s]
+    with pytest.raises(InputError, match="adds nothing to the residual stream between layers"):
+        _run(llava, llava.prepare([T.image(84)], [T.prompt("llava")]),
+             interventions=[ZeroSublayer(sublayer="injection")])
