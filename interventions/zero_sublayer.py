@@ -6,8 +6,8 @@ Matches the authors' code: the attention output is zeroed AFTER the output proje
 selected tokens. Their keys/values are still computed and still attended to by other tokens. ``sublayer="injection"``
 zeroes what the model adds to the residual stream after layer i outside any sublayer (``Adapter.injection``: Qwen3-VL
 DeepStack, site ``blocks.{i}.hook_deepstack``; only the layers it injects after): the mid-stack injection taken out.
-The paper's "MLP-2" is the MLP of layer index 1: ``ZeroSublayer(sinks, layers=1, sublayer="mlp")``. Their script's "n + 0.5" (MLP of layer n)
-is ``sublayer="mlp"`` at layer n.
+The paper's "MLP-2" is the MLP of layer index 1: ``ZeroSublayer(sinks, layers=1, sublayer="mlp")``. Their script's
+"n + 0.5" (MLP of layer n) is ``sublayer="mlp"`` at layer n.
 
 Prefill only by default (the paper's setting). ``every_step=True`` also zeroes on generation steps; with a KV cache a
 decode step computes only the new (text) token, so this matters only for generation without a cache.
