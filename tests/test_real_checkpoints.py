@@ -102,7 +102,8 @@ def test_load_keeps_real_vocab_dtype_and_template(real_vlm, ck):
     cfg = hub_file(ck, "config.json")
     vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
     assert vlm.embedding_matrix.shape[0] == vocab  # padded rows kept
-    assert vlm.hf.dtype == getattr(torch, cfg["torch_dtype"])
+    # Qwen3-VL hub files give the dtype inside text_config only
+    assert vlm.hf.dtype == getattr(torch, cfg.get("torch_dtype") or cfg["text_config"]["dtype"])
     assert vlm.processor.chat_template == hub_file(ck, "chat_template.jinja")
 
 
@@ -120,6 +121,9 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
         elif mt in ("qwen2_vl", "qwen2_5_vl"):
             pp = hub_file(ck, "preprocessor_config.json")
             want = _qwen_boxes(w, h, pp["min_pixels"], pp["max_pixels"])
+        elif mt in ("qwen3_vl", "qwen3_vl_moe"):  # the same rule with 16-px patches (factor 32), bounds in "size"
+            pp = hub_file(ck, "preprocessor_config.json")
+            want = _qwen_boxes(w, h, pp["size"]["shortest_edge"], pp["size"]["longest_edge"], f=32)
         else:
             cols, rows, tiles = _internvl_tiles(w, h)
             assert n_in_ids == 256 * tiles == int(sel.sum())
@@ -152,6 +156,10 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         assert ids[0] == 151644  # <|im_start|>, no BOS
         s, e = ids.index(151652), ids.index(151653)  # <|vision_start|> <|image_pad|>* <|vision_end|>
         assert ids[s + 1:e] == [151655] * len(_qwen_boxes(w, h, 3136, 12845056))
+    elif mt in ("qwen3_vl", "qwen3_vl_moe"):
+        assert ids[0] == 151644  # <|im_start|>user: the Instruct template writes no default system turn
+        s, e = ids.index(151652), ids.index(151653)
+        assert ids[s + 1:e] == [151655] * len(_qwen_boxes(w, h, 65536, 16777216, f=32))
     else:
         assert ids[0] == 151644
         tiles = _internvl_tiles(w, h)[2]

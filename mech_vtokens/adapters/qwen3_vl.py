@@ -31,8 +31,8 @@ class Qwen3VLAdapter(Adapter):
     geometry = QwenMergedGeometry
     processor_class = "Qwen3VLProcessor"
     image_span = "<|vision_start|>{image}<|vision_end|>"
-    image_size_knob = ('size={"longest_edge": N} (pixels; vlm.prepare(..., size=...) / '
-                       'processor_kwargs={"size": {"shortest_edge": M, "longest_edge": N}})')
+    image_size_knob = ('size={"shortest_edge": M, "longest_edge": N} (pixels; vlm.prepare(..., size=...) / '
+                       'processor_kwargs={"size": {...}}; the hub default longest_edge is 16777216 = 4096 x 4096)')
     vision_feature_layer_key = None  # the merger reads the last vision block
     rope = "mrope"  # position ids (3, batch, seq): temporal, height, width (interleaved sections inside the rotary)
     injection = ("hook_deepstack", "deepstack_visual_embeds", "visual_pos_masks")
