@@ -155,3 +155,27 @@ def test_injection_site_exists_only_where_the_model_injects(tiny_vlm):
     with pytest.raises(InputError, match="adds nothing to the residual stream between layers"):
         _run(llava, llava.prepare([T.image(84)], [T.prompt("llava")]),
              interventions=[ZeroSublayer(sublayer="injection")])
+
+
+def test_partition_on_qwen3_vl(tiny_vlm):
+    """calibrate / classify / token sets on a DeepStack model: the partition classifies in the trace the same tokens
+    whatever the batch, and Prune(part.token_set(g)) == Prune of the same positions given by hand."""
+    from mech_vtokens.interventions import Prune
+    from mech_vtokens.partition import calibrate
+
+    vlm = tiny_vlm("qwen3_vl")
+    ims = [T.image(112, s) for s in range(4)]
+    prs = [T.prompt("qwen3_vl")] * 4
+    part = calibrate(vlm, ims, prs, vit_threshold=1.0, phi_threshold=2.0)
+    a = part.classify(ims[:2], prs[:2])
+    b = part.classify(ims[:2], prs[:2], batch_size=1)
+    assert torch.equal(a.codes, b.codes)
+    batch = vlm.prepare(ims[:2], prs[:2])
+    for group in ("dead", "alive"):
+        sel = part.token_set(group).visual(batch)
+        if not bool(sel.any()) or bool(sel.all()):
+            continue
+        by_set = _run(vlm, batch, [Activations(["unembed.hook_out"])], [Prune(part.token_set(group))])[0]
+        by_hand = _run(vlm, batch, [Activations(["unembed.hook_out"])],
+                       [Prune(Positions(sel.nonzero().flatten().tolist()))])[0]
+        assert torch.equal(by_set["unembed.hook_out"], by_hand["unembed.hook_out"]), group

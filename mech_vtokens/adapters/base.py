@@ -55,6 +55,9 @@ class Adapter:
     - ``geometry``: a :class:`~mech_vtokens.adapters.components.Geometry` subclass (patch grid, tiles, merge).
     - ``processor_class``: the processor class to build when ``AutoProcessor`` cannot (video parts need
       torchvision); ``processor_kwargs_from_config``: processor settings taken from the model config.
+    - ``block_sites``: the sites of one decoder layer; ``injection`` / ``injection_layers``: vectors the model adds
+      to the residual stream between layers (site ``blocks.{i}.<suffix>``); ``lm_token_kwargs``: per-token LM inputs
+      sequence-changing interventions slice. Defaults: the four-site layer, no injection, none.
     """
 
     family: str = ""
@@ -84,6 +87,11 @@ class Adapter:
     # (site suffix, the LM kwarg holding one packed (positions, d) tensor per layer, the LM kwarg holding the
     # (batch, seq) bool mask of the positions they are added at). ``injection_layers`` says after which layers.
     injection: tuple | None = None
+    # Per-token inputs of the LM call besides inputs_embeds / attention_mask / position_ids, which an intervention
+    # that changes the sequence (Prune, VisualEntry / VisualExit) must change with it: kwarg -> "seq" (a (batch, seq,
+    # ...) tensor, gathered along the sequence) or ("rows", mask kwarg) (packed rows at the True positions of that
+    # mask, row-major; one tensor or a list of them). Qwen3-VL: its DeepStack mask and vectors.
+    lm_token_kwargs: dict = {}
     geometry: type[Geometry] = Geometry
     processor_class: str = ""
 

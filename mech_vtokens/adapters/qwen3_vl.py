@@ -36,6 +36,9 @@ class Qwen3VLAdapter(Adapter):
     vision_feature_layer_key = None  # the merger reads the last vision block
     rope = "mrope"  # position ids (3, batch, seq): temporal, height, width (interleaved sections inside the rotary)
     injection = ("hook_deepstack", "deepstack_visual_embeds", "visual_pos_masks")
+    # what Prune / VisualEntry / VisualExit slice with the sequence (the processor's mm_token_type_ids is consumed by
+    # the wrapper, which computes the M-RoPE ids before the LM call: the interventions see the ids, not it)
+    lm_token_kwargs = {"visual_pos_masks": "seq", "deepstack_visual_embeds": ("rows", "visual_pos_masks")}
 
     def injection_layers(self) -> range:
         return range(len(self.config.vision_config.deepstack_visual_indexes))
