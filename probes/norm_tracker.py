@@ -87,8 +87,9 @@ class NormTracker(Probe):
                 out["_prev"] = x
 
     def collect(self, raw, batch, vlm):
-        return NormResult({s: raw[s] for s in self.sites(vlm)}, batch, self.extras(vlm, batch)["select"],
-                          self.groups, vlm.n_layers, vlm.adapter.forward_order)
+        ex = self.extras(vlm, batch)
+        return NormResult({s: raw[s] for s in self.sites(vlm)}, batch, ex["select"], self.groups, vlm.n_layers,
+                          vlm.adapter.forward_order, injected=ex["side"])
 
 
 def _labels(groups, n_visual):
@@ -115,9 +116,10 @@ class NormResult(Result):
 
     name = "norms"
 
-    def __init__(self, data, batch, select, groups, n_layers, order):
+    def __init__(self, data, batch, select, groups, n_layers, order, injected=()):
         self.data, self._batch, self._select, self.groups = data, batch, select, groups
         self._n_layers, self._order = n_layers, order  # for ``tower`` / ``layer`` and the forward order of ``site``
+        self._injected = list(injected)  # sites of vectors added between layers: plotted apart from the stream
 
     def to_pandas(self, groups=None):
         import numpy as np
@@ -170,11 +172,14 @@ class NormResult(Result):
         towers = list(dict.fromkeys(g.tower))
         if axes is None:
             _, axes = subplots(2, len(towers), figsize=(5 * len(towers), 7), squeeze=False)
+        side = g.site.isin(self._injected)
         for c, t in enumerate(towers):
-            sub = g[g.tower == t]
+            sub = g[(g.tower == t) & ~side]
             for name, d in sub.groupby("group", sort=False):
                 axes[0][c].plot(d.layer, d.l2, marker="o", label=name)
                 axes[1][c].plot(d.layer, d.cos_prev, marker="o", label=name)
+            for name, d in g[(g.tower == t) & side].groupby("group", sort=False):  # e.g. DeepStack, after layer i
+                axes[0][c].scatter(d.layer + 0.5, d.l2, marker="x", label=f"{name} (injected after layer)")
             axes[0][c].set_title(f"{t}: mean L2 norm")
             axes[1][c].set_title(f"{t}: cosine to previous layer")
             axes[1][c].set_xlabel("layer (-1 = LM input)" if t == "lm" else "vision layer")
