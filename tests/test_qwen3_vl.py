@@ -166,16 +166,63 @@ def test_partition_on_qwen3_vl(tiny_vlm):
     vlm = tiny_vlm("qwen3_vl")
     ims = [T.image(112, s) for s in range(4)]
     prs = [T.prompt("qwen3_vl")] * 4
-    part = calibrate(vlm, ims, prs, vit_threshold=1.0, phi_threshold=2.0)
+    part = calibrate(vlm, ims, prs)
     a = part.classify(ims[:2], prs[:2])
     b = part.classify(ims[:2], prs[:2], batch_size=1)
     assert torch.equal(a.codes, b.codes)
     batch = vlm.prepare(ims[:2], prs[:2])
+    pruned = 0
     for group in ("dead", "alive"):
         sel = part.token_set(group).visual(batch)
-        if not bool(sel.any()) or bool(sel.all()):
+        if not bool(sel.any()):  # (every visual token in one group: all DeepStack rows pruned, an edge case)
             continue
         by_set = _run(vlm, batch, [Activations(["unembed.hook_out"])], [Prune(part.token_set(group))])[0]
         by_hand = _run(vlm, batch, [Activations(["unembed.hook_out"])],
                        [Prune(Positions(sel.nonzero().flatten().tolist()))])[0]
         assert torch.equal(by_set["unembed.hook_out"], by_hand["unembed.hook_out"]), group
+        pruned += 1
+    assert pruned, "the tiny model's partition gave no group to prune"
+
+
+@pytest.mark.parametrize("which", ["entry", "exit"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_entry_exit_put_deepstack_back_only_where_the_tokens_are(tiny_vlm, which, subset):
+    """VisualEntry(1) / VisualExit(1) on a model that injects after layers 0 and 1: the LM call holds one DeepStack
+    mask for all layers, so the interventions take the vectors out of it and add them at their sites for the tokens
+    in the sequence there (Entry: after layer 1 on the full sequence, after layer 0 only for tokens outside the set;
+    Exit: the reverse). Equals the hand-run layers (tests/test_entry_knockout.py) on nnsight, remote="local" and
+    plain hooks; a token subset keeps the other tokens' vectors in the shortened window."""
+    from intervention_refs import batch_of, clean_lm_kwargs
+    from test_entry_knockout import entry_reference, exit_reference
+
+    from mech_vtokens.interventions import VisualEntry, VisualExit, resolve
+
+    vlm = tiny_vlm("qwen3_vl")
+    b = batch_of(vlm, "qwen3_vl")
+    tokens = Positions(list(range(0, b.n_visual, 2))) if subset else "all"
+    comp = (VisualEntry if which == "entry" else VisualExit)(1, tokens=tokens)
+    sel = resolve(comp.tokens, b)
+    clean = clean_lm_kwargs(vlm, b)
+    got = _run(vlm, b, [Activations(["unembed.hook_out"] + _sites(vlm))], [comp])[0]
+    logits = got["unembed.hook_out"]
+    if which == "entry":
+        for r, (cols, ref) in enumerate(entry_reference(vlm, clean, sel, 1)):
+            assert (logits[r, cols] - ref).abs().max() < 1e-5
+    else:
+        for r, ref in enumerate(exit_reference(vlm, clean, sel, 1)):  # rows left-padded: the tail is the row
+            assert (logits[r, -ref.shape[0]:] - ref).abs().max() < 1e-5
+    # the DeepStack sites hold what was added: every row of the tokens in the sequence there, none of the others
+    _, rows, _ = _hf(vlm, b)
+    inside = {"entry": (1,), "exit": (0,)}[which]  # the injection on the full sequence
+    for j, site in enumerate(_sites(vlm)):
+        vis = got[site][b.visual_mask] if j in inside else None
+        if vis is not None:
+            assert torch.equal(vis, rows[j])
+        else:  # in the shortened window: only the tokens outside the set, at their new positions
+            kept = (~sel)[b.visual_mask]
+            assert int((got[site].abs().sum(-1) > 0).sum()) == int(kept.sum())
+    far = _run(vlm, b, [Activations(["unembed.hook_out"])], [comp], remote="local")[0]["unembed.hook_out"]
+    assert torch.equal(far, logits)
+    with applied(vlm, [comp], b), torch.no_grad():
+        hooked = vlm.hf(**b.inputs).logits
+    assert torch.equal(hooked, logits)
