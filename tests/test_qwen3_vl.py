@@ -226,3 +226,34 @@ def test_entry_exit_put_deepstack_back_only_where_the_tokens_are(tiny_vlm, which
     with applied(vlm, [comp], b), torch.no_grad():
         hooked = vlm.hf(**b.inputs).logits
     assert torch.equal(hooked, logits)
+
+
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_generate_without_deepstack_equals_hf_generate_with_it_zeroed(tiny_vlm, remote):
+    """mv.generate under ZeroSublayer(sublayer="injection") == HF greedy generate whose LM call receives zeroed
+    DeepStack rows (they exist on the prefill only); and the change matters."""
+    import mech_vtokens as mv
+
+    vlm = tiny_vlm("qwen3_vl")
+    ims, prs = _inputs(vlm, "qwen3_vl")
+    batch = vlm.prepare(ims, prs)
+    zero = ZeroSublayer("all", layers=list(vlm.adapter.injection_layers()), sublayer="injection")
+    out = mv.generate(vlm, ims, prs, interventions=[zero], max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                      remote=remote)
+
+    def pre(mod, args, kwargs):
+        rows = kwargs.get("deepstack_visual_embeds")
+        if rows is None:
+            return None
+        return args, dict(kwargs, deepstack_visual_embeds=[torch.zeros_like(r) for r in rows])
+
+    h = _resolve(vlm.hf, vlm.adapter.language_model).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            want = vlm.hf.generate(**batch.inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    finally:
+        h.remove()
+    with torch.no_grad():
+        clean = vlm.hf.generate(**batch.inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(out.sequences, want)
+    assert not torch.equal(want, clean)
