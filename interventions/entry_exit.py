@@ -34,6 +34,13 @@ Masks: :func:`mech_vtokens.sequence.attention_mask` (transformers ``masking_util
 layers from ``k`` on, so a layer with a sliding window gets the sliding-window mask of the rebuilt sequence; on a
 model with sliding-window layers generation with a KV cache is refused (see :mod:`mech_vtokens.sequence`).
 
+Vectors the model ADDS between layers (``Adapter.injection``; Qwen3-VL DeepStack after layers 0..2): the LM call
+holds one mask for all its layers while these sequences change between layers, so both take the vectors out of the LM
+call at ``lm.hook_inputs`` and add them at their sites (``blocks.{j}.hook_deepstack``) for the tokens in the sequence
+there: on the full sequence every row, in the shortened window only the tokens outside the set (at their new
+positions). A selected token's vector after a layer where it is not in the sequence is dropped (Entry: layers
+``< k``; Exit: layers ``>= k``), as the token itself is.
+
 Both act at the decoder layers' ``(args, kwargs)`` (sites ``blocks.{i}.hook_inputs`` for every ``i >= k``: the LM
 builds one mask and one position embedding for all its layers, so each layer from ``k`` on gets the ones computed at
 ``k``) and at ``lm.hook_inputs``, and take a token set (default: all visual tokens). Sites between the shortening and

@@ -9,7 +9,9 @@ shortened sequence had been the input.
 
 Acts at ``lm.hook_inputs`` (the language model's ``(args, kwargs)``, right after ``hook_embed``): slices
 ``inputs_embeds``, ``attention_mask`` and ``position_ids`` (Qwen: the 3-D M-RoPE ids (3, B, L) along L; LLaVA /
-InternVL pass None: the ids the LM would have built are used). Rows that lose different numbers of tokens are
+InternVL pass None: the ids the LM would have built are used) and every per-token input the adapter declares
+(``Adapter.lm_token_kwargs``: Qwen3-VL's DeepStack mask and vectors lose the pruned tokens' entries, so the vectors
+added after the first layers land on the kept tokens). Rows that lose different numbers of tokens are
 LEFT-padded to one width, so logits come back with length ``seq'``; the last position stays each row's last token.
 Sites after the prune see the shortened sequence (``ctx["visual_mask"]`` is the shortened one); probes at
 ``hook_embed`` still see the full one.

@@ -257,3 +257,30 @@ def test_generate_without_deepstack_equals_hf_generate_with_it_zeroed(tiny_vlm, 
         clean = vlm.hf.generate(**batch.inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(out.sequences, want)
     assert not torch.equal(want, clean)
+
+
+def test_prune_slices_deepstack_with_the_sequence(tiny_vlm):
+    """Prune removes the pruned tokens' DeepStack rows and mask entries with them: the injection site after the prune
+    reads, for each visual token still in the sequence, its own row on nnsight, remote="local" and plain hooks, and
+    the logits equal the hand-built pruned forward (tests/test_interventions.py, every family)."""
+    from intervention_refs import batch_of
+
+    from mech_vtokens.interventions import Prune
+
+    vlm = tiny_vlm("qwen3_vl")
+    b = batch_of(vlm, "qwen3_vl")
+    some = list(range(1, b.n_visual, 3))
+    _, rows, _ = _hf(vlm, b)
+    probe = Activations(_sites(vlm), visual_only=True)
+    res = [_run(vlm, b, [probe, Activations(["unembed.hook_out"])], [Prune(Positions(some))], remote=rm)
+           for rm in (False, "local")]
+    with applied(vlm, [Prune(Positions(some))], b, probes=[probe]) as ap, torch.no_grad():
+        hooked = vlm.hf(**b.inputs).logits
+    hooked_rows = ap.experiment.results(ap.raw)[0]
+    pruned = torch.zeros(b.n_visual, dtype=torch.bool)
+    pruned[some] = True
+    for j, site in enumerate(_sites(vlm)):
+        for got in (res[0][0][site], res[1][0][site], hooked_rows[site]):
+            assert torch.equal(got, rows[j][~pruned])  # the visual tokens still in the sequence, in order
+    assert torch.equal(res[0][1]["unembed.hook_out"], res[1][1]["unembed.hook_out"])
+    assert torch.equal(res[0][1]["unembed.hook_out"], hooked)
