@@ -34,8 +34,7 @@ def _inputs(vlm, fam):
 
 
 def _run(vlm, batch, probes=(), interventions=(), remote=False):
-    out = forward(vlm, batch, list(probes), list(interventions), remote=remote)
-    return list(out.values()) if isinstance(out, dict) else list(out)
+    return list(forward(vlm, batch, list(probes), list(interventions), remote=remote).values())
 
 
 def _sites(vlm):
@@ -136,7 +135,7 @@ def test_writing_the_deepstack_site_equals_the_lm_receiving_changed_vectors(tiny
     assert torch.equal(got, want)
     far = _run(vlm, batch, [Activations(["unembed.hook_out"])], comps, remote="local")[0]["unembed.hook_out"]
     assert torch.equal(far, want)
-    with applied(vlm, comps, batch), torch.no_grad():
+    with applied(vlm, batch, interventions=comps), torch.no_grad():
         hooked = vlm.hf(**batch.inputs).logits
     assert torch.equal(hooked, want)
 
@@ -223,7 +222,7 @@ def test_entry_exit_put_deepstack_back_only_where_the_tokens_are(tiny_vlm, which
             assert int((got[site].abs().sum(-1) > 0).sum()) == int(kept.sum())
     far = _run(vlm, b, [Activations(["unembed.hook_out"])], [comp], remote="local")[0]["unembed.hook_out"]
     assert torch.equal(far, logits)
-    with applied(vlm, [comp], b), torch.no_grad():
+    with applied(vlm, b, interventions=[comp]), torch.no_grad():
         hooked = vlm.hf(**b.inputs).logits
     assert torch.equal(hooked, logits)
 
@@ -274,9 +273,9 @@ def test_prune_slices_deepstack_with_the_sequence(tiny_vlm):
     probe = Activations(_sites(vlm), visual_only=True)
     res = [_run(vlm, b, [probe, Activations(["unembed.hook_out"])], [Prune(Positions(some))], remote=rm)
            for rm in (False, "local")]
-    with applied(vlm, [Prune(Positions(some))], b, probes=[probe]) as ap, torch.no_grad():
+    with applied(vlm, b, interventions=[Prune(Positions(some))], probes=[probe]) as ap, torch.no_grad():
         hooked = vlm.hf(**b.inputs).logits
-    hooked_rows = ap.experiment.results(ap.raw)[0]
+    hooked_rows = ap.experiment.results(ap.raw)[probe]
     pruned = torch.zeros(b.n_visual, dtype=torch.bool)
     pruned[some] = True
     for j, site in enumerate(_sites(vlm)):
