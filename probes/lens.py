@@ -37,9 +37,10 @@ _LM_SITES_MSG = ("the lenses read LM sites only: 'vision_projector.hook_out', 'h
 def _select(site, value, mine, ctx):
     """The (n, d) rows a lens reads at ``site`` (projector rows, or the selected (row, position) pairs) and which of
     them exist (after a Prune the removed tokens' rows do not)."""
-    if site == "vision_projector.hook_out":
-        rows = value.reshape(-1, value.shape[-1])[mine["projector_rows"]]
-        return rows, torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    if site == "vision_projector.hook_out":  # a token's mix of projector rows (one row, or none: a newline)
+        from mech_vtokens.adapters.geometry import mix_rows
+
+        return mix_rows(value.reshape(-1, value.shape[-1]), mine["projector_mix"], mine["projector_mix_weights"])
     return select_rows(value, mine["select"], ctx)
 
 
@@ -215,7 +216,8 @@ class _Lens(Probe):
                 "n_cand": self.candidates or max(2 * self.k, self.k + 3), "small_ids": vocab <= 32767,
                 "skip": None, "rows": vocab}
         if "vision_projector.hook_out" in self.sites(vlm):
-            mine["projector_rows"] = batch.tokens["projector_rows"]
+            mine["projector_mix"] = batch.tokens["projector_mix"]
+            mine["projector_mix_weights"] = batch.tokens["projector_mix_weights"]
         if self.skip_special:
             mine["skip"] = torch.tensor(_special_ids(vlm.tokenizer, vocab), dtype=torch.long)
         return mine

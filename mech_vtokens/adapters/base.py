@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .components import Geometry
+from .geometry import Geometry
 
 # Per decoder layer, in forward order: (site suffix, module path relative to the layer, accessor kind, index).
 # "input" = the module's first input; "output" with an index = that element of a tuple output; "kwarg" = one keyword
@@ -49,7 +49,7 @@ class Adapter:
     - ``projector``: the module whose output is the projected image features (native order).
     - ``language_model``: the decoder stack that receives ``inputs_embeds``; ``decoder_layers``: its ModuleList;
       ``attn`` / ``mlp`` / ``ln2``: paths inside a decoder layer; ``final_norm``; ``lm_head``.
-    - ``geometry``: a :class:`~mech_vtokens.adapters.components.Geometry` subclass (patch grid, tiles, merge).
+    - ``geometry``: a :class:`~mech_vtokens.adapters.geometry.Geometry` subclass (patch grid, tiles, merge).
     - ``processor_class``: the processor class to build when ``AutoProcessor`` cannot (video parts need
       torchvision); ``processor_kwargs_from_config``: processor settings taken from the model config.
     """

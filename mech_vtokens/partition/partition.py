@@ -109,6 +109,7 @@ class Partition(Probe):
             return mine
         if self.vit is not None:
             mine.update(vision_site=self._vision_site(vlm), vision_rows=batch.tokens["vision_rows"],
+                        vision_weights=batch.tokens["vision_weights"],
                         vit_threshold=float(self.vit["threshold"]))
         if self.llm is not None and self.llm.get("dims"):
             mine.update(llm_site=vlm.adapter.canonical(self.llm["site"]),
@@ -124,7 +125,10 @@ class Partition(Probe):
             x = value.detach()
             if mine.get("vision_site") == site:
                 norms = x.reshape(-1, x.shape[-1]).float().norm(dim=-1)
-                out["vit_sink"] = norms[mine["vision_rows"]].amax(-1) > mine["vit_threshold"]
+                from mech_vtokens.adapters.geometry import row_max
+
+                # a token without a vision row (a newline) is NaN here: no ViT sink
+                out["vit_sink"] = row_max(norms, mine["vision_rows"], mine["vision_weights"]) > mine["vit_threshold"]
             if site == "hook_embed":
                 h = x[mine["visual"]]
                 if mine["rule"] == "reference":
