@@ -198,7 +198,8 @@ def _llava_next(seed: int):
     text.pad_token_id, text.bos_token_id, text.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     config = LlavaNextConfig(vision_config=vision, text_config=text,
                              image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-                             vision_feature_select_strategy="default", image_grid_pinpoints=_ANYRES_PINPOINTS, image_seq_length=16)
+                             vision_feature_select_strategy="default", image_grid_pinpoints=_ANYRES_PINPOINTS,
+                             image_seq_length=16)
     config.architectures = ["LlavaNextForConditionalGeneration"]
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
