@@ -239,8 +239,9 @@ class VLM:
             flat.extend(im.convert("RGB") for im in ims)
             image_of_row.extend([row] * len(ims))
         kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)
-        if flat:
-            kwargs["images"] = flat
+        if flat:  # nested per prompt (the prompts that have images) where the family's processor wants it
+            kwargs["images"] = flat if not self.adapter.images_nested else [
+                [im for im, r in zip(flat, image_of_row) if r == row] for row in dict.fromkeys(image_of_row)]
         inputs = dict(self.processor(**kwargs))
         dtype = self.hf.dtype
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():

@@ -156,17 +156,18 @@ class AnyresGeometry(Geometry):
 
     def grids(self, enc, image_sizes, call_kwargs=None):
         """Per image: ``rows`` / ``cols`` of the canvas grid the LM receives (after crop and resize; 0 without a
-        canvas), ``tiles`` (canvas tiles), ``tile_rows`` / ``tile_cols``, ``base`` (the base grid side), ``newlines``
-        and ``tokens`` (all of the image's visual tokens)."""
+        canvas), ``tiles`` (ViT tiles: the canvas tiles + the base image, as InternVL counts its thumbnail),
+        ``tile_rows`` / ``tile_cols``, ``base`` (the base grid side), ``newlines`` and ``tokens`` (all of the image's
+        visual tokens)."""
         _, g = self._side()
         out = []
         for hw, tiled in zip(enc["image_sizes"].tolist(), self._tiled(enc)):
             if not tiled:
-                out.append({"rows": 0, "cols": 0, "tiles": 0, "tile_rows": 0, "tile_cols": 0, "base": g,
+                out.append({"rows": 0, "cols": 0, "tiles": 1, "tile_rows": 0, "tile_cols": 0, "base": g,
                             "newlines": 1, "tokens": g * g + 1})
                 continue
             cv = self._canvas((int(hw[0]), int(hw[1])))
-            out.append({"rows": cv["out_h"], "cols": cv["out_w"], "tiles": cv["tiles"][0] * cv["tiles"][1],
+            out.append({"rows": cv["out_h"], "cols": cv["out_w"], "tiles": cv["tiles"][0] * cv["tiles"][1] + 1,
                         "tile_rows": cv["tiles"][0], "tile_cols": cv["tiles"][1], "base": g,
                         "newlines": cv["out_h"], "tokens": g * g + cv["out_h"] * (cv["out_w"] + 1)})
         return out

@@ -244,6 +244,9 @@ class Adapter:
     vision_feature_layer_key: str | None = "vision_feature_layer"
 
     max_images_per_prompt: int | None = None
+    # The processor takes the images nested per prompt (a list of lists), e.g. OneVision, whose image processor
+    # decides from it whether an image is tiled (single-image prompts) or not (multi-image prompts).
+    images_nested: bool = False
     # BOS sink channels (``SinkChannels(dims=<preset>)``): preset name -> the LM channels that carry the massive
     # activations, per checkpoint (or the LM it was trained from) of this family. Probes only look presets up here.
     sink_dims: dict = {}

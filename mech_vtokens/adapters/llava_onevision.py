@@ -19,5 +19,10 @@ class LlavaOnevisionAdapter(Adapter):
     projector = "model.multi_modal_projector"
     geometry = OnevisionGeometry
     processor_class = "LlavaOnevisionProcessor"
+    images_nested = True  # the image processor tiles only images alone in their prompt
+    # settings the processor's token count must share with the model (a mismatch would be refused by HF only
+    # after the vision tower ran)
+    processor_kwargs_from_config = {"vision_aspect_ratio": "vision_aspect_ratio",
+                                    "vision_feature_select_strategy": "vision_feature_select_strategy"}
     image_size_knob = ("vision_aspect_ratio (vlm.processor.vision_aspect_ratio = 'anyres_max_N', with the model's "
                        "config.vision_aspect_ratio) or image_grid_pinpoints")
