@@ -37,6 +37,16 @@ def _linear_weights(n_in: int, n_out: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0]
 
 
+def _sources(weights: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """Per output index j: [(input index, weight > 0), ...] of an (n_in, n_out) weight matrix."""
+    nz = weights.T.nonzero().tolist()
+    out = [[] for _ in range(weights.shape[1])]
+    vals = weights.T[weights.T > 0].tolist()
+    for (j, i), v in zip(nz, vals):
+        out[j].append((i, v))
+    return out
+
+
 class AnyresGeometry(Geometry):
     """LLaVA-NeXT anyres: base image + unpadded high-res canvas row by row + a newline token per row."""
 
@@ -125,7 +135,9 @@ class AnyresGeometry(Geometry):
         p = side // g  # canvas pixels per token
         sx, sy, ox, oy = self._to_original(hw, cv)
         h, w = hw
-        wr, wc = _linear_weights(cv["h"], cv["out_h"]), _linear_weights(cv["w"], cv["out_w"])
+        # per output row / column: the input rows / columns it mixes and their weights (1-D linear resize)
+        rows_in = _sources(_linear_weights(cv["h"], cv["out_h"]))
+        cols_in = _sources(_linear_weights(cv["w"], cv["out_w"]))
         n_cols = cv["tiles"][1]
 
         def source(rr, cc):  # a cropped-canvas token -> (tile index, vision row, projector row)
@@ -138,10 +150,8 @@ class AnyresGeometry(Geometry):
         items = []
         fy, fx = cv["h"] / cv["out_h"], cv["w"] / cv["out_w"]  # input tokens per output token
         for r in range(cv["out_h"]):
-            rows_in = [(a, float(wr[a, r])) for a in range(cv["h"]) if wr[a, r] > 0]
             for c in range(cv["out_w"]):
-                cols_in = [(b, float(wc[b, c])) for b in range(cv["w"]) if wc[b, c] > 0]
-                mix = [(source(a, b), wa * wb) for a, wa in rows_in for b, wb in cols_in]
+                mix = [(source(a, b), wa * wb) for a, wa in rows_in[r] for b, wb in cols_in[c]]
                 heavy = max(mix, key=lambda m: m[1])[0]
                 u0, u1 = (c * fx + cv["c0"]) * p, ((c + 1) * fx + cv["c0"]) * p  # canvas pixels of the footprint
                 v0, v1 = (r * fy + cv["r0"]) * p, ((r + 1) * fy + cv["r0"]) * p
