@@ -272,3 +272,25 @@ def test_processor_save_load_keeps_every_setting(tiny_dir, tmp_path, name):
     p = T.prompt(name)
     assert torch.equal(again(text=[p], images=[img], return_tensors="pt")["input_ids"],
                        proc(text=[p], images=[img], return_tensors="pt")["input_ids"])
+
+
+@pytest.mark.parametrize("name", ANYRES)
+def test_partition_calibrates_classifies_and_prunes(tiny_vlm, name):
+    """The partition on an anyres model: every visual token (newlines included) gets one group, a newline token is
+    never a ViT sink (it has no vision row), and a group's token set prunes exactly its members."""
+    from mech_vtokens.partition import calibrate
+    from mech_vtokens.partition.partition import GROUPS
+
+    vlm = tiny_vlm(name)
+    prompt = T.prompt(name)
+    part = calibrate(vlm, [T.image(112, seed=s).resize((150, 110)) for s in range(3)], [prompt] * 3,
+                     vit_threshold=1.0)
+    img = T.image(112, seed=7).resize((150, 110))
+    got = part.classify([img], [prompt])
+    batch = vlm.prepare([img], [prompt])
+    assert len(got.codes) == batch.n_visual and bool(((got.codes >= 0) & (got.codes < len(GROUPS))).all())
+    nl = torch.from_numpy(np.array(batch.kinds) == "newline")
+    assert not bool((got.codes[nl] == GROUPS.index("vit_sink")).any())
+    group = GROUPS[int(torch.bincount(got.codes).argmax())]
+    logits, _ = nn_run(vlm, batch, [Prune(part.token_set(group))])
+    assert logits.shape[1] == batch.visual_mask.shape[1] - int((got.codes == GROUPS.index(group)).sum())
