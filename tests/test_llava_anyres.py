@@ -294,3 +294,20 @@ def test_partition_calibrates_classifies_and_prunes(tiny_vlm, name):
     group = GROUPS[int(torch.bincount(got.codes).argmax())]
     logits, _ = nn_run(vlm, batch, [Prune(part.token_set(group))])
     assert logits.shape[1] == batch.visual_mask.shape[1] - int((got.codes == GROUPS.index(group)).sum())
+
+
+@pytest.mark.parametrize("name", ANYRES)
+def test_processor_and_model_settings_that_disagree_are_refused_before_the_forward(tiny_dir, name):
+    vlm = mv.load(tiny_dir(name))  # its own processor: the test changes it
+    img, p = _images()[0], T.prompt(name)
+    vlm.processor.image_processor.image_grid_pinpoints = [[56, 56], [56, 112]]
+    with pytest.raises(mv.InputError, match="image_grid_pinpoints"):
+        vlm.prepare([img], [p])
+    with pytest.raises(mv.InputError, match="image_grid_pinpoints"):
+        vlm.prepare([img], [p], image_grid_pinpoints=[[112, 112]])  # a call-time setting counts too
+    vlm.processor.image_processor.image_grid_pinpoints = vlm.hf.config.image_grid_pinpoints
+    vlm.prepare([img], [p])
+    if name == "llava_onevision":
+        vlm.processor.vision_aspect_ratio = "anyres_max_9"
+        with pytest.raises(mv.InputError, match="vision_aspect_ratio"):
+            vlm.prepare([img], [p])

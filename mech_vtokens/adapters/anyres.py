@@ -108,8 +108,26 @@ class AnyresGeometry(Geometry):
             nh, nw = H, min(math.ceil(w * H / h), W)
         return nw / w, nh / h, float((W - nw) // 2), float((H - nh) // 2)
 
+    def _check_settings(self, call_kwargs) -> None:
+        """The processor tiles and counts tokens with ITS settings, the model unpads / resizes with its config's:
+        a mismatch would fail (or silently differ) only inside the forward."""
+        from ..errors import InputError
+
+        cfg = self.adapter.config
+        pins = self.applied("image_grid_pinpoints", call_kwargs)
+        if [list(p) for p in pins or []] != [list(p) for p in cfg.image_grid_pinpoints]:
+            raise InputError(f"the processor tiles with image_grid_pinpoints={pins} but the model unpads with "
+                             f"config.image_grid_pinpoints={cfg.image_grid_pinpoints}; set the same list on "
+                             f"vlm.processor.image_processor and vlm.hf.config")
+        key = self.interpolate_key
+        if key is not None and getattr(self.processor, key, None) != getattr(cfg, key):
+            raise InputError(f"the processor counts tokens with {key}={getattr(self.processor, key, None)!r} but "
+                             f"the model resizes with config.{key}={getattr(cfg, key)!r}; set the same value on "
+                             f"vlm.processor and vlm.hf.config")
+
     # ---- the token table ------------------------------------------------------------------------------------
     def tokens(self, enc, image_sizes, call_kwargs=None):
+        self._check_settings(call_kwargs)
         side, g = self._side()
         cls = self._cls()
         items, tile0 = [], 0

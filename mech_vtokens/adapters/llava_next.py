@@ -13,5 +13,7 @@ class LlavaNextAdapter(Adapter):
     projector = "model.multi_modal_projector"
     geometry = AnyresGeometry
     processor_class = "LlavaNextProcessor"
-    # the canvas grows with the image (up to the largest grid pinpoint); the pinpoints cap it
-    image_size_knob = "image_grid_pinpoints (vlm.processor.image_processor.image_grid_pinpoints = [[h, w], ...])"
+    # the canvas grows with the image (up to the largest grid pinpoint); the pinpoints cap it. The model unpads with
+    # its config's list, the processor tiles with its own: they must stay equal (prepare refuses a mismatch)
+    image_size_knob = ("image_grid_pinpoints (the same [[h, w], ...] on vlm.processor.image_processor and "
+                       "vlm.hf.config)")

@@ -24,5 +24,5 @@ class LlavaOnevisionAdapter(Adapter):
     # after the vision tower ran)
     processor_kwargs_from_config = {"vision_aspect_ratio": "vision_aspect_ratio",
                                     "vision_feature_select_strategy": "vision_feature_select_strategy"}
-    image_size_knob = ("vision_aspect_ratio (vlm.processor.vision_aspect_ratio = 'anyres_max_N', with the model's "
-                       "config.vision_aspect_ratio) or image_grid_pinpoints")
+    image_size_knob = ("vision_aspect_ratio ('anyres_max_N' on vlm.processor and vlm.hf.config alike) or "
+                       "image_grid_pinpoints (the same list on vlm.processor.image_processor and vlm.hf.config)")
