@@ -176,13 +176,13 @@ def check(checkpoint: str, device: str, dtype, small: bool, layers: int, repeats
     suite_s, res = _timed(run_suite, device, repeats)
     row["suite_s_per_img"] = suite_s / n_img
     row["suite/fwd"] = suite_s / fwd_s
-    row["results_on_cpu"] = all(_on_cpu(r) for r in res)
-    for r in res:  # tables build on the CPU
+    row["results_on_cpu"] = all(_on_cpu(r) for r in res.values())
+    for r in res.values():  # tables build on the CPU
         r.to_pandas()
 
     # ---- lens ids vs fp32 on the same hidden states --------------------------------------------------------
-    acts, = mv.run(vlm, images, prompts, probes=[Activations(lm_sites, visual_only=True)])
-    embed, logit = res[0], res[1]
+    acts = mv.run(vlm, images, prompts, probes=[Activations(lm_sites, visual_only=True)])["activations"]
+    embed, logit = res["embed_lens"], res["logit_lens"]
     rows = min(len(vlm.tokenizer), vlm.embedding_matrix.shape[0])
     E = vlm.embedding_matrix.detach()
     U = vlm.unembed.weight.detach()
@@ -217,9 +217,10 @@ def check(checkpoint: str, device: str, dtype, small: bool, layers: int, repeats
              "Rescale": Rescale(some), "VisualEntry": VisualEntry(1), "VisualExit": VisualExit(1)}
     worst, ok = 0.0, True
     for name, iv in cases.items():
-        got, _ = mv.run(vlm, images, prompts, probes=[Activations(["ln_final.hook_normalized"])], interventions=[iv])
+        got = mv.run(vlm, images, prompts, probes=[Activations(["ln_final.hook_normalized"])],
+                     interventions=[iv])["activations"]
         nn_last = traced_last(got)
-        with applied(vlm, [iv], batch):
+        with applied(vlm, batch, interventions=[iv]):
             hook_last = last_logits()
         diff = float((nn_last - hook_last).abs().max())
         changed = float((hook_last - clean_last).abs().max()) > 0
@@ -229,15 +230,15 @@ def check(checkpoint: str, device: str, dtype, small: bool, layers: int, repeats
     row["interventions_maxdiff"] = worst
     row["interventions_ok"] = ok
     eager = mv.load(path, dtype=dtype, device_map=device, attn_implementation="eager")
-    ko, _ = mv.run(eager, images, prompts, probes=[Activations(["ln_final.hook_normalized"])],
-                   interventions=[AttentionKnockout("vt", layers=0)])
+    ko = mv.run(eager, images, prompts, probes=[Activations(["ln_final.hook_normalized"])],
+                interventions=[AttentionKnockout("vt", layers=0)])["activations"]
     row["knockout_ok"] = bool(torch.isfinite(ko["ln_final.hook_normalized"]).all()) and _on_cpu(ko)
     del eager
 
     # ---- generation: the nnsight generate trace vs HF generate under the hooks -----------------------------------
     gen_s, out = _timed(lambda: mv.generate(vlm, images, prompts, interventions=[Prune(some)],
                                             max_new_tokens=new_tokens, min_new_tokens=new_tokens), device, 1)
-    with applied(vlm, [Prune(some)], batch), torch.no_grad():
+    with applied(vlm, batch, interventions=[Prune(some)]), torch.no_grad():
         ref = vlm.hf.generate(**dev_inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     ref_ids = ref[:, batch.visual_mask.shape[1]:].cpu()
     row["generate_ids_equal"] = bool(torch.equal(out.ids.cpu(), ref_ids)) and out.ids.device.type == "cpu"

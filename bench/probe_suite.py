@@ -73,7 +73,7 @@ def main():  # noqa: C901 - a benchmark script: argument handling, modes and the
         out["suite"] = exp.results(raw)
 
     def run_hooks():  # the same components as plain torch hooks on the HF model, then the same Result objects
-        with torch.no_grad(), applied(vlm, [], batch, probes=suite) as h:
+        with torch.no_grad(), applied(vlm, batch, probes=suite) as h:
             hf(**batch.inputs)
         out["hooks"] = h.experiment.results(h.raw)
 

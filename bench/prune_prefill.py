@@ -67,7 +67,7 @@ def main():
             vlm.hf(**batch.inputs)
 
     def hf_pruned():
-        with torch.no_grad(), applied(vlm, [prune], batch):
+        with torch.no_grad(), applied(vlm, batch, interventions=[prune]):
             out = vlm.hf(**batch.inputs)
         assert out.logits.shape[1] == batch.visual_mask.shape[1] - k // args.batch
 

@@ -187,7 +187,7 @@ class Bench:
             m = torch.zeros(n, dtype=torch.bool)
             m[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:round(0.4 * n)]] = True
             self._prune = Prune(Group(m, "random 40 %"))
-        with torch.no_grad(), applied(self.vlm, [self._prune], self.batch):
+        with torch.no_grad(), applied(self.vlm, self.batch, interventions=[self._prune]):
             return self.vlm.hf(**self.batch.inputs)
 
 

@@ -151,7 +151,8 @@ def floor(vlm, batch, k, dims, inv, exact=True, chunk=8192) -> dict:
 def check(vlm, results, fl, tol=1e-4) -> dict:
     """The suite's ``results`` (from ``suite_probes``, in that order) vs the exact floor ``fl``: {check: (ok, worst
     absolute difference or count of differing ids)}."""
-    el, ll, nt, sc, vs = results
+    el, ll, nt, sc, vs = (results[k] for k in ("embed_lens", "logit_lens", "norm_tracker", "sink_channels",
+                                               "vit_sinks"))
     out = {}
 
     def close(name, a, b):

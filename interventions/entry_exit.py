@@ -30,6 +30,10 @@ Logits come back shortened (rows left-padded to one width, as after ``Prune``). 
 to their shortened cache (mask rebuilt per step), layers ``< k`` to the full one; ``k >= 1`` (an exit at layer 0 is
 ``Prune(tokens)``).
 
+Masks: :func:`mech_vtokens.sequence.attention_mask` (transformers ``masking_utils``), one per attention kind of the
+layers from ``k`` on, so a layer with a sliding window gets the sliding-window mask of the rebuilt sequence; on a
+model with sliding-window layers generation with a KV cache is refused (see :mod:`mech_vtokens.sequence`).
+
 Both act at the decoder layers' ``(args, kwargs)`` (sites ``blocks.{i}.hook_inputs`` for every ``i >= k``: the LM
 builds one mask and one position embedding for all its layers, so each layer from ``k`` on gets the ones computed at
 ``k``) and at ``lm.hook_inputs``, and take a token set (default: all visual tokens). Sites between the shortening and
@@ -44,10 +48,12 @@ from __future__ import annotations
 from mech_vtokens.compat import cache_position, kv_cache, past_length
 from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
+from mech_vtokens.sequence import (attention_kinds, attention_mask, check_attention_kinds, default_positions,
+                                   extend_keys, layer_io, pack, refuse_single_pass, rotary, split_positions)
+from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
 
 from ._util import layer_list
-from .prune import Prune, extend_keys, refuse_single_pass
-from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
+from .prune import Prune
 
 
 def _lm_step(value, ctx, out, who):
@@ -56,6 +62,10 @@ def _lm_step(value, ctx, out, who):
     cache = kv_cache(kwargs)
     past = past_length(kwargs)
     refuse_single_pass(ctx, cache, past, who)
+    if cache is not None and any(w is not None for w in ctx["mine"]["windows"].values()):
+        raise ValueError(f"{who}: generation with a KV cache on a model with sliding-window layers is not "
+                         f"supported (a sliding layer's cache drops old keys, which the rebuilt decode masks do not "
+                         f"follow); run single forwards (mech_vtokens.run / a trace) on this model")
     emb = kwargs.get("inputs_embeds")
     if past == 0 and emb is not None and emb.shape[1] != ctx["mine"]["keep"].shape[1]:
         raise ValueError(f"{who}: the language model got {emb.shape[1]} tokens without a KV cache where the prompt "
@@ -65,60 +75,17 @@ def _lm_step(value, ctx, out, who):
     return past
 
 
-def _mask(like, am, q):
-    """Causal + padding mask for the LAST ``q`` of the ``am.shape[1]`` key positions (``am``: (batch, keys) 2-D,
-    1 = attend), in the format of ``like`` (what the LM passes its layers): None (sdpa: only causality), a bool
-    (True = attend) or an additive float (batch, 1, q, keys). ``q == keys`` at a prefill, 1 on a decode step."""
-    import torch
-
-    if like is not None and not (isinstance(like, torch.Tensor) and like.ndim == 4):
-        raise ValueError(f"expected the decoder layer's attention_mask to be None or a 4-D tensor, got "
-                         f"{type(like).__name__} (flash / flex attention are not supported; load with "
-                         f"attn_implementation='eager' or 'sdpa')")
-    keys = am.bool()
-    n = keys.shape[1]
-    if like is None and bool(keys.all()) and q in (1, n):
-        return None
-    dev = like.device if like is not None else am.device
-    causal = torch.arange(n, device=dev)[None, :] <= torch.arange(n - q, n, device=dev)[:, None]
-    allowed = (causal[None] & keys.to(dev)[:, None, :])[:, None]
-    if like is None or like.dtype == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=like.dtype, device=dev).masked_fill(~allowed, torch.finfo(like.dtype).min)
+def _masks(like, am, q, ctx):
+    """One mask per attention kind of the layers from k on (``{window or None: mask}``): the LM gives each layer
+    the mask of its kind."""
+    return {w: attention_mask(like, am, q, w) for w in set(ctx["mine"]["windows"].values())}
 
 
-def _split_positions(pos, mrope):
-    """Position ids as the LM holds them -> (ids for the rotary module, ids for the decoder layers' kwarg). M-RoPE
-    (the adapter's ``rope = "mrope"``): (3, batch, n), one row per axis, no layer ids; Qwen's generate puts the text
-    positions in front of the three axes, (4, batch, n)."""
-    if not mrope:
-        return pos, pos
-    if pos.shape[0] == 4:
-        return pos[1:], pos[0]
-    return pos, None
-
-
-def _rotary(ctx, h, pos):
-    model = ctx["model"]
-    for part in ctx["mine"]["rotary"].split("."):
-        model = model[int(part)] if part.isdigit() else getattr(model, part)
-    rot = getattr(model, "_module", model)  # the plain torch module (nnsight envoy or HF module)
-    return type(rot).forward(rot, h, pos)  # class forward: no hooks, no nnsight call
-
-
-def _layer_io(value):
-    args, kwargs = value
-    kwargs = dict(kwargs)
-    if args:
-        return args[0], tuple(args[1:]), kwargs, True
-    return kwargs.pop("hidden_states"), (), kwargs, False
-
-
-def _pack(h, rest, kwargs, positional):
-    if positional:
-        return ((h,) + rest, kwargs)
-    kwargs["hidden_states"] = h
-    return (rest, kwargs)
+def _later_layer(site, h, rest, kwargs, positional, ctx, out):
+    """A layer after k: the mask / positions computed at k, the mask of this layer's kind."""
+    kwargs.update(out["_kw"])
+    kwargs["attention_mask"] = out["_masks"][ctx["mine"]["windows"][site]]
+    return pack(h, rest, kwargs, positional)
 
 
 class _Window(Intervention):
@@ -135,11 +102,7 @@ class _Window(Intervention):
         k = self._layer(vlm)
         self._check_layer(vlm, k)
         resolve(self.tokens, batch, self.who)
-        cfg = vlm.hf.config.get_text_config()
-        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise InputError(f"{self.who}: this model has {sorted(kinds)} layers; only full-attention layers are "
-                             f"supported (the rebuilt mask would ignore the sliding window)")
+        check_attention_kinds(vlm, self.who)
 
     def _check_layer(self, vlm, k):
         pass
@@ -162,8 +125,10 @@ class _Window(Intervention):
         return None
 
     def extras(self, vlm, batch):
+        kinds, a = attention_kinds(vlm), vlm.adapter
+        windows = {a.canonical(f"blocks.{i}.hook_inputs"): kinds[i] for i in range(self._layer(vlm), vlm.n_layers)}
         return dict(packed_layout(~resolve(self.tokens, batch, self.who)), mrope=vlm.adapter.rope == "mrope",
-                    k_site=vlm.adapter.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"))
+                    k_site=a.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"), windows=windows)
 
     def decode_sites(self, vlm):  # every decode step: each layer gets the mask of its own (shorter or full) cache
         return self.sites(vlm)
@@ -214,10 +179,9 @@ class VisualEntry(_Window):
             else:  # decode: layer 0 (< k) caches the text window; the incoming positions are the full sequence's
                 out["_step"] = {"done": past - out["_prune"]["_state"]["width"], "pos": kw.get("position_ids")}
             return self._prune.at(site, value, ctx, out.setdefault("_prune", {}))
-        h, rest, kwargs, positional = _layer_io(value)
+        h, rest, kwargs, positional = layer_io(value)
         if site != ctx["mine"]["k_site"]:  # a layer after k: the full sequence's mask / positions computed at k
-            kwargs.update(out["_kw"])
-            return _pack(h, rest, kwargs, positional)
+            return _later_layer(site, h, rest, kwargs, positional, ctx, out)
         if out["_decoding"]:
             return self._decode(h, rest, kwargs, positional, ctx, out)
         # at layer k: re-insert the raw embeddings, restore the full sequence's mask and positions
@@ -234,9 +198,9 @@ class VisualEntry(_Window):
         am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am.to(h.device)
         pos = full["pos"]
         if pos is None:  # what the LM builds when it gets none: 0..n-1
-            pos = torch.arange(n, device=h.device).expand(*((3,) if mine["mrope"] else ()), 1, n)
+            pos = default_positions(n, 1, mine["mrope"], h.device)
         out["_am"], out["_next"] = am, pos[..., -1:] + 1  # for the decode steps
-        return self._restore(new, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, n),
+        return self._restore(new, rest, kwargs, positional, ctx, out, _masks(kwargs.get("attention_mask"), am, n, ctx),
                              pos)
 
     def _decode(self, h, rest, kwargs, positional, ctx, out):
@@ -249,18 +213,21 @@ class VisualEntry(_Window):
         if pos is None:  # no ids from the caller: continue the full sequence's
             pos = out["_next"] + step["done"] + torch.arange(q, device=h.device)
         am = extend_keys(out["_am"], b, step["done"] + q)
-        return self._restore(h, rest, kwargs, positional, ctx, out, _mask(kwargs.get("attention_mask"), am, q), pos)
+        return self._restore(h, rest, kwargs, positional, ctx, out, _masks(kwargs.get("attention_mask"), am, q, ctx),
+                             pos)
 
-    def _restore(self, h, rest, kwargs, positional, ctx, out, mask, pos):
-        rope_pos, layer_pos = _split_positions(pos.to(h.device), ctx["mine"]["mrope"])
-        kw = {"attention_mask": mask, "position_embeddings": _rotary(ctx, h, rope_pos)}
+    def _restore(self, h, rest, kwargs, positional, ctx, out, masks, pos):
+        rope_pos, layer_pos = split_positions(pos.to(h.device), ctx["mine"]["mrope"])
+        out["_masks"] = masks
+        kw = {"attention_mask": masks[ctx["mine"]["windows"][ctx["mine"]["k_site"]]],
+              "position_embeddings": rotary(ctx["model"], ctx["mine"]["rotary"], h, rope_pos)}
         if kwargs.get("position_ids") is not None and layer_pos is not None:
             kw["position_ids"] = layer_pos
         done = out["_step"]["done"] + out["_am"].shape[1] if out["_decoding"] else 0
         kw.update(cache_position(kwargs, done, h.shape[1], h.device))
         out["_kw"] = kw
         kwargs.update(kw)
-        return _pack(h, rest, kwargs, positional)
+        return pack(h, rest, kwargs, positional)
 
 
 class VisualExit(_Window):
@@ -294,18 +261,19 @@ class VisualExit(_Window):
             past = _lm_step(value, ctx, out, "VisualExit")
             out["_done"] = past - ctx["mine"]["keep"].shape[1] if past else 0  # layer 0 (< k) caches everything
             return None
-        h, rest, kwargs, positional = _layer_io(value)
+        h, rest, kwargs, positional = layer_io(value)
         if site != ctx["mine"]["k_site"]:  # a layer after k: the shortened sequence's mask / positions computed at k
-            kwargs.update(out["_kw"])
-            return _pack(h, rest, kwargs, positional)
+            return _later_layer(site, h, rest, kwargs, positional, ctx, out)
         b, n, d = h.shape
+        k_window = ctx["mine"]["windows"][site]
         if out["_decoding"]:  # the new tokens attend to the shortened cache; their positions are unchanged
             am = extend_keys(out["_am"], b, out["_done"] + n)
-            kw = {"attention_mask": _mask(kwargs.get("attention_mask"), am, n)}
+            out["_masks"] = _masks(kwargs.get("attention_mask"), am, n, ctx)
+            kw = {"attention_mask": out["_masks"][k_window]}
             kw.update(cache_position(kwargs, out["_am"].shape[1] + out["_done"], n, h.device))
             out["_kw"] = kw
             kwargs.update(kw)
-            return _pack(h, rest, kwargs, positional)
+            return pack(h, rest, kwargs, positional)
         mine = ctx["mine"]
         index, valid = rows_for(mine["index"], b).to(h.device), rows_for(mine["valid"], b).to(h.device)
         new = h.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
@@ -313,7 +281,8 @@ class VisualExit(_Window):
         am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else rows_for(am, b).to(h.device)
         am = am.gather(1, index) * valid.to(am.dtype)
         out["_am"] = am
-        kw = {"attention_mask": _mask(kwargs.get("attention_mask"), am, index.shape[1])}
+        out["_masks"] = _masks(kwargs.get("attention_mask"), am, index.shape[1], ctx)
+        kw = {"attention_mask": out["_masks"][k_window]}
         cos, sin = kwargs["position_embeddings"]
         idx = index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
         kw["position_embeddings"] = (cos.expand(b, -1, -1).gather(1, idx), sin.expand(b, -1, -1).gather(1, idx))
@@ -323,4 +292,4 @@ class VisualExit(_Window):
         kw.update(cache_position(kwargs, 0, index.shape[1], h.device))
         out["_kw"] = kw
         kwargs.update(kw)
-        return _pack(new, rest, kwargs, positional)
+        return pack(new, rest, kwargs, positional)

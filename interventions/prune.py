@@ -28,28 +28,10 @@ from __future__ import annotations
 from mech_vtokens.compat import cache_position, kv_cache, past_length
 from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
+from mech_vtokens.sequence import default_positions, extend_keys, refuse_single_pass
 
 from ._util import overlap
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
-
-
-def refuse_single_pass(ctx, cache, past, who):
-    """In an nnsight generate trace an Experiment run once (no ``steps``) reaches only the prefill: a
-    sequence-changing intervention would leave every decode step with the wrong mask and positions."""
-    if past == 0 and cache is not None and not ctx.get("generating"):
-        raise ValueError(
-            f"{who} inside an nnsight generate trace through an Experiment run once would change the prefill only: "
-            f"the decode steps would run with the unchanged attention mask and positions against the changed KV "
-            f"cache (wrong tokens, silently). Let it act on every step: mech_vtokens.generate(vlm, images, prompts, "
-            f"interventions=[...]), or exp.execute(vlm.model, steps=tracer.iter[:max_new_tokens]) in your trace, "
-            f"or wrap the generate call in interventions.applied(vlm, [...], batch)")
-
-
-def extend_keys(am, b, more):
-    """The 2-D key mask ``am`` (batch, keys) followed by ``more`` generated tokens (always attended)."""
-    import torch
-
-    return torch.cat([am, torch.ones(b, more, dtype=am.dtype, device=am.device)], 1)
 
 
 class Prune(Intervention):
@@ -107,7 +89,7 @@ class Prune(Intervention):
                 index = torch.cat([index, extra], 1)
                 valid = torch.cat([valid, torch.ones_like(extra, dtype=torch.bool)], 1)
             if pos is None:  # what the LM builds when it gets none: 0..n-1 (on every M-RoPE axis)
-                pos = torch.arange(n, device=emb.device).expand(*((3,) if mine["mrope"] else ()), b, n)
+                pos = default_positions(n, b, mine["mrope"], emb.device)
             am_full = torch.ones(b, n, dtype=torch.long, device=emb.device) if am is None else am
             new_am = am_full.gather(1, index) * valid.to(am_full.dtype)
             if self.positions == "original":

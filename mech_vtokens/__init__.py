@@ -3,7 +3,7 @@
     import mech_vtokens as mv
     from mech_vtokens.probes import EmbedLens
     vlm = mv.load("llava-hf/llava-1.5-7b-hf")            # or a local dir, or mv.testing.tiny_model(...)
-    lens, = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5)])
+    res = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5)]); lens = res["embed_lens"]
     lens.to_pandas()
     out = mv.generate(vlm, images, prompts, interventions=[Prune(dead)], max_new_tokens=20)   # out.text
 """

@@ -26,6 +26,12 @@ Subclass :class:`Probe` or :class:`Intervention` and implement:
 - optional ``layout(vlm, batch) -> dict | None``: for an intervention that changes the sequence length (Prune,
   VisualEntry / VisualExit), the new layout (see ``Experiment._layout_window``). Default None: length unchanged.
 
+Every component has a ``name`` (the snake_case of its class: ``EmbedLens`` -> ``"embed_lens"``, ``ViTSinks`` ->
+``"vit_sinks"``; ``.named("early")`` gives one its own): the key of its result in the ``Results`` that ``run``
+returns. An intervention asked with ``.report(...)`` also returns what the forward produced under it (the logits at
+each row's last position, the log-probs of given answer ids), reduced inside the trace by a reader the Experiment
+adds at ``unembed.hook_out``; without it nothing is added to the forward.
+
 Code in ``at`` may import only torch / numpy / transformers / einops / nnsight / the stdlib (it is shipped by value
 to NDIF for remote runs), must not rely on dataclass methods, and must keep no state on ``self``.
 """
@@ -33,8 +39,30 @@ to NDIF for remote runs), must not rely on dataclass methods, and must keep no s
 from __future__ import annotations
 
 
+def snake_name(cls_name: str) -> str:
+    """``EmbedLens`` -> ``embed_lens``, ``ViTSinks`` -> ``vit_sinks``, ``AttentionKnockout`` -> ``attention_knockout``
+    (a word starts at a capital followed by a lower-case letter; runs of capitals stay one word)."""
+    import re
+
+    return re.sub(r"(?<!^)(?<!_)(?=[A-Z][a-z])", "_", cls_name.lstrip("_")).lower()
+
+
 class Component:
     kind = "component"
+    name = "component"  # every subclass: snake_name of its class unless it sets its own (see __init_subclass__)
+
+    def __init_subclass__(cls, **kwargs):  # no super(): a class rebuilt by value (remote) has no __class__ cell
+        if "name" not in cls.__dict__:
+            cls.name = snake_name(cls.__name__)
+
+    def named(self, name: str):
+        """Give this component its own ``name`` (the key of its result in ``run``'s Results); returns it."""
+        from .errors import InputError
+
+        if not isinstance(name, str) or not name:
+            raise InputError(f"{type(self).__name__}.named({name!r}): give a non-empty string")
+        self.name = name
+        return self
 
     def sites(self, vlm) -> list[str]:
         raise NotImplementedError
@@ -70,17 +98,116 @@ class Probe(Component):
 
     kind = "probe"
 
+    def record_rows(self, result):
+        """The rows of ``result`` that a resumable store keeps per record (``run_dataset``): rows with a ``row`` or
+        ``image`` column. Default: ``result.to_pandas()``; a probe whose table aggregates over images returns its
+        per-image rows instead (LabelMatching: ``hits()``)."""
+        return result.to_pandas()
+
+
+REPORTS = ("last_logits", "answer_logprob")
+
 
 class Intervention(Component):
     """Changes the value at its sites (returns the replacement from ``at``); ``collect`` returns an
-    :class:`~mech_vtokens.results.InterventionResult` (nothing to reduce)."""
+    :class:`~mech_vtokens.results.InterventionResult`: which one ran, plus what :meth:`report` asked for."""
 
     kind = "intervention"
+    _report = None  # set by .report(...): {"what": (...), "answer_ids": LongTensor | None}
+
+    def report(self, what=("last_logits",), answer_ids=None):
+        """Ask this intervention's result to carry what the forward produced under it, read on the prompt's forward
+        with every intervention of the run applied (reduced inside the trace; the result on the CPU):
+
+        - ``"last_logits"``: the logits at each row's last attended position (``result.logits``, (batch, vocab));
+        - ``"answer_logprob"`` (implied by ``answer_ids``): the log-probs there of ``answer_ids`` — one list of token
+          ids for every row, or one list per row (``result.logprob``, (batch, n_answers)).
+
+        Returns the intervention itself: ``Prune(dead).report(answer_ids=[yes_id, no_id])``; ``.report(())`` turns
+        the report off again."""
+        import torch
+
+        from .errors import InputError
+
+        what = (what,) if isinstance(what, str) else tuple(what)
+        bad = [w for w in what if w not in REPORTS]
+        if bad:
+            raise InputError(f"{type(self).__name__}.report: unknown report {bad[0]!r}; reports are {list(REPORTS)}")
+        ids = None
+        if answer_ids is not None:
+            try:
+                ids = torch.as_tensor(answer_ids)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise InputError(f"{type(self).__name__}.report: answer_ids={answer_ids!r} is not a list of token "
+                                 f"ids ({err}); give ints, or one equal-length list of ints per prompt") from None
+            if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2) or ids.numel() == 0:
+                raise InputError(f"{type(self).__name__}.report: answer_ids={answer_ids!r}: give a non-empty list of "
+                                 f"int token ids, or one equal-length list per prompt")
+            ids = ids.long()
+            what = tuple(dict.fromkeys(what + ("answer_logprob",)))
+        elif "answer_logprob" in what:
+            raise InputError(f"{type(self).__name__}.report: 'answer_logprob' needs answer_ids=[...] (the token ids "
+                             f"whose log-prob to read, e.g. tokenizer.convert_tokens_to_ids(['yes', 'no']))")
+        self._report = {"what": what, "answer_ids": ids} if what else None
+        return self
 
     def collect(self, raw, batch, vlm):
         from .results import InterventionResult
 
         return InterventionResult(self)
+
+
+class _Report(Probe):
+    """The reader behind ``Intervention.report``: at ``unembed.hook_out`` (the logits, after every intervention of
+    the forward), each row's last attended position, its logits and the log-probs of the answer ids. Added by the
+    Experiment only for an intervention that asked; its raw goes to that intervention's result."""
+
+    name = "report"
+
+    def __init__(self, owner: int, spec):
+        self.owner = owner  # the intervention's index among the Experiment's interventions
+        self.what, self.answer_ids = spec["what"], spec["answer_ids"]
+
+    def sites(self, vlm):
+        return ["unembed.hook_out"]
+
+    def check(self, vlm, batch):
+        from .errors import InputError
+
+        ids = self.answer_ids
+        if ids is None:
+            return
+        from .adapters.base import _resolve
+
+        vocab = getattr(_resolve(vlm.hf, vlm.adapter.lm_head), "out_features", None)
+        if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise InputError(f"report: answer_ids {ids.tolist()} hold ids outside the vocabulary (0..{vocab - 1})")
+        if ids.dim() == 2 and ids.shape[0] != len(batch.visual_mask):
+            raise InputError(f"report: {ids.shape[0]} lists of answer_ids for {len(batch.visual_mask)} prompts; give "
+                             f"one list per prompt, or one flat list for all")
+
+    def extras(self, vlm, batch):
+        return {} if self.answer_ids is None else {"answer_ids": self.answer_ids}
+
+    def at(self, site, value, ctx, out):
+        import torch
+
+        n, s = value.shape[0], value.shape[1]
+        am = ctx.get("attention_mask")
+        rows = torch.arange(n, device=value.device)
+        if am is None or am.shape[-1] != s:  # no mask, or HF kept only the last logits (logits_to_keep)
+            last = torch.full((n,), s - 1, dtype=torch.long, device=value.device)
+        else:
+            pos = torch.arange(s, device=value.device)
+            last = (rows_for(am, n).to(value.device).bool() * pos).amax(1)
+        logits = value[rows, last].float()
+        out["position"] = last.detach().clone()
+        out["logits"] = logits.detach().clone()
+        ids = ctx["mine"].get("answer_ids")
+        if ids is not None:
+            ids = ids.to(value.device)
+            ids = rows_for(ids, n) if ids.dim() == 2 else ids.expand(n, -1)
+            out["logprob"] = torch.log_softmax(logits, -1).gather(1, ids).detach().clone()
 
 
 # ---- helpers for code that runs INSIDE the trace (torch only) -----------------------------------------------------

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_NEW_TOKENS = 20
+"""The ONE default answer length (new tokens) of every generating function: ``mech_vtokens.generate``,
+``evaluate.evaluate`` / ``answer_batch`` / ``HarnessModel`` and ``single_patch.answer``. Pass ``max_new_tokens=``
+to change it per call; a job whose answers are one word passes its own (``single_patch``'s CLI: 3)."""
+
 
 def default_model() -> tuple[str, str]:
     """(path, description) of the embedded default: the shipped organism if present, else a tiny seeded LLaVA

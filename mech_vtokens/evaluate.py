@@ -26,8 +26,9 @@ import string
 
 import torch
 
+from .defaults import MAX_NEW_TOKENS
 from .errors import InputError
-from .loop import DEFAULT_BATCH_SIZE, counted, keywords
+from .loop import DEFAULT_BATCH_SIZE, counted, keywords, load_records, over_records
 
 SCORERS = ("exact", "contains", "choice", "auto")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -143,7 +144,8 @@ def _prompt_text(vlm, record) -> str:
     return vlm.prompt(q)
 
 
-def answer_batch(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: int = 0) -> list[str]:
+@keywords
+def answer_batch(vlm, batch, *, interventions=(), max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0) -> list[str]:
     """Greedy answers for a prepared batch under ``interventions`` (HF generate inside ``applied``)."""
     from mech_vtokens.interventions import applied
 
@@ -154,7 +156,7 @@ def answer_batch(vlm, batch, interventions=(), max_new_tokens: int = 16, seed: i
     torch.manual_seed(seed)
     with torch.no_grad():
         if interventions:
-            with applied(vlm, list(interventions), batch):
+            with applied(vlm, batch, interventions=list(interventions)):
                 ids = vlm.hf.generate(**batch.inputs, **kwargs)
         else:
             ids = vlm.hf.generate(**batch.inputs, **kwargs)
@@ -193,6 +195,31 @@ class EvalResult:
         return f"EvalResult({len(self.answers)} answers, conditions {list(self.settings['conditions'])})"
 
 
+ANSWER_COLUMNS = ["record_id", "condition", "question", "prediction", "answers", "score", "seed"]
+
+
+def _answer_step(vlm, conditions, scorer, max_new_tokens, seed):
+    """evaluate's step of the one record loop (:func:`mech_vtokens.loop.over_records`): load a batch of records,
+    generate every condition's answers, score them -> the batch's ``answers`` rows."""
+    import pandas as pd
+
+    def step(recs) -> dict:
+        ok, skipped, notes = load_records(recs)
+        rows = []
+        if ok:
+            batch = _prepare_left(vlm, [im for _, im in ok], [_prompt_text(vlm, r) for r, _ in ok])
+            for name, ivs in conditions.items():
+                preds = answer_batch(vlm, batch, interventions=_build(ivs, vlm, batch), max_new_tokens=max_new_tokens,
+                                     seed=seed)
+                for (r, _), p in zip(ok, preds):
+                    rows.append({"record_id": r.id, "condition": name, "question": r.question, "prediction": p,
+                                 "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed})
+        frames = {"answers": pd.DataFrame(rows, columns=ANSWER_COLUMNS)} if ok else {}
+        return {"records": [r.id for r, _ in ok], "frames": frames, "skipped": skipped, "notes": notes}
+
+    return step
+
+
 def _check_generation_args(scorer, max_new_tokens, batch_size):
     """evaluate's argument checks for the scorer, the answer length and the batch size (raise InputError)."""
     if not (scorer in SCORERS or callable(scorer)):
@@ -205,20 +232,18 @@ def _check_generation_args(scorer, max_new_tokens, batch_size):
 
 
 @keywords
-def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = 16, batch_size: int = DEFAULT_BATCH_SIZE,
+def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MAX_NEW_TOKENS,
+             batch_size: int = DEFAULT_BATCH_SIZE,
              seed: int = 0, out=None, progress: bool = True, limit=None, shard=None) -> EvalResult:
     """Generate an answer for every record of ``source`` (a VQA ``.jsonl`` or a Source whose records have questions
     and answers) under every condition; score with ``scorer`` ("exact", "contains", "choice", "auto": choice when
     the record has choices, else exact; or a function); return an :class:`EvalResult`. ``out``: write answers per
     batch into a Store (``Store(out).frame("answers")``) and resume a killed run; ``shard=(i, n)``: answer only
     records i, i+n, ... (n processes with the same ``out``; the result holds every shard's answers so far)."""
-    from contextlib import nullcontext
-
     import pandas as pd
-    from tqdm.auto import tqdm
 
     from . import data as D
-    from .store import Store, Writer, atomic_write_bytes, check_shard, shard_of
+    from .store import atomic_write_bytes, check_shard
 
     conditions = _check_conditions(conditions)
     _check_generation_args(scorer, max_new_tokens, batch_size)
@@ -231,52 +256,19 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = 16
     if no_q or (no_a and not callable(scorer)):
         raise InputError(f"evaluate needs a question and answer(s) per record; {(no_q or no_a)[:3]} have none: use "
                          f"a VQA .jsonl (image / question / answer) or records with question= and answers=")
+    from .component import Intervention
+
     settings = {"model": str(vlm.source or type(vlm.hf).__name__), "seed": seed, "max_new_tokens": max_new_tokens,
                 "scorer": scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "custom"),
                 "batch_size": batch_size, "greedy": True,
-                "conditions": {n: [repr(iv) if not callable(iv) or hasattr(iv, "sites") else
+                "conditions": {n: [repr(iv) if isinstance(iv, Intervention) else
                                    f"factory {getattr(iv, '__qualname__', iv)}" for iv in ivs]
                                for n, ivs in conditions.items()}}
-    columns = ["record_id", "condition", "question", "prediction", "answers", "score", "seed"]
-    frames, skipped = [], {}
-    writer = Writer(out, "evaluate", settings, ["answers"], shard) if out is not None else nullcontext()
-    with writer as w:
-        mine = shard_of(src.records, shard)
-        todo = [r for r in mine if w is None or r.id not in w.done]
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="q", desc="evaluate", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            recs = todo[start:start + batch_size]
-            ok, bad = [], {}
-            for r in recs:
-                im, note = r.load()
-                if im is None:
-                    bad[r.id] = note
-                else:
-                    ok.append((r, im))
-            rows = []
-            if ok:
-                batch = _prepare_left(vlm, [im for _, im in ok], [_prompt_text(vlm, r) for r, _ in ok])
-                for name, ivs in conditions.items():
-                    preds = answer_batch(vlm, batch, _build(ivs, vlm, batch), max_new_tokens, seed)
-                    for (r, _), p in zip(ok, preds):
-                        rows.append({"record_id": r.id, "condition": name, "question": r.question, "prediction": p,
-                                     "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed})
-            df = pd.DataFrame(rows, columns=columns)
-            if w is None:
-                frames += [df] if ok else []
-                skipped.update(bad)
-            else:
-                w.commit([r.id for r, _ in ok], {"answers": df} if ok else {}, skipped=bad)
-            bar.update(len(recs))
-        bar.close()
-        if w is not None:
-            w.finish(r.id for r in src)
-    if out is not None:
-        store = Store(out)
-        answers, skipped = store.frame("answers"), store.skipped
-    else:
-        answers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    res = EvalResult(answers if len(answers) else pd.DataFrame(columns=columns), settings, skipped)
+    store = over_records(src.records, _answer_step(vlm, conditions, scorer, max_new_tokens, seed), kind="evaluate",
+                         settings=settings, tables=["answers"], out=out, shard=shard, batch_size=batch_size,
+                         progress=progress, desc="evaluate", unit="q")
+    answers, skipped = store.frame("answers"), store.skipped
+    res = EvalResult(answers if len(answers) else pd.DataFrame(columns=ANSWER_COLUMNS), settings, skipped)
     if out is not None and store.complete:  # every shard done: the table of all records
         atomic_write_bytes(store.out / "table.csv", res.table().to_csv(index=False).encode())
     return res
@@ -287,7 +279,7 @@ class HarnessModel:
     greedily under ``interventions`` (objects or factories ``f(vlm, batch)``). ``images``: one PIL image (or list)
     per prompt; a prompt without the image placeholder is wrapped in the model's prompt format."""
 
-    def __init__(self, vlm, interventions=(), max_new_tokens: int = 16, seed: int = 0,
+    def __init__(self, vlm, interventions=(), max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0,
                  batch_size: int = DEFAULT_BATCH_SIZE):
         self.vlm, self.max_new_tokens, self.seed, self.batch_size = vlm, max_new_tokens, seed, batch_size
         self.interventions = _check_conditions({"model": interventions})["model"]
@@ -304,6 +296,6 @@ class HarnessModel:
         out = []
         for s in range(0, len(texts), self.batch_size):
             batch = _prepare_left(self.vlm, images[s:s + self.batch_size], texts[s:s + self.batch_size])
-            out += answer_batch(self.vlm, batch, _build(self.interventions, self.vlm, batch), self.max_new_tokens,
-                            self.seed)
+            out += answer_batch(self.vlm, batch, interventions=_build(self.interventions, self.vlm, batch),
+                                max_new_tokens=self.max_new_tokens, seed=self.seed)
         return out

@@ -9,7 +9,7 @@ them directly to compose probes inside your own ``with vlm.trace(...)`` block::
     with vlm.trace(**batch.inputs) as tracer:
         raw = nnsight.save(exp.execute(vlm.model))
         mine = nnsight.save(vlm.model.model.language_model.layers[1].output)
-    lens = exp.results(raw)[0]
+    lens = exp.results(raw)["embed_lens"]
 
 Everything that runs inside the trace is in this module's ``_execute`` and the components' ``at`` methods:
 torch and stdlib only (remote-safe, shipped by value).
@@ -55,21 +55,40 @@ class Experiment:
 
     def __init__(self, vlm, batch, probes=(), interventions=()):
         probes, interventions = self._validated(list(probes), list(interventions))
-        self.comps = comps = interventions + probes  # interventions act first at a shared site
-        for c in comps:
+        from .component import _Report
+
+        # an intervention asked with .report(...) gets a reader of the logits it produced (nothing otherwise)
+        reporters = [_Report(i, iv._report) for i, iv in enumerate(interventions) if iv._report]
+        self.comps = interventions + probes + reporters  # interventions act first at a shared site
+        self.n_interventions = len(interventions)
+        self.n_probes = len(probes)
+        self._check(vlm, batch)
+        self.ctx = self._context(vlm, batch)
+        self.plan, self.decode_plan = self._plans(vlm, batch, interventions)
+        self._vlm, self._batch = vlm, batch
+
+    def _check(self, vlm, batch):
+        """Every component's own checks, then the contradictions between components (InputError)."""
+        for c in self.comps:
             c.check(vlm, batch)
         self._refuse_conflicts(vlm, batch)
-        self.n_interventions = len(interventions)
-        self.ctx = dict(batch.ctx)
-        self.ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(comps)}
+
+    def _context(self, vlm, batch) -> dict:
+        """The batch's ctx plus each component's extras (``ctx["mine"]`` at its sites)."""
+        ctx = dict(batch.ctx)
+        ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(self.comps)}
+        return ctx
+
+    def _plans(self, vlm, batch, interventions):
+        """(plan, decode plan): the planned sites in forward order, marked where they see a shortened sequence.
+        Generation steps after the prefill run only the sites components asked for there (Prune's positions and
+        mask, VisualEntry / VisualExit's per-window masks, ZeroSublayer(every_step=True)); probes read the
+        prefill."""
         plan = self._plan(vlm, lambda c: c.sites(vlm))
         window = self._layout_window(vlm, batch, interventions, plan)
-        self.plan = [s._replace(shortened=s.name in window) for s in plan]
-        # generation steps after the prefill: only the sites components asked for there (Prune's positions and
-        # mask, VisualEntry / VisualExit's per-window masks, ZeroSublayer(every_step=True)); probes read the prefill
-        self.decode_plan = [s._replace(shortened=s.name in window)
-                            for s in self._plan(vlm, lambda c: c.decode_sites(vlm))]
-        self._vlm, self._batch = vlm, batch
+        decode = self._plan(vlm, lambda c: c.decode_sites(vlm))
+        return ([s._replace(shortened=s.name in window) for s in plan],
+                [s._replace(shortened=s.name in window) for s in decode])
 
     @staticmethod
     def _validated(probes, interventions):
@@ -160,13 +179,19 @@ class Experiment:
             return _execute(model, self.plan, self.comps, self.ctx, out)
         return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
 
-    def results(self, raw) -> list:
-        """One result per component, in the order probes then interventions were given; their tensors on the CPU
-        whatever device the model runs on."""
+    def results(self, raw):
+        """Every component's result as a :class:`~mech_vtokens.results.Results` (keyed by the component's name,
+        indexable by the component), probes then interventions in the order given; their tensors on the CPU
+        whatever device the model runs on. An intervention's report (``Intervention.report``) is in its result."""
+        from .results import Results
+
         raw = on_device(raw, "cpu")
         res = [c.collect(raw.get(cid, {}), self._batch, self._vlm) for cid, c in enumerate(self.comps)]
-        n = self.n_interventions
-        return res[n:] + res[:n]
+        n, p = self.n_interventions, self.n_probes
+        for rep, got in zip(self.comps[n + p:], res[n + p:]):
+            res[rep.owner] = res[rep.owner].with_report(got, rep.answer_ids)
+        comps = self.comps[n:n + p] + self.comps[:n]
+        return Results(list(zip(comps, res[n:n + p] + res[:n])), order=self._vlm.adapter.forward_order)
 
     def __getstate__(self):  # shipped into a (remote) trace: no model, processor or batch
         state = dict(self.__dict__)

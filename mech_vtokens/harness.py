@@ -1,8 +1,11 @@
 """``applied``: the interventions on a PLAIN HF model call or HF ``generate``, without nnsight (paper Sec. 7.2's
 benchmark rows need an evaluation harness such as lmms-eval to run an intervened model).
 
-    with interventions.applied(vlm_or_hf_model, [Prune(dead), ZeroSublayer("all", 1, "mlp")], batch):
+    with interventions.applied(vlm_or_hf_model, batch, interventions=[Prune(dead), ZeroSublayer("all", 1, "mlp")]):
         ids = hf_model.generate(**batch.inputs, max_new_tokens=20)      # or hf_model(**inputs), or vlm.generate
+
+The signature is the package's one shape, ``f(vlm, data, *, probes=, interventions=)``; ``vlm`` may also be a bare
+HF model. The old order ``applied(model, interventions, batch)`` raises an InputError naming the new call.
 
 The same plan as :class:`~mech_vtokens.Experiment` (same sites, same order, same ``at`` code) is installed as plain
 torch forward / forward-pre hooks on the HF modules; every hook is removed on exit, also when the body raises.
@@ -19,6 +22,7 @@ from contextlib import contextmanager
 
 from mech_vtokens.compat import past_length
 from mech_vtokens.errors import InputError
+from mech_vtokens.loop import keywords
 from mech_vtokens.sites import HookCall, forward_ctx, visit
 
 
@@ -53,8 +57,18 @@ class Applied:
         self.raw = raw
 
 
+def _old_order(args, kwargs):
+    if len(args) >= 3 or (len(args) == 2 and isinstance(args[1], (list, tuple))):
+        return ("applied(model, interventions, batch) is the old order: call "
+                "applied(vlm_or_model, batch, interventions=[...], probes=[...])")
+    return None
+
+
+@keywords(old=_old_order)
 @contextmanager
-def applied(model, interventions, batch_or_inputs, probes=()):
+def applied(model, batch_or_inputs, *, interventions=(), probes=()):
+    """Install ``probes`` and ``interventions`` as plain torch hooks on ``model`` (a ``VLM`` or a bare HF model) for
+    the inputs ``batch_or_inputs`` (see the module docstring); yields an :class:`Applied`."""
     from mech_vtokens.experiment import Experiment
 
     facts = model if hasattr(model, "adapter") and hasattr(model, "hf") else _ModelFacts(model)

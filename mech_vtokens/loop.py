@@ -5,12 +5,15 @@ Every job that runs forwards over images (``run``, ``run_dataset``, ``suite.anal
 set resolving against a batch) is a composition of :func:`batches` and :func:`forward`:
 
     for start, batch in batches(vlm, images, prompts, batch_size=8, progress=True):
-        lens, = forward(vlm, batch, probes=[EmbedLens(k=5)], remote=remote)
+        lens = forward(vlm, batch, probes=[EmbedLens(k=5)], remote=remote)["embed_lens"]
 
 - :func:`forward` counts what it runs: ``with counting() as c: ...; c.n`` is the number of forwards of the block
   (nested counters all count; the report of ``analyze`` states its count).
 - ``remote`` of the running forward is in force for the forwards it starts itself (a token set that classifies the
   batch first runs on the same backend): ``forward(..., remote=None)`` inherits it.
+- :func:`over_records` is the ONE resumable record loop (``run_dataset``, ``evaluate``): a source's records ->
+  this shard's records not yet in the store -> batches -> ``step(records)`` (forward / generate) -> one store commit
+  per batch (:mod:`mech_vtokens.store`: lock, version, shard; in memory without ``out``).
 - :func:`keywords` gives the public functions one signature rule: an unknown keyword (``intervention=`` for
   ``interventions=``) or a call in an old positional order raises ``InputError`` naming the close match, before any
   work.
@@ -85,9 +88,10 @@ def current_remote():
     return _job.remote
 
 
-def forward(vlm, batch, probes=(), interventions=(), remote=None) -> list:
-    """ONE forward of ``probes`` and ``interventions`` over a prepared ``batch``: one result per probe, then one per
-    intervention. ``remote=None``: the backend of the job this forward runs in (local outside any)."""
+def forward(vlm, batch, probes=(), interventions=(), remote=None):
+    """ONE forward of ``probes`` and ``interventions`` over a prepared ``batch``: their ``Results`` (keyed by
+    component name, indexable by the component). ``remote=None``: the backend of the job this forward runs in
+    (local outside any)."""
     import nnsight
 
     remote = current_remote() if remote is None else remote
@@ -135,6 +139,69 @@ def batches(vlm, images, prompts, batch_size: int = DEFAULT_BATCH_SIZE, progress
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
         yield start, vlm.prepare(images[sl], prompts[sl], **(processor_kwargs or {}))
+
+
+# ---- the one resumable record loop -------------------------------------------------------------------------------
+
+def load_records(records, min_side=None, max_side=None, log=None):
+    """Load each record's image: ``(ok, skipped, notes)`` with ``ok`` the ``(record, image)`` pairs, ``skipped`` /
+    ``notes`` ({id: reason / conversion done}) for the store's commit."""
+    from . import data as D
+
+    lo = D.MIN_SIDE if min_side is None else min_side
+    hi = D.MAX_SIDE if max_side is None else max_side
+    ok, skipped, notes = [], {}, {}
+    for r in records:
+        im, note = r.load(lo, hi)
+        if im is None:
+            skipped[r.id] = note
+            if log is not None:
+                log.warning("record %s %s", r.id, note)
+        else:
+            if note:
+                notes[r.id] = note
+                if log is not None:
+                    log.info("record %s: %s", r.id, note)
+            ok.append((r, im))
+    return ok, skipped, notes
+
+
+def over_records(records, step, *, kind: str, settings: dict, tables, out=None, shard=None,
+                 batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False, progress: bool = False,
+                 desc: str = "records", unit: str = "record"):
+    """Run ``step`` over ``records`` in batches and commit each batch's rows as it goes; returns the store
+    (:class:`~mech_vtokens.store.Store` of ``out``, or a :class:`~mech_vtokens.store.MemoryStore` without ``out``).
+
+    ``step(batch_records) -> {"records": ids done, "frames": {table: DataFrame with record_id}, "skipped": {id:
+    reason}, "notes": {...}, "dropped_rows": {table: n}}`` (all but ``records`` optional) is one batch's work: load,
+    prepare, forward or generate. Only this ``shard``'s records (``(i, n)``: positions i, i+n, ...) that the store
+    does not hold yet (done or skipped, by any writer) are run, batched as an uninterrupted run batches them, so a
+    killed run resumes with no record lost or duplicated. The store is marked complete when every record is in."""
+    from tqdm.auto import tqdm
+
+    from .store import MemoryStore, Store, Writer, shard_of
+
+    records = list(records)
+    check_batch_size(batch_size)
+    writer = (Writer(out, kind, settings, tables, shard, overwrite) if out is not None
+              else MemoryStore(kind, settings, tables, shard))
+    with writer as w:
+        mine = shard_of(records, w.shard)
+        todo = [r for r in mine if r.id not in w.done]
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit=unit, desc=desc, disable=not progress,
+                   smoothing=0.1)
+        try:
+            for start in range(0, len(todo), batch_size):
+                recs = todo[start:start + batch_size]
+                done = step(recs)
+                w.commit(done["records"], done.get("frames", {}), skipped=done.get("skipped"),
+                         notes=done.get("notes"), dropped_rows=done.get("dropped_rows"))
+                bar.update(len(recs))
+                bar.set_postfix(skipped=len(w.manifest["skipped"]), refresh=False)
+        finally:
+            bar.close()
+        w.finish(r.id for r in records)
+    return Store(out) if out is not None else writer
 
 
 # ---- one signature rule -----------------------------------------------------------------------------------------

@@ -9,18 +9,19 @@ import warnings
 import nnsight
 
 from .component import on_device
+from .defaults import MAX_NEW_TOKENS
 from .errors import InputError
 from .loop import counted, forward, keywords
-from .results import Result
-
-DEFAULT_MAX_NEW_TOKENS = 20
+from .results import Result, Results
 
 
 @keywords
-def run(vlm, images, prompts, *, probes=(), interventions=(), remote=False, processor_kwargs=None) -> list:
+def run(vlm, images, prompts, *, probes=(), interventions=(), remote=False, processor_kwargs=None) -> Results:
     """Run ``probes`` and ``interventions`` (any order, any number) in one forward over the batch.
 
-    Returns one result per probe, then one per intervention. ``remote``: False (local), True (NDIF; the model must
+    Returns a :class:`~mech_vtokens.results.Results`: every component's result keyed by its name, probes then
+    interventions (``res["embed_lens"]``, ``"embed_lens_1"`` for a second one, or ``res[lens]`` by the object).
+    ``remote``: False (local), True (NDIF; the model must
     have been loaded by hub id) or ``"local"`` (the whole remote code path, simulated here). ``processor_kwargs``:
     options for the processor (e.g. ``{"max_pixels": N}``). For many images in batches see
     :func:`mech_vtokens.loop.batches` / :func:`mech_vtokens.runner.run_dataset`.
@@ -41,8 +42,8 @@ class Generation(Result):
     """What :func:`generate` returns: ``text`` (one string per returned sequence: ``num_return_sequences`` per
     prompt, consecutive), ``ids`` (sequences, new tokens; pad after an early stop), ``sequences`` (prompt + new ids,
     as HF's ``generate``), ``output`` (what HF's ``generate`` returned, e.g. its ``logits`` with
-    ``return_dict_in_generate=True, output_logits=True``), ``results`` (one per probe, read on the prompt's forward,
-    then one per intervention), ``prompts`` (one per sequence)."""
+    ``return_dict_in_generate=True, output_logits=True``), ``results`` (a :class:`~mech_vtokens.results.Results`: the
+    probes, read on the prompt's forward, and the interventions, keyed by name), ``prompts`` (one per sequence)."""
 
     name = "generation"
 
@@ -68,7 +69,7 @@ class Generation(Result):
 
 
 @keywords(extra=_generate_keywords)
-def generate(vlm, images, prompts, *, probes=(), interventions=(), max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+def generate(vlm, images, prompts, *, probes=(), interventions=(), max_new_tokens: int = MAX_NEW_TOKENS,
              remote=False, processor_kwargs=None, **generate_kwargs) -> Generation:
     """Generate under ``interventions`` (and read ``probes`` on the prompt's forward), in ONE nnsight generate trace.
 
@@ -104,5 +105,5 @@ def generate(vlm, images, prompts, *, probes=(), interventions=(), max_new_token
             with tracer.invoke():
                 sequences = nnsight.save(tracer.result)
     counted()
-    results = exp.results(raw) if exp is not None else []
+    results = exp.results(raw) if exp is not None else Results([])
     return Generation(sequences, batch.visual_mask.shape[1], vlm.processor.tokenizer, results, batch.prompts)

@@ -7,10 +7,11 @@ intervention -> results written incrementally to disk; a run killed at any momen
     store.frame("embed_lens")                                 # every record's rows, keyed by record_id
 
 The store (``out``, :mod:`mech_vtokens.store`, the same format as ``evaluate``'s): ``manifest.json`` +
-``parts/<probe>/<seq>.parquet``. A RECORD is one image (one prompt row): its rows of each probe's ``.to_pandas()``
-(LabelMatching: its per-image ``hits()``), with a ``record_id`` column first and the batch-relative columns made
-record-relative (``row``/``image`` 0, ``position`` without the left padding, ``visual_index`` / ``vision_row`` from
-the record's first). Rows that belong to no image (LLaVA's CLS row in NormTracker's vision rows) are not kept.
+``parts/<probe>/<seq>.parquet``. A RECORD is one image (one prompt row): its rows of each probe's
+``Probe.record_rows(result)`` (``.to_pandas()``; LabelMatching: its per-image ``hits()``), with a ``record_id``
+column first and the batch-relative columns made record-relative (``row``/``image`` 0, ``position`` without the
+left padding, ``visual_index`` / ``vision_row`` from the record's first). Rows that belong to no image (LLaVA's
+CLS row in NormTracker's vision rows) are not kept.
 Intervention results hold nothing per record: their reprs are in the manifest's settings.
 
 Crash safety and several writers: see :mod:`mech_vtokens.store` (atomic commits under a file lock, a kill leaves
@@ -27,19 +28,13 @@ import os
 from pathlib import Path
 
 from .errors import InputError
-from .loop import DEFAULT_BATCH_SIZE, DEFAULT_QUESTION, check_batch_size, forward, keywords
-from .store import Store, Writer, check_shard, shard_of
+from .loop import DEFAULT_BATCH_SIZE, DEFAULT_QUESTION, check_batch_size, forward, keywords, load_records, over_records
+from .store import Store, check_shard
 
 log = logging.getLogger("mech_vtokens.runner")
 
 
 # ---- probe / intervention specs --------------------------------------------------------------------------------
-
-def _snake(name: str) -> str:
-    import re
-
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
 
 class _Spec:
     """A probe/intervention given as an object, a suite name (str) or a factory ``f(vlm, records)``."""
@@ -58,7 +53,7 @@ class _Spec:
                                  f"factories f(vlm, records)")
             self.name, self.desc = spec, spec
         elif isinstance(spec, cls):
-            self.name, self.desc = _snake(type(spec).__name__), repr(spec)
+            self.name, self.desc = spec.name, repr(spec)  # the key mv.run's Results uses
         elif callable(spec) and not isinstance(spec, type):
             self.name = getattr(spec, "__name__", "factory")
             self.desc = f"factory {getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', self.name)}"
@@ -68,6 +63,8 @@ class _Spec:
                              f"f(vlm, records) -> {kind} (is it meant for {other}?)")
 
     def build(self, vlm, records):
+        from .component import Component
+
         if isinstance(self.spec, str):
             if self.spec == "labels":
                 from mech_vtokens.probes import LabelMatching
@@ -78,7 +75,7 @@ class _Spec:
             from .suite import build_probes
 
             return list(build_probes(vlm, [self.spec], self.k).values())
-        if callable(self.spec) and not hasattr(self.spec, "sites"):
+        if callable(self.spec) and not isinstance(self.spec, Component):
             made = self.spec(vlm, records)
             return [] if made is None else (list(made) if isinstance(made, (list, tuple)) else [made])
         return [self.spec]
@@ -94,12 +91,6 @@ def _names(specs):
 
 
 # ---- record frames ---------------------------------------------------------------------------------------------
-
-def _result_frame(res):
-    if hasattr(res, "hits"):  # LabelMatching: to_pandas() aggregates over images; hits() is per image
-        return res.hits()
-    return res.to_pandas()
-
 
 def record_frames(df, batch, ids):
     """Split one probe's batch frame into record rows: ``record_id`` first, batch-relative columns made
@@ -200,39 +191,25 @@ class Runner:
             "interventions": [s.desc for s in self.iv_specs], "batch_size": batch_size, "question": self.question,
             "k": k, "min_side": self.min_side, "max_side": self.max_side}
 
-    # -- one batch --
-    def _load(self, recs, m):
-        ok = []
-        for r in recs:
-            im, note = r.load(self.min_side, self.max_side)
-            if im is None:
-                m["skipped"][r.id] = note
-                log.warning("record %s %s", r.id, note)
-            else:
-                if note:
-                    m["notes"][r.id] = note
-                    log.info("record %s: %s", r.id, note)
-                ok.append((r, im))
-        return ok
-
+    # -- one batch: the step of the one record loop (mech_vtokens.loop.over_records) --
     def _prompt(self, r):
         from .defaults import prompt
 
         return prompt(self.vlm, r.question or self.question)
 
-    def _prepare(self, ok, m):
+    def _prepare(self, ok, skipped):
         """Batch through the processor; a record the processor rejects is skipped (found one by one)."""
         try:
             return ok, self.vlm.prepare([im for _, im in ok], [self._prompt(r) for r, _ in ok])
         except Exception as err:  # noqa: BLE001 - find the record(s) at fault, keep the others
             if len(ok) == 1:
                 r = ok[0][0]
-                m["skipped"][r.id] = f"skipped: the processor failed ({type(err).__name__}: {err})"
-                log.warning("record %s %s", r.id, m["skipped"][r.id])
+                skipped[r.id] = f"skipped: the processor failed ({type(err).__name__}: {err})"
+                log.warning("record %s %s", r.id, skipped[r.id])
                 return [], None
         good = []
         for r, im in ok:
-            if self._prepare([(r, im)], m)[1] is not None:
+            if self._prepare([(r, im)], skipped)[1] is not None:
                 good.append((r, im))
         if not good:
             return [], None
@@ -242,44 +219,32 @@ class Runner:
         pairs = [(n, p) for s, n in zip(self.probe_specs, self.names) for p in s.build(self.vlm, recs)]
         probes, owners = [p for _, p in pairs], [n for n, _ in pairs]
         ivs = [i for s in self.iv_specs for i in s.build(self.vlm, recs)]
-        return list(zip(owners, forward(self.vlm, batch, probes, ivs, remote=self.remote)[:len(probes)]))
+        res = forward(self.vlm, batch, probes, ivs, remote=self.remote)
+        return [(owner, p, res[p]) for owner, p in zip(owners, probes)]
 
     def run(self) -> Store:
-        from tqdm.auto import tqdm
+        return over_records(self.source.records, self._step, kind="run_dataset", settings=self.settings,
+                            tables=self.names, out=self.out, shard=self.shard, batch_size=self.batch_size,
+                            overwrite=self.overwrite, progress=self.progress, desc="records", unit="img")
 
-        with Writer(self.out, "run_dataset", self.settings, self.names, self.shard, self.overwrite) as w:
-            mine = shard_of(self.source.records, self.shard)
-            todo = [r for r in mine if r.id not in w.done]
-            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc="records",
-                       disable=not self.progress, smoothing=0.1)
-            try:
-                for start in range(0, len(todo), self.batch_size):
-                    recs = todo[start:start + self.batch_size]
-                    self._batch(recs, w)
-                    bar.update(len(recs))
-                    bar.set_postfix(skipped=len(w.manifest["skipped"]), refresh=False)
-            finally:
-                bar.close()
-            w.finish(r.id for r in self.source)
-        return Store(self.out)
-
-    def _batch(self, recs, w):
+    def _step(self, recs) -> dict:
         import pandas as pd
 
-        m = {"skipped": {}, "notes": {}, "dropped_rows": {}}  # this batch's; merged into the manifest at commit
-        ok = self._load(recs, m)
-        ok, batch = self._prepare(ok, m) if ok else ([], None)
+        ok, skipped, notes = load_records(recs, self.min_side, self.max_side, log)
+        ok, batch = self._prepare(ok, skipped) if ok else ([], None)
         frames: dict = {}
+        dropped_rows: dict = {}
         if batch is not None:
             ids = [r.id for r, _ in ok]
-            for name, res in self._forward(batch, [r for r, _ in ok]):
-                df, dropped = record_frames(_result_frame(res), batch, ids)
+            for name, probe, res in self._forward(batch, [r for r, _ in ok]):
+                df, dropped = record_frames(probe.record_rows(res), batch, ids)
                 frames.setdefault(name, []).append(df)
                 if dropped:
-                    m["dropped_rows"][name] = m["dropped_rows"].get(name, 0) + dropped
+                    dropped_rows[name] = dropped_rows.get(name, 0) + dropped
             frames = {name: pd.concat(dfs, ignore_index=True) if len(dfs) > 1 else dfs[0]
                       for name, dfs in frames.items()}
-        w.commit([r.id for r, _ in ok], frames, **m)
+        return {"records": [r.id for r, _ in ok], "frames": frames, "skipped": skipped, "notes": notes,
+                "dropped_rows": dropped_rows}
 
 
 def _runner_keywords():

@@ -20,7 +20,9 @@ import random
 
 from PIL import Image, ImageDraw
 
+from .defaults import MAX_NEW_TOKENS
 from .errors import InputError
+from .loop import DEFAULT_BATCH_SIZE, keywords
 from .organism.world import CHARACTERS, COLOURS, SHAPES, Obj, _draw_obj
 
 KINDS = ("object", "ocr", "ocr_color")
@@ -112,7 +114,9 @@ def make_samples(vlm, n: int = 30, seed: int = 0, kinds=KINDS, background=(128, 
     return out
 
 
-def answer(vlm, samples, max_new_tokens: int = 3, batch_size: int = 8, interventions=()):
+@keywords
+def answer(vlm, samples, *, interventions=(), max_new_tokens: int = MAX_NEW_TOKENS,
+           batch_size: int = DEFAULT_BATCH_SIZE):
     """Greedy answers to every question of ``samples``: a list of (sample index, question kind, answer, predicted)."""
     import torch
 
@@ -125,7 +129,7 @@ def answer(vlm, samples, max_new_tokens: int = 3, batch_size: int = 8, intervent
         if interventions:
             from mech_vtokens.interventions import applied
 
-            ctx = applied(vlm, list(interventions), batch)
+            ctx = applied(vlm, batch, interventions=list(interventions))
             ctx.__enter__()
         try:
             with torch.no_grad():
@@ -183,7 +187,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     vlm = mv.load(args.model or default_model()[0])
     samples = make_samples(vlm, n=args.n, seed=args.seed)
-    res = score(vlm, samples, answer(vlm, samples))
+    # one-word answers: 3 new tokens (a longer continuation lets score()'s `answer in predicted.split()` match a word
+    # said after the answer)
+    res = score(vlm, samples, answer(vlm, samples, max_new_tokens=3))
     print(res.pop("accuracy").to_string(index=False))
     print(json.dumps(res, indent=1))
     return 0

@@ -17,6 +17,9 @@ before the manifest lands leaves orphan parts that the next commit overwrites; r
 Resume = run again with the same settings: records already in the manifest (done or skipped) are not redone.
 
 Readers: ``Store(out)``; opening a store written in another format version raises :class:`InputError`.
+
+Without ``out`` (``evaluate(..., out=None)``) the same loop writes into a :class:`MemoryStore`: the same commit
+rules and the same reading methods, nothing on disk. The loop itself is :func:`mech_vtokens.loop.over_records`.
 """
 
 from __future__ import annotations
@@ -111,19 +114,10 @@ def shard_of(records, shard) -> list:
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 
-class Store:
-    """Read a store: ``records`` (ids in the order they were committed), ``skipped`` ({id: reason}), ``notes``
-    ({id: conversion done}), ``tables`` (``probes``: the same for a run_dataset store), ``settings``,
-    ``complete``, ``frame(table)`` (all rows), ``iter_frames(table)`` (one DataFrame per part: memory stays flat),
-    ``record(id)`` ({table: rows of that record})."""
+class _Reading:
+    """The reading side shared by a store on disk and one in memory: ``manifest`` + ``_read_part(file)``."""
 
-    def __init__(self, out):
-        self.out = Path(out)
-        m = _read_manifest(self.out, "open the out directory it was written to, or write a new one")
-        if m is None:
-            raise InputError(f"{self.out} holds no run (no {MANIFEST}); run mech_vtokens.runner.run_dataset(..., "
-                             f"out={str(self.out)!r}) or mech_vtokens.evaluate.evaluate(..., out=...) first")
-        self.manifest = m
+    manifest: dict
 
     @property
     def kind(self) -> str:
@@ -167,13 +161,11 @@ class Store:
             raise InputError(f"no table {table!r} in this store; it has {self.tables}")
 
     def iter_frames(self, table: str, columns=None):
-        import pyarrow.parquet as pq
-
         self._check(table)
         for p in self.parts:
             f = p["files"].get(table)
             if f is not None:
-                yield pq.read_table(self.out / f, columns=columns).to_pandas()
+                yield self._read_part(f, columns)
 
     def frame(self, table: str, columns=None):
         import pandas as pd
@@ -182,6 +174,26 @@ class Store:
         if not frames:
             return pd.DataFrame(columns=["record_id"])
         return pd.concat(frames, ignore_index=True)
+
+
+class Store(_Reading):
+    """Read a store: ``records`` (ids in the order they were committed), ``skipped`` ({id: reason}), ``notes``
+    ({id: conversion done}), ``tables`` (``probes``: the same for a run_dataset store), ``settings``,
+    ``complete``, ``frame(table)`` (all rows), ``iter_frames(table)`` (one DataFrame per part: memory stays flat),
+    ``record(id)`` ({table: rows of that record})."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        m = _read_manifest(self.out, "open the out directory it was written to, or write a new one")
+        if m is None:
+            raise InputError(f"{self.out} holds no run (no {MANIFEST}); run mech_vtokens.runner.run_dataset(..., "
+                             f"out={str(self.out)!r}) or mech_vtokens.evaluate.evaluate(..., out=...) first")
+        self.manifest = m
+
+    def _read_part(self, f, columns=None):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.out / f, columns=columns).to_pandas()
 
     def record(self, rid) -> dict:
         import pyarrow.parquet as pq
@@ -202,6 +214,43 @@ class Store:
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
+
+def _new_manifest(kind, settings, tables) -> dict:
+    return {"version": VERSION, "kind": kind, "settings": settings, "tables": list(tables), "parts": [],
+            "skipped": {}, "notes": {}, "dropped_rows": {}, "complete": False, "started": time.time()}
+
+
+def _done(m) -> set:
+    return {r for p in m["parts"] for r in p["records"]} | set(m["skipped"])
+
+
+def _commit_into(m, tables, shard, records, frames, skipped, notes, dropped_rows, write) -> list:
+    """Merge one batch into manifest ``m`` (the commit rules of both stores): records already done are left out
+    with their rows; ``write(table, seq, frame) -> (file, bytes)`` keeps a table's rows. Returns the ids added."""
+    done = _done(m)
+    new = [r for r in records if r not in done]
+    for rid, why in (skipped or {}).items():
+        if rid not in done:
+            m["skipped"][rid] = why
+    for rid, note in (notes or {}).items():
+        if rid in new:
+            m["notes"][rid] = note
+    for name, k in (dropped_rows or {}).items():
+        m["dropped_rows"][name] = m["dropped_rows"].get(name, 0) + k
+    seq = len(m["parts"])
+    part = {"seq": seq, "records": new, "files": {}, "rows": {}, "bytes": 0, "shard": list(shard)}
+    for name, df in frames.items():
+        if name not in tables:
+            raise InputError(f"table {name!r} is not one of this store's tables {tables}")
+        if len(new) < len(records):
+            df = df[df["record_id"].isin(new)].reset_index(drop=True)
+        f, nbytes = write(name, seq, df)
+        part["bytes"] += nbytes
+        part["files"][name], part["rows"][name] = f, len(df)
+    if new:
+        m["parts"].append(part)
+    return new
+
 
 class Writer:
     """One writer process's handle on a store (see the module docstring). Use as a context manager::
@@ -274,9 +323,7 @@ class Writer:
             import shutil
 
             shutil.rmtree(self.out / "parts")
-        return {"version": VERSION, "kind": self.kind, "settings": self.settings, "tables": self.tables,
-                "parts": [], "skipped": {}, "notes": {}, "dropped_rows": {}, "complete": False,
-                "started": time.time()}
+        return _new_manifest(self.kind, self.settings, self.tables)
 
     def _save(self) -> None:
         self.manifest["updated"] = time.time()
@@ -288,8 +335,12 @@ class Writer:
     @property
     def done(self) -> set:
         """Ids committed (done or skipped) by any writer, as of this writer's last look at the manifest."""
-        m = self.manifest
-        return {r for p in m["parts"] for r in p["records"]} | set(m["skipped"])
+        return _done(self.manifest)
+
+    def _write_part(self, name, seq, df):
+        rel = f"parts/{name}/{seq:06d}.parquet"
+        (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        return rel, write_parquet(self.out / rel, df)
 
     def commit(self, records, frames: dict, skipped=None, notes=None, dropped_rows=None) -> list:
         """Commit one batch: ``records`` (ids) with their rows ``frames`` ({table: DataFrame with record_id}),
@@ -297,29 +348,8 @@ class Writer:
         meanwhile are left out (their rows too). Returns the ids this commit added."""
         with self._lock():
             self._reload()
-            m, done = self.manifest, self.done
-            new = [r for r in records if r not in done]
-            for rid, why in (skipped or {}).items():
-                if rid not in done:
-                    m["skipped"][rid] = why
-            for rid, note in (notes or {}).items():
-                if rid in new:
-                    m["notes"][rid] = note
-            for name, k in (dropped_rows or {}).items():
-                m["dropped_rows"][name] = m["dropped_rows"].get(name, 0) + k
-            seq = len(m["parts"])
-            part = {"seq": seq, "records": new, "files": {}, "rows": {}, "bytes": 0, "shard": list(self.shard)}
-            for name, df in frames.items():
-                if name not in self.tables:
-                    raise InputError(f"table {name!r} is not one of this store's tables {self.tables}")
-                if len(new) < len(records):
-                    df = df[df["record_id"].isin(new)].reset_index(drop=True)
-                rel = f"parts/{name}/{seq:06d}.parquet"
-                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-                part["bytes"] += write_parquet(self.out / rel, df)
-                part["files"][name], part["rows"][name] = rel, len(df)
-            if new:
-                m["parts"].append(part)
+            new = _commit_into(self.manifest, self.tables, self.shard, records, frames, skipped, notes,
+                               dropped_rows, self._write_part)
             self._save()  # the commit point: the batch's records (and skips) are done from here on
         return new
 
@@ -330,3 +360,44 @@ class Writer:
             self.manifest["complete"] = set(map(str, ids)) <= self.done
             self._save()
         return self.manifest["complete"]
+
+
+class MemoryStore(_Reading):
+    """A store in memory: the writer interface of :class:`Writer` (``done``, ``commit``, ``finish``, a context
+    manager) and the reading one of :class:`Store` (``frame``, ``records``, ``skipped``, ...), for a job run
+    without ``out`` (nothing resumes: the process holds everything)."""
+
+    def __init__(self, kind: str, settings: dict, tables, shard=None):
+        self.shard = check_shard(shard)
+        self.manifest = _new_manifest(kind, settings, tables)
+        self._frames: dict = {}
+
+    def __enter__(self) -> "MemoryStore":
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @property
+    def done(self) -> set:
+        return _done(self.manifest)
+
+    def _keep(self, name, seq, df):
+        key = f"{name}/{seq:06d}"
+        self._frames[key] = df
+        return key, 0
+
+    def _read_part(self, f, columns=None):
+        df = self._frames[f]
+        return df if columns is None else df[list(columns)]
+
+    def commit(self, records, frames: dict, skipped=None, notes=None, dropped_rows=None) -> list:
+        return _commit_into(self.manifest, self.tables, self.shard, records, frames, skipped, notes, dropped_rows,
+                            self._keep)
+
+    def finish(self, ids) -> bool:
+        self.manifest["complete"] = set(map(str, ids)) <= self.done
+        return self.manifest["complete"]
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.kind}, {len(self)} records, {len(self.manifest['skipped'])} skipped)"

@@ -103,8 +103,9 @@ def _analysis(vlm, images, prompts, names, labels, k, batch_size, remote, progre
         ps = build_probes(vlm, names, k, labels[sl] if labels is not None else None)
         if part is not None:
             ps["partition"] = part
-        for name, r in zip(ps, forward(vlm, batch, list(ps.values()), remote=remote)):
-            results.setdefault(name, []).append(r)
+        res = forward(vlm, batch, list(ps.values()), remote=remote)
+        for name, p in ps.items():
+            results.setdefault(name, []).append(res[p])
         batches.append((start, batch))
     return results, batches, extra
 

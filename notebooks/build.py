@@ -33,11 +33,14 @@ NOTEBOOKS = {
                  "prompts = [vlm.prompt(q) for q in questions]\n"
                  "print(questions, objects, prompts[0])\nimages[0].resize((192, 192))"),
         ("code", "from mech_vtokens.probes import EmbedLens, LogitLens\n\n"
-                 "embed, logit = mv.run(vlm, images, prompts, probes=[EmbedLens(k=5), LogitLens(k=5)])\n"
-                 "embed.to_pandas().head(10)"),
-        ("md", "Most frequent top-1 token per site, for both lenses:"),
-        ("code", "import pandas as pd\n\ndf = pd.concat([embed.to_pandas(), logit.to_pandas()])\n"
-                 "top1 = df[df['rank'] == 0].groupby(['lens', 'site'])['token']"
+                 "embed = EmbedLens(k=5)\n"
+                 "res = mv.run(vlm, images, prompts, probes=[embed, LogitLens(k=5)])\n"
+                 "res  # a Results: every probe's result, keyed by name (res['embed_lens']) or object (res[embed])"),
+        ("code", "embed, logit = res['embed_lens'], res['logit_lens']\nembed.to_pandas().head(10)"),
+        ("md", "Most frequent top-1 token per site, for both lenses (`res.to_pandas()` concatenates their tables, "
+               "which have one shape, with a `result` column):"),
+        ("code", "df = res.to_pandas()\n"
+                 "top1 = df[df['rank'] == 0].groupby(['lens', 'site'], observed=True)['token']"
                  ".agg(lambda s: s.value_counts().index[0])\n"
                  "top1.unstack(0)"),
         ("md", "The patch-grid overlay: hover a patch to see its top-k tokens at the layer of the slider."),
@@ -63,7 +66,7 @@ NOTEBOOKS = {
                  "part = calibrate(vlm, images[:20], prompts[:20])   # one forward per batch\npart"),
         ("code", "summary = summarize(vlm, images[:20], prompts[:20], partition=part)\nsummary.to_pandas()"),
         ("code", "res = part.classify(images[20:], prompts[20:])\nres.fractions()"),
-        ("code", "dyn, = mv.run(vlm, images[20:], prompts[20:], probes=[GroupDynamics(part)])\n"
+        ("code", "dyn = mv.run(vlm, images[20:], prompts[20:], probes=[GroupDynamics(part)])['group_dynamics']\n"
                  "dyn.to_pandas().head(8)"),
         ("md", "Every `.plot()` returns a matplotlib Figure: the cell's value shows it (save it with "
                "`fig.savefig(path)`)."),
@@ -86,7 +89,7 @@ NOTEBOOKS = {
                  "summarize(pvlm, pimages[:20], pprompts[:20], partition=ppart).plot()"),
         ("code", "from mech_vtokens.views import PatchOverlay\n\n"
                  "batch = pvlm.prepare(pimages[20:22], pprompts[20:22])\n"
-                 "one, = mv.run(pvlm, pimages[20:22], pprompts[20:22], probes=[ppart])\n"
+                 "one = mv.run(pvlm, pimages[20:22], pprompts[20:22], probes=[ppart])[ppart]\n"
                  "PatchOverlay(batch, 0, groups=one.labels, title='planted fixture: groups')"),
         ("md", "Prune *dead* vs a seeded random set of the same size (paper Table 2 logic): the dead-pruned model "
                "stays much closer to the unpruned one."),
@@ -94,7 +97,7 @@ NOTEBOOKS = {
                  "dead = ppart.token_set('dead')\nwith torch.no_grad():\n"
                  "    base = pvlm.hf(**batch.inputs).logits[:, -1]\n"
                  "for name, iv in [('-dead', Prune(dead)), ('-matched random', Prune(MatchedRandom(dead, seed=0)))]:\n"
-                 "    with applied(pvlm, [iv], batch), torch.no_grad():\n"
+                 "    with applied(pvlm, batch, interventions=[iv]), torch.no_grad():\n"
                  "        d = (pvlm.hf(**batch.inputs).logits[:, -1] - base).norm(dim=-1)\n"
                  "    print(f'{name:16s} |Δ last logits|: {d.numpy().round(4)}')"),
     ],
@@ -110,7 +113,7 @@ NOTEBOOKS = {
                  "batch = vlm.prepare(images, prompts)\n\n"
                  "from contextlib import nullcontext\n\n"
                  "def answers(interventions=()):\n"
-                 "    ctx = applied(vlm, list(interventions), batch) if interventions else nullcontext()\n"
+                 "    ctx = applied(vlm, batch, interventions=interventions) if interventions else nullcontext()\n"
                  "    with ctx, torch.no_grad():\n"
                  "        out = vlm.hf.generate(**batch.inputs, max_new_tokens=3, do_sample=False)\n"
                  "    return [vlm.tokenizer.decode(o[batch.visual_mask.shape[1]:], skip_special_tokens=True)"
@@ -126,20 +129,27 @@ NOTEBOOKS = {
                "tokens with the lowest L2 norm at the LM input (a stand-in for the calibrated *dead* group of the "
                "partition notebook), against a seeded random set of the same size per image."),
         ("code", "from mech_vtokens.probes import NormTracker\n\n"
-                 "norms, = mv.run(vlm, images, prompts, probes=[NormTracker(vision=False)])\n"
+                 "norms = mv.run(vlm, images, prompts, probes=[NormTracker(vision=False)])['norm_tracker']\n"
                  "df = norms.to_pandas()\n"
                  "emb = df[(df.site == 'hook_embed') & (df.visual_index >= 0)].sort_values('visual_index')\n"
                  "low = emb.groupby('image').l2.transform(lambda s: s <= s.quantile(0.3)).to_numpy()\n"
                  "target = Group(low, name='low-norm')\ncontrol = MatchedRandom(target, seed=0)\n\n"
                  "with torch.no_grad():\n    base = vlm.hf(**batch.inputs).logits[:, -1]\n"
                  "def last_logits(iv):\n"
-                 "    with applied(vlm, [iv], batch), torch.no_grad():\n"
+                 "    with applied(vlm, batch, interventions=[iv]), torch.no_grad():\n"
                  "        return vlm.hf(**batch.inputs).logits[:, -1]\n"
                  "for name, iv in [('prune low-norm', Prune(target)), ('prune matched random', Prune(control))]:\n"
                  "    d = (last_logits(iv) - base).norm(dim=-1)\n"
                  "    print(f'{name:22s} |Δ last logits| per prompt: {d.numpy().round(3)}')"),
         ("code", "pd.DataFrame({'baseline': answers(), 'prune low-norm': answers([Prune(target)]),\n"
                  "              'prune random': answers([Prune(control)])}, index=questions)"),
+        ("md", "An intervention can also report what the forward produced under it: `.report(answer_ids=[...])` "
+               "reads, inside the trace, the logits at each prompt's last position and the log-probs of the given "
+               "token ids (here each prompt's clean top-1 answer token). Nothing is read unless asked."),
+        ("code", "top = base.argmax(-1)[:, None].tolist()  # each prompt's clean top-1 next token\n"
+                 "res = mv.run(vlm, images, prompts,\n"
+                 "             interventions=[Prune(target).report(answer_ids=top)])\n"
+                 "res['prune'].to_pandas()[['row', 'answer_id', 'logprob']]"),
         ("md", "Inference-time L_in (Table 3): visual tokens enter at layer k — layers < k run on the text alone — or "
                "leave at layer k. `mv.generate` runs the interventions on every generation step in one nnsight "
                "generate trace (each layer's decode attends to its own cache: text-only below k, full from k on)."),
@@ -165,7 +175,7 @@ NOTEBOOKS = {
                  "    raw = nnsight.save(exp.execute(vlm.model))\n"
                  "    # your own read, after the probes' last site in forward order:\n"
                  "    logits = nnsight.save(vlm.model.lm_head.output)\n"
-                 "lens, norms = exp.results(raw)\nprint(logits.shape)\nlens.to_pandas().head()"),
+                 "res = exp.results(raw)\nprint(logits.shape, list(res))\nres['embed_lens'].to_pandas().head()"),
         ("md", "Your own reads can also come *before* the probes' sites, as long as the whole body follows forward "
                "order. `vlm.sites` lists every site; the adapter maps each to its module:"),
         ("code", "for s in vlm.sites[:8]:\n    print(s, '->', vlm.adapter.site(s)[1:])"),
@@ -182,7 +192,7 @@ NOTEBOOKS = {
                  "        gen.execute(vlm.model, steps=tracer.iter[:4], out=raw)\n"
                  "    with tracer.invoke():\n"
                  "        ids = nnsight.save(tracer.result)\n"
-                 "lens_at_input, _ = gen.results(raw)\n"
+                 "lens_at_input = gen.results(raw)['embed_lens']\n"
                  "same = mv.generate(vlm, images, [vlm.prompt(q) for q in questions], "
                  "interventions=[VisualEntry(2)], max_new_tokens=4)\n"
                  "print(vlm.tokenizer.batch_decode(ids[:, batch.visual_mask.shape[1]:], skip_special_tokens=True), "
@@ -199,8 +209,9 @@ NOTEBOOKS = {
                  "(needs MODEL = a hub id and an API key)\n" + SETUP),
         ("code", "from mech_vtokens.probes import EmbedLens, SinkChannels\n\nimages, questions, _ = demo_inputs(2)\n"
                  "prompts = [vlm.prompt(q) for q in questions]\n"
-                 "lens, sinks = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()], remote=REMOTE)\n"
-                 "local_lens, _ = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()])\n"
+                 "res = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()], remote=REMOTE)\n"
+                 "lens, sinks = res['embed_lens'], res['sink_channels']\n"
+                 "local_lens = mv.run(vlm, images, prompts, probes=[EmbedLens(k=3), SinkChannels()])['embed_lens']\n"
                  "print('identical to a local run:', lens.to_pandas().equals(local_lens.to_pandas()))\n"
                  "sinks.to_pandas().head()"),
         ("md", "Generation under interventions runs remotely the same way: one generate trace, the interventions "

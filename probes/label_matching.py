@@ -142,6 +142,9 @@ class LabelMatching(Probe):
         results = [lens.collect(raw[j], batch, vlm) for j, lens in enumerate(self._lenses)]
         return LabelMatchingResult(self._records(results, table), vlm.n_layers, results)
 
+    def record_rows(self, result):  # to_pandas() aggregates over images; the store keeps each image's hits
+        return result.hits()
+
     @staticmethod
     def _records(results, table, k=None):
         recs = []

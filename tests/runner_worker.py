@@ -2,10 +2,12 @@
 
     python tests/runner_worker.py MODEL_DIR SOURCE PLAN_JSON
 
-PLAN_JSON: a list of attempts ``{"out": dir, "shard": null | [i, n], "kill": null | {"kind": "write", "n": int,
+PLAN_JSON: a list of attempts ``{"out": dir, "shard": null | [i, n], "job": "run_dataset" | "evaluate",
+"kill": null | {"kind": "write", "n": int,
 "phase": "before" | "mid" | "after"} | {"kind": "time", "delay": seconds}}``, or ``{"parallel": [attempt, ...]}``:
 those attempts (no kills) forked at once, several writer processes on one store, all waited for.
-Each attempt runs ``run_dataset`` in a forked child; a "write" kill
+Each attempt runs ``run_dataset`` (or, with ``"job": "evaluate"``, ``evaluate`` of a VQA source under two
+conditions) in a forked child; a "write" kill
 makes the child SIGKILL itself at its n-th atomic write (before writing, with the temp file written but not yet
 renamed, or just after the rename: the only moments the store on disk changes); a "progress" kill is ``os.kill``
 from this process ``delay`` s after the manifest has gained ``parts`` more committed batches (a random point inside
@@ -30,13 +32,17 @@ from netguard import block_network  # noqa: E402
 block_network()  # the suite runs with sockets blocked: its subprocesses too
 
 import mech_vtokens as mv  # noqa: E402
-from mech_vtokens import runner, store  # noqa: E402
+from mech_vtokens import evaluate, runner, store  # noqa: E402
+from mech_vtokens.interventions import AllVisual, ZeroSublayer  # noqa: E402
 from mech_vtokens.probes import EmbedLens  # noqa: E402
 
 PROBES = lambda: ["norms", EmbedLens(k=2)]  # noqa: E731
 
 
-def child(vlm, source, out, kill, shard=None):
+CONDITIONS = lambda: {"baseline": [], "-vFFN": [ZeroSublayer(AllVisual(), [0, 1], "mlp")]}  # noqa: E731
+
+
+def child(vlm, source, out, kill, shard=None, job="run_dataset"):
     if kill and kill["kind"] == "write":
         real, count = store.atomic_write_bytes, [0]
 
@@ -54,8 +60,12 @@ def child(vlm, source, out, kill, shard=None):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         store.atomic_write_bytes = write
-    runner.run_dataset(vlm, source, probes=PROBES(), out=out, batch_size=2, progress=False,
-                       shard=tuple(shard) if shard else None)
+    shard = tuple(shard) if shard else None
+    if job == "evaluate":
+        evaluate.evaluate(vlm, source, CONDITIONS(), max_new_tokens=3, batch_size=2, out=out, progress=False,
+                          shard=shard)
+    else:
+        runner.run_dataset(vlm, source, probes=PROBES(), out=out, batch_size=2, progress=False, shard=shard)
 
 
 def fork(vlm, source, attempt):
@@ -63,7 +73,8 @@ def fork(vlm, source, attempt):
     if pid == 0:
         code = 0
         try:
-            child(vlm, source, attempt["out"], attempt.get("kill"), attempt.get("shard"))
+            child(vlm, source, attempt["out"], attempt.get("kill"), attempt.get("shard"),
+                  attempt.get("job", "run_dataset"))
         except BaseException as err:  # noqa: BLE001
             print(f"child error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             code = 3

@@ -44,7 +44,7 @@ def _suite(vlm, batch, SF, backend):
         with torch.no_grad(), vlm.trace(**batch.inputs):
             raw = nnsight.save(exp.execute(vlm.model))
         return exp.results(raw)
-    with torch.no_grad(), applied(vlm, [], batch, probes=probes) as h:
+    with torch.no_grad(), applied(vlm, batch, probes=probes) as h:
         vlm.hf(**batch.inputs)
     return h.experiment.results(h.raw)
 

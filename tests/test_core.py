@@ -115,8 +115,8 @@ def test_geometry_marker_lands_in_the_declared_token(tiny_vlm, family):
     imgs_m, _ = _batch(vlm, family, markers)
     marked = vlm.prepare(imgs_m, prompts)
     sites = ["vision.blocks.0.hook_resid_post", "vision_projector.hook_out", "hook_embed"]
-    a, = mv.run(vlm, imgs, prompts, probes=[Activations(sites)])
-    b, = mv.run(vlm, imgs_m, prompts, probes=[Activations(sites)])
+    a = mv.run(vlm, imgs, prompts, probes=[Activations(sites)])["activations"]
+    b = mv.run(vlm, imgs_m, prompts, probes=[Activations(sites)])["activations"]
     d = vlm.hf.config.get_text_config().hidden_size
     lm_change = (a["hook_embed"][clean.visual_mask] - b["hook_embed"][marked.visual_mask]).norm(dim=-1)
     proj_change = (a["vision_projector.hook_out"].reshape(-1, d)
@@ -141,7 +141,7 @@ def test_every_site_equals_plain_hf(tiny_vlm, family):
     imgs, prompts = _batch(vlm, family)
     batch = vlm.prepare(imgs, prompts)
     ref = _hf_reference(vlm, batch.inputs)
-    res, = mv.run(vlm, imgs, prompts, probes=[Activations(list(ref))])
+    res = mv.run(vlm, imgs, prompts, probes=[Activations(list(ref))])["activations"]
     assert torch.equal(res["unembed.hook_out"], ref["unembed.hook_out"]), "logits must be bit-identical"
     for name, want in ref.items():
         got = res[name]
@@ -180,8 +180,9 @@ def test_two_full_depth_probes_any_order_one_forward(tiny_vlm, family):
     finally:
         hook.remove()
     assert len(calls) == 2, "each run must be exactly one forward"
-    assert r12[0] == r21[1] and r12[1] == r21[0]
-    assert len(r12[0]) == vlm.n_layers
+    assert r12[p1] == r21[p1] and r12[p2] == r21[p2]
+    assert list(r12) == ["every_layer", "every_layer_1"]  # keys in list order
+    assert len(r12[p1]) == vlm.n_layers
 
 
 @pytest.mark.parametrize("family", F.FAMILIES_AND_ONE_REAL)
@@ -189,8 +190,8 @@ def test_remote_local_identical(tiny_vlm, family):
     vlm = tiny_vlm(family)
     imgs, prompts = _batch(vlm, family)
     sites = ["hook_embed", "blocks.-1.hook_resid_post", "unembed.hook_out"]
-    a, = mv.run(vlm, imgs, prompts, probes=[Activations(sites)])
-    b, = mv.run(vlm, imgs, prompts, probes=[Activations(sites)], remote="local")
+    a = mv.run(vlm, imgs, prompts, probes=[Activations(sites)])["activations"]
+    b = mv.run(vlm, imgs, prompts, probes=[Activations(sites)], remote="local")["activations"]
     for s in a.values:
         assert torch.equal(a[s], b[s]), s
 
@@ -206,7 +207,7 @@ def test_user_trace_composition(tiny_vlm):
     with vlm.trace(**batch.inputs):
         raw = nnsight.save(exp.execute(vlm.model))
         mine = nnsight.save(vlm.model.model.language_model.layers[1].output)
-    acts, = exp.results(raw)
+    acts = exp.results(raw)["activations"]
     ref = _hf_reference(vlm, batch.inputs)
     assert torch.equal(acts["blocks.0.hook_resid_post"], ref["blocks.0.hook_resid_post"])
     assert torch.equal(mine, ref["blocks.1.hook_resid_post"])

@@ -85,9 +85,9 @@ def _runs():
         ({"probes": every_probe}, False),
         ({"probes": [EmbedLens(k=3, skip_special=True, candidates=3), SinkChannels(dims=[0, 1]),
                      LogitLens(k=2, skip_special=True)]}, False),
-        ({"interventions": [Prune(MatchedRandom(Positions([0, 1]), seed=1))],
+        ({"interventions": [Prune(MatchedRandom(Positions([0, 1]), seed=1)).report(answer_ids=[[1, 2], [3, 4]])],
           "probes": [EmbedLens(k=3), NormTracker(), SinkChannels(threshold=3.0)]}, True),
-        ({"interventions": [Rescale(Complement(Positions([0]))), ZeroSublayer("all", 1, "mlp")]}, True),
+        ({"interventions": [Rescale(Complement(Positions([0]))).report(), ZeroSublayer("all", 1, "mlp")]}, True),
         ({"interventions": [ZeroSublayer("all", [0, 2], "attn", every_step=True)]}, True),
         ({"interventions": [VisualEntry(1)], "probes": [EmbedLens(k=3)]}, True),
         ({"interventions": [VisualExit(1)], "probes": [LogitLens(k=2)]}, True),
@@ -108,12 +108,12 @@ def test_trace_code_creates_every_tensor_on_the_value_device(bf16_vlm, fam):
     results = []
     with trap:
         for kw, gen in _runs():
-            results += mv.run(vlm, ims, prs, **kw)
+            results += mv.run(vlm, ims, prs, **kw).values()
             if gen:
-                results += mv.generate(vlm, ims, prs, max_new_tokens=3, **kw).results
+                results += mv.generate(vlm, ims, prs, max_new_tokens=3, **kw).results.values()
         batch = vlm.prepare(ims, prs)
         for ivs in ([Prune(Positions([0, 1]))], [VisualEntry(1)]):
-            with applied(vlm, ivs, batch, probes=[EmbedLens(k=2)]):
+            with applied(vlm, batch, interventions=ivs, probes=[EmbedLens(k=2)]):
                 vlm.hf.generate(**batch.inputs, max_new_tokens=3, do_sample=False)
     assert trap.seen > 0, "the trap saw no factory call in trace code: it is not watching"
     assert not trap.hits, "factory calls without device= in trace code:\n" + "\n".join(sorted(set(trap.hits)))
@@ -244,7 +244,7 @@ def test_layout_check_runs_with_internvl3_dynamic_rope_and_still_catches_a_wrong
     path = _internvl_with_dynamic_rope(tmp_path)
     vlm = mv.load(path)
     assert vlm.hf.config.text_config.rope_parameters["rope_type"] == "dynamic"
-    lens, = mv.run(vlm, [T.image()], [T.prompt("internvl")], probes=[EmbedLens(k=2)])
+    lens = mv.run(vlm, [T.image()], [T.prompt("internvl")], probes=[EmbedLens(k=2)])["embed_lens"]
     assert len(lens.to_pandas()) > 0 and int(lens.ids["hook_embed"].min()) >= 0
     # the check still proves shapes: declare the MLP output at the MLP's first projection (width 128, not 64)
     monkeypatch.setattr(InternVLAdapter, "mlp", "mlp.gate_proj", raising=False)
@@ -284,11 +284,13 @@ def test_offloaded_map_gives_the_plain_results(tiny_dir, tiny_vlm, tmp_path):
         return res, gen
 
     (p_res, p_gen), (o_res, o_gen) = runs(plain), runs(off)
-    for a, b in zip(p_res[:2] + p_gen.results[:1], o_res[:2] + o_gen.results[:1]):
+    for a, b in ((p_res["embed_lens"], o_res["embed_lens"]), (p_res["logit_lens"], o_res["logit_lens"]),
+                 (p_gen.results["embed_lens"], o_gen.results["embed_lens"])):
         for site in a.ids:
             assert torch.equal(a.ids[site], b.ids[site]), site
             torch.testing.assert_close(b.scores[site], a.scores[site], atol=1e-5, rtol=0, equal_nan=True)
     import pandas as pd
 
-    pd.testing.assert_frame_equal(o_res[2].to_pandas(), p_res[2].to_pandas(), check_exact=False, atol=1e-5, rtol=0)
+    pd.testing.assert_frame_equal(o_res["norm_tracker"].to_pandas(), p_res["norm_tracker"].to_pandas(),
+                                  check_exact=False, atol=1e-5, rtol=0)
     assert torch.equal(o_gen.sequences, p_gen.sequences)

@@ -16,6 +16,7 @@ from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Res
                                         ZeroSublayer, applied, resolve)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
+import families as F
 from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
 from mech_vtokens.probes.activations import Activations
 
@@ -54,12 +55,18 @@ def plain_eager(tiny_dir):
 
 def run_layers(vlm, x, pos, layers):
     """Decoder layers ``layers`` on ONE unpadded row ``x`` (1, n, d) at position ids ``pos``: rotary from the LM's
-    rotary module, a hand-built additive causal mask."""
+    rotary module, a hand-built additive causal mask (a sliding-window layer: also blocking keys ``window`` or more
+    positions back in the sequence)."""
     lm = lm_of(vlm)
     n = x.shape[1]
-    mask = torch.full((n, n), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)[None, None]
+    cfg = lm.config
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
     pe = lm.rotary_emb(x, pos)
     for i in layers:
+        blocked = k > q
+        if (getattr(cfg, "layer_types", None) or ["full_attention"] * (i + 1))[i] == "sliding_attention":
+            blocked = blocked | (k <= q - cfg.sliding_window)
+        mask = torch.zeros(n, n, dtype=x.dtype).masked_fill(blocked, torch.finfo(x.dtype).min)[None, None]
         x = lm.layers[i](x, attention_mask=mask, position_embeddings=pe)
     return x
 
@@ -118,7 +125,8 @@ def test_entry_matches_manual_and_layers_before_never_see_visual(tiny_vlm, famil
     k = 2
     clean = clean_lm_kwargs(vlm, b)
     sites = [f"blocks.{i}.hook_resid_pre" for i in range(vlm.n_layers)] + ["blocks.1.hook_resid_post"]
-    logits, (acts, _) = nn_run(vlm, b, [VisualEntry(k)], [Activations(sites + ["hook_embed"])])
+    logits, res = nn_run(vlm, b, [VisualEntry(k)], [Activations(sites + ["hook_embed"])])
+    acts = res["activations"]
     L = b.visual_mask.shape[1]
     assert logits.shape[1] == L
     for r, (cols, ref) in enumerate(entry_reference(vlm, clean, b.visual_mask, k)):
@@ -137,7 +145,7 @@ def test_entry_matches_manual_and_layers_before_never_see_visual(tiny_vlm, famil
     # ... and nothing before layer k depends on the image: another image, bit-identical layers < k
     b2 = batch_of(vlm, family, seeds=(7, 8))
     assert b2.visual_mask.equal(vm) and not torch.equal(b2.inputs["pixel_values"], b.inputs["pixel_values"])
-    _, (acts2, _) = nn_run(vlm, b2, [VisualEntry(k)], [Activations(sites)])
+    acts2 = nn_run(vlm, b2, [VisualEntry(k)], [Activations(sites)])[1]["activations"]
     for i in range(k):
         assert torch.equal(acts2[f"blocks.{i}.hook_resid_pre"], acts[f"blocks.{i}.hook_resid_pre"])
     assert torch.equal(acts2["blocks.1.hook_resid_post"], acts["blocks.1.hook_resid_post"])
@@ -156,7 +164,7 @@ def test_entry_options_harness_remote_and_eager(tiny_vlm, eager_vlm, family):
     logits, _ = nn_run(vlm, b, [VisualEntry(1, tokens=sub)])
     for r, (cols, ref) in enumerate(entry_reference(vlm, clean, sel, 1)):
         assert (logits[r, cols] - ref).abs().max() < TOL
-    with applied(vlm, [VisualEntry(1, tokens=sub)], b):
+    with applied(vlm, b, interventions=[VisualEntry(1, tokens=sub)]):
         with torch.no_grad():
             hooked = vlm.hf(**b.inputs).logits
     assert (hooked - logits).abs().max() < TOL
@@ -173,7 +181,7 @@ def test_entry_options_harness_remote_and_eager(tiny_vlm, eager_vlm, family):
             h = lm_of(m).layers[1].register_forward_pre_hook(grab, with_kwargs=True)
             m.hf(**b.inputs)
             h.remove()
-            with applied(m, [VisualEntry(1)], b):
+            with applied(m, b, interventions=[VisualEntry(1)]):
                 h = lm_of(m).layers[1].register_forward_pre_hook(grab, with_kwargs=True)  # runs after applied's
                 try:
                     m.hf(**b.inputs)
@@ -206,7 +214,8 @@ def test_exit_matches_manual(tiny_vlm, family):
     k = 1
     clean = clean_lm_kwargs(vlm, b)
     sites = [f"blocks.{i}.hook_resid_pre" for i in range(vlm.n_layers)]
-    logits, (acts, _) = nn_run(vlm, b, [VisualExit(k)], [Activations(sites)])
+    logits, res = nn_run(vlm, b, [VisualExit(k)], [Activations(sites)])
+    acts = res["activations"]
     L = b.visual_mask.shape[1]
     kept = int((~b.visual_mask).sum(1).max())
     assert logits.shape[1] == kept
@@ -218,10 +227,56 @@ def test_exit_matches_manual(tiny_vlm, family):
         assert (logits[r, -ref.shape[0]:] - ref).abs().max() < TOL
         if am is not None:  # the rest of the row is padding
             assert ref.shape[0] == int((am[r].bool() & ~b.visual_mask[r]).sum())
-    with applied(vlm, [VisualExit(k)], b):
+    with applied(vlm, b, interventions=[VisualExit(k)]):
         with torch.no_grad():
             hooked = vlm.hf(**b.inputs).logits
     assert (hooked - logits).abs().max() < TOL
+
+
+def sliding_qwen(tiny_dir, tmp_path, attn):
+    """The tiny Qwen2-VL with layer 1 sliding-window (window 5, far shorter than the prompt), layers 0 and 2 full."""
+    import json
+    import shutil
+
+    d = tmp_path / f"sliding-{attn}"
+    shutil.copytree(tiny_dir("qwen2_vl"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"].update(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                              layer_types=["full_attention", "sliding_attention", "full_attention"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    return mv.load(d, attn_implementation=attn)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_entry_exit_on_sliding_window_layers_match_manual(tiny_dir, tmp_path, attn):
+    """A model with sliding-window layers (refused before): the masks VisualEntry / VisualExit rebuild from layer k on
+    are each layer's own kind (transformers.masking_utils), so both match the hand-built forward whose sliding layers
+    block keys 5+ positions back; the clean model itself matches that forward (the window really acts), and
+    generation with a KV cache is refused with the reason."""
+    vlm = sliding_qwen(tiny_dir, tmp_path, attn)
+    b = batch_of(vlm, "qwen2_vl")
+    clean = clean_lm_kwargs(vlm, b)
+    assert b.visual_mask.shape[1] > 12  # the window (5) is much shorter than the sequence
+    with torch.no_grad():
+        got = vlm.hf(**b.inputs).logits
+    for r in range(2):
+        cols, e, p = row_facts(clean, r)
+        want = head(vlm, run_layers(vlm, e, p, range(vlm.n_layers)))
+        assert (got[r, cols] - want).abs().max() < TOL
+    full = mv.load(tiny_dir("qwen2_vl"), attn_implementation=attn)
+    with torch.no_grad():
+        assert (full.hf(**full.prepare([T.image(seed=1)], [F.prompt(full, "qwen2_vl")]).inputs).logits -
+                vlm.hf(**vlm.prepare([T.image(seed=1)], [F.prompt(vlm, "qwen2_vl")]).inputs).logits).abs().max() > 1e-3
+    for k in (1, 2):
+        logits, _ = nn_run(vlm, b, [VisualEntry(k)])
+        for r, (cols, ref) in enumerate(entry_reference(vlm, clean, b.visual_mask, k)):
+            assert (logits[r, cols] - ref).abs().max() < TOL, (k, r)
+        logits, _ = nn_run(vlm, b, [VisualExit(k)])
+        for r, ref in enumerate(exit_reference(vlm, clean, b.visual_mask, k)):
+            assert (logits[r, -ref.shape[0]:] - ref).abs().max() < TOL, (k, r)
+    with pytest.raises(Exception, match="sliding-window layers is not supported"):
+        mv.generate(vlm, [T.image(seed=1)], [F.prompt(vlm, "qwen2_vl")], interventions=[VisualEntry(1)],
+                    max_new_tokens=2)
 
 
 # ---- AttentionKnockout -----------------------------------------------------------------------------------------
@@ -254,10 +309,11 @@ def test_knockout_matches_patched_eager(eager_vlm, plain_eager, monkeypatch, fam
     b = batch_of(vlm, family)
     vm = b.visual_mask
     pat = "blocks.1.attn.hook_pattern"
-    clean = nn_run(vlm, b, [], [Activations([pat])])[1][0][pat]
+    clean = nn_run(vlm, b, [], [Activations([pat])])[1]["activations"][pat]
     for kind, queries in (("vv", vm), ("vt", ~vm)):
         layers = [1, 2]
-        logits, (acts, _) = nn_run(vlm, b, [AttentionKnockout(kind, layers)], [Activations([pat])])
+        logits, res = nn_run(vlm, b, [AttentionKnockout(kind, layers)], [Activations([pat])])
+        acts = res["activations"]
         cut = queries[:, :, None] & vm[:, None, :]
         w = acts[pat]
         # measured: exactly zero at the cut (every head), untouched elsewhere, and NOT renormalised
@@ -288,7 +344,7 @@ def test_no_residue(eager_vlm):
     for iv in (VisualEntry(1), VisualExit(2), AttentionKnockout("vt", 0)):
         nn_run(vlm, b, [iv])
         if not isinstance(iv, AttentionKnockout):
-            with applied(vlm, [iv], b):
+            with applied(vlm, b, interventions=[iv]):
                 with torch.no_grad():
                     vlm.hf(**b.inputs)
     with pytest.raises(RuntimeError, match="boom"):
@@ -360,5 +416,5 @@ def test_bad_input(tiny_vlm, eager_vlm):
     with pytest.raises(InputError, match="not in the sequence"):
         ev.experiment(b, interventions=[VisualExit(1), AttentionKnockout("vt", 2)])
     with pytest.raises(InputError, match="plain torch"):
-        with applied(ev, [AttentionKnockout("vv", 1)], b):
+        with applied(ev, b, interventions=[AttentionKnockout("vv", 1)]):
             pass

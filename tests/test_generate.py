@@ -34,7 +34,7 @@ def special_ids(vlm):
 
 def cached_generate(vlm, b, ivs, steps=STEPS):
     """HF ``generate`` with its KV cache, under the plain-hook harness: raw logits of every step and the ids."""
-    with torch.no_grad(), (applied(vlm, ivs, b) if ivs else torch.no_grad()):
+    with torch.no_grad(), (applied(vlm, b, interventions=ivs) if ivs else torch.no_grad()):
         g = vlm.hf.generate(**b.inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                             suppress_tokens=special_ids(vlm), output_logits=True, return_dict_in_generate=True)
     return torch.stack([x.float() for x in g.logits], 1), g.sequences
@@ -53,7 +53,7 @@ def rerun_reference(vlm, b, ivs, steps=STEPS):
         if "image_grid_thw" not in kw:
             am = kw["attention_mask"]
             kw["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
-        with torch.no_grad(), (applied(vlm, ivs, kw) if ivs else torch.no_grad()):
+        with torch.no_grad(), (applied(vlm, kw, interventions=ivs) if ivs else torch.no_grad()):
             last = vlm.hf(**kw).logits[:, -1].float()
         logits.append(last)
         pick = last.clone()
@@ -124,10 +124,11 @@ def test_nnsight_generate_trace_equals_hf_under_applied(tiny_vlm, family):
     images = [T.image(seed=1), T.image(seed=2)]
     for name in ("prune", "entry-1", "exit-2-some+zero"):
         _, want = cached_generate(vlm, b, CASES[name]())
-        ids, (got, *_) = nn_generate(vlm, b, CASES[name](), probes=[lens])
+        ids, res = nn_generate(vlm, b, CASES[name](), probes=[lens])
+        got = res[lens]
         assert torch.equal(ids, want), name
         # the probes read the prompt's forward: the same as one traced forward with the same interventions
-        alone = mv.run(vlm, images, b.prompts, probes=[lens], interventions=CASES[name]())[0]
+        alone = mv.run(vlm, images, b.prompts, probes=[lens], interventions=CASES[name]())[lens]
         for site in ("hook_embed", "blocks.0.hook_resid_post"):
             assert torch.equal(got.ids[site], alone.ids[site]), (name, site)
         if name.startswith("entry"):  # block 0 runs on the text only: no visual row there
@@ -152,13 +153,13 @@ def test_mv_generate_probes_remote_and_early_stop(tiny_vlm):
     assert torch.equal(full.sequences, want) and (torch.stack(full.output.logits, 1).float() - got).abs().max() < TOL
     assert out.text == vlm.processor.tokenizer.batch_decode(want[:, b.visual_mask.shape[1]:], skip_special_tokens=True)
     # the probes read the prompt's forward: the same numbers as mv.run with the same interventions
-    alone, _, _ = mv.run(vlm, imgs, prompts, probes=[lens], interventions=ivs)
+    alone = mv.run(vlm, imgs, prompts, probes=[lens], interventions=ivs)[lens]
     for site in lens.sites(vlm):
-        assert torch.equal(out.results[0].ids[site], alone.ids[site])
+        assert torch.equal(out.results[lens].ids[site], alone.ids[site])
     remote = mv.generate(vlm, imgs, prompts, probes=[lens], interventions=ivs, max_new_tokens=STEPS,
                          remote="local", suppress_tokens=special_ids(vlm))
     assert torch.equal(remote.sequences, out.sequences)
-    assert torch.equal(remote.results[0].ids["hook_embed"], out.results[0].ids["hook_embed"])
+    assert torch.equal(remote.results[lens].ids["hook_embed"], out.results[lens].ids["hook_embed"])
     # EOS on the first token: the per-step loop is cut short, nothing raised or lost
     one = vlm.prepare(imgs[:1], prompts[:1])
     _, first = cached_generate(vlm, one, ivs, steps=1)
@@ -168,8 +169,8 @@ def test_mv_generate_probes_remote_and_early_stop(tiny_vlm):
         short = mv.generate(vlm, imgs[:1], prompts[:1], probes=[lens], interventions=ivs, max_new_tokens=STEPS,
                             eos_token_id=eos, suppress_tokens=special_ids(vlm))
     assert short.ids.tolist() == [[eos]]
-    assert torch.equal(short.results[0].ids["hook_embed"], mv.run(vlm, imgs[:1], prompts[:1], probes=[lens],
-                                                                 interventions=ivs)[0].ids["hook_embed"])
+    assert torch.equal(short.results[lens].ids["hook_embed"], mv.run(vlm, imgs[:1], prompts[:1], probes=[lens],
+                                                                   interventions=ivs)[lens].ids["hook_embed"])
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -183,7 +184,7 @@ def test_every_step_without_cache(tiny_vlm, family):
              use_cache=False)
     for make in (lambda e: [ZeroSublayer("all", [0, 1], "mlp", every_step=e)],
                  lambda e: [Rescale(Positions([0, 1, 2]), 5.0, every_step=e)]):
-        with torch.no_grad(), applied(vlm, make(True), b):
+        with torch.no_grad(), applied(vlm, b, interventions=make(True)):
             out = vlm.hf.generate(**b.inputs, **g, output_logits=True, return_dict_in_generate=True)
         got = torch.stack([x.float() for x in out.logits], 1)
         ref, ref_ids = rerun_reference(vlm, b, make(True))
@@ -195,7 +196,7 @@ def test_every_step_without_cache(tiny_vlm, family):
             with tracer.invoke():
                 ids = nnsight.save(tracer.result)
         assert torch.equal(ids, ref_ids)
-        with torch.no_grad(), applied(vlm, make(False), b):
+        with torch.no_grad(), applied(vlm, b, interventions=make(False)):
             once = vlm.hf.generate(**b.inputs, **g, output_logits=True, return_dict_in_generate=True)
         assert (once.logits[0] - out.logits[0]).abs().max() < TOL  # the same prefill
         assert max((a - c).abs().max() for a, c in zip(once.logits[1:], out.logits[1:])) > 1e-3
@@ -218,17 +219,17 @@ def test_beams_and_several_sequences_per_prompt(tiny_vlm, family):
     g = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=True, top_k=5, suppress_tokens=special_ids(vlm))
     for ivs, by_hand in cases:
         torch.manual_seed(0)
-        with torch.no_grad(), applied(vlm, ivs, b):
+        with torch.no_grad(), applied(vlm, b, interventions=ivs):
             got = vlm.hf.generate(**b.inputs, num_return_sequences=2, **g)
         torch.manual_seed(0)
-        with torch.no_grad(), applied(vlm, by_hand, twice):
+        with torch.no_grad(), applied(vlm, twice, interventions=by_hand):
             want = vlm.hf.generate(**twice.inputs, **g)
         assert torch.equal(got, want), ivs
         torch.manual_seed(0)
         out = mv.generate(vlm, imgs, prompts, interventions=ivs, num_return_sequences=2, **g)
         assert torch.equal(out.sequences, got) and len(out.text) == 4 and out.to_pandas().prompt[1] == prompts[0]
         beam = dict(max_new_tokens=STEPS, num_beams=3, suppress_tokens=special_ids(vlm))
-        with torch.no_grad(), applied(vlm, ivs, b):
+        with torch.no_grad(), applied(vlm, b, interventions=ivs):
             want = vlm.hf.generate(**b.inputs, **beam)
         assert torch.equal(mv.generate(vlm, imgs, prompts, interventions=ivs, **beam).sequences, want), ivs
     with pytest.raises(InputError, match="num_beams"):
@@ -280,7 +281,7 @@ def test_refusals_and_no_residue(tiny_vlm):
                 exp.execute(vlm.model)
     for iv in (VisualEntry(1), VisualExit(1)):
         with pytest.raises(ValueError, match="use_cache=False"):
-            with applied(vlm, [iv], b), torch.no_grad():
+            with applied(vlm, b, interventions=[iv]), torch.no_grad():
                 vlm.hf.generate(**b.inputs, use_cache=False, **g)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(InputError, match="max_new_tokens"):
@@ -293,7 +294,7 @@ def test_refusals_and_no_residue(tiny_vlm):
                 exp.execute(vlm.model, steps=tracer.iter[:2])
                 raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
-        with applied(vlm, [VisualExit(2)], b), torch.no_grad():
+        with applied(vlm, b, interventions=[VisualExit(2)]), torch.no_grad():
             vlm.hf.generate(**b.inputs, **g)
             raise RuntimeError("boom")
     assert hook_snapshot(vlm.hf) == hooks

@@ -100,7 +100,8 @@ def test_zero_sublayer_exact_and_matches_hooks(tiny_vlm, family):
     sel = resolve(Positions(list(range(0, b.n_visual, 2))), b)
     z = ZeroSublayer(Positions(list(range(0, b.n_visual, 2))), layers=[1], sublayer="both")
     sites = ["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.0.hook_attn_out"]
-    logits, (acts, _) = nn_run(vlm, b, [z], [Activations(sites)])
+    logits, res = nn_run(vlm, b, [z], [Activations(sites)])
+    acts = res["activations"]
 
     seen = {}
 
@@ -126,7 +127,7 @@ def test_zero_sublayer_exact_and_matches_hooks(tiny_vlm, family):
     assert (a[sel] == 0).all() and (m[sel] == 0).all()
     assert (a[~sel] - seen["attn"][~sel]).abs().max() < TOL and (a[~sel] != 0).any()
     assert (m[~sel] - seen["mlp"][~sel]).abs().max() < TOL
-    clean_l0 = nn_run(vlm, b, [], [Activations(["blocks.0.hook_attn_out"])])[1][0]["blocks.0.hook_attn_out"]
+    clean_l0 = nn_run(vlm, b, [], [Activations(["blocks.0.hook_attn_out"])])[1]["activations"]["blocks.0.hook_attn_out"]
     assert torch.equal(acts["blocks.0.hook_attn_out"], clean_l0)  # untouched elsewhere
 
 
@@ -136,7 +137,8 @@ def test_zero_sublayer_exact_and_matches_hooks(tiny_vlm, family):
 def test_rescale_norm_ratio_and_matches_edited_embeds(tiny_vlm, family):
     vlm = tiny_vlm(family)
     b = batch_of(vlm, family)
-    logits, (acts, _) = nn_run(vlm, b, [Rescale("all", 0.01)], [Activations(["hook_embed"])])
+    logits, res = nn_run(vlm, b, [Rescale("all", 0.01)], [Activations(["hook_embed"])])
+    acts = res["activations"]
     clean = clean_lm_kwargs(vlm, b)
     e, e0 = acts["hook_embed"], clean["inputs_embeds"]
     vm = b.visual_mask
@@ -197,7 +199,7 @@ def test_prune_shorter_positions_and_matches_reference(tiny_vlm, family):
         def grab(mod, args, kwargs):
             got.update(e=kwargs["inputs_embeds"], p=kwargs["position_ids"])
 
-        with applied(vlm, [Prune(ts, positions=mode)], b1):
+        with applied(vlm, b1, interventions=[Prune(ts, positions=mode)]):
             h = lm_of(vlm).register_forward_pre_hook(grab, with_kwargs=True)  # runs after Prune's hook
             try:
                 with torch.no_grad():
@@ -224,7 +226,7 @@ def test_prune_in_generate_matches_manual_decoding(tiny_vlm, family):
     sel = resolve(ts, b)
     clean = clean_lm_kwargs(vlm, b)
     steps = 3
-    with applied(vlm, [Prune(ts)], b):
+    with applied(vlm, b, interventions=[Prune(ts)]):
         with torch.no_grad():
             out = vlm.hf.generate(**b.inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                   output_logits=True, return_dict_in_generate=True)
@@ -241,7 +243,7 @@ def test_prune_in_generate_matches_manual_decoding(tiny_vlm, family):
         assert tok.item() == ref.argmax(-1).item()
         emb = torch.cat([emb, embed(tok)[:, None]], 1)
         pos = torch.cat([pos, nxt + s], -1)
-    with applied(vlm, [Prune(ts)], b):
+    with applied(vlm, b, interventions=[Prune(ts)]):
         with vlm.model.generate(**b.inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False) as tr:
             ids = nnsight.save(tr.result)
     assert torch.equal(ids, out.sequences)
@@ -254,7 +256,7 @@ def test_prefill_only_in_generate(tiny_vlm):
     b = batch_of(vlm, "llava")
     ivs = [ZeroSublayer("all", 1, "mlp"), Rescale(Positions([0, 1]), 3.0)]
     g = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    with applied(vlm, ivs, b):
+    with applied(vlm, b, interventions=ivs):
         with torch.no_grad():
             a = vlm.hf.generate(**b.inputs, **g)
     exp = vlm.experiment(b, interventions=ivs)
@@ -275,7 +277,7 @@ def test_no_residue(tiny_vlm, family):
     ts = Positions([0, 2, 4])
     for iv in (Prune(ts), ZeroSublayer(ts, [0, 1], "both"), Rescale(ts, 0.01)):
         nn_run(vlm, b, [iv])
-        with applied(vlm, [iv], b):
+        with applied(vlm, b, interventions=[iv]):
             with torch.no_grad():
                 vlm.hf(**b.inputs)
     with pytest.raises(RuntimeError, match="boom"):
@@ -284,7 +286,7 @@ def test_no_residue(tiny_vlm, family):
             exp.execute(vlm.model)
             raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
-        with applied(vlm, [Prune(ts)], b):
+        with applied(vlm, b, interventions=[Prune(ts)]):
             raise RuntimeError("boom")
     assert hook_snapshot(vlm.hf) == hooks_before
     after = clean_lm_kwargs(vlm, b)["logits"]
@@ -304,7 +306,8 @@ def test_compose_prune_zero_rescale_probe(tiny_vlm, family):
     pruned, zeroed, scaled = Positions(range(0, n, 4)), Positions(range(1, n, 4)), Positions(range(2, n, 4))
     ivs = [Rescale(scaled, 0.5), Prune(pruned), ZeroSublayer(zeroed, 1, "mlp")]
     probes = [Activations(["blocks.1.hook_mlp_out", "hook_embed"])]
-    logits, (acts, *_) = nn_run(vlm, b, ivs, probes)
+    logits, res = nn_run(vlm, b, ivs, probes)
+    acts = res[probes[0]]
     ps, zs, ss = resolve(pruned, b), resolve(zeroed, b), resolve(scaled, b)
     clean = clean_lm_kwargs(vlm, b)
     emb = clean["inputs_embeds"].clone()
@@ -334,7 +337,7 @@ def test_compose_prune_zero_rescale_probe(tiny_vlm, family):
         assert (mlp[zr] == 0).all() and (mlp[~zr & real] != 0).any()
     remote_logits, _ = nn_run(vlm, b, ivs, probes, remote="local")
     assert (remote_logits - logits).abs().max() < TOL
-    with applied(vlm, ivs, b):  # the plain-hook harness runs the same plan
+    with applied(vlm, b, interventions=ivs):  # the plain-hook harness runs the same plan
         with torch.no_grad():
             hooked = vlm.hf(**b.inputs).logits
     assert (hooked - logits).abs().max() < TOL
@@ -344,11 +347,31 @@ def test_applied_on_plain_hf_model(tiny_vlm):
     """applied() takes a bare HF model and the processor's output dict (no nnsight, no VLM)."""
     vlm = tiny_vlm("internvl")
     b = batch_of(vlm, "internvl")
-    with applied(vlm.hf, [Rescale("all", 0.01)], dict(b.inputs)):
+    with applied(vlm.hf, dict(b.inputs), interventions=[Rescale("all", 0.01)]):
         with torch.no_grad():
             got = vlm.hf(**b.inputs).logits
     want, _ = nn_run(vlm, b, [Rescale("all", 0.01)])
     assert (got - want).abs().max() < TOL
+
+
+def test_applied_old_order_names_the_new_call(tiny_vlm):
+    """applied(vlm, batch, *, interventions=) is the package's one shape; the old applied(model, interventions,
+    batch) order raises naming the new call (also with the batch left out), before any hook is installed."""
+    vlm = tiny_vlm("llava")
+    b = batch_of(vlm, "llava")
+    for args in [(vlm, [Rescale("all", 0.01)], b), (vlm.hf, [Rescale("all", 0.01)])]:
+        with pytest.raises(InputError, match=r"old order: call applied\(vlm_or_model, batch, interventions="):
+            with applied(*args):
+                pass
+    with pytest.raises(InputError, match="did you mean interventions="):
+        with applied(vlm, b, intervention=[Rescale("all", 0.01)]):
+            pass
+    with torch.no_grad():
+        clean = vlm.hf(**b.inputs).logits
+        with applied(vlm, b, interventions=[Rescale("all", 0.01)]):
+            hooked = vlm.hf(**b.inputs).logits
+        after = vlm.hf(**b.inputs).logits
+    assert not torch.equal(hooked, clean) and torch.equal(after, clean)  # it acted, and its hooks are gone
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------

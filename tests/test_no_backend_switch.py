@@ -39,7 +39,8 @@ def test_plot_returns_a_detached_figure(tiny_vlm):
 
     vlm = tiny_vlm("llava")
     plt.close("all")
-    lens, norms = mv.run(vlm, [T.image(60)], [T.prompt("llava")], probes=[EmbedLens(k=2), NormTracker()])
+    res = mv.run(vlm, [T.image(60)], [T.prompt("llava")], probes=[EmbedLens(k=2), NormTracker()])
+    lens, norms = res["embed_lens"], res["norm_tracker"]
     for r in (lens, norms):
         fig = r.plot()
         assert isinstance(fig, Figure) and fig.axes

@@ -118,7 +118,7 @@ def test_pruning_dead_keeps_logits_closer_than_matched_random(planted):
     read = Activations(["unembed.hook_out"])
 
     def last_logits(**kw):
-        out = mv.run(vlm, ims, prs, probes=[read], **kw)[0]["unembed.hook_out"]
+        out = mv.run(vlm, ims, prs, probes=[read], **kw)[read]["unembed.hook_out"]
         return out[:, -1].float()
 
     base = last_logits()
@@ -187,7 +187,7 @@ def test_group_dynamics_attention_and_summary(planted):
     pr = T.prompt("llava")
     ims = [T.planted_image(truth, s)[0] for s in range(4)]
     part = calibrate(vlm, ims, pr, vit_threshold=truth["vit_threshold"], phi_threshold=truth["phi_threshold"])
-    gd, = mv.run(vlm, ims[:2], [pr] * 2, probes=[GroupDynamics(part)])
+    gd = mv.run(vlm, ims[:2], [pr] * 2, probes=[GroupDynamics(part)])["group_dynamics"]
     df = gd.to_pandas()
     lm = df[df.layer >= 0]
     # planted: dead keys are pushed to ~-40 attention logits -> no text attention; alive tokens take most of it
@@ -231,7 +231,7 @@ def test_semantic_sparsity_equals_hand_computation(planted):
     sites = ["hook_embed", "blocks.2.hook_resid_post"]
     res = semantic_sparsity(vlm, ims, pr, annotations=ann, k=5, sites=sites).to_pandas().set_index("site")
     # by hand: plain-torch cosine top-5 against the input embeddings, cell membership from the drawing
-    act, = mv.run(vlm, ims, [pr] * 2, probes=[Activations(sites, visual_only=True)])
+    act = mv.run(vlm, ims, [pr] * 2, probes=[Activations(sites, visual_only=True)])["activations"]
     E = torch.nn.functional.normalize(vlm.embedding_matrix.detach().float(), dim=-1)
     batch = vlm.prepare(ims, [pr] * 2)
     t = batch.tokens

@@ -57,7 +57,8 @@ def lens_runs(tiny_vlm):
             vlm = tiny_vlm(fam)
             ims, prs = _inputs(fam, vlm)
             batch = vlm.prepare(ims, prs)
-            el, ll = mv.run(vlm, ims, prs, probes=[EmbedLens(k=4), LogitLens(k=4)])
+            res = mv.run(vlm, ims, prs, probes=[EmbedLens(k=4), LogitLens(k=4)])
+            el, ll = res["embed_lens"], res["logit_lens"]
             cache[fam] = (vlm, batch, el, ll, *_reference_states(vlm, batch))
         return cache[fam]
 
@@ -118,10 +119,11 @@ def test_lens_sites_positions_and_ad_hoc_norm_does_not_collide(tiny_vlm):
     vlm = tiny_vlm("llava")
     ims, prs = _inputs("llava")
     sites = ["vision_projector.hook_out", "hook_embed", "blocks.0.hook_attn_out", "blocks.-1.hook_mlp_out"]
-    el, ll, act, el_text = mv.run(vlm, ims, prs, probes=[
+    res = mv.run(vlm, ims, prs, probes=[
         EmbedLens(k=3, sites=sites), LogitLens(k=3, sites=sites), Activations(["ln_final.hook_normalized",
                                                                               "blocks.0.hook_attn_out"]),
         EmbedLens(k=3, sites=["hook_embed"], positions="text")])
+    el, ll, act, el_text = res["embed_lens"], res["logit_lens"], res["activations"], res["embed_lens_1"]
     batch = vlm.prepare(ims, prs)
     states, logits = _reference_states(vlm, batch)
     with torch.no_grad():
@@ -147,7 +149,7 @@ def test_lens_sites_positions_and_ad_hoc_norm_does_not_collide(tiny_vlm):
 def test_skip_special_leaves_special_tokens_out(tiny_vlm):
     vlm = tiny_vlm("qwen2_5_vl")
     ims, prs = _inputs("qwen2_5_vl")
-    el, = mv.run(vlm, ims, prs, probes=[EmbedLens(k=10, sites=["hook_embed"], skip_special=True)])
+    el = mv.run(vlm, ims, prs, probes=[EmbedLens(k=10, sites=["hook_embed"], skip_special=True)])["embed_lens"]
     special = set(vlm.tokenizer.all_special_ids)
     assert special and not special & set(el.ids["hook_embed"].flatten().tolist())
     assert el.ids["hook_embed"].shape[1] == 10
@@ -221,7 +223,7 @@ def test_planted_visual_tokens_are_found_by_embed_lens(tmp_path):
     default = tok.convert_tokens_to_ids("the")
     vlm = mv.load(_llava_with_planted_tokens(tmp_path / "planted", targets, default))
     ims, prs = [T.image(84, 3)], [T.prompt("llava")]
-    el, = mv.run(vlm, ims, prs, probes=[EmbedLens(k=3, sites=["vision_projector.hook_out", "hook_embed"])])
+    el = mv.run(vlm, ims, prs, probes=[EmbedLens(k=3, sites=["vision_projector.hook_out", "hook_embed"])])["embed_lens"]
     top1 = el.ids["hook_embed"][:, 0]
     for j, t in targets.items():
         assert int(top1[j]) == t
@@ -305,8 +307,9 @@ def test_phi_norms_cosines_vit_norms_equal_hand_computation(tiny_vlm, fam):
     ims, prs = _inputs(fam, vlm)
     batch = vlm.prepare(ims, prs)
     dims = [3, 10, 41]
-    sc, nt, vs = mv.run(vlm, ims, prs, probes=[SinkChannels(dims=dims, threshold=2.5), NormTracker(),
-                                               ViTSinks(layer=-1, threshold=3.0)])
+    res = mv.run(vlm, ims, prs, probes=[SinkChannels(dims=dims, threshold=2.5), NormTracker(),
+                                        ViTSinks(layer=-1, threshold=3.0)])
+    sc, nt, vs = res["sink_channels"], res["norm_tracker"], res["vit_sinks"]
     st = _hooked_states(vlm, batch)
     att = batch.inputs["attention_mask"].bool()
     bos_pos = att.int().argmax(1)
@@ -384,7 +387,7 @@ def test_planted_massive_activations_are_discovered_and_flagged(tmp_path):
     vlm = mv.load(path)
     ims = [T.image(84, 0), T.image(84, 1)]
     prs = [T.prompt("llava", "is the red circle on the left ?"), T.prompt("llava", "what is it ?")]
-    sc, = mv.run(vlm, ims, prs, probes=[SinkChannels(dims="auto", threshold=4.0)])
+    sc = mv.run(vlm, ims, prs, probes=[SinkChannels(dims="auto", threshold=4.0)])["sink_channels"]
     assert sc.sink_dims == dims
     batch = vlm.prepare(ims, prs)
     att = batch.inputs["attention_mask"].bool()
@@ -415,7 +418,8 @@ def test_label_matching_on_planted_tokens(tmp_path):
     vlm = mv.load(_llava_with_planted_tokens(tmp_path / "planted2", targets, tok.convert_tokens_to_ids("the")))
     ims, prs = [T.image(84, 3), T.image(84, 4)], [T.prompt("llava"), T.prompt("llava")]
     labels = [["cat", "dog", "house"], ["Cat"]]
-    lm, el = mv.run(vlm, ims, prs, probes=[LabelMatching(labels, k=1), EmbedLens(k=1)])
+    res = mv.run(vlm, ims, prs, probes=[LabelMatching(labels, k=1), EmbedLens(k=1)])
+    lm, el = res["label_matching"], res["embed_lens"]
     df = lm.to_pandas()
     emb = df[(df.lens == "EmbedLens") & (df.site == "hook_embed")]
     assert emb.accuracy.item() == pytest.approx(3 / 4) and emb.n_labels.item() == 4
@@ -459,11 +463,12 @@ def test_all_probes_in_one_forward_any_order_and_remote_local(tiny_vlm, fam):
 
     vlm = tiny_vlm(fam)
     ims, prs = _inputs(fam)
-    alone = [mv.run(vlm, ims, prs, probes=[p])[0].to_pandas() for p in _suite()]
-    together = [r.to_pandas() for r in mv.run(vlm, ims, prs, probes=_suite())]
-    rev = [r.to_pandas() for r in mv.run(vlm, ims, prs, probes=_suite()[::-1])][::-1]
-    remote = [r.to_pandas() for r in mv.run(vlm, ims, prs, probes=_suite()[::-1], remote="local")][::-1]
-    for a, t, r, rm in zip(alone, together, rev, remote):
+    alone = {p.name: mv.run(vlm, ims, prs, probes=[p])[p].to_pandas() for p in _suite()}
+    together = {k: r.to_pandas() for k, r in mv.run(vlm, ims, prs, probes=_suite()).items()}
+    rev = {k: r.to_pandas() for k, r in mv.run(vlm, ims, prs, probes=_suite()[::-1]).items()}
+    remote = {k: r.to_pandas() for k, r in mv.run(vlm, ims, prs, probes=_suite()[::-1], remote="local").items()}
+    assert set(alone) == set(together) == set(rev) == set(remote) and len(alone) == len(_suite())
+    for a, t, r, rm in ((alone[k], together[k], rev[k], remote[k]) for k in alone):
         for other in (t, r, rm):
             pd.testing.assert_frame_equal(a, other, check_exact=False, atol=1e-6, rtol=0)
 
@@ -476,7 +481,7 @@ def test_plots_draw(tiny_vlm):
 
     vlm = tiny_vlm("internvl")
     ims, prs = _inputs("internvl")
-    for r in mv.run(vlm, ims, prs, probes=_suite()):
+    for r in mv.run(vlm, ims, prs, probes=_suite()).values():
         r.plot()
         plt.close("all")
 

@@ -21,13 +21,14 @@ def test_lenses_norms_sinks_after_prune(tiny_vlm, family):
     pruned = [0, 3, 4, 9, batch.n_visual - 1]  # visual indices (both images)
     prune = Prune(Positions(pruned))
     probes = [EmbedLens(k=3), LogitLens(k=3), NormTracker(vision=False), SinkChannels(dims=[1, 2])]
-    lens, logit, norms, sinks, _ = mv.run(vlm, imgs, prompts, probes=probes, interventions=[prune])
-    clean_lens, = mv.run(vlm, imgs, prompts, probes=[EmbedLens(k=3)])
+    res = mv.run(vlm, imgs, prompts, probes=probes, interventions=[prune])
+    lens, logit, norms, sinks = (res[p] for p in probes)
+    clean_lens = mv.run(vlm, imgs, prompts, probes=[EmbedLens(k=3)])["embed_lens"]
 
     # hook_embed is read before the prune: identical to a clean run
     assert torch.equal(lens.ids["hook_embed"], clean_lens.ids["hook_embed"])
     # reference: the pruned model's own hidden states (plain hooks), cosine top-k on its kept visual rows
-    with applied(vlm, [Prune(Positions(pruned))], batch), torch.no_grad():
+    with applied(vlm, batch, interventions=[Prune(Positions(pruned))]), torch.no_grad():
         out = vlm.hf(**batch.inputs, output_hidden_states=True)
     keep = torch.ones(batch.n_visual, dtype=torch.bool)
     keep[pruned] = False

@@ -255,7 +255,7 @@ def test_probes_interventions_generate_and_remote_run(real_vlm, ck):
     img, prompt = T.image(112, seed=0), vlm.prompt("what color is the object?")  # square: InternVL 1 tile
     probes = [EmbedLens(k=3), LogitLens(k=3), NormTracker(), SinkChannels()]
     res = mv.run(vlm, [img], [prompt], probes=probes)
-    lens = res[0].to_pandas()
+    lens = res["embed_lens"].to_pandas()
     assert len(lens) > 0
     # EmbedLens at hook_embed == plain-torch fp32 cosine top-k over the rows a token maps to, from HF's own forward
     batch = vlm.prepare([img], [prompt])
@@ -263,9 +263,9 @@ def test_probes_interventions_generate_and_remote_run(real_vlm, ck):
         h0 = vlm.hf(**batch.inputs, output_hidden_states=True).hidden_states[0][batch.visual_mask].float()
     W = vlm.hf.get_input_embeddings().weight[:len(vlm.tokenizer)].float()
     want = (F.normalize(h0, dim=1) @ F.normalize(W, dim=1).T).topk(3, dim=1).indices
-    assert torch.equal(res[0].ids["hook_embed"], want)
+    assert torch.equal(res["embed_lens"].ids["hook_embed"], want)
     local = mv.run(vlm, [img], [prompt], probes=[EmbedLens(k=3)], remote="local")
-    assert local[0].to_pandas().equals(res[0].to_pandas())
+    assert local["embed_lens"].to_pandas().equals(res["embed_lens"].to_pandas())
     # Prune(all visual): the logits of a hand-built LM forward without those columns (model dtype: its rounding)
     sel = resolve(Prune("all").tokens, batch)
     logits, _ = nn_run(vlm, batch, [Prune("all")])

@@ -248,12 +248,12 @@ def test_no_residue_after_interventions_and_exceptions(tiny_vlm, family):
     for iv in _interventions(vlm):
         mv.run(vlm, batch.images, batch.prompts, probes=[Activations(["hook_embed"])], interventions=[iv])
         assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks, f"residue after {iv!r} (nnsight)"
-        with applied(vlm, [iv], batch), torch.no_grad():
+        with applied(vlm, batch, interventions=[iv]), torch.no_grad():
             changed = vlm.hf(**batch.inputs).logits
         assert changed.shape != ref.shape or not torch.equal(changed, ref), f"{iv!r} changed nothing"
         assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks, f"residue after {iv!r} (applied)"
         with pytest.raises(RuntimeError, match="raised in the body"):
-            with applied(vlm, [iv], batch):
+            with applied(vlm, batch, interventions=[iv]):
                 raise RuntimeError("raised in the body")
         assert _hooks(vlm.hf) == hooks and torch.equal(clean(), ref)
     with pytest.raises(Exception, match="boom inside the trace"):
@@ -265,11 +265,11 @@ def test_no_residue_after_interventions_and_exceptions(tiny_vlm, family):
             raise ValueError("user error")
     assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks
     with pytest.raises(RuntimeError, match="boom"):  # inside applied: the hook raises mid-forward
-        with applied(vlm, [ZeroSublayer("all", 0)], batch, probes=[Boom()]), torch.no_grad():
+        with applied(vlm, batch, interventions=[ZeroSublayer("all", 0)], probes=[Boom()]), torch.no_grad():
             vlm.hf(**batch.inputs)
     assert torch.equal(clean(), ref) and _hooks(vlm.hf) == hooks
     # and the nnsight path still works afterwards, equal to the plain forward
-    a, = mv.run(vlm, batch.images, batch.prompts, probes=[Activations(["unembed.hook_out"])])
+    a = mv.run(vlm, batch.images, batch.prompts, probes=[Activations(["unembed.hook_out"])])["activations"]
     assert torch.equal(a["unembed.hook_out"], ref)
 
 
@@ -289,7 +289,7 @@ def test_1000_traces_flat_memory_and_no_cycles_of_ours(tiny_vlm):
         exp = vlm.experiment(batch, probes=[probe])
         with vlm.trace(**batch.inputs):
             raw = nnsight.save(exp.execute(vlm.model))
-        return exp.results(raw)[0]["hook_embed"].shape
+        return exp.results(raw)[probe]["hook_embed"].shape
 
     for _ in range(50):  # warm-up: allocator pools, caches, lazy imports
         trace()
@@ -354,7 +354,7 @@ def test_identical_twice_with_seeded_controls(tiny_vlm):
     def once():
         probes = [EmbedLens(k=3), LogitLens(k=3), NormTracker(), SinkChannels()]
         ivs = [Prune(MatchedRandom(Positions([0, 1]), seed=7))]
-        return [r.to_pandas() for r in mv.run(vlm, imgs, prompts, probes=probes, interventions=ivs)]
+        return [r.to_pandas() for r in mv.run(vlm, imgs, prompts, probes=probes, interventions=ivs).values()]
 
     for a, b in zip(once(), once()):
         pd.testing.assert_frame_equal(a, b)

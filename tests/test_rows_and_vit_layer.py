@@ -43,11 +43,12 @@ def test_lenses_leave_out_unused_rows_by_default(padded):
     vlm, batch, n_tok, h0, h1 = padded
     E, U = vlm.embedding_matrix.detach(), vlm.unembed.weight.detach()
     k = 4
-    default_e, all_e, default_l, all_l = mv.run(
+    res = mv.run(
         vlm, batch.images, batch.prompts,
         probes=[EmbedLens(k=k, sites=["hook_embed"]), EmbedLens(k=k, sites=["hook_embed"], unused_rows=True),
                 LogitLens(k=k, sites=["blocks.0.hook_resid_post"]),
                 LogitLens(k=k, sites=["blocks.0.hook_resid_post"], unused_rows=True)])
+    default_e, all_e, default_l, all_l = (res[k] for k in ("embed_lens", "embed_lens_1", "logit_lens", "logit_lens_1"))
     # the planted rows ARE the nearest neighbours over the whole matrix ...
     full = _cos_topk(h0, E, k)
     assert (full.indices[:EXTRA, 0] >= n_tok).all()
@@ -74,7 +75,7 @@ def test_vit_sinks_default_layer_is_the_one_the_lm_receives(tiny_vlm, family):
     want = n - 1 if family.startswith("qwen") else cfg_layer % n  # Qwen's merger reads the last block
     assert family.startswith("qwen") or cfg_layer in (-1, -2)
     batch = vlm.prepare([T.image(112, 0)], [T.prompt(family)])
-    res, = mv.run(vlm, batch.images, batch.prompts, probes=[ViTSinks(threshold=1.0)])
+    res = mv.run(vlm, batch.images, batch.prompts, probes=[ViTSinks(threshold=1.0)])["vit_sinks"]
     assert res.layer == want and res.site == f"vision.blocks.{want}.hook_resid_post"
     assert (res.to_pandas()["vision_layer"] == want).all()
     # plain-torch reference: HF output_hidden_states of the vision tower at the config's index (Qwen: a forward hook

@@ -120,8 +120,8 @@ def test_run_dataset_records_match_single_image_runs(tmp_path, tiny_vlm):
 
     for rid in store.records:
         im, _ = D.load_image(folder / rid)
-        alone_lens, alone_norms = mv.run(vlm, [im], [prompt(vlm, qs[rid])],
-                                         probes=[EmbedLens(k=3), NormTracker(vision=False)])
+        alone = mv.run(vlm, [im], [prompt(vlm, qs[rid])], probes=[EmbedLens(k=3), NormTracker(vision=False)])
+        alone_lens, alone_norms = alone["embed_lens"], alone["norm_tracker"]
         for got, want in ((lens[lens.record_id == rid], alone_lens.to_pandas()),
                           (norms[norms.record_id == rid], alone_norms.to_pandas())):
             got = got.drop(columns="record_id").reset_index(drop=True)
@@ -273,3 +273,14 @@ def test_store_of_another_version_is_refused_with_the_fix(tmp_path, tiny_vlm):
             call()
     again = run_dataset(tiny_vlm("llava"), src, probes=["norms"], out=tmp_path, progress=False, overwrite=True)
     assert again.records == ["0"] and again.manifest["version"] == 2
+
+
+def test_store_tables_are_named_as_results_keys():
+    """A probe object's store table has the name its result has in mv.run's Results (ViTSinks -> "vit_sinks", not
+    a second naming scheme), and a name given with .named() is kept."""
+    from mech_vtokens.probes import ViTSinks
+    from mech_vtokens.runner import _Spec
+
+    for probe, want in ((ViTSinks(), "vit_sinks"), (EmbedLens(k=2), "embed_lens"), (NormTracker(), "norm_tracker"),
+                        (EmbedLens(k=2).named("early"), "early")):
+        assert _Spec(probe, "probe", 5).name == probe.name == want

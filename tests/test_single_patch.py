@@ -19,8 +19,9 @@ def test_target_changes_only_its_own_patch(tiny_vlm, family):
     assert {s.kind for s in samples} == set(SP.KINDS)
     for s in samples:
         batch = vlm.prepare([s.image], [vlm.image_placeholder])
-        a, = mv.run(vlm, [s.image], [vlm.image_placeholder], probes=[Activations(["vision_projector.hook_out"])])
-        b, = mv.run(vlm, [s.clean], [vlm.image_placeholder], probes=[Activations(["vision_projector.hook_out"])])
+        a = mv.run(vlm, [s.image], [vlm.image_placeholder], probes=[Activations(["vision_projector.hook_out"])])
+        b = mv.run(vlm, [s.clean], [vlm.image_placeholder], probes=[Activations(["vision_projector.hook_out"])])
+        a, b = a["activations"], b["activations"]
         d = a["vision_projector.hook_out"].shape[-1]
         change = (a["vision_projector.hook_out"] - b["vision_projector.hook_out"]).reshape(-1, d).float().norm(dim=-1)
         own = int(batch.tokens["projector_rows"][s.token])

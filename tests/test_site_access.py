@@ -38,7 +38,7 @@ def test_nnsight_and_hook_backends_bit_identical(tiny_vlm, family):
         raw = nnsight.save(exp.execute(vlm.model))
         nn_logits = nnsight.save(vlm.model.output.logits)
     nn_res = exp.results(raw)
-    with applied(vlm, ivs, b, probes=probes) as run:
+    with applied(vlm, b, interventions=ivs, probes=probes) as run:
         with torch.no_grad():
             hook_logits = vlm.hf(**b.inputs).logits
     hook_res = run.experiment.results(run.raw)
@@ -49,15 +49,15 @@ def test_nnsight_and_hook_backends_bit_identical(tiny_vlm, family):
     assert int(pruned.sum()) == 3 and nn_logits.shape[1] == clean.shape[1] - int(pruned.min())
     assert not torch.allclose(nn_logits[:, -1], clean[:, -1])
     assert same(nn_logits, hook_logits)
-    for a, h in zip(nn_res[:2], hook_res[:2]):  # Activations, full and visual-only
+    for a, h in ((nn_res[p], hook_res[p]) for p in probes[:2]):  # Activations, full and visual-only
         assert a.values.keys() == h.values.keys()
         for site in a.values:
             assert same(a[site], h[site]), site
-    full, vis = nn_res[0], nn_res[1]
+    full, vis = nn_res[probes[0]], nn_res[probes[1]]
     assert full["hook_embed"].shape[1] == clean.shape[1]  # read before the prune: full length
     assert full["blocks.0.hook_resid_post"].shape[1] == nn_logits.shape[1]  # after it: shortened
     assert vis["blocks.0.hook_resid_post"].shape[0] == b.n_visual - 3  # the pruned tokens are gone
-    nt, nh = nn_res[2].to_pandas(), hook_res[2].to_pandas()
+    nt, nh = nn_res["norm_tracker"].to_pandas(), hook_res["norm_tracker"].to_pandas()
     assert len(nt) > 0 and nt.equals(nh)
 
 

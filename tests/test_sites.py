@@ -65,7 +65,7 @@ def tables(tiny_vlm):
               NormTracker(), ViTSinks(threshold=1.0), Activations(["blocks.1.hook_resid_post", "hook_embed"]),
               LabelMatching([["red"], ["blue"]], k=2, sites=lens_sites, lenses="EmbedLens")]
     res = mv.run(vlm, ims, prs, probes=probes)
-    el, ll, sc, nt, vs, act, lm = res
+    el, ll, sc, nt, vs, act, lm = (res[p] for p in probes)
     return vlm, {"EmbedLens": el.to_pandas(), "LogitLens": ll.to_pandas(), "SinkChannels": sc.to_pandas(),
                  "rank_tracking": sc.rank_tracking(), "NormTracker": nt.to_pandas(), "by_group": nt.by_group(),
                  "ViTSinks": vs.to_pandas(), "Activations": act.to_pandas(), "LabelMatching": lm.to_pandas(),
@@ -139,7 +139,7 @@ def test_sink_dims_presets_come_from_the_adapter(tiny_vlm, monkeypatch):
         mv.run(q, *_inputs("qwen2_vl"), probes=[SinkChannels(dims="llama2-7b")])
     # a preset declared on the adapter with this model's width is what the probe uses
     monkeypatch.setattr(LlavaAdapter, "sink_dims", {**LlavaAdapter.sink_dims, "tiny": (3, 10)})
-    sc, = mv.run(vlm, ims, prs, probes=[SinkChannels(dims="tiny", threshold=2.0)])
+    sc = mv.run(vlm, ims, prs, probes=[SinkChannels(dims="tiny", threshold=2.0)])["sink_channels"]
     assert sc.sink_dims == [3, 10]
-    ref, = mv.run(vlm, ims, prs, probes=[SinkChannels(dims=[3, 10], threshold=2.0)])
+    ref = mv.run(vlm, ims, prs, probes=[SinkChannels(dims=[3, 10], threshold=2.0)])["sink_channels"]
     assert sc.to_pandas().phi.equals(ref.to_pandas().phi)

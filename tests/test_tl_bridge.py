@@ -48,7 +48,8 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     ims, prs = [T.image(112, 0), T.image(96, 1)], [T.prompt(fam), T.prompt(fam, "is the red circle left ?")]
     batch = vlm.prepare(ims, prs)
     ours_sites = [s for s in vlm.sites if s not in ("lm.hook_inputs",)]
-    act, el, ll = mv.run(vlm, ims, prs, probes=[Activations(ours_sites), EmbedLens(k=3), LogitLens(k=3)])
+    res = mv.run(vlm, ims, prs, probes=[Activations(ours_sites), EmbedLens(k=3), LogitLens(k=3)])
+    act, el, ll = res["activations"], res["embed_lens"], res["logit_lens"]
 
     bridge = _boot(path)
     kw = {k: v for k, v in batch.inputs.items() if k != "input_ids"}

@@ -37,8 +37,8 @@ def test_overlay_cell_holds_the_marker(tiny_vlm, family):
     cx, cy = 0.71 * img.width, 0.36 * img.height
     hw = 3
     marked_img = _marked(img, (cx - hw, cy - hw, cx + hw, cy + hw))
-    a, = mv.run(vlm, [img], prompts, probes=[Activations(["hook_embed"], visual_only=True)])
-    b, = mv.run(vlm, [marked_img], prompts, probes=[Activations(["hook_embed"], visual_only=True)])
+    a = mv.run(vlm, [img], prompts, probes=[Activations(["hook_embed"], visual_only=True)])["activations"]
+    b = mv.run(vlm, [marked_img], prompts, probes=[Activations(["hook_embed"], visual_only=True)])["activations"]
     change = (a["hook_embed"] - b["hook_embed"]).float().norm(dim=-1)
     data = PatchOverlay(clean, 0).data()
     first_tile = [c for c in data["cells"] if c["tile"] in (-1, 0)]
@@ -76,7 +76,8 @@ def _report(vlm, family):
     imgs = [T.image(112, seed=1).resize((200, 140)), T.image(112, seed=2)]
     prompts = [T.prompt(family), T.prompt(family, "what shape ?")]
     batch = vlm.prepare(imgs, prompts)
-    e, lg = mv.run(vlm, imgs, prompts, probes=[EmbedLens(k=3), LogitLens(k=3)])
+    res = mv.run(vlm, imgs, prompts, probes=[EmbedLens(k=3), LogitLens(k=3)])
+    e, lg = res["embed_lens"], res["logit_lens"]
     norms = torch.arange(batch.n_visual, dtype=torch.float)
     rep = Report(f"report {family}")
     rep.heading("overlay").view(PatchOverlay(batch, 0, values=norms, lenses=[e, lg], title="norms"))

@@ -39,8 +39,9 @@ def _gather(vlm, images, prompts, batch_size, vit_layer, vit_threshold, sink_dim
             raise InputError("the calibration set has no visual tokens: pass images with their placeholders in the "
                              "prompts (or prompts=None for the default prompt)")
         sc = SinkChannels(dims=sink_dims, threshold=phi_threshold, sites=[llm_site], reference_site=llm_site)
-        act, vs, scr = forward(vlm, batch, [Activations(["hook_embed"], visual_only=True),
-                                            ViTSinks(layer=vit_layer, threshold=vit_threshold), sc], remote=remote)
+        acts, vit = Activations(["hook_embed"], visual_only=True), ViTSinks(layer=vit_layer, threshold=vit_threshold)
+        res = forward(vlm, batch, [acts, vit, sc], remote=remote)
+        act, vs, scr = res[acts], res[vit], res[sc]
         n_forwards += 1
         dims |= set(scr.sink_dims)
         site = vlm.adapter.canonical(llm_site)

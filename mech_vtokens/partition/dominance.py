@@ -28,7 +28,7 @@ def cluster_dominance(vlm, images, prompts=None, *, tau: float = 0.9, top: int =
     prompts = prompts or [vlm.image_placeholder] * len(images)
     clusters = []
     for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="clusters"):
-        act, = forward(vlm, batch, [Activations(["hook_embed"], visual_only=True)], remote=remote)
+        act = forward(vlm, batch, [Activations(["hook_embed"], visual_only=True)], remote=remote)["activations"]
         x = act["hook_embed"].float()
         img = batch.tokens["image"]
         clusters += [anchor_clusters(x[img == i], tau) for i in torch.unique(img).tolist()]

@@ -177,7 +177,7 @@ class Partition(Probe):
         :class:`PartitionResult` over all of them (``n_forwards`` says how many forwards ran)."""
         results = []
         for _, batch in batches(self.vlm, images, prompts, batch_size, progress):
-            results.append(forward(self.vlm, batch, [self], remote=remote)[0])
+            results.append(forward(self.vlm, batch, [self], remote=remote)[self])
         return PartitionResult.concat(results)
 
     def token_set(self, group: str):
@@ -255,7 +255,7 @@ class PartitionGroup(TokenSet):
     def visual(self, batch):
         key = id(batch)
         if key not in self._cache:
-            res = forward(self.partition.vlm, batch, [self.partition])[0]  # on the backend of the running job
+            res = forward(self.partition.vlm, batch, [self.partition])[self.partition]  # the running job's backend
             self._cache = {key: (batch, res.codes)}  # holds the batch, so its id stays unique while cached
         codes = self._cache[key][1]
         if self.group == "sinks":

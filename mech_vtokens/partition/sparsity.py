@@ -81,7 +81,7 @@ def semantic_sparsity(vlm, images, prompts=None, *, annotations, k: int = 5, rul
     lens = EmbedLens(k=k, sites=sites)
     counts, start = {}, 0
     for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="semantic sparsity"):
-        res = forward(vlm, batch, [lens], remote=remote)[0]
+        res = forward(vlm, batch, [lens], remote=remote)[lens]
         img = batch.tokens["image"]
         for site, ids in res.ids.items():
             c = counts.setdefault(site, [0, 0, 0, 0])  # object hits, object pairs, grounded tokens, tokens
@@ -99,7 +99,7 @@ def semantic_sparsity(vlm, images, prompts=None, *, annotations, k: int = 5, rul
                 c[2] += int(grounded.sum())
                 c[3] += len(m)
         start += len(torch.unique(img))
-    return SparsityResult(counts, vlm.n_layers, k)
+    return SparsityResult(counts, vlm.n_layers, k, order=vlm.adapter.forward_order)
 
 
 class SparsityResult(Result):
@@ -107,8 +107,9 @@ class SparsityResult(Result):
 
     name = "semantic_sparsity"
 
-    def __init__(self, counts, n_layers, k):
+    def __init__(self, counts, n_layers, k, order=None):
         self.counts, self.n_layers, self.k = counts, n_layers, k
+        self._order = order  # every site name in forward order: orders the table's ``site`` column
 
     def to_pandas(self):
         import pandas as pd
@@ -118,7 +119,12 @@ class SparsityResult(Result):
             layer = site_layer(s, self.n_layers)
             rows.append({"site": s, "layer": layer, "object_hit": h / n if n else float("nan"),
                          "any_grounded": g / t if t else float("nan"), "object_tokens": n, "visual_tokens": t})
-        return pd.DataFrame(rows)
+        df = pd.DataFrame(rows)
+        if self._order is not None and len(df):
+            from ..site_names import site_column
+
+            df["site"] = site_column(df["site"], self._order)
+        return df
 
     def plot(self, ax=None):
         """Fig. 7: both fractions per layer."""

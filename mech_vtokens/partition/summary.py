@@ -37,7 +37,8 @@ def summarize(vlm, images, prompts=None, *, partition=None, batch_size: int = DE
     counts = torch.zeros(len(GROUPS))
     cents = {g: [] for g in GROUPS}
     for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="summary"):
-        res, act = forward(vlm, batch, [partition, Activations(["hook_embed"], visual_only=True)], remote=remote)
+        out = forward(vlm, batch, [partition, acts := Activations(["hook_embed"], visual_only=True)], remote=remote)
+        res, act = out[partition], out[acts]
         x = act["hook_embed"].float()
         img = batch.tokens["image"]
         for gi, g in enumerate(GROUPS):

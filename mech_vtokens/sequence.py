@@ -1,0 +1,123 @@
+"""What changes when an intervention changes the sequence (``Prune``, ``VisualEntry``, ``VisualExit``; the helpers
+they share): the attention mask the decoder layers get, position ids and position embeddings, the KV cache's key
+mask. Everything but :func:`attention_kinds` runs inside the trace (torch, transformers and stdlib only; every tensor
+on the device of the value it works on).
+
+- :func:`attention_kinds` (outside the trace): per decoder layer its attention window, ``None`` for full attention,
+  from the text config's standard ``layer_types`` / ``sliding_window`` fields.
+- :func:`attention_mask`: the 4-D mask of a rebuilt sequence, built by ``transformers.masking_utils`` (causal or
+  sliding-window causal, plus the padding), in the format the language model passes its layers.
+- :func:`default_positions`, :func:`split_positions`, :func:`rotary`: position ids when the caller passed none,
+  M-RoPE's split into the rotary module's and the layers' ids, the LM's own rotary module on new ids.
+- :func:`layer_io` / :func:`pack`: a decoder layer's ``(args, kwargs)`` as ``(hidden, rest, kwargs, positional)``
+  and back.
+- :func:`extend_keys`: the 2-D key mask followed by generated tokens; :func:`refuse_single_pass`: the refusal of a
+  sequence change that would reach the prefill only. Cache slots: :func:`mech_vtokens.compat.cache_position`.
+"""
+
+from __future__ import annotations
+
+
+def attention_kinds(vlm) -> list:
+    """Per decoder layer of the language model: its sliding window (int) or None (full attention)."""
+    cfg = vlm.hf.config.get_text_config()
+    kinds = list(getattr(cfg, "layer_types", None) or ["full_attention"] * vlm.n_layers)
+    window = getattr(cfg, "sliding_window", None)
+    return [window if kind == "sliding_attention" else None for kind in kinds]
+
+
+def check_attention_kinds(vlm, who: str) -> None:
+    """Refuse layer kinds whose mask :func:`attention_mask` cannot build (chunked, linear, ...)."""
+    from .errors import InputError
+
+    cfg = vlm.hf.config.get_text_config()
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    other = kinds - {"full_attention", "sliding_attention"}
+    if other or ("sliding_attention" in kinds and not getattr(cfg, "sliding_window", None)):
+        raise InputError(f"{who}: this model has {sorted(kinds)} layers; the rebuilt mask supports full and "
+                         f"sliding-window attention (with the config's sliding_window) only")
+
+
+def attention_mask(like, keys, q: int, window=None):
+    """Causal (``window``: sliding-window causal) + padding mask for the LAST ``q`` of the ``keys.shape[1]`` key
+    positions (``keys``: (batch, keys) 2-D, 1 = attend), built by ``transformers.masking_utils`` in the format of
+    ``like`` (what the LM passes its layers): None (sdpa, when only causality masks), a bool (True = attend) or an
+    additive float (batch, 1, q, keys) of ``like``'s dtype. ``q == keys`` at a prefill, 1 on a decode step."""
+    import torch
+    from transformers.masking_utils import (causal_mask_function, eager_mask, sdpa_mask,
+                                            sliding_window_causal_mask_function)
+
+    if like is not None and not (isinstance(like, torch.Tensor) and like.ndim == 4):
+        raise ValueError(f"expected the decoder layer's attention_mask to be None or a 4-D tensor, got "
+                         f"{type(like).__name__} (flash / flex attention are not supported; load with "
+                         f"attn_implementation='eager' or 'sdpa')")
+    dev = like.device if like is not None else keys.device
+    n = keys.shape[1]
+    fn = causal_mask_function if window is None else sliding_window_causal_mask_function(int(window))
+    common = dict(batch_size=keys.shape[0], q_length=q, kv_length=n, q_offset=n - q, kv_offset=0, mask_function=fn,
+                  attention_mask=keys.to(device=dev, dtype=torch.bool), device=dev)
+    if like is not None and like.dtype != torch.bool:
+        return eager_mask(dtype=like.dtype, **common)
+    return sdpa_mask(allow_is_causal_skip=like is None, local_size=window, **common)
+
+
+def default_positions(n: int, rows: int, mrope: bool, device):
+    """The position ids the LM builds when it gets none: 0..n-1 for ``rows`` rows (on every M-RoPE axis)."""
+    import torch
+
+    return torch.arange(n, device=device).expand(*((3,) if mrope else ()), rows, n)
+
+
+def split_positions(pos, mrope):
+    """Position ids as the LM holds them -> (ids for the rotary module, ids for the decoder layers' kwarg). M-RoPE
+    (the adapter's ``rope = "mrope"``): (3, batch, n), one row per axis, no layer ids; Qwen's generate puts the text
+    positions in front of the three axes, (4, batch, n)."""
+    if not mrope:
+        return pos, pos
+    if pos.shape[0] == 4:
+        return pos[1:], pos[0]
+    return pos, None
+
+
+def rotary(model, path: str, h, pos):
+    """The LM's rotary module at ``path`` (the adapter's ``rotary_emb``) on position ids ``pos``: (cos, sin)."""
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    rot = getattr(model, "_module", model)  # the plain torch module (nnsight envoy or HF module)
+    return type(rot).forward(rot, h, pos)  # class forward: no hooks, no nnsight call
+
+
+def layer_io(value):
+    """A decoder layer's ``(args, kwargs)`` -> ``(hidden_states, other args, kwargs copy, positional)``."""
+    args, kwargs = value
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], tuple(args[1:]), kwargs, True
+    return kwargs.pop("hidden_states"), (), kwargs, False
+
+
+def pack(h, rest, kwargs, positional):
+    """The inverse of :func:`layer_io` with new hidden states ``h``."""
+    if positional:
+        return ((h,) + rest, kwargs)
+    kwargs["hidden_states"] = h
+    return (rest, kwargs)
+
+
+def extend_keys(am, b, more):
+    """The 2-D key mask ``am`` (batch, keys) followed by ``more`` generated tokens (always attended)."""
+    import torch
+
+    return torch.cat([am, torch.ones(b, more, dtype=am.dtype, device=am.device)], 1)
+
+
+def refuse_single_pass(ctx, cache, past, who):
+    """In an nnsight generate trace an Experiment run once (no ``steps``) reaches only the prefill: a
+    sequence-changing intervention would leave every decode step with the wrong mask and positions."""
+    if past == 0 and cache is not None and not ctx.get("generating"):
+        raise ValueError(
+            f"{who} inside an nnsight generate trace through an Experiment run once would change the prefill only: "
+            f"the decode steps would run with the unchanged attention mask and positions against the changed KV "
+            f"cache (wrong tokens, silently). Let it act on every step: mech_vtokens.generate(vlm, images, prompts, "
+            f"interventions=[...]), or exp.execute(vlm.model, steps=tracer.iter[:max_new_tokens]) in your trace, "
+            f"or wrap the generate call in interventions.applied(vlm, batch, interventions=[...])")
