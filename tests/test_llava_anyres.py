@@ -130,7 +130,7 @@ def test_lm_input_is_the_weighted_projector_rows_and_the_learned_newline(tiny_vl
     imgs = _images()
     prompts = _prompts(vlm, name, 2)
     batch = vlm.prepare(imgs, prompts)
-    act, = mv.run(vlm, imgs, prompts, probes=[Activations(["vision_projector.hook_out"])])
+    act = mv.run(vlm, imgs, prompts, probes=[Activations(["vision_projector.hook_out"])])["activations"]
     proj = act["vision_projector.hook_out"]
     h, present = mix_rows(proj.reshape(-1, proj.shape[-1]), batch.tokens["projector_mix"],
                           batch.tokens["projector_mix_weights"])
@@ -209,7 +209,7 @@ def test_onevision_multi_image_prompts_are_not_tiled(tiny_vlm):
     assert batch.kinds[:g * g + 1] == ["patch"] * (g * g) + ["newline"]  # no canvas: the base IS the image
     from mech_vtokens.adapters.geometry import mix_rows
 
-    act, = mv.run(vlm, nested, prompts, probes=[Activations(["vision_projector.hook_out"])])
+    act = mv.run(vlm, nested, prompts, probes=[Activations(["vision_projector.hook_out"])])["activations"]
     proj = act["vision_projector.hook_out"]
     assert proj.shape[0] == 1 + 1 + (1 + 4)  # base tiles of the two shared images, then base + 4 tiles
     h, present = mix_rows(proj.reshape(-1, proj.shape[-1]), batch.tokens["projector_mix"],
@@ -248,7 +248,7 @@ def test_vit_sinks_and_norms_leave_the_newline_tokens_out(tiny_vlm, name):
     imgs = _images()
     prompts = _prompts(vlm, name, 2)
     batch = vlm.prepare(imgs, prompts)
-    res, = mv.run(vlm, imgs, prompts, probes=[ViTSinks(threshold=1.0)])
+    res = mv.run(vlm, imgs, prompts, probes=[ViTSinks(threshold=1.0)])["vit_sinks"]
     nl = torch.from_numpy(np.array(batch.kinds) == "newline")
     assert bool(res.l2[nl].isnan().all()) and not bool(res.sinks[nl].any())
     assert not bool(res.l2[~nl].isnan().any())

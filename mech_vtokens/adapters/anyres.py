@@ -8,7 +8,8 @@ What the processor and ``pack_image_features`` do to one image (transformers 5.2
 3. every tile (base first) runs through the ViT (CLS dropped by strategy "default"); the projector maps each row;
 4. the tiles' token grids are stitched into ONE canvas grid, the padding rows / columns are cropped (``unpad_image``)
    and, for OneVision above ``anyres_max_N`` (ratio = sqrt(tokens / N tiles' worth) > 1.1), the canvas is resized
-   BILINEARLY to floor(side / ratio) per side (``interpolate_key``): such a token mixes up to 4 projector rows, from up to 4 tiles;
+   BILINEARLY to floor(side / ratio) per side (``interpolate_key``): such a token mixes up to 4 projector rows,
+   from up to 4 tiles;
 5. the LM receives: the base tokens, then the canvas ROW BY ROW (not tile by tile), each row followed by the learned
    ``image_newline`` vector (a token of kind "newline", with no region, no vision row and no projector row).
 
