@@ -5,11 +5,14 @@ inside it, ``results(raw)`` turns what came back into result objects. ``mech_vto
 them directly to compose probes inside your own ``with vlm.trace(...)`` block::
 
     batch = vlm.prepare(images, prompts)
-    exp = vlm.experiment(batch, probes=[EmbedLens(k=5)])
+    exp = vlm.experiment(batch, probes=[EmbedLens(k=5), MyRead()])   # MyRead: your own Probe (README)
     with vlm.trace(**batch.inputs) as tracer:
         raw = nnsight.save(exp.execute(vlm.model))
-        mine = nnsight.save(vlm.model.model.language_model.layers[1].output)
-    lens = exp.results(raw)["embed_lens"]
+    res = exp.results(raw)              # res["embed_lens"], res["my_read"]
+
+A read of your own written next to ``exp.execute`` in the same block (before it, or after it at a site it passes)
+asks nnsight for a site the model already ran past: make it a component as above (``execute`` raises an
+``InputError`` saying so when it sees the error; a read after it fails in nnsight with "already ran past it").
 
 Everything that runs inside the trace is in this module's ``_execute`` and the components' ``at`` methods:
 torch and stdlib only (remote-safe, shipped by value).
@@ -48,6 +51,14 @@ def _execute_steps(model, plan, decode_plan, comps, ctx, steps, out):
         else:
             break
     return out
+
+
+OWN_READS = (
+    "a read of your own in this trace asked for a site the model had already run past: exp.execute(model) visits "
+    "its planned sites in forward order, so a read of yours placed before it (or between its sites, after it) is "
+    "out of order. Write the read as a component and put it in the Experiment's list (class MyRead(Probe): "
+    "sites(vlm) -> ['blocks.1.hook_resid_post'], at(site, value, ctx, out) -> out['x'] = value ...; see the README "
+    "section 'Write your own component'), or read it in a second tracer.invoke() block")
 
 
 class Experiment:
@@ -175,9 +186,14 @@ class Experiment:
 
         ``mech_vtokens.generate`` does exactly this.
         """
-        if steps is None:
-            return _execute(model, self.plan, self.comps, self.ctx, out)
-        return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
+        try:
+            if steps is None:
+                return _execute(model, self.plan, self.comps, self.ctx, out)
+            return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
+        except Exception as err:  # noqa: BLE001 - only nnsight's out-of-order error is translated
+            if type(err).__name__ != "OutOfOrderError":
+                raise
+            raise InputError(OWN_READS + f" (nnsight: {err})") from None
 
     def results(self, raw):
         """Every component's result as a :class:`~mech_vtokens.results.Results` (keyed by the component's name,
