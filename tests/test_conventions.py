@@ -5,7 +5,6 @@ import nnsight
 import pytest
 import torch
 
-import mech_vtokens as mv
 from mech_vtokens import testing as T
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
