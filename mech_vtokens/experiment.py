@@ -28,8 +28,27 @@ from .errors import InputError
 from .sites import Site, forward_ctx, visit
 
 
+def _check_inputs(model, ctx):
+    """Runs inside the trace, at the forward's start (before any site): the trace runs the batch this Experiment
+    was built for (its plan, masks and positions belong to that batch)."""
+    want = ctx.get("batch_ids")
+    if want is None:
+        return
+    got = model.inputs[1].get("input_ids")
+    if got is None:
+        return
+    if tuple(got.shape) != tuple(want.shape) or not torch.equal(got, want.to(got.device)):
+        what = (f"{want.shape[0]} prompts x {want.shape[1]} tokens; the trace runs {got.shape[0]} x {got.shape[1]}"
+                if tuple(got.shape) != tuple(want.shape) else "the same shape, other tokens")
+        raise InputError(f"this Experiment was built for another batch ({what}): its plan, visual masks and positions "
+                         f"belong to the batch it was built with; build one per batch, exp = vlm.experiment(batch, "
+                         f"probes=..., interventions=...), and trace that batch: vlm.trace(**batch.inputs)")
+
+
 def _execute(model, plan, comps, ctx, out=None, decode=False):
     """Runs inside the trace: visit each planned site in forward order (``mech_vtokens.sites.visit``)."""
+    if not decode:
+        _check_inputs(model, ctx)
     ctxs = forward_ctx(ctx, model, decode)
     out = {} if out is None else out
     moved = {}  # ctx's tensors on each device a site of this forward runs on (a split model has several)
@@ -87,6 +106,8 @@ class Experiment:
     def _context(self, vlm, batch) -> dict:
         """The batch's ctx plus each component's extras (``ctx["mine"]`` at its sites)."""
         ctx = dict(batch.ctx)
+        ids = batch.inputs.get("input_ids") if hasattr(batch.inputs, "get") else None
+        ctx["batch_ids"] = ids if isinstance(ids, torch.Tensor) else None  # execute checks the trace runs this batch
         ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(self.comps)}
         return ctx
 

@@ -206,3 +206,26 @@ def test_evaluate_skips_a_batch_whose_condition_fails_and_says_so(tiny_vlm):
     with pytest.raises(InputError, match="empty on this batch"):
         evaluate(vlm, src, {"baseline": [], "knock": [flaky]}, batch_size=2, max_new_tokens=2, progress=False,
                  on_error="raise")
+
+
+def test_an_experiment_reused_on_another_batch_is_refused_at_the_forward_start(tiny_vlm):
+    import nnsight
+
+    from mech_vtokens.probes import EmbedLens
+
+    vlm = tiny_vlm("llava")
+    q = vlm.prompt("describe the image .")
+    a = vlm.prepare([T.image(60, seed=1)], [q])
+    others = {"more prompts": vlm.prepare([T.image(60, seed=1), T.image(60, seed=2)], [q, q]),
+              "longer prompt": vlm.prepare([T.image(60, seed=1)], [vlm.prompt("describe the image in detail .")]),
+              "same shape, other tokens": vlm.prepare([T.image(60, seed=1)], [vlm.prompt("describe the photo .")])}
+    assert others["same shape, other tokens"].inputs["input_ids"].shape == a.inputs["input_ids"].shape
+    exp = vlm.experiment(a, probes=[EmbedLens(k=3)])
+    for what, b in others.items():
+        with pytest.raises(InputError, match="built for another batch.*vlm.experiment\\(batch") as err:
+            with vlm.trace(**b.inputs):
+                nnsight.save(exp.execute(vlm.model))
+        assert "num_beams" not in str(err.value), what
+    with vlm.trace(**a.inputs):  # its own batch still runs
+        raw = nnsight.save(exp.execute(vlm.model))
+    assert exp.results(raw)["embed_lens"].ids
