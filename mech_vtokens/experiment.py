@@ -45,9 +45,10 @@ def _check_inputs(model, ctx):
                          f"probes=..., interventions=...), and trace that batch: vlm.trace(**batch.inputs)")
 
 
-def _execute(model, plan, comps, ctx, out=None, decode=False):
-    """Runs inside the trace: visit each planned site in forward order (``mech_vtokens.sites.visit``)."""
-    if not decode:
+def _execute(model, plan, comps, ctx, out=None, decode=False, check=True):
+    """Runs inside the trace: visit each planned site in forward order (``mech_vtokens.sites.visit``); ``check``:
+    first the batch (a plain trace; a generate trace reaches its forwards through ``tracer.iter``)."""
+    if check:
         _check_inputs(model, ctx)
     ctxs = forward_ctx(ctx, model, decode)
     out = {} if out is None else out
@@ -64,9 +65,9 @@ def _execute_steps(model, plan, decode_plan, comps, ctx, steps, out):
     out = {} if out is None else out
     for step in steps:
         if step == 0:
-            _execute(model, plan, comps, ctx, out)
+            _execute(model, plan, comps, ctx, out, check=False)
         elif decode_plan:
-            _execute(model, decode_plan, comps, ctx, out, decode=True)
+            _execute(model, decode_plan, comps, ctx, out, decode=True, check=False)
         else:
             break
     return out
@@ -207,10 +208,10 @@ class Experiment:
 
         ``mech_vtokens.generate`` does exactly this.
         """
-        try:
-            if steps is None:
-                return _execute(model, self.plan, self.comps, self.ctx, out)
+        if steps is not None:  # nnsight ends a loop that outran the generation with the same error class: left alone
             return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
+        try:
+            return _execute(model, self.plan, self.comps, self.ctx, out)
         except Exception as err:  # noqa: BLE001 - only nnsight's out-of-order error is translated
             if type(err).__name__ != "OutOfOrderError":
                 raise
