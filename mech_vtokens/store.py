@@ -144,7 +144,8 @@ class _Reading:
 
     @property
     def retried(self) -> dict:
-        """{id: the reason it was skipped before}: skipped records this store's last resume tried again."""
+        """{id: the reason it was skipped before}: skipped records a resume of this store tried again (each may be
+        done now, or in ``skipped`` again with its new reason)."""
         return dict(self.manifest.get("retried", {}))
 
     @property
