@@ -122,3 +122,22 @@ def test_label_matching_in_either_convention_and_bad_conventions_refused(tiny_vl
     for make in bad:
         with pytest.raises(InputError, match="layers=|output_hidden_states|LogitLens cannot read"):
             make()
+
+
+def test_own_read_in_a_second_invoke_next_to_execute_equals_plain_hf(tiny_vlm):
+    """The other pattern the out-of-order message names: the read in its own tracer.invoke() block."""
+    vlm = tiny_vlm("llava")
+    batch = vlm.prepare([T.image(60, seed=1)], [vlm.prompt("describe the image .")])
+    exp = vlm.experiment(batch, probes=[EmbedLens(k=3)])
+    with vlm.trace() as tracer:
+        with tracer.invoke(**batch.inputs):
+            raw = nnsight.save(exp.execute(vlm.model))
+        with tracer.invoke():
+            mine = nnsight.save(vlm.model.model.language_model.layers[1].output)
+    mine = mine[0] if isinstance(mine, tuple) else mine
+    hs, _ = _hf_states(vlm, batch)
+    assert torch.allclose(mine.float(), hs[2].float(), atol=1e-5, rtol=1e-4)
+    with vlm.trace(**batch.inputs):
+        ref = nnsight.save(vlm.experiment(batch, probes=[EmbedLens(k=3)]).execute(vlm.model))
+    for site, ids in exp.results(raw)["embed_lens"].ids.items():
+        assert torch.equal(ids, exp.results(ref)["embed_lens"].ids[site])
