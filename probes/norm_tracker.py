@@ -138,9 +138,9 @@ class NormResult(Result):
                 n = len(rec["l2"])
                 owner = np.full(n, -1)
                 if b.n_visual:
-                    vr = b.tokens["vision_rows"]
-                    for j in range(vr.shape[1]):
-                        owner[vr[:, j].numpy()] = np.arange(b.n_visual)
+                    from mech_vtokens.adapters.geometry import row_owner
+
+                    owner = row_owner(n, b.tokens["vision_rows"], b.tokens["vision_weights"]).numpy()
                 df = pd.DataFrame({"row": -1, "image": -1, "position": -1, "visual_index": owner,
                                    "vision_row": np.arange(n),
                                    "group": [vlab[o] if o >= 0 else "unused" for o in owner]})

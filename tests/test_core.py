@@ -105,7 +105,8 @@ def test_visual_positions_equal_processor(tiny_vlm, family):
     assert torch.equal(batch.visual_mask, ids == vlm.hf.config.image_token_id)
     # padding-aware: rows are left-padded, visual positions never fall on padding
     assert bool((batch.inputs["attention_mask"][batch.visual_mask] == 1).all())
-    expected = sum(g["rows"] * g["cols"] * g["tiles"] for g in batch.grids)
+    # anyres grids (base + canvas + newlines) state their token count; the others are rows x cols x tiles
+    expected = sum(g["tokens"] if "tokens" in g else g["rows"] * g["cols"] * g["tiles"] for g in batch.grids)
     assert batch.n_visual == expected == len(batch.tokens["image"])
 
 

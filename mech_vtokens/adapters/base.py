@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .components import Geometry
+from .geometry import Geometry
 
 # Per decoder layer, in forward order: (site suffix, module path relative to the layer, accessor kind, index).
 # "input" = the module's first input; "output" with an index = that element of a tuple output; "kwarg" = one keyword
@@ -52,7 +52,7 @@ class Adapter:
     - ``projector``: the module whose output is the projected image features (native order).
     - ``language_model``: the decoder stack that receives ``inputs_embeds``; ``decoder_layers``: its ModuleList;
       ``attn`` / ``mlp`` / ``ln2``: paths inside a decoder layer; ``final_norm``; ``lm_head``.
-    - ``geometry``: a :class:`~mech_vtokens.adapters.components.Geometry` subclass (patch grid, tiles, merge).
+    - ``geometry``: a :class:`~mech_vtokens.adapters.geometry.Geometry` subclass (patch grid, tiles, merge).
     - ``processor_class``: the processor class to build when ``AutoProcessor`` cannot (video parts need
       torchvision); ``processor_kwargs_from_config``: processor settings taken from the model config.
     - ``block_sites``: the sites of one decoder layer; ``injection`` / ``injection_layers``: vectors the model adds
@@ -289,6 +289,9 @@ class Adapter:
     vision_feature_layer_key: str | None = "vision_feature_layer"
 
     max_images_per_prompt: int | None = None
+    # The processor takes the images nested per prompt (a list of lists), e.g. OneVision, whose image processor
+    # decides from it whether an image is tiled (single-image prompts) or not (multi-image prompts).
+    images_nested: bool = False
     # BOS sink channels (``SinkChannels(dims=<preset>)``): preset name -> the LM channels that carry the massive
     # activations, per checkpoint (or the LM it was trained from) of this family. Probes only look presets up here.
     sink_dims: dict = {}
