@@ -4,10 +4,11 @@ one forward (``mech_vtokens.run(..., interventions=[...])``) and usable on a pla
 
 from .prune import Prune
 from .rescale import Rescale
-from mech_vtokens.token_sets import AllVisual, Complement, Group, MatchedRandom, Positions, TokenSet, resolve
+from mech_vtokens.token_sets import (AllVisual, Complement, Group, Kinds, MatchedRandom, Positions, TokenSet,
+                                     resolve)
 from .zero_sublayer import ZeroSublayer
 
-__all__ = ["AllVisual", "Complement", "Group", "MatchedRandom", "Positions", "Prune", "Rescale", "TokenSet",
+__all__ = ["AllVisual", "Complement", "Group", "Kinds", "MatchedRandom", "Positions", "Prune", "Rescale", "TokenSet",
            "ZeroSublayer", "resolve"]
 
 from mech_vtokens.harness import applied  # noqa: E402  (the plain-hook backend lives in the core)

@@ -34,6 +34,13 @@ Masks: :func:`mech_vtokens.sequence.attention_mask` (transformers ``masking_util
 layers from ``k`` on, so a layer with a sliding window gets the sliding-window mask of the rebuilt sequence; on a
 model with sliding-window layers generation with a KV cache is refused (see :mod:`mech_vtokens.sequence`).
 
+Vectors the model ADDS between layers (``Adapter.injection``; Qwen3-VL DeepStack after layers 0..2): the LM call
+holds one mask for all its layers while these sequences change between layers, so both take the vectors out of the LM
+call at ``lm.hook_inputs`` and add them at their sites (``blocks.{j}.hook_deepstack``) for the tokens in the sequence
+there: on the full sequence every row, in the shortened window only the tokens outside the set (at their new
+positions). A selected token's vector after a layer where it is not in the sequence is dropped (Entry: layers
+``< k``; Exit: layers ``>= k``), as the token itself is.
+
 Both act at the decoder layers' ``(args, kwargs)`` (sites ``blocks.{i}.hook_inputs`` for every ``i >= k``: the LM
 builds one mask and one position embedding for all its layers, so each layer from ``k`` on gets the ones computed at
 ``k``) and at ``lm.hook_inputs``, and take a token set (default: all visual tokens). Sites between the shortening and
@@ -49,7 +56,8 @@ from mech_vtokens.compat import cache_position, kv_cache, past_length
 from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
 from mech_vtokens.sequence import (attention_kinds, attention_mask, check_attention_kinds, default_positions,
-                                   extend_keys, layer_io, pack, refuse_single_pass, rotary, split_positions)
+                                   extend_keys, layer_io, pack, refuse_single_pass, reinjected, rotary,
+                                   split_positions)
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
 
 from ._util import layer_list
@@ -86,6 +94,12 @@ def _later_layer(site, h, rest, kwargs, positional, ctx, out):
     kwargs.update(out["_kw"])
     kwargs["attention_mask"] = out["_masks"][ctx["mine"]["windows"][site]]
     return pack(h, rest, kwargs, positional)
+
+
+def _injection_sites(vlm):
+    """{site: layer} of the vectors the model adds after a layer (``Adapter.injection``; Qwen3-VL DeepStack)."""
+    a = vlm.adapter
+    return {f"blocks.{j}.{a.injection[0]}": j for j in a.injection_layers()} if a.injection else {}
 
 
 class _Window(Intervention):
@@ -128,7 +142,26 @@ class _Window(Intervention):
         kinds, a = attention_kinds(vlm), vlm.adapter
         windows = {a.canonical(f"blocks.{i}.hook_inputs"): kinds[i] for i in range(self._layer(vlm), vlm.n_layers)}
         return dict(packed_layout(~resolve(self.tokens, batch, self.who)), mrope=vlm.adapter.rope == "mrope",
-                    k_site=a.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"), windows=windows)
+                    k_site=a.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"), windows=windows,
+                    injection=a.injection, inject_at=_injection_sites(vlm), token_kwargs=a.lm_token_kwargs)
+
+    def _take_injection(self, value, ctx, out):
+        """At the prefill's ``lm.hook_inputs``: keep the vectors the model adds between layers (DeepStack) and take
+        them out of the LM call, which holds ONE mask for all its layers while this sequence changes between layers;
+        they go back at their sites (``_put_injection``) for the tokens in the sequence there."""
+        inj = ctx["mine"]["injection"]
+        if inj is None or out["_decoding"]:
+            return value
+        args, kwargs = value
+        kwargs = dict(kwargs)
+        out["_inj"] = {"rows": kwargs.get(inj[1]), "mask": kwargs.get(inj[2])}
+        kwargs[inj[1]] = kwargs[inj[2]] = None
+        return (args, kwargs)
+
+    def _put_injection(self, site, value, ctx, out):
+        if out["_decoding"] or "_inj" not in out:
+            return None
+        return reinjected(value, ctx, out["_inj"], ctx["mine"]["inject_at"][site])
 
     def decode_sites(self, vlm):  # every decode step: each layer gets the mask of its own (shorter or full) cache
         return self.sites(vlm)
@@ -159,7 +192,8 @@ class VisualEntry(_Window):
         return a.site("lm.hook_inputs")[0], a.site(f"blocks.{self._layer(vlm)}.hook_inputs")[0]
 
     def sites(self, vlm):  # the LM builds one mask / position embedding for all layers: every layer >= k gets ours
-        return ["lm.hook_inputs"] + [f"blocks.{i}.hook_inputs" for i in range(self._layer(vlm), vlm.n_layers)]
+        return (["lm.hook_inputs"] + [f"blocks.{i}.hook_inputs" for i in range(self._layer(vlm), vlm.n_layers)]
+                + list(_injection_sites(vlm)))
 
     def layout(self, vlm, batch):
         return dict(self.extras(vlm, batch), start="lm.hook_inputs", stop=f"blocks.{self._layer(vlm)}.hook_inputs")
@@ -178,7 +212,10 @@ class VisualEntry(_Window):
                                 "pos": kw.get("position_ids")}
             else:  # decode: layer 0 (< k) caches the text window; the incoming positions are the full sequence's
                 out["_step"] = {"done": past - out["_prune"]["_state"]["width"], "pos": kw.get("position_ids")}
+            value = self._take_injection(value, ctx, out)
             return self._prune.at(site, value, ctx, out.setdefault("_prune", {}))
+        if site in ctx["mine"]["inject_at"]:
+            return self._put_injection(site, value, ctx, out)
         h, rest, kwargs, positional = layer_io(value)
         if site != ctx["mine"]["k_site"]:  # a layer after k: the full sequence's mask / positions computed at k
             return _later_layer(site, h, rest, kwargs, positional, ctx, out)
@@ -243,8 +280,9 @@ class VisualExit(_Window):
     def _window(self, vlm):
         return vlm.adapter.site(f"blocks.{self._layer(vlm)}.hook_inputs")[0], len(vlm.adapter._sites)
 
-    def sites(self, vlm):  # lm.hook_inputs: only to refuse a KV cache (generate) before any layer runs
-        return ["lm.hook_inputs"] + [f"blocks.{i}.hook_inputs" for i in range(self._layer(vlm), vlm.n_layers)]
+    def sites(self, vlm):  # lm.hook_inputs: to refuse a KV cache (generate) before any layer runs, and DeepStack
+        return (["lm.hook_inputs"] + [f"blocks.{i}.hook_inputs" for i in range(self._layer(vlm), vlm.n_layers)]
+                + list(_injection_sites(vlm)))
 
     def layout(self, vlm, batch):
         return dict(self.extras(vlm, batch), start=f"blocks.{self._layer(vlm)}.hook_inputs")
@@ -260,7 +298,10 @@ class VisualExit(_Window):
         if site == "lm.hook_inputs":
             past = _lm_step(value, ctx, out, "VisualExit")
             out["_done"] = past - ctx["mine"]["keep"].shape[1] if past else 0  # layer 0 (< k) caches everything
-            return None
+            new = self._take_injection(value, ctx, out)
+            return None if new is value else new
+        if site in ctx["mine"]["inject_at"]:
+            return self._put_injection(site, value, ctx, out)
         h, rest, kwargs, positional = layer_io(value)
         if site != ctx["mine"]["k_site"]:  # a layer after k: the shortened sequence's mask / positions computed at k
             return _later_layer(site, h, rest, kwargs, positional, ctx, out)

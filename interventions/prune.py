@@ -9,7 +9,9 @@ shortened sequence had been the input.
 
 Acts at ``lm.hook_inputs`` (the language model's ``(args, kwargs)``, right after ``hook_embed``): slices
 ``inputs_embeds``, ``attention_mask`` and ``position_ids`` (Qwen: the 3-D M-RoPE ids (3, B, L) along L; LLaVA /
-InternVL pass None: the ids the LM would have built are used). Rows that lose different numbers of tokens are
+InternVL pass None: the ids the LM would have built are used) and every per-token input the adapter declares
+(``Adapter.lm_token_kwargs``: Qwen3-VL's DeepStack mask and vectors lose the pruned tokens' entries, so the vectors
+added after the first layers land on the kept tokens). Rows that lose different numbers of tokens are
 LEFT-padded to one width, so logits come back with length ``seq'``; the last position stays each row's last token.
 Sites after the prune see the shortened sequence (``ctx["visual_mask"]`` is the shortened one); probes at
 ``hook_embed`` still see the full one.
@@ -28,7 +30,7 @@ from __future__ import annotations
 from mech_vtokens.compat import cache_position, kv_cache, past_length
 from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
-from mech_vtokens.sequence import default_positions, extend_keys, refuse_single_pass
+from mech_vtokens.sequence import default_positions, extend_keys, refuse_single_pass, slice_token_kwargs
 
 from ._util import overlap
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
@@ -63,7 +65,8 @@ class Prune(Intervention):
         return packed_layout(~resolve(self.tokens, batch, "Prune"))
 
     def extras(self, vlm, batch):
-        return dict(self.layout(vlm, batch), mrope=vlm.adapter.rope == "mrope")
+        return dict(self.layout(vlm, batch), mrope=vlm.adapter.rope == "mrope",
+                    token_kwargs=vlm.adapter.lm_token_kwargs)
 
     def at(self, site, value, ctx, out):
         import torch
@@ -102,6 +105,10 @@ class Prune(Intervention):
                 rep = (new_am.long().cumsum(1) - 1).clamp(min=0)
                 new_pos = rep.unsqueeze(0).expand(pos.shape[0], -1, -1) if mine["mrope"] else rep
                 nxt = new_pos[..., -1:] + 1
+            keep = rows_for(mine["keep"], b).to(emb.device)
+            if n > full:
+                keep = torch.cat([keep, torch.ones(b, n - full, dtype=torch.bool, device=emb.device)], 1)
+            kwargs.update(slice_token_kwargs(kwargs, mine["token_kwargs"], index, valid, keep))  # DeepStack ...
             kwargs["inputs_embeds"] = emb.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
             kwargs["attention_mask"] = new_am
             kwargs["position_ids"] = new_pos.contiguous()

@@ -366,6 +366,9 @@ class CocoInstances(Source):
             raise InputError(f"CocoInstances: {path} has no 'images' list; a COCO instances file has 'images', "
                              f"'annotations' and 'categories'")
         root = Path(images_dir) if images_dir is not None else path.parent
+        split = path.parent.parent / path.stem.removeprefix("instances_")  # the standard annotations/ + val2017/
+        if images_dir is None and path.parent.name == "annotations" and split.is_dir():
+            root = split
         cats = {c["id"]: c["name"] for c in data.get("categories", [])}
         per_image: dict = {}
         for a in data.get("annotations", []):

@@ -28,7 +28,8 @@ import torch
 
 from .defaults import MAX_NEW_TOKENS
 from .errors import InputError
-from .loop import DEFAULT_BATCH_SIZE, counted, keywords, load_records, over_records
+from .loop import DEFAULT_BATCH_SIZE, check_images_found, counted, keywords, load_records, over_records
+from .partition.partition import model_identity
 
 SCORERS = ("exact", "contains", "choice", "auto")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -174,8 +175,9 @@ class EvalResult:
     """``answers`` (DataFrame: record_id, condition, question, prediction, answers, score, seed), ``settings``,
     ``skipped`` ({record id: reason}); ``table()``: the paper-shaped table."""
 
-    def __init__(self, answers, settings, skipped):
+    def __init__(self, answers, settings, skipped, batch_errors=()):
         self.answers, self.settings, self.skipped = answers, settings, skipped
+        self.batch_errors = list(batch_errors)
 
     def table(self):
         import pandas as pd
@@ -189,6 +191,9 @@ class EvalResult:
         t["delta"] = t.score - float(base.iloc[0]) if len(base) else float("nan")
         t["interventions"] = [self.settings["conditions"][c] for c in t.condition]
         t["seed"] = self.settings["seed"]
+        # what the scores are over: records skipped (image missing, a batch whose conditions failed) are not in them
+        t.attrs["skipped"] = dict(self.skipped)
+        t.attrs["batch_errors"] = list(self.batch_errors)
         return t
 
     def __repr__(self) -> str:
@@ -234,12 +239,16 @@ def _check_generation_args(scorer, max_new_tokens, batch_size):
 @keywords
 def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MAX_NEW_TOKENS,
              batch_size: int = DEFAULT_BATCH_SIZE,
-             seed: int = 0, out=None, progress: bool = True, limit=None, shard=None) -> EvalResult:
+             seed: int = 0, out=None, progress: bool = True, limit=None, shard=None,
+             on_error: str = "skip", images_dir=None) -> EvalResult:
     """Generate an answer for every record of ``source`` (a VQA ``.jsonl`` or a Source whose records have questions
     and answers) under every condition; score with ``scorer`` ("exact", "contains", "choice", "auto": choice when
     the record has choices, else exact; or a function); return an :class:`EvalResult`. ``out``: write answers per
     batch into a Store (``Store(out).frame("answers")``) and resume a killed run; ``shard=(i, n)``: answer only
-    records i, i+n, ... (n processes with the same ``out``; the result holds every shard's answers so far)."""
+    records i, i+n, ... (n processes with the same ``out``; the result holds every shard's answers so far);
+    ``on_error="skip"`` (default): a batch whose conditions raise ``InputError`` on it (a token set empty on that
+    batch) is skipped, its records in ``skipped`` with the reason and ``table().attrs["skipped"]``; ``"raise"``
+    stops the run. Resuming retries skipped records."""
     import pandas as pd
 
     from . import data as D
@@ -248,9 +257,10 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
     conditions = _check_conditions(conditions)
     _check_generation_args(scorer, max_new_tokens, batch_size)
     shard = check_shard(shard)
-    src = D.open_source(source)
+    src = D.open_source(source, images_dir=images_dir)
     if limit is not None:
         src = D.Source(src.records[:int(limit)])
+    check_images_found(src.records, "evaluate")
     no_q = [r.id for r in src if not r.question]
     no_a = [r.id for r in src if not r.answers]
     if no_q or (no_a and not callable(scorer)):
@@ -258,7 +268,7 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
                          f"a VQA .jsonl (image / question / answer) or records with question= and answers=")
     from .component import Intervention
 
-    settings = {"model": str(vlm.source or type(vlm.hf).__name__), "seed": seed, "max_new_tokens": max_new_tokens,
+    settings = {"seed": seed, "max_new_tokens": max_new_tokens,
                 "scorer": scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "custom"),
                 "batch_size": batch_size, "greedy": True,
                 "conditions": {n: [repr(iv) if isinstance(iv, Intervention) else
@@ -266,9 +276,11 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
                                for n, ivs in conditions.items()}}
     store = over_records(src.records, _answer_step(vlm, conditions, scorer, max_new_tokens, seed), kind="evaluate",
                          settings=settings, tables=["answers"], out=out, shard=shard, batch_size=batch_size,
-                         progress=progress, desc="evaluate", unit="q")
+                         progress=progress, desc="evaluate", unit="q", identity=model_identity(vlm),
+                         on_error=on_error)
     answers, skipped = store.frame("answers"), store.skipped
-    res = EvalResult(answers if len(answers) else pd.DataFrame(columns=ANSWER_COLUMNS), settings, skipped)
+    res = EvalResult(answers if len(answers) else pd.DataFrame(columns=ANSWER_COLUMNS), settings, skipped,
+                     store.batch_errors)
     if out is not None and store.complete:  # every shard done: the table of all records
         atomic_write_bytes(store.out / "table.csv", res.table().to_csv(index=False).encode())
     return res

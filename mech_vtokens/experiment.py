@@ -5,11 +5,14 @@ inside it, ``results(raw)`` turns what came back into result objects. ``mech_vto
 them directly to compose probes inside your own ``with vlm.trace(...)`` block::
 
     batch = vlm.prepare(images, prompts)
-    exp = vlm.experiment(batch, probes=[EmbedLens(k=5)])
+    exp = vlm.experiment(batch, probes=[EmbedLens(k=5), MyRead()])   # MyRead: your own Probe (README)
     with vlm.trace(**batch.inputs) as tracer:
         raw = nnsight.save(exp.execute(vlm.model))
-        mine = nnsight.save(vlm.model.model.language_model.layers[1].output)
-    lens = exp.results(raw)["embed_lens"]
+    res = exp.results(raw)              # res["embed_lens"], res["my_read"]
+
+A read of your own written next to ``exp.execute`` in the same block (before it, or after it at a site it passes)
+asks nnsight for a site the model already ran past: make it a component as above (``execute`` raises an
+``InputError`` saying so when it sees the error; a read after it fails in nnsight with "already ran past it").
 
 Everything that runs inside the trace is in this module's ``_execute`` and the components' ``at`` methods:
 torch and stdlib only (remote-safe, shipped by value).
@@ -19,19 +22,40 @@ from __future__ import annotations
 
 import torch
 
-from .adapters.base import _resolve
+from .adapters.base import ADDEND, _resolve
 from .component import on_device
 from .errors import InputError
 from .sites import Site, forward_ctx, visit
 
 
-def _execute(model, plan, comps, ctx, out=None, decode=False):
-    """Runs inside the trace: visit each planned site in forward order (``mech_vtokens.sites.visit``)."""
+def _check_inputs(model, ctx):
+    """Runs inside the trace, at the forward's start (before any site): the trace runs the batch this Experiment
+    was built for (its plan, masks and positions belong to that batch)."""
+    want = ctx.get("batch_ids")
+    if want is None:
+        return
+    got = model.inputs[1].get("input_ids")
+    if got is None:
+        return
+    if tuple(got.shape) != tuple(want.shape) or not torch.equal(got, want.to(got.device)):
+        what = (f"{want.shape[0]} prompts x {want.shape[1]} tokens; the trace runs {got.shape[0]} x {got.shape[1]}"
+                if tuple(got.shape) != tuple(want.shape) else "the same shape, other tokens")
+        raise InputError(f"this Experiment was built for another batch ({what}): its plan, visual masks and positions "
+                         f"belong to the batch it was built with; build one per batch, exp = vlm.experiment(batch, "
+                         f"probes=..., interventions=...), and trace that batch: vlm.trace(**batch.inputs)")
+
+
+def _execute(model, plan, comps, ctx, out=None, decode=False, check=True):
+    """Runs inside the trace: visit each planned site in forward order (``mech_vtokens.sites.visit``); ``check``:
+    first the batch (a plain trace; a generate trace reaches its forwards through ``tracer.iter``)."""
+    if check:
+        _check_inputs(model, ctx)
     ctxs = forward_ctx(ctx, model, decode)
     out = {} if out is None else out
     moved = {}  # ctx's tensors on each device a site of this forward runs on (a split model has several)
+    taps = {}  # values kept for the "addend" sites of this forward (Site.tap)
     for site in plan:
-        visit(_resolve(model, site.path), site, comps, ctxs, out, moved)  # envoys resolve by attribute only
+        visit(_resolve(model, site.path), site, comps, ctxs, out, moved, taps)  # envoys resolve by attribute only
     return out
 
 
@@ -42,9 +66,9 @@ def _execute_steps(model, plan, decode_plan, comps, ctx, steps, out):
     out = {} if out is None else out
     for step in steps:
         if step == 0:
-            _execute(model, plan, comps, ctx, out)
+            _execute(model, plan, comps, ctx, out, check=False)
         elif decode_plan:
-            _execute(model, decode_plan, comps, ctx, out, decode=True)
+            _execute(model, decode_plan, comps, ctx, out, decode=True, check=False)
         else:
             break
     return out
@@ -61,6 +85,14 @@ def _listed(comps, what) -> list:
     if isinstance(comps, (str, bytes)) or not hasattr(comps, "__iter__"):
         raise InputError(f"{what}={comps!r}: give a list of components (or one), e.g. {what}=[...]")
     return list(comps)
+
+
+OWN_READS = (
+    "a read of your own in this trace asked for a site the model had already run past: exp.execute(model) visits "
+    "its planned sites in forward order, so a read of yours placed before it (or between its sites, after it) is "
+    "out of order. Write the read as a component and put it in the Experiment's list (class MyRead(Probe): "
+    "sites(vlm) -> ['blocks.1.hook_resid_post'], at(site, value, ctx, out) -> out['x'] = value ...; see the README "
+    "section 'Write your own component'), or read it in a second tracer.invoke() block")
 
 
 class Experiment:
@@ -89,6 +121,8 @@ class Experiment:
     def _context(self, vlm, batch) -> dict:
         """The batch's ctx plus each component's extras (``ctx["mine"]`` at its sites)."""
         ctx = dict(batch.ctx)
+        ids = batch.inputs.get("input_ids") if hasattr(batch.inputs, "get") else None
+        ctx["batch_ids"] = ids if isinstance(ids, torch.Tensor) else None  # execute checks the trace runs this batch
         ctx["extras"] = {cid: c.extras(vlm, batch) for cid, c in enumerate(self.comps)}
         return ctx
 
@@ -134,10 +168,17 @@ class Experiment:
                 canon = vlm.adapter.canonical(name)
                 if cid not in by_site.setdefault(canon, []):
                     by_site[canon].append(cid)
+        taps = set()  # an "addend" site is computed from values earlier in the forward: visit those too
+        for name in list(by_site):
+            _, _, kind, index = vlm.adapter.site(name)
+            if kind == ADDEND:
+                taps.update(index[:2])
+        for name in taps:
+            by_site.setdefault(name, [])
         plan = []
         for name in sorted(by_site, key=lambda n: vlm.adapter.site(n)[0]):
             _, path, kind, index = vlm.adapter.site(name)
-            plan.append(Site(name, path, kind, index, tuple(by_site[name])))
+            plan.append(Site(name, path, kind, index, tuple(by_site[name]), tap=name in taps))
         return plan
 
     def _layout_window(self, vlm, batch, interventions, plan) -> set:
@@ -188,9 +229,14 @@ class Experiment:
 
         ``mech_vtokens.generate`` does exactly this.
         """
-        if steps is None:
+        if steps is not None:  # nnsight ends a loop that outran the generation with the same error class: left alone
+            return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
+        try:
             return _execute(model, self.plan, self.comps, self.ctx, out)
-        return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
+        except Exception as err:  # noqa: BLE001 - only nnsight's out-of-order error is translated
+            if type(err).__name__ != "OutOfOrderError":
+                raise
+            raise InputError(OWN_READS + f" (nnsight: {err})") from None
 
     def results(self, raw):
         """Every component's result as a :class:`~mech_vtokens.results.Results` (keyed by the component's name,

@@ -89,6 +89,7 @@ def applied(model, batch_or_inputs, *, interventions=(), probes=()):
     state = {"decode": False}
     prefill_len = batch.visual_mask.shape[1]
     moved: dict = {}  # ctx's tensors on each device a hooked module runs on
+    taps: dict = {}  # values kept for "addend" sites (rewritten by every forward before they are read)
     handles = []
 
     def lm_pre(module, args, kwargs):
@@ -101,7 +102,7 @@ def applied(model, batch_or_inputs, *, interventions=(), probes=()):
             site = on_decode.get(site.name)
             if site is None:
                 return False
-        return visit(call, site, exp.comps, ctxs[state["decode"]], raw, moved)
+        return visit(call, site, exp.comps, ctxs[state["decode"]], raw, moved, taps)
 
     try:
         handles.append(hf.get_submodule(adapter.language_model).register_forward_pre_hook(lm_pre, with_kwargs=True))

@@ -168,42 +168,121 @@ def load_records(records, min_side=None, max_side=None, log=None):
     return ok, skipped, notes
 
 
+ON_ERROR = ("skip", "raise")
+
+
+def check_images_found(records, fn: str = "run_dataset", sample: int = 32) -> None:
+    """Up front: when none of the first ``sample`` records' image files exists, the images are elsewhere (a COCO
+    JSON in ``annotations/`` with the images in ``val2017/``): an ``InputError`` naming ``images_dir=``."""
+    import os
+    from pathlib import Path
+
+    paths = [Path(r.image) for r in list(records)[:sample] if isinstance(r.image, (str, os.PathLike))]
+    if paths and not any(p.is_file() for p in paths):
+        raise InputError(f"{fn}: none of the first {len(paths)} records' images exists (e.g. {paths[0]}); the "
+                         f"source's image paths are relative to its file's folder {paths[0].parent}: pass "
+                         f"images_dir='path/to/val2017' (the folder holding the image files)")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a resumable run: the message says how many records are committed and how to resume."""
+
+
+def _step_or_skip(step, recs, on_error, log) -> dict:
+    """One batch's ``step``; with ``on_error="skip"`` an ``InputError`` of that batch (e.g. a token set empty on
+    it) skips the batch's records with the reason instead of ending the run."""
+    try:
+        return step(recs)
+    except InputError as err:
+        if on_error == "raise":
+            raise
+        ids = [r.id for r in recs]
+        why = f"skipped: its batch failed ({err}); over_records(on_error='raise') stops on it instead"
+        if log is not None:
+            log.warning("batch of records %s skipped: %s", ids, err)
+        return {"records": [], "skipped": {rid: why for rid in ids},
+                "batch_error": {"records": ids, "reason": str(err)}}
+
+
+def _todo(records, w) -> list:
+    """This shard's records to run: those not done, as an uninterrupted run batches them, then the ones skipped
+    before (retried: an image missing then may be there now) in batches of their own, so the batches of the
+    others stay those of an uninterrupted run."""
+    mine = records[w.shard[0]::w.shard[1]]
+    skipped, done = set(w.manifest["skipped"]), w.done
+    todo = [r for r in mine if r.id not in done]
+    again = [r for r in mine if r.id in skipped]
+    if again:
+        w.retry([r.id for r in again])
+    return todo, again
+
+
 def over_records(records, step, *, kind: str, settings: dict, tables, out=None, shard=None,
                  batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False, progress: bool = False,
-                 desc: str = "records", unit: str = "record"):
+                 desc: str = "records", unit: str = "record", identity=None, on_error: str = "skip", log=None):
     """Run ``step`` over ``records`` in batches and commit each batch's rows as it goes; returns the store
     (:class:`~mech_vtokens.store.Store` of ``out``, or a :class:`~mech_vtokens.store.MemoryStore` without ``out``).
 
     ``step(batch_records) -> {"records": ids done, "frames": {table: DataFrame with record_id}, "skipped": {id:
     reason}, "notes": {...}, "dropped_rows": {table: n}}`` (all but ``records`` optional) is one batch's work: load,
     prepare, forward or generate. Only this ``shard``'s records (``(i, n)``: positions i, i+n, ...) that the store
-    does not hold yet (done or skipped, by any writer) are run, batched as an uninterrupted run batches them, so a
-    killed run resumes with no record lost or duplicated. The store is marked complete when every record is in."""
+    does not hold yet (done by any writer) are run, batched as an uninterrupted run batches them, so a killed run
+    resumes with no record lost or duplicated; records skipped before are retried after them. The store is marked
+    complete when every record is in.
+
+    - ``identity``: the model's weights fingerprint (:func:`mech_vtokens.partition.model_identity`); a store written
+      by other weights is refused (``overwrite=True`` discards it).
+    - ``on_error``: ``"skip"`` (default): a batch whose step raises ``InputError`` (a token set empty on that
+      batch, ...) is skipped whole, its records listed in ``skipped`` with the reason and in ``batch_errors``, and
+      a summary is logged at the end; ``"raise"``: the error ends the run (what was committed stays).
+    - Ctrl-C: raises :class:`Interrupted` ("interrupted; N/M records done; run the same call again to resume");
+      every committed batch stays committed."""
     from tqdm.auto import tqdm
 
-    from .store import MemoryStore, Store, Writer, shard_of
+    from .store import MemoryStore, Store, Writer
 
+    if on_error not in ON_ERROR:
+        raise InputError(f"on_error={on_error!r}: choose 'skip' (record the failing batch and go on) or 'raise'")
     records = list(records)
     check_batch_size(batch_size)
-    writer = (Writer(out, kind, settings, tables, shard, overwrite) if out is not None
-              else MemoryStore(kind, settings, tables, shard))
+    writer = (Writer(out, kind, settings, tables, shard, overwrite, identity=identity) if out is not None
+              else MemoryStore(kind, settings, tables, shard, identity=identity))
     with writer as w:
-        mine = shard_of(records, w.shard)
-        todo = [r for r in mine if r.id not in w.done]
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit=unit, desc=desc, disable=not progress,
-                   smoothing=0.1)
+        todo, again = _todo(records, w)
+        n_mine = len(records[w.shard[0]::w.shard[1]])
+        bar = tqdm(total=n_mine, initial=n_mine - len(todo) - len(again), unit=unit, desc=desc,
+                   disable=not progress, smoothing=0.1)
         try:
-            for start in range(0, len(todo), batch_size):
-                recs = todo[start:start + batch_size]
-                done = step(recs)
-                w.commit(done["records"], done.get("frames", {}), skipped=done.get("skipped"),
-                         notes=done.get("notes"), dropped_rows=done.get("dropped_rows"))
-                bar.update(len(recs))
-                bar.set_postfix(skipped=len(w.manifest["skipped"]), refresh=False)
+            for group in (todo, again):
+                for start in range(0, len(group), batch_size):
+                    recs = group[start:start + batch_size]
+                    done = _step_or_skip(step, recs, on_error, log)
+                    w.commit(done["records"], done.get("frames", {}), skipped=done.get("skipped"),
+                             notes=done.get("notes"), dropped_rows=done.get("dropped_rows"),
+                             batch_error=done.get("batch_error"))
+                    bar.update(len(recs))
+                    bar.set_postfix(skipped=len(w.manifest["skipped"]), refresh=False)
+        except KeyboardInterrupt:
+            n_done = len({r.id for r in records[w.shard[0]::w.shard[1]]} & w.done)
+            raise Interrupted(f"interrupted; {n_done}/{n_mine} records done (committed in {out or 'memory'}); run "
+                              f"the same call again to resume" + ("" if out is not None else
+                                                                    " (with out=... to keep the work)")) from None
         finally:
             bar.close()
         w.finish(r.id for r in records)
+        _summary(w, log)
     return Store(out) if out is not None else writer
+
+
+def _summary(w, log) -> None:
+    errs = w.manifest.get("batch_errors", [])
+    if errs:
+        import logging
+
+        n = sum(len(e["records"]) for e in errs)
+        (log or logging.getLogger("mech_vtokens")).warning(
+            "%d batch(es) (%d records) were skipped because their step failed, e.g. %s; they are listed in the "
+            "store's batch_errors / skipped", len(errs), n, errs[0]["reason"])
 
 
 # ---- one signature rule -----------------------------------------------------------------------------------------

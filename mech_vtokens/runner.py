@@ -28,7 +28,9 @@ import os
 from pathlib import Path
 
 from .errors import InputError
-from .loop import DEFAULT_BATCH_SIZE, DEFAULT_QUESTION, check_batch_size, forward, keywords, load_records, over_records
+from .loop import (DEFAULT_BATCH_SIZE, DEFAULT_QUESTION, check_batch_size, check_images_found, forward, keywords,
+                   load_records, over_records)
+from .partition.partition import model_identity
 from .store import Store, check_shard
 
 log = logging.getLogger("mech_vtokens.runner")
@@ -149,10 +151,14 @@ class Runner:
                  batch_size: int = DEFAULT_BATCH_SIZE, remote=False, question: str | None = None, k: int = 5,
                  progress: bool = True, limit=None,
                  overwrite: bool = False, min_side: int | None = None, max_side: int | None = None,
-                 dtype=None, device_map=None, shard=None):
+                 dtype=None, device_map=None, shard=None, on_error: str = "skip", images_dir=None):
         from . import data as D
+        from .loop import ON_ERROR
 
         self.shard = check_shard(shard)
+        if on_error not in ON_ERROR:
+            raise InputError(f"on_error={on_error!r}: choose 'skip' (record a failing batch and go on) or 'raise'")
+        self.on_error = on_error
 
         if isinstance(vlm, (str, os.PathLike)):
             from .vlm import load
@@ -177,18 +183,19 @@ class Runner:
                              "disk are probe tables; to generate answers under interventions use "
                              "mech_vtokens.evaluate")
         self.names = _names(self.probe_specs)
-        self.vlm, self.source = vlm, D.open_source(source)
+        self.vlm, self.source = vlm, D.open_source(source, images_dir=images_dir)
         if limit is not None:
             self.source = D.Source(self.source.records[:int(limit)])
         if "labels" in self.names:
             D.check_labels(self.source, vlm.tokenizer)  # an unlabelled source: say so, not an empty table
+        check_images_found(self.source.records, "run_dataset")
         self.out, self.batch_size, self.remote, self.k = Path(out), batch_size, remote, k
         self.question = question or DEFAULT_QUESTION
         self.progress, self.overwrite = progress, overwrite
         self.min_side = D.MIN_SIDE if min_side is None else int(min_side)
         self.max_side = D.MAX_SIDE if max_side is None else int(max_side)
         self.settings = {
-            "model": str(vlm.source or type(vlm.hf).__name__), "family": vlm.family,
+            "family": vlm.family,  # the model itself: its weights fingerprint (over_records' identity)
             "probes": self.names, "probe_specs": [s.desc for s in self.probe_specs],
             "interventions": [s.desc for s in self.iv_specs], "batch_size": batch_size, "question": self.question,
             "k": k, "min_side": self.min_side, "max_side": self.max_side}
@@ -227,7 +234,8 @@ class Runner:
     def run(self) -> Store:
         return over_records(self.source.records, self._step, kind="run_dataset", settings=self.settings,
                             tables=self.names, out=self.out, shard=self.shard, batch_size=self.batch_size,
-                            overwrite=self.overwrite, progress=self.progress, desc="records", unit="img")
+                            overwrite=self.overwrite, progress=self.progress, desc="records", unit="img",
+                            identity=model_identity(self.vlm), on_error=self.on_error, log=log)
 
     def _step(self, recs) -> dict:
         import pandas as pd
@@ -262,13 +270,17 @@ def run_dataset(vlm, source, *, probes=(), interventions=(), out="mech-vtokens-r
     ONE forward per batch, writing each batch's records to ``out`` as it goes; returns the :class:`Store`.
 
     - ``vlm``: a loaded model, or a hub id / directory (then ``dtype=`` / ``device_map="auto"`` pass to ``load``).
-    - ``source``: a folder, a COCO instances ``.json``, a VQA ``.jsonl`` or a :mod:`mech_vtokens.data` Source.
+    - ``source``: a folder, a COCO instances ``.json``, a VQA ``.jsonl`` or a :mod:`mech_vtokens.data` Source;
+      ``images_dir``: where a JSON's image files are (default: its folder, or ``val2017/`` beside ``annotations/``
+      for ``annotations/instances_val2017.json``); no image found raises ``InputError`` naming it.
     - ``probes``: Probe objects, suite names (``"embed_lens"``, ``"logit_lens"``, ``"norms"``, ``"sinks"``,
       ``"vit_sinks"``, ``"labels"`` — label matching from each record's labels) or factories ``f(vlm, records)``.
     - ``interventions``: Intervention objects or factories ``f(vlm, records)`` (token sets resolve per batch).
     - ``remote``: False, True (NDIF) or ``"local"`` (the remote path simulated here), passed to every trace.
     - ``question``: the prompt text for records without their own; ``k``: top-k of the suite's lenses;
       ``limit``: only the first n records; ``overwrite``: discard a previous run in ``out``; ``progress``: the bar.
+    - ``on_error``: ``"skip"`` (default) records a batch whose forward raises ``InputError`` (a token set empty on
+      that batch) as skipped with the reason (``Store.batch_errors``) and goes on; ``"raise"`` stops the run.
     - ``shard``: ``(i, n)`` runs only records i, i+n, i+2n, ... — start n processes (one per GPU, or one per task
       of a job array) with the same ``out``; see :mod:`mech_vtokens.store`.
 

@@ -13,6 +13,9 @@ on the device of the value it works on).
   and back.
 - :func:`extend_keys`: the 2-D key mask followed by generated tokens; :func:`refuse_single_pass`: the refusal of a
   sequence change that would reach the prefill only. Cache slots: :func:`mech_vtokens.compat.cache_position`.
+- :func:`slice_token_kwargs`: the other per-token LM inputs a family declares (``Adapter.lm_token_kwargs``: Qwen3-VL's
+  DeepStack mask and vectors) for the shortened sequence; :func:`reinjected`: vectors added between layers
+  (``Adapter.injection``) put back at their site for the tokens in the sequence there.
 """
 
 from __future__ import annotations
@@ -121,3 +124,53 @@ def refuse_single_pass(ctx, cache, past, who):
             f"cache (wrong tokens, silently). Let it act on every step: mech_vtokens.generate(vlm, images, prompts, "
             f"interventions=[...]), or exp.execute(vlm.model, steps=tracer.iter[:max_new_tokens]) in your trace, "
             f"or wrap the generate call in interventions.applied(vlm, batch, interventions=[...])")
+
+
+def slice_token_kwargs(kwargs, decl, index, valid, keep):
+    """The per-token LM kwargs a family declares (``Adapter.lm_token_kwargs``), for the shortened sequence
+    (``index`` / ``valid`` (batch, n'): gather index and real slots; ``keep`` (batch, n): the kept positions). A
+    ``"seq"`` entry (batch, n, ...) is gathered along the sequence (padding slots zero / False); a ``("rows", mask)``
+    entry (packed rows at the True positions of kwarg ``mask``, row-major: one tensor or a list of them, e.g.
+    Qwen3-VL's ``deepstack_visual_embeds``) keeps the rows of the kept positions, in order. Entries the call does
+    not carry (None) are left out. Returns the replacements (the old masks are read from ``kwargs``)."""
+    import torch
+
+    new = {}
+    for name, kind in decl.items():
+        v = kwargs.get(name)
+        if v is None:
+            continue
+        if kind == "seq":
+            idx = index.to(v.device)
+            ok = valid.to(v.device)
+            idx = idx.reshape(*idx.shape, *([1] * (v.ndim - 2))).expand(*idx.shape, *v.shape[2:])
+            g = v.gather(1, idx)
+            ok = ok.reshape(*ok.shape, *([1] * (v.ndim - 2)))
+            new[name] = g & ok if g.dtype == torch.bool else g * ok.to(g.dtype)
+        else:
+            m = kwargs[kind[1]]
+            k = keep.to(m.device)[m.bool()]
+            new[name] = [r[k.to(r.device)] for r in v] if isinstance(v, (list, tuple)) else v[k.to(v.device)]
+    return new
+
+
+def reinjected(value, ctx, stash, j):
+    """The vectors the model adds after layer ``j`` (``Adapter.injection``: Qwen3-VL DeepStack), put back by an
+    intervention that took them out of the LM call (VisualEntry / VisualExit: the LM holds one mask for all its
+    layers, but their sequence changes between layers): ``stash`` = {"rows": the packed rows per layer, "mask": their
+    (batch, seq) positions} of the full sequence. On the full sequence all rows go back; in the shortened window
+    (``ctx["shortened"]``) only the rows of the tokens still in it, at their new positions: a removed token's vector
+    has no position to go to."""
+    rows, mask = stash["rows"], stash["mask"]
+    if rows is None or j >= len(rows):
+        return None
+    packed = rows[j].to(value.device, value.dtype)
+    mask = mask.to(value.device)
+    if ctx.get("shortened"):
+        lay = ctx["layout"]
+        index, valid, keep = (lay[k].to(value.device) for k in ("index", "valid", "keep"))
+        packed = packed[keep[mask]]
+        mask = mask.gather(1, index) & valid
+    out = value.clone()
+    out[mask] = out[mask] + packed
+    return out

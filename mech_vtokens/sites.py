@@ -2,8 +2,9 @@
 components.
 
 A site is a module plus an accessor ``kind`` (``"output"`` with an optional tuple ``index``, ``"input"``: the first
-input, ``"inputs"``: the whole ``(args, kwargs)`` pair, ``"kwarg"``: one keyword input named by ``index``). Both
-backends go through :func:`visit`:
+input, ``"inputs"``: the whole ``(args, kwargs)`` pair, ``"kwarg"``: one keyword input named by ``index``,
+``"addend"``: a vector the model adds to the residual stream outside any module, between two decoder layers — Qwen3-VL
+DeepStack; see ``Adapter.injection``). Both backends go through :func:`visit`:
 
 - nnsight (:class:`~mech_vtokens.Experiment` in a trace): the module is an envoy, read and written through its
   ``.output`` / ``.input`` / ``.inputs``;
@@ -33,10 +34,30 @@ class Site(NamedTuple):
     index: Any
     cids: tuple
     shortened: bool = False
+    tap: bool = False  # keep this site's value (after its components) for a later "addend" site of the forward
 
 
-def read(env, kind, index):
-    """The value at a site of the module ``env`` (an nnsight envoy or a :class:`HookCall`)."""
+def _addend(x, taps, index):
+    """The (batch, seq, d) vector added to ``x`` (the next module's input): the packed rows the LM call received
+    (kwarg ``rows``, entry ``j``) scattered at its mask (kwarg ``mask``), zero elsewhere and when the call had none
+    (a decode step, a prompt without images)."""
+    import torch
+
+    _, inputs, rows, j, mask = index
+    kwargs = taps[inputs][1]
+    packed, m = kwargs.get(rows), kwargs.get(mask)
+    out = torch.zeros_like(x)
+    if packed is None or m is None or j >= len(packed):
+        return out
+    out[m.to(x.device)] = packed[j].to(x.device, x.dtype)
+    return out
+
+
+def read(env, kind, index, taps=None):
+    """The value at a site of the module ``env`` (an nnsight envoy or a :class:`HookCall`); ``taps``: the values
+    kept earlier in this forward (an "addend" site is computed from them)."""
+    if kind == "addend":
+        return _addend(env.input, taps, index)
     if kind == "output":
         value = env.output
         return value if index is None else value[index]
@@ -47,9 +68,12 @@ def read(env, kind, index):
     return env.inputs[1][index]  # kind == "kwarg"
 
 
-def write(env, kind, index, value):
-    """Replace the value at a site of ``env`` (the rest of a tuple output / of the inputs unchanged)."""
-    if kind == "output":
+def write(env, kind, index, value, taps=None):
+    """Replace the value at a site of ``env`` (the rest of a tuple output / of the inputs unchanged). An "addend":
+    the next module's input becomes the residual it is added to (``taps``) plus ``value``."""
+    if kind == "addend":
+        env.input = taps[index[0]] + value
+    elif kind == "output":
         if index is None:
             env.output = value
         else:
@@ -112,12 +136,13 @@ def forward_ctx(ctx, model, decode):
     return ctx, (dict(ctx, **after["ctx"]) if after else ctx)
 
 
-def visit(env, site, comps, ctxs, out, moved):
+def visit(env, site, comps, ctxs, out, moved, taps=None):
     """At one site of ``env``: read the value, hand it to the site's components in order, write it back if changed.
 
     ``ctxs``: :func:`forward_ctx`'s pair; ``out``: the per-component dicts of reduced results; ``moved``: a dict owned
-    by the caller (one per forward) caching ctx's tensors per device (:func:`~mech_vtokens.component.ctx_on`)."""
-    value = read(env, site.kind, site.index)
+    by the caller (one per forward) caching ctx's tensors per device (:func:`~mech_vtokens.component.ctx_on`);
+    ``taps``: a dict owned by the caller (one per forward) where a ``site.tap`` keeps its final value."""
+    value = read(env, site.kind, site.index, taps)
     c = ctx_on(ctxs[1] if site.shortened else ctxs[0], value, moved)
     changed = False
     for cid in site.cids:
@@ -126,5 +151,7 @@ def visit(env, site, comps, ctxs, out, moved):
         if new is not None:
             value, changed = new, True
     if changed:
-        write(env, site.kind, site.index, value)
+        write(env, site.kind, site.index, value, taps)
+    if site.tap:
+        taps[site.name] = value
     return changed

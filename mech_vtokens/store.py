@@ -14,7 +14,10 @@ file, fsync, ``os.replace``) and releases. Commits are serialised, so part names
 collide, no committed record is overwritten (lost) and none is committed twice (duplicated), whatever the writers'
 shards. Locks are ``filelock`` locks (``flock``): the kernel drops them when a writer dies, even by SIGKILL. A kill
 before the manifest lands leaves orphan parts that the next commit overwrites; readers only read listed parts.
-Resume = run again with the same settings: records already in the manifest (done or skipped) are not redone.
+Resume = run again with the same settings and the same model: records already done are not redone; records
+skipped (an image missing or unreadable, a batch whose step failed) are tried again (``retried`` in the manifest keeps
+their earlier reason). The model is checked by its weights fingerprint
+(:func:`mech_vtokens.partition.model_identity`), not by the path it was loaded from.
 
 Readers: ``Store(out)``; opening a store written in another format version raises :class:`InputError`.
 
@@ -140,6 +143,17 @@ class _Reading:
         return dict(self.manifest["skipped"])
 
     @property
+    def retried(self) -> dict:
+        """{id: the reason it was skipped before}: skipped records a resume of this store tried again (each may be
+        done now, or in ``skipped`` again with its new reason)."""
+        return dict(self.manifest.get("retried", {}))
+
+    @property
+    def batch_errors(self) -> list:
+        """Batches skipped whole because their step raised (``on_error="skip"``): [{"records", "reason"}]."""
+        return list(self.manifest.get("batch_errors", []))
+
+    @property
     def notes(self) -> dict:
         return dict(self.manifest["notes"])
 
@@ -215,16 +229,25 @@ class Store(_Reading):
 
 # ---- writing ---------------------------------------------------------------------------------------------------
 
-def _new_manifest(kind, settings, tables) -> dict:
+def _new_manifest(kind, settings, tables, identity=None) -> dict:
     return {"version": VERSION, "kind": kind, "settings": settings, "tables": list(tables), "parts": [],
-            "skipped": {}, "notes": {}, "dropped_rows": {}, "complete": False, "started": time.time()}
+            "skipped": {}, "notes": {}, "dropped_rows": {}, "complete": False, "started": time.time(),
+            "identity": identity, "retried": {}, "batch_errors": []}
+
+
+def _retry_into(m, ids) -> list:
+    """Move ``ids`` from ``m["skipped"]`` to ``m["retried"]`` ({id: the earlier reason})."""
+    back = [rid for rid in ids if rid in m["skipped"]]
+    for rid in back:
+        m.setdefault("retried", {})[rid] = m["skipped"].pop(rid)
+    return back
 
 
 def _done(m) -> set:
     return {r for p in m["parts"] for r in p["records"]} | set(m["skipped"])
 
 
-def _commit_into(m, tables, shard, records, frames, skipped, notes, dropped_rows, write) -> list:
+def _commit_into(m, tables, shard, records, frames, skipped, notes, dropped_rows, write, batch_error=None) -> list:
     """Merge one batch into manifest ``m`` (the commit rules of both stores): records already done are left out
     with their rows; ``write(table, seq, frame) -> (file, bytes)`` keeps a table's rows. Returns the ids added."""
     done = _done(m)
@@ -235,6 +258,8 @@ def _commit_into(m, tables, shard, records, frames, skipped, notes, dropped_rows
     for rid, note in (notes or {}).items():
         if rid in new:
             m["notes"][rid] = note
+    if batch_error is not None:  # a batch skipped whole (over_records' on_error="skip"): what and why
+        m.setdefault("batch_errors", []).append(batch_error)
     for name, k in (dropped_rows or {}).items():
         m["dropped_rows"][name] = m["dropped_rows"].get(name, 0) + k
     seq = len(m["parts"])
@@ -261,10 +286,10 @@ class Writer:
             w.finish(all_ids)
     """
 
-    def __init__(self, out, kind: str, settings: dict, tables, shard=None, overwrite: bool = False):
+    def __init__(self, out, kind: str, settings: dict, tables, shard=None, overwrite: bool = False, identity=None):
         self.out, self.kind, self.settings, self.tables = Path(out), kind, settings, list(tables)
         self.shard = check_shard(shard)
-        self.overwrite = overwrite
+        self.overwrite, self.identity = overwrite, identity
         self.manifest: dict = {}
         self._run_lock = None
 
@@ -320,12 +345,37 @@ class Writer:
                 raise InputError(f"{self.out} holds a run with other settings ({', '.join(diff)} differ: "
                                  f"{[m['settings'].get(k) for k in diff]} vs {[self.settings.get(k) for k in diff]}); "
                                  f"resume with the same settings, use a new out directory, or pass overwrite=True")
+            self._check_identity(m)
             return m
         if self.overwrite and (self.out / "parts").is_dir():
             import shutil
 
             shutil.rmtree(self.out / "parts")
-        return _new_manifest(self.kind, self.settings, self.tables)
+        return _new_manifest(self.kind, self.settings, self.tables, self.identity)
+
+    def _check_identity(self, m) -> None:
+        """The model of a resumed run must be the one that wrote the store: the same weights (fingerprint), wherever
+        they were loaded from (``./llava/`` and ``llava`` resume; other weights at one path are refused)."""
+        from .partition.partition import identity_diff
+
+        saved = m.get("identity")
+        if self.identity is None or saved is None:
+            return
+        why = identity_diff(saved, self.identity)
+        if why:
+            raise InputError(f"{self.out} was written by another model ({saved.get('name')!r}; {why}) than the one "
+                             f"loaded now ({self.identity.get('name')!r}): resuming would mix two models in one "
+                             f"store; load the model that wrote it, use a new out directory, or pass overwrite=True "
+                             f"to discard the old run")
+
+    def retry(self, ids) -> list:
+        """Take ``ids`` out of the skipped list so this run tries them again (an image that was missing may be there
+        now); the manifest keeps their earlier reason under ``retried``. Returns the ids retried."""
+        with self._lock():
+            self._reload()
+            back = _retry_into(self.manifest, ids)
+            self._save()
+        return back
 
     def _save(self) -> None:
         self.manifest["updated"] = time.time()
@@ -344,14 +394,14 @@ class Writer:
         (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
         return rel, write_parquet(self.out / rel, df)
 
-    def commit(self, records, frames: dict, skipped=None, notes=None, dropped_rows=None) -> list:
+    def commit(self, records, frames: dict, skipped=None, notes=None, dropped_rows=None, batch_error=None) -> list:
         """Commit one batch: ``records`` (ids) with their rows ``frames`` ({table: DataFrame with record_id}),
         ``skipped`` ({id: reason}), ``notes``, ``dropped_rows`` ({table: count}). Records another writer committed
         meanwhile are left out (their rows too). Returns the ids this commit added."""
         with self._lock():
             self._reload()
             new = _commit_into(self.manifest, self.tables, self.shard, records, frames, skipped, notes,
-                               dropped_rows, self._write_part)
+                               dropped_rows, self._write_part, batch_error)
             self._save()  # the commit point: the batch's records (and skips) are done from here on
         return new
 
@@ -369,9 +419,9 @@ class MemoryStore(_Reading):
     manager) and the reading one of :class:`Store` (``frame``, ``records``, ``skipped``, ...), for a job run
     without ``out`` (nothing resumes: the process holds everything)."""
 
-    def __init__(self, kind: str, settings: dict, tables, shard=None):
+    def __init__(self, kind: str, settings: dict, tables, shard=None, identity=None):
         self.shard = check_shard(shard)
-        self.manifest = _new_manifest(kind, settings, tables)
+        self.manifest = _new_manifest(kind, settings, tables, identity)
         self._frames: dict = {}
 
     def __enter__(self) -> "MemoryStore":
@@ -393,9 +443,12 @@ class MemoryStore(_Reading):
         df = self._frames[f]
         return df if columns is None else df[list(columns)]
 
-    def commit(self, records, frames: dict, skipped=None, notes=None, dropped_rows=None) -> list:
+    def commit(self, records, frames: dict, skipped=None, notes=None, dropped_rows=None, batch_error=None) -> list:
         return _commit_into(self.manifest, self.tables, self.shard, records, frames, skipped, notes, dropped_rows,
-                            self._keep)
+                            self._keep, batch_error)
+
+    def retry(self, ids) -> list:
+        return _retry_into(self.manifest, ids)
 
     def finish(self, ids) -> bool:
         self.manifest["complete"] = set(map(str, ids)) <= self.done

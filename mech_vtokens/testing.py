@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl_moe", "llava_next",
+            "llava_onevision")
 
 # Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
 from .fixtures.real import REAL_CHECKPOINTS, real_model  # noqa: E402,F401
@@ -37,11 +38,14 @@ _SPECIALS = {
                  "<|video_pad|>"],
     "internvl": ["<pad>", "<unk>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
 }
-_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen2_vl"]
+_SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen3_vl"] = _SPECIALS["qwen3_vl_moe"] = _SPECIALS["qwen2_vl"]
+_SPECIALS["llava_next"] = _SPECIALS["llava"]
+_SPECIALS["llava_onevision"] = ["<pad>", "<unk>", "<|endoftext|>", "<image>", "<video>"]
 
 # The image token of each fixture's tokenizer (the adapters declare the span around it).
 _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>",
-                "internvl": "<IMG_CONTEXT>"}
+                "internvl": "<IMG_CONTEXT>", "qwen3_vl": "<|image_pad|>", "qwen3_vl_moe": "<|image_pad|>",
+                "llava_next": "<image>", "llava_onevision": "<image>"}
 
 
 def image_span(family: str) -> str:
@@ -67,8 +71,11 @@ def _tokenizer(family: str):
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     kwargs = dict(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
-    if family == "llava":
+    if family in ("llava", "llava_next"):
         kwargs.update(bos_token="<s>", eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    elif family == "llava_onevision":
+        kwargs.update(eos_token="<|endoftext|>", extra_special_tokens={"image_token": "<image>",
+                                                                      "video_token": "<video>"})
     elif family == "internvl":
         kwargs.update(bos_token="<s>", eos_token="</s>", extra_special_tokens={
             "start_image_token": "<img>", "end_image_token": "</img>",
@@ -178,6 +185,102 @@ def _internvl(seed: int):
     return model, proc
 
 
+def _qwen3(seed: int, moe: bool):
+    """Qwen3-VL (dense / MoE): 3 vision blocks, DeepStack from blocks 0 and 1 into decoder layers 0 and 1 of 3 (so
+    one layer has none); 14-px patches like the Qwen2 fixtures (the hub's 16 px is the real fixtures' job)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from .adapters.components import videoless
+
+    tok = _tokenizer("qwen3_vl")
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, head_dim=16,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                 "rope_theta": 10000.0})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    if moe:  # every layer sparse but the last (mlp_only_layers): both MLP kinds are exercised
+        from transformers import Qwen3VLMoeConfig as C, Qwen3VLMoeForConditionalGeneration as M
+
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                    mlp_only_layers=[2])
+        arch = "Qwen3VLMoeForConditionalGeneration"
+    else:
+        from transformers import Qwen3VLConfig as C, Qwen3VLForConditionalGeneration as M
+
+        arch = "Qwen3VLForConditionalGeneration"
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as P
+
+    config = C(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = M(config).eval()
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    return model, videoless(P)(image_processor=ip, tokenizer=tok)
+# Anyres fixtures: 56-px tiles of 4x4 patches (14 px); pinpoints up to 2x2 tiles, so the test images get 1-4 tiles.
+_ANYRES_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+
+
+def _llava_next(seed: int):
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    tok = _tokenizer("llava_next")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024)
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=_ANYRES_PINPOINTS,
+                             image_seq_length=16)
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                    image_grid_pinpoints=_ANYRES_PINPOINTS)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              image_token="<image>")
+    return model, proc
+
+
+def _llava_onevision(seed: int):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig)
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    from .adapters.components import videoless
+
+    tok = _tokenizer("llava_onevision")
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024)
+    # anyres_max_3: canvases above 3 tiles' worth of tokens (48) are resized bilinearly (the 224-px test image)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                  image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=_ANYRES_PINPOINTS,
+                                  vision_aspect_ratio="anyres_max_3", tie_word_embeddings=False)
+    config.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 56, "width": 56}, image_grid_pinpoints=_ANYRES_PINPOINTS,
+                                         do_pad=True)
+    proc = videoless(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, num_image_tokens=16,
+                                              vision_feature_select_strategy="full", image_token="<image>",
+                                              video_token="<video>", vision_aspect_ratio="anyres_max_3")
+    return model, proc
+
+
 def build(family: str, seed: int = 0):
     """(model, processor) of a tiny random model of ``family``, in memory."""
     if family == "llava":
@@ -186,6 +289,12 @@ def build(family: str, seed: int = 0):
         return _qwen(seed, family == "qwen2_5_vl")
     if family == "internvl":
         return _internvl(seed)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        return _qwen3(seed, family == "qwen3_vl_moe")
+    if family == "llava_next":
+        return _llava_next(seed)
+    if family == "llava_onevision":
+        return _llava_onevision(seed)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 

@@ -8,6 +8,8 @@ mask that is shipped into the trace with the intervention's ``extras``:
   ``(row, position)`` pairs (sequence positions; must be visual positions).
 - ``Group(mask_or_indices)`` — a group from a probe / partition result (sinks, dead, alive): a boolean mask over the
   visual tokens (length ``batch.n_visual``) or a list of visual indices.
+- ``Kinds("patch", ...)`` — the visual tokens of these kinds (``batch.kinds``: "patch", "thumbnail", "newline",
+  "cls"); e.g. ``Complement(Kinds("newline"))`` leaves out LLaVA-NeXT / OneVision's learned row separators.
 - ``Complement(set)`` — the visual tokens NOT in ``set``.
 - ``MatchedRandom(set, seed=0)`` — the paper's "-Remaining" control: per image, the same number of tokens as ``set``
   has in that image, drawn uniformly from that image's tokens outside ``set``. Seeded (the authors' code is not).
@@ -84,6 +86,25 @@ class Group(TokenSet):
                                  f"({n}), got shape {tuple(m.shape)}")
             return m.clone()
         return Positions(m.reshape(-1).tolist()).visual(batch)
+
+
+class Kinds(TokenSet):
+    """The visual tokens whose kind (``batch.kinds``) is one of ``kinds``."""
+
+    def __init__(self, *kinds: str):
+        from mech_vtokens.adapters.geometry import KINDS
+
+        bad = [k for k in kinds if k not in KINDS]
+        if not kinds or bad:
+            raise InputError(f"Kinds{kinds!r}: name one or more token kinds of {KINDS}"
+                             + (f" ({', '.join(map(repr, bad))} is none)" if bad else ""))
+        self.kinds = tuple(kinds)
+
+    def visual(self, batch):
+        from mech_vtokens.adapters.geometry import KINDS
+
+        codes = torch.tensor([KINDS.index(k) for k in self.kinds])
+        return torch.isin(batch.tokens["kind"], codes)
 
 
 class Complement(TokenSet):

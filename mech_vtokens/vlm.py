@@ -30,8 +30,10 @@ class Batch:
 
     - ``inputs``: the processor output, ready for ``vlm.trace(**batch.inputs)``.
     - ``visual_mask`` (batch, seq) bool; ``visual_positions``: (n_visual, 2) [row, position] in that order.
-    - ``tokens``: the geometry of every visual token (see ``Geometry``): image, tile, row, col, box, vision/projector
-      rows; ``grids``: the token grid of each image; ``image_sizes``: (width, height) of the original images.
+    - ``tokens``: the geometry of every visual token (see ``Geometry``): image, tile, row, col, kind, box (NaN where
+      a token has no region), vision/projector rows and weights; ``kinds``: the kind name of every visual token
+      ("patch", "thumbnail", "newline", "cls"); ``grids``: the token grid of each image; ``image_sizes``: (width,
+      height) of the original images.
     - ``images``: the original images (RGB), in processor order; ``ctx``: the small dict shipped into the trace.
     - ``visual_tokens_per_image``: how many visual tokens each image became (processor order).
     """
@@ -55,6 +57,14 @@ class Batch:
     @property
     def n_visual(self) -> int:
         return int(self.visual_mask.sum())
+
+    @property
+    def kinds(self) -> list[str]:
+        """The kind of every visual token (``batch.visual_positions`` order): "patch", "thumbnail", "newline" or
+        "cls" (``mech_vtokens.adapters.geometry.KINDS``). Select by kind with ``token_sets.Kinds``."""
+        from .adapters.geometry import KINDS
+
+        return [KINDS[k] for k in self.tokens["kind"].tolist()]
 
     def __len__(self) -> int:
         return int(self.visual_mask.shape[0])
@@ -227,8 +237,9 @@ class VLM:
             flat.extend(im.convert("RGB") for im in ims)
             image_of_row.extend([row] * len(ims))
         kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)
-        if flat:
-            kwargs["images"] = flat
+        if flat:  # nested per prompt (the prompts that have images) where the family's processor wants it
+            kwargs["images"] = flat if not self.adapter.images_nested else [
+                [im for im, r in zip(flat, image_of_row) if r == row] for row in dict.fromkeys(image_of_row)]
         inputs = dict(self.processor(**kwargs))
         dtype = self.hf.dtype
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():

@@ -100,11 +100,15 @@ class LabelMatching(Probe):
     """A(ℓ) of eq. 2 (paper Sec. 3.2, Fig. 3) for EmbedLens and LogitLens, in one forward.
 
     ``LabelMatching(labels, k=5, rule="whole_word", sites=None, lenses=("EmbedLens", "LogitLens"),
-    skip_special=False)``; ``labels``: one list of label strings per image of the batch (processor order).
+    skip_special=False, layers="blocks")``; ``labels``: one list of label strings per image of the batch
+    (processor order). ``layers="hidden_states"``: the paper authors' convention (the index into HF
+    ``output_hidden_states``, 0 = the LM input, the last entry after the final norm; the table's column is then
+    ``hidden_state``) instead of the library's (``layer``: the output of block i, -1 = the LM input, the last block
+    read before the final norm); see ``probes/lens.py``.
     """
 
     def __init__(self, labels, k: int = 5, rule: str = "whole_word", sites=None,
-                 lenses=("EmbedLens", "LogitLens"), skip_special: bool = False):
+                 lenses=("EmbedLens", "LogitLens"), skip_special: bool = False, layers: str = "blocks"):
         if rule not in RULES:
             raise InputError(f"rule={rule!r}: choose one of {RULES}")
         known = {"EmbedLens": EmbedLens, "LogitLens": LogitLens}
@@ -112,7 +116,8 @@ class LabelMatching(Probe):
         if not lenses or any(lens not in known for lens in lenses):
             raise InputError(f"lenses={lenses!r}: choose from {tuple(known)}")
         self.labels, self.k, self.rule, self.lens_names = labels, k, rule, lenses
-        self._lenses = [known[n](k=k, sites=sites, skip_special=skip_special) for n in lenses]
+        self.layers = layers
+        self._lenses = [known[n](k=k, sites=sites, skip_special=skip_special, layers=layers) for n in lenses]
 
     def sites(self, vlm):
         out = []
@@ -176,17 +181,38 @@ class LabelMatchingResult(Result):
     def hits(self):
         import pandas as pd
 
-        from mech_vtokens.site_names import site_column, site_layer
+        from mech_vtokens.site_names import site_column
 
         df = pd.DataFrame(self._records)
-        df.insert(2, "layer", [site_layer(s, self._n_layers) for s in df.site])
+        of = {res.lens: res for res in self.lenses}
+        col = self.layer_column
+        df.insert(2, col, [of[lens].layer_of(s) for lens, s in zip(df.lens, df.site)])
         df["site"] = site_column(df["site"], self.lenses[0]._order)
-        return df[["lens", "site", "layer", "image", "label", "hit"]]
+        df = df[["lens", "site", col, "image", "label", "hit"]]
+        df.attrs["layers"] = self.layers
+        return df
+
+    @property
+    def layers(self) -> str:
+        """The layer convention of the table: ``"blocks"`` (column ``layer``) or ``"hidden_states"`` (column
+        ``hidden_state``), that of the lens results it was scored from."""
+        conv = {res.layers for res in self.lenses}
+        if len(conv) > 1:
+            raise InputError(f"LabelMatching: lens results in both layer conventions {sorted(conv)}; score results "
+                             f"of one convention (layers='blocks' or 'hidden_states') together")
+        return conv.pop()
+
+    @property
+    def layer_column(self) -> str:
+        return self.lenses[0].layer_column if self.layers == "hidden_states" else "layer"
 
     def to_pandas(self):
         h = self.hits()
-        g = h.groupby(["lens", "site", "layer"], sort=False).hit
-        return g.mean().rename("accuracy").to_frame().join(g.size().rename("n_labels")).reset_index()
+        col = self.layer_column
+        g = h.groupby(["lens", "site", col], sort=False).hit
+        df = g.mean().rename("accuracy").to_frame().join(g.size().rename("n_labels")).reset_index()
+        df.attrs["layers"] = self.layers
+        return df
 
     def plot(self, ax=None):
         """Fig. 3: A(ℓ) per layer for each lens."""
@@ -196,8 +222,9 @@ class LabelMatchingResult(Result):
         if ax is None:
             _, ax = subplots(figsize=(6, 4))
         for lens, d in df.groupby("lens", sort=False):
-            ax.plot(d.layer, d.accuracy, marker="o", label=lens)
-        ax.set_xlabel("layer (-1 = LM input)")
+            ax.plot(d[self.layer_column], d.accuracy, marker="o", label=lens)
+        ax.set_xlabel("layer (-1 = LM input; the output of block i)" if self.layers == "blocks" else
+                      "output_hidden_states index (0 = LM input; the last after the final norm)")
         ax.set_ylabel("label-token matching A(ℓ)")
         ax.legend()
         return figure_of(ax)

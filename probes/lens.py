@@ -37,9 +37,10 @@ _LM_SITES_MSG = ("the lenses read LM sites only: 'vision_projector.hook_out', 'h
 def _select(site, value, mine, ctx):
     """The (n, d) rows a lens reads at ``site`` (projector rows, or the selected (row, position) pairs) and which of
     them exist (after a Prune the removed tokens' rows do not)."""
-    if site == "vision_projector.hook_out":
-        rows = value.reshape(-1, value.shape[-1])[mine["projector_rows"]]
-        return rows, torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    if site == "vision_projector.hook_out":  # a token's mix of projector rows (one row, or none: a newline)
+        from mech_vtokens.adapters.geometry import mix_rows
+
+        return mix_rows(value.reshape(-1, value.shape[-1]), mine["projector_mix"], mine["projector_mix_weights"])
     return select_rows(value, mine["select"], ctx)
 
 
@@ -107,8 +108,44 @@ def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> str:
 
 
 
-def _default_sites(vlm):
-    return ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
+LAYERS = ("blocks", "hidden_states")
+
+
+def _default_sites(vlm, layers="blocks", allow_final=True):
+    """``"blocks"``: hook_embed + every block's output. ``"hidden_states"``: HF's ``output_hidden_states`` entries
+    (the LM input, blocks 0..n-2, and the last entry AFTER the final norm: ``ln_final`` for EmbedLens; LogitLens
+    applies the final norm itself, so its last entry reads block n-1, normed once, i.e. the model's logits)."""
+    n = vlm.n_layers
+    if layers == "hidden_states" and allow_final:
+        return ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(n - 1)] + ["ln_final.hook_normalized"]
+    return ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(n)]
+
+
+def hidden_state_index(site: str, n_layers: int, allow_final: bool = True):
+    """The index into HF's ``output_hidden_states`` (0 = the LM input, ``n_layers`` = the last, after the final
+    norm) that a lens at canonical ``site`` reads, or None when the site is no entry of it."""
+    import re
+
+    if site == "hook_embed":
+        return 0
+    if site == "ln_final.hook_normalized":
+        return n_layers if allow_final else None
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", site)
+    if m is None:
+        return None
+    i = int(m.group(1))
+    if m.group(2) == "pre":
+        return i
+    return None if (allow_final and i == n_layers - 1) else i + 1  # EmbedLens: block n-1 is before the norm
+
+
+def check_layers(layers, who: str) -> str:
+    if layers not in LAYERS:
+        raise InputError(f"{who}: layers={layers!r}; choose 'blocks' (the library's: layer i = the output of block "
+                         f"i, -1 = the LM input, the last block read before the final norm) or 'hidden_states' (the "
+                         f"paper authors': the index into HF output_hidden_states, 0 = the LM input, the last entry "
+                         f"after the final norm)")
+    return layers
 
 
 def _check_sites(vlm, names, lens, allow_final=True):
@@ -155,7 +192,8 @@ class _Lens(Probe):
     _allow_final = True
 
     def __init__(self, k: int = 5, sites=None, positions="visual", chunk: int = 8192, skip_special: bool = False,
-                 candidates: int | None = None, unused_rows: bool = False):
+                 candidates: int | None = None, unused_rows: bool = False, layers: str = "blocks"):
+        self.layers = check_layers(layers, type(self).__name__)
         if not isinstance(unused_rows, bool):
             raise InputError(f"{type(self).__name__}: unused_rows={unused_rows!r}; "
                              f"pass True (search the matrix rows no "
@@ -188,8 +226,17 @@ class _Lens(Probe):
         return rows if self.unused_rows else min(rows, len(vlm.tokenizer))
 
     def sites(self, vlm):
-        names = self.site_names if self.site_names is not None else _default_sites(vlm)
-        return _check_sites(vlm, names, type(self).__name__, self._allow_final)
+        names = (self.site_names if self.site_names is not None
+                 else _default_sites(vlm, self.layers, self._allow_final))
+        sites = _check_sites(vlm, names, type(self).__name__, self._allow_final)
+        if self.layers == "hidden_states":
+            bad = [s for s in sites if hidden_state_index(s, vlm.n_layers, self._allow_final) is None]
+            if bad:
+                last = "ln_final.hook_normalized" if self._allow_final else f"blocks.{vlm.n_layers - 1}.hook_resid_post"
+                raise InputError(f"{type(self).__name__}(layers='hidden_states'): {bad} is no output_hidden_states "
+                                 f"entry; give hook_embed, blocks.{{i}}.hook_resid_pre / hook_resid_post or {last} "
+                                 f"(the last entry, after the final norm), or use layers='blocks'")
+        return sites
 
     def check(self, vlm, batch):
         sites = self.sites(vlm)
@@ -215,7 +262,8 @@ class _Lens(Probe):
                 "n_cand": self.candidates or max(2 * self.k, self.k + 3), "small_ids": vocab <= 32767,
                 "skip": None, "rows": vocab}
         if "vision_projector.hook_out" in self.sites(vlm):
-            mine["projector_rows"] = batch.tokens["projector_rows"]
+            mine["projector_mix"] = batch.tokens["projector_mix"]
+            mine["projector_mix_weights"] = batch.tokens["projector_mix_weights"]
         if self.skip_special:
             mine["skip"] = torch.tensor(_special_ids(vlm.tokenizer, vocab), dtype=torch.long)
         return mine
@@ -238,7 +286,7 @@ class _Lens(Probe):
             d = raw[s]
             data[s] = (d["ids"].long(), d["scores"].float(), int(d["fallbacks"]))
         return LensResult(type(self).__name__, data, _token_frame(batch, self.positions, sites), vlm.tokenizer,
-                          vlm.n_layers, batch, vlm.adapter.forward_order)
+                          vlm.n_layers, batch, vlm.adapter.forward_order, self.layers, self._allow_final)
 
 
 def _token_frame(batch, positions, sites):
@@ -256,12 +304,16 @@ def _token_frame(batch, positions, sites):
 
 class LensResult(Result):
     """Top-k tokens per read token per site. ``ids[site]`` / ``scores[site]``: (n_tokens, k) tensors;
-    ``to_pandas()``: columns row, image, site, layer, position, visual_index, rank, token_id, token, score."""
+    ``to_pandas()``: columns row, image, site, layer, position, visual_index, rank, token_id, token, score.
+
+    The layer column says its convention by its name (and ``df.attrs["layers"]``): ``layer`` (``layers="blocks"``,
+    the library's: the output of block i, -1 = the LM input) or ``hidden_state`` (``layers="hidden_states"``, the
+    paper authors': the index into HF ``output_hidden_states``, the last entry after the final norm)."""
 
     name = "lens"
 
-    def __init__(self, lens, data, frames, tokenizer, n_layers, batch, order):
-        self.lens = lens
+    def __init__(self, lens, data, frames, tokenizer, n_layers, batch, order, layers="blocks", allow_final=True):
+        self.lens, self.layers, self._allow_final = lens, layers, allow_final
         self.ids = {s: v[0] for s, v in data.items()}
         self.scores = {s: v[1] for s, v in data.items()}
         self.fallbacks = {s: v[2] for s, v in data.items()}  # tokens redone over the full vocabulary in fp32
@@ -283,7 +335,7 @@ class LensResult(Result):
             n, k = ids.shape
             df = frame.loc[frame.index.repeat(k)].reset_index(drop=True)
             df.insert(2, "site", site)
-            df.insert(3, "layer", site_layer(site, self._n_layers))
+            df.insert(3, self.layer_column, self.layer_of(site))
             df["rank"] = np.tile(np.arange(k), n)
             df["token_id"] = ids.reshape(-1).numpy()
             parts.append(df.assign(score=self.scores[site].reshape(-1).numpy()))
@@ -291,7 +343,19 @@ class LensResult(Result):
         df["site"] = site_column(df["site"], self._order)
         df.insert(df.columns.get_loc("score"), "token", self._decode(df["token_id"].to_numpy()))
         df["lens"] = self.lens
+        df.attrs["layers"] = self.layers
         return df
+
+    @property
+    def layer_column(self) -> str:
+        """``"layer"`` (layers="blocks") or ``"hidden_state"`` (layers="hidden_states")."""
+        return "hidden_state" if self.layers == "hidden_states" else "layer"
+
+    def layer_of(self, site: str) -> int:
+        """The number of ``site`` in this result's convention."""
+        if self.layers == "hidden_states":
+            return hidden_state_index(site, self._n_layers, self._allow_final)
+        return site_layer(site, self._n_layers)
 
     def top1(self, site):
         """(n_tokens,) top-1 ids at ``site``."""

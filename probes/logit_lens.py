@@ -30,8 +30,10 @@ class LogitLens(_Lens):
     """LogitLens: top-k of ``lm_head(final_norm(h))`` at each site (paper Sec. 3.2, Fig. 3 comparison).
 
     ``LogitLens(k=5, sites=None, positions="visual", chunk=8192, skip_special=False, candidates=None,
-    logprobs=False, unused_rows=False)``. Default sites as EmbedLens (``hook_embed`` + every
+    logprobs=False, unused_rows=False, layers="blocks")``. Default sites as EmbedLens (``hook_embed`` + every
     ``blocks.{i}.hook_resid_post``); ``ln_final.hook_normalized`` is not accepted (the norm would be applied twice).
+    ``layers="hidden_states"`` (the authors' numbering, see ``probes/lens.py``): the last block's entry is numbered
+    ``n_layers`` (normed once: the model's own logits).
     Rows of the unembedding at or beyond ``len(tokenizer)`` (no token maps to them) are left out unless
     ``unused_rows=True`` (log-probabilities are normalised over the rows searched).
     """
@@ -39,8 +41,9 @@ class LogitLens(_Lens):
     _allow_final = False
 
     def __init__(self, k: int = 5, sites=None, positions="visual", chunk: int = 8192, skip_special: bool = False,
-                 candidates: int | None = None, logprobs: bool = False, unused_rows: bool = False):
-        super().__init__(k, sites, positions, chunk, skip_special, candidates, unused_rows)
+                 candidates: int | None = None, logprobs: bool = False, unused_rows: bool = False,
+                 layers: str = "blocks"):
+        super().__init__(k, sites, positions, chunk, skip_special, candidates, unused_rows, layers)
         if not isinstance(logprobs, bool):
             raise InputError(f"logprobs={logprobs!r}: pass True (log-probabilities) or False (logits)")
         self.logprobs = logprobs

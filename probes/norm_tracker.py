@@ -2,7 +2,9 @@
 and every LM layer, and the layer-to-layer cosine similarity (how much each layer changes a token).
 
 Sites: ``vision.blocks.{i}.hook_resid_post`` for every vision layer (``vision=True``) and ``hook_embed`` +
-``blocks.{i}.hook_resid_post`` for every LM layer (``lm=True``). ``cos_prev`` is the cosine between a token's state
+``blocks.{i}.hook_resid_post`` for every LM layer (``lm=True``), plus the vectors a family adds between layers
+(Qwen3-VL DeepStack, ``blocks.{i}.hook_deepstack``: their own norms; ``cos_prev`` NaN, and the chain of
+``cos_prev`` skips them). ``cos_prev`` is the cosine between a token's state
 at a site and at the previous site of the same tower (NaN at the first site of each tower). LM rows: every attended
 position; vision rows: every row of the block output flattened to (-1, d) (LLaVA keeps its CLS row, Qwen packs all
 images in one sequence; ``vision_row`` says which).
@@ -23,6 +25,13 @@ from mech_vtokens.results import Result, token_frame
 from mech_vtokens.site_names import parse_site, site_column
 
 
+def _injected(vlm, i):
+    """The site of the vector the model adds to the residual stream after LM layer ``i`` (Qwen3-VL DeepStack:
+    ``blocks.{i}.hook_deepstack``), as the adapter declares it; none for most families."""
+    a = vlm.adapter
+    return [f"blocks.{i}.{a.injection[0]}"] if a.injection and i in a.injection_layers() else []
+
+
 class NormTracker(Probe):
     """L1 / L2 norm and layer-to-layer cosine per token at every vision and LM layer (paper Secs. 5.2, 6.2)."""
 
@@ -36,7 +45,10 @@ class NormTracker(Probe):
         if self.vision:
             out += [f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)]
         if self.lm:
-            out += ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
+            out += ["hook_embed"]
+            for i in range(vlm.n_layers):
+                out.append(f"blocks.{i}.hook_resid_post")
+                out += _injected(vlm, i)
         return out
 
     def check(self, vlm, batch):
@@ -52,7 +64,8 @@ class NormTracker(Probe):
         towers = {s: vlm.adapter.parse_site(s).tower for s in sites}
         firsts = [s for j, s in enumerate(sites) if j == 0 or towers[sites[j - 1]] != towers[s]]
         return {"select": att, "first": firsts, "last": sites[-1],
-                "vision": [s for s in sites if towers[s] == "vision"]}
+                "vision": [s for s in sites if towers[s] == "vision"],
+                "side": [s for i in range(vlm.n_layers) for s in _injected(vlm, i)] if self.lm else []}
 
     def at(self, site, value, ctx, out):
         mine = ctx["mine"]
@@ -62,19 +75,21 @@ class NormTracker(Probe):
             x = x.float()
             rec = {"l1": x.abs().sum(-1), "l2": x.norm(dim=-1)}
             prev = out.get("_prev")
-            if site in mine["first"] or prev is None or prev.shape != x.shape:
+            side = site in mine["side"]  # a vector added between layers: its own norm, outside the cos chain
+            if side or site in mine["first"] or prev is None or prev.shape != x.shape:
                 rec["cos_prev"] = torch.full_like(rec["l2"], float("nan"))
             else:
                 rec["cos_prev"] = torch.nn.functional.cosine_similarity(x, prev, dim=-1)
             out[site] = rec
             if site == mine["last"]:
                 out.pop("_prev", None)
-            else:
+            elif not side:
                 out["_prev"] = x
 
     def collect(self, raw, batch, vlm):
-        return NormResult({s: raw[s] for s in self.sites(vlm)}, batch, self.extras(vlm, batch)["select"],
-                          self.groups, vlm.n_layers, vlm.adapter.forward_order)
+        ex = self.extras(vlm, batch)
+        return NormResult({s: raw[s] for s in self.sites(vlm)}, batch, ex["select"], self.groups, vlm.n_layers,
+                          vlm.adapter.forward_order, injected=ex["side"])
 
 
 def _labels(groups, n_visual):
@@ -101,9 +116,10 @@ class NormResult(Result):
 
     name = "norms"
 
-    def __init__(self, data, batch, select, groups, n_layers, order):
+    def __init__(self, data, batch, select, groups, n_layers, order, injected=()):
         self.data, self._batch, self._select, self.groups = data, batch, select, groups
         self._n_layers, self._order = n_layers, order  # for ``tower`` / ``layer`` and the forward order of ``site``
+        self._injected = list(injected)  # sites of vectors added between layers: plotted apart from the stream
 
     def to_pandas(self, groups=None):
         import numpy as np
@@ -122,9 +138,9 @@ class NormResult(Result):
                 n = len(rec["l2"])
                 owner = np.full(n, -1)
                 if b.n_visual:
-                    vr = b.tokens["vision_rows"]
-                    for j in range(vr.shape[1]):
-                        owner[vr[:, j].numpy()] = np.arange(b.n_visual)
+                    from mech_vtokens.adapters.geometry import row_owner
+
+                    owner = row_owner(n, b.tokens["vision_rows"], b.tokens["vision_weights"]).numpy()
                 df = pd.DataFrame({"row": -1, "image": -1, "position": -1, "visual_index": owner,
                                    "vision_row": np.arange(n),
                                    "group": [vlab[o] if o >= 0 else "unused" for o in owner]})
@@ -156,11 +172,14 @@ class NormResult(Result):
         towers = list(dict.fromkeys(g.tower))
         if axes is None:
             _, axes = subplots(2, len(towers), figsize=(5 * len(towers), 7), squeeze=False)
+        side = g.site.isin(self._injected)
         for c, t in enumerate(towers):
-            sub = g[g.tower == t]
+            sub = g[(g.tower == t) & ~side]
             for name, d in sub.groupby("group", sort=False):
                 axes[0][c].plot(d.layer, d.l2, marker="o", label=name)
                 axes[1][c].plot(d.layer, d.cos_prev, marker="o", label=name)
+            for name, d in g[(g.tower == t) & side].groupby("group", sort=False):  # e.g. DeepStack, after layer i
+                axes[0][c].scatter(d.layer + 0.5, d.l2, marker="x", label=f"{name} (injected after layer)")
             axes[0][c].set_title(f"{t}: mean L2 norm")
             axes[1][c].set_title(f"{t}: cosine to previous layer")
             axes[1][c].set_xlabel("layer (-1 = LM input)" if t == "lm" else "vision layer")

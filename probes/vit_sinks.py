@@ -10,7 +10,8 @@ on data. When no token exceeds the threshold the result says why (``result.note`
 Mapping to the LM's visual tokens: each visual token is built from the rows ``batch.tokens["vision_rows"]`` of the
 vision-block output (LLaVA: its one patch, CLS dropped; Qwen2-VL/2.5-VL: the 2x2 merged patches, looked up through
 the window order; InternVL: the pixel-shuffled patches). A token's ``l2`` is the MAX over its merged rows (a
-token is a sink if any patch it merges is one); ``l2_mean`` gives the mean too. ``row_norms`` keeps the norm of
+token is a sink if any patch it merges is one); ``l2_mean`` gives the (weighted) mean too. A token without a vision
+row (LLaVA-NeXT / OneVision's newline tokens) gets NaN and is no sink. ``row_norms`` keeps the norm of
 every vision row (CLS and unused rows included).
 """
 
@@ -46,14 +47,16 @@ class ViTSinks(Probe):
                              "placeholder in the prompt)")
 
     def extras(self, vlm, batch):
-        return {"vision_rows": batch.tokens["vision_rows"]}
+        return {"vision_rows": batch.tokens["vision_rows"], "vision_weights": batch.tokens["vision_weights"]}
 
     def at(self, site, value, ctx, out):
         with torch.no_grad():
             x = value.detach()
             norms = x.reshape(-1, x.shape[-1]).float().norm(dim=-1)
-            per = norms[ctx["mine"]["vision_rows"]]  # (n_visual, merged)
-            out[site] = {"rows": norms, "max": per.amax(-1), "mean": per.mean(-1)}
+            from mech_vtokens.adapters.geometry import row_max, row_mean
+
+            rows, w = ctx["mine"]["vision_rows"], ctx["mine"]["vision_weights"]  # (n_visual, merged)
+            out[site] = {"rows": norms, "max": row_max(norms, rows, w), "mean": row_mean(norms, rows, w)}
 
     def collect(self, raw, batch, vlm):
         site = self.sites(vlm)[0]

@@ -27,9 +27,11 @@ def clean_lm_kwargs(vlm, batch):
     got = {}
 
     def grab(mod, args, kwargs):
-        for k in ("inputs_embeds", "attention_mask", "position_ids"):
+        for k in ("inputs_embeds", "attention_mask", "position_ids", "visual_pos_masks"):
             v = kwargs.get(k)
             got[k] = None if v is None else v.detach().clone()
+        rows = kwargs.get("deepstack_visual_embeds")  # Qwen3-VL: vectors added after the first layers
+        got["deepstack_visual_embeds"] = None if rows is None else [r.detach().clone() for r in rows]
 
     h = lm_of(vlm).register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -38,6 +40,21 @@ def clean_lm_kwargs(vlm, batch):
     finally:
         h.remove()
     return got
+
+
+def injections(clean, r, cols):
+    """Row ``r``'s vectors added to the residual stream after layer j (Qwen3-VL DeepStack), {j: (1, len(cols), d)}
+    at the row's columns ``cols``, zero at text positions; {} for a model without them."""
+    rows, mask = clean.get("deepstack_visual_embeds"), clean.get("visual_pos_masks")
+    if rows is None:
+        return {}
+    off, n_r = int(mask[:r].sum()), int(mask[r].sum())
+    out = {}
+    for j, packed in enumerate(rows):
+        full = packed.new_zeros(1, mask.shape[1], packed.shape[-1])
+        full[0, mask[r]] = packed[off:off + n_r]
+        out[j] = full[:, cols]
+    return out
 
 
 def nn_run(vlm, batch, interventions, probes=(), remote=False):

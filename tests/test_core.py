@@ -50,8 +50,22 @@ def _hf_reference(vlm, inputs):
                 got[name] = (out[index] if index is not None else out).detach().clone()
         return fn
 
+    def pre(name):  # a decoder layer's hidden-state input (resid_pre: after any injection between layers)
+        def fn(mod, args, kwargs):
+            got[name] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return fn
+
+    def injected(mod, args, kwargs):  # what the LM call adds between layers (Qwen3-VL DeepStack), scattered
+        rows, mask = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
+        for i, r in enumerate(rows or []):
+            full = torch.zeros_like(kwargs["inputs_embeds"])
+            full[mask] = r.to(full.dtype)
+            got[f"blocks.{i}.hook_deepstack"] = full
+
     layers = _resolve(hf, ad.decoder_layers)
+    hooks.append(_resolve(hf, ad.language_model).register_forward_pre_hook(injected, with_kwargs=True))
     for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(pre(f"blocks.{i}.hook_resid_pre"), with_kwargs=True))
         hooks.append(layer.self_attn.register_forward_hook(hook(f"blocks.{i}.hook_attn_out", 0), with_kwargs=True))
         hooks.append(layer.mlp.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"), with_kwargs=True))
         hooks.append(layer.post_attention_layernorm.register_forward_hook(
@@ -69,9 +83,9 @@ def _hf_reference(vlm, inputs):
             h.remove()
     hs = out.hidden_states
     got["hook_embed"] = hs[0]
+    assert torch.equal(got["blocks.0.hook_resid_pre"], hs[0])
     for i in range(ad.n_layers):
-        got[f"blocks.{i}.hook_resid_pre"] = hs[i]
-        if i + 1 < ad.n_layers:
+        if i + 1 < ad.n_layers:  # output_hidden_states: each layer's OUTPUT (before an injection after it)
             got[f"blocks.{i}.hook_resid_post"] = hs[i + 1]
     got["unembed.hook_out"] = out.logits
     return got
@@ -91,7 +105,8 @@ def test_visual_positions_equal_processor(tiny_vlm, family):
     assert torch.equal(batch.visual_mask, ids == vlm.hf.config.image_token_id)
     # padding-aware: rows are left-padded, visual positions never fall on padding
     assert bool((batch.inputs["attention_mask"][batch.visual_mask] == 1).all())
-    expected = sum(g["rows"] * g["cols"] * g["tiles"] for g in batch.grids)
+    # anyres grids (base + canvas + newlines) state their token count; the others are rows x cols x tiles
+    expected = sum(g["tokens"] if "tokens" in g else g["rows"] * g["cols"] * g["tiles"] for g in batch.grids)
     assert batch.n_visual == expected == len(batch.tokens["image"])
 
 
@@ -148,6 +163,16 @@ def test_every_site_equals_plain_hf(tiny_vlm, family):
         assert torch.allclose(got.float(), want.float(), atol=1e-6, rtol=0), name
     assert set(ref) >= {f"blocks.{i}.{h}" for i in range(vlm.n_layers - 1) for h in
                         ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")}
+    # vectors injected between layers (Qwen3-VL DeepStack): a site per injected layer, and the decomposition
+    # resid_pre[i + 1] = resid_post[i] + injection[i] holds bit for bit (the model's own elementwise add)
+    injected = [f"blocks.{i}.{vlm.adapter.injection[0]}" for i in vlm.adapter.injection_layers()]
+    assert set(ref) >= set(injected) and set(injected) <= set(vlm.sites)
+    for i in vlm.adapter.injection_layers():
+        add = ref[f"blocks.{i}.{vlm.adapter.injection[0]}"]
+        assert bool((add[batch.visual_mask] != 0).any()) and bool((add[~batch.visual_mask] == 0).all())
+        if i + 1 < vlm.n_layers:
+            assert torch.equal(ref[f"blocks.{i + 1}.hook_resid_pre"], ref[f"blocks.{i}.hook_resid_post"] + add)
+            assert not torch.equal(ref[f"blocks.{i + 1}.hook_resid_pre"], ref[f"blocks.{i}.hook_resid_post"])
 
 
 class _EveryLayer(Probe):

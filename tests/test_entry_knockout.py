@@ -17,7 +17,7 @@ from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Res
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 import families as F
-from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
+from intervention_refs import batch_of, clean_lm_kwargs, injections, lm_of, nn_run
 from mech_vtokens.probes.activations import Activations
 
 FAMILIES = T.FAMILIES
@@ -53,10 +53,10 @@ def plain_eager(tiny_dir):
 
 # ---- the independent implementation: decoder layers by hand ------------------------------------------------------
 
-def run_layers(vlm, x, pos, layers):
+def run_layers(vlm, x, pos, layers, add=None):
     """Decoder layers ``layers`` on ONE unpadded row ``x`` (1, n, d) at position ids ``pos``: rotary from the LM's
     rotary module, a hand-built additive causal mask (a sliding-window layer: also blocking keys ``window`` or more
-    positions back in the sequence)."""
+    positions back in the sequence); ``add`` {i: (1, n, d)}: added after layer i (DeepStack)."""
     lm = lm_of(vlm)
     n = x.shape[1]
     cfg = lm.config
@@ -68,7 +68,13 @@ def run_layers(vlm, x, pos, layers):
             blocked = blocked | (k <= q - cfg.sliding_window)
         mask = torch.zeros(n, n, dtype=x.dtype).masked_fill(blocked, torch.finfo(x.dtype).min)[None, None]
         x = lm.layers[i](x, attention_mask=mask, position_embeddings=pe)
+        if add and i in add:
+            x = x + add[i].to(x.dtype)
     return x
+
+
+def _cols(add, keep):
+    return {j: a[:, keep] for j, a in add.items()}
 
 
 def head(vlm, x):
@@ -97,10 +103,11 @@ def entry_reference(vlm, clean, sel, k):
         for r in range(clean["inputs_embeds"].shape[0]):
             cols, e, p = row_facts(clean, r)
             s = sel[r, cols]
-            x = run_layers(vlm, e[:, ~s], flat_pos(int((~s).sum()), p), range(k))
+            add = injections(clean, r, cols)  # DeepStack: for the visual tokens in the sequence at that layer
+            x = run_layers(vlm, e[:, ~s], flat_pos(int((~s).sum()), p), range(k), _cols(add, ~s))
             full = e.clone()
             full[:, ~s] = x
-            out.append((cols, head(vlm, run_layers(vlm, full, p, range(k, len(lm_of(vlm).layers))))))
+            out.append((cols, head(vlm, run_layers(vlm, full, p, range(k, len(lm_of(vlm).layers)), add))))
     return out
 
 
@@ -111,8 +118,9 @@ def exit_reference(vlm, clean, sel, k):
         for r in range(clean["inputs_embeds"].shape[0]):
             cols, e, p = row_facts(clean, r)
             s = sel[r, cols]
-            x = run_layers(vlm, e, p, range(k))[:, ~s]
-            out.append(head(vlm, run_layers(vlm, x, p[..., ~s], range(k, vlm.n_layers))))
+            add = injections(clean, r, cols)
+            x = run_layers(vlm, e, p, range(k), add)[:, ~s]
+            out.append(head(vlm, run_layers(vlm, x, p[..., ~s], range(k, vlm.n_layers), _cols(add, ~s))))
     return out
 
 

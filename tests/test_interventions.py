@@ -26,10 +26,24 @@ WITH_REAL = FAMILIES + ("Qwen/Qwen2-VL-2B-Instruct@float32",)
 
 # ---- independent references: plain HF modules and torch hooks, written here ----------------------------------
 
-def lm_logits(vlm, embeds, am, pos):
+def lm_logits(vlm, embeds, am, pos, **injected):
+    """The LM on given inputs; ``injected``: Qwen3-VL's DeepStack kwargs (visual_pos_masks, deepstack_visual_embeds)
+    for these positions."""
     with torch.no_grad():
-        h = lm_of(vlm)(inputs_embeds=embeds, attention_mask=am, position_ids=pos).last_hidden_state
+        h = lm_of(vlm)(inputs_embeds=embeds, attention_mask=am, position_ids=pos, **injected).last_hidden_state
         return vlm.hf.lm_head(h)
+
+
+def kept_injections(clean, r, keep):
+    """Row ``r``'s DeepStack kwargs for its kept columns ``keep`` (a list), by hand: the mask at those columns and the
+    packed rows of the visual tokens among them, in order; {} for a model without DeepStack."""
+    rows, mask = clean.get("deepstack_visual_embeds"), clean.get("visual_pos_masks")
+    if rows is None:
+        return {}
+    off = int(mask[:r].sum())
+    vis = mask[r].nonzero().flatten().tolist()  # the row's visual columns, in packed-row order
+    mine = [off + vis.index(j) for j in keep if mask[r, j]]
+    return {"visual_pos_masks": mask[r:r + 1, keep], "deepstack_visual_embeds": [p[mine] for p in rows]}
 
 
 def with_hooks(vlm, batch, hooks):
@@ -170,7 +184,7 @@ def prune_reference(vlm, b, sel, clean, positions="original"):
         else:
             p = (a.cumsum(1) - 1).clamp(min=0)
             p = p if pos is None or pos.ndim == 2 else p[None].expand(pos.shape[0], -1, -1)
-        rows.append((lm_logits(vlm, emb[r:r + 1, keep], a, p)[0], a[0].bool(), p))
+        rows.append((lm_logits(vlm, emb[r:r + 1, keep], a, p, **kept_injections(clean, r, keep))[0], a[0].bool(), p))
     return rows
 
 

@@ -286,6 +286,13 @@ def _hooked_states(vlm, batch):
                                                       a.vision_layer_output_index)))
     hooks.append(_resolve(hf, a.language_model).register_forward_pre_hook(
         lambda m, args, kw: got.__setitem__("hook_embed", kw["inputs_embeds"].detach().clone()), with_kwargs=True))
+    def injected(m, args, kw):  # what the LM adds between layers (Qwen3-VL DeepStack), scattered
+        for i, rows in enumerate(kw.get("deepstack_visual_embeds") or []):
+            full = torch.zeros_like(kw["inputs_embeds"])
+            full[kw["visual_pos_masks"]] = rows.to(full.dtype)
+            got[f"blocks.{i}.hook_deepstack"] = full
+
+    hooks.append(_resolve(hf, a.language_model).register_forward_pre_hook(injected, with_kwargs=True))
     for i, layer in enumerate(_resolve(hf, a.decoder_layers)):
         hooks.append(layer.register_forward_hook(keep(f"blocks.{i}.hook_resid_post")))
         hooks.append(_resolve(layer, a.ln2).register_forward_pre_hook(
@@ -339,6 +346,9 @@ def test_phi_norms_cosines_vit_norms_equal_hand_computation(tiny_vlm, fam):
         x = x.reshape(-1, x.shape[-1]) if site.startswith("vision.") else x[att]
         torch.testing.assert_close(nt.data[site]["l2"], x.norm(dim=-1), atol=ATOL, rtol=1e-6)
         torch.testing.assert_close(nt.data[site]["l1"], x.abs().sum(-1), atol=ATOL, rtol=1e-6)
+        if site.endswith(".hook_deepstack"):  # an injected vector: its own norm, outside the cos chain
+            assert nt.data[site]["cos_prev"].isnan().all()
+            continue
         if site in ("vision.blocks.0.hook_resid_post", "hook_embed"):
             assert nt.data[site]["cos_prev"].isnan().all()
         else:
@@ -352,10 +362,20 @@ def test_phi_norms_cosines_vit_norms_equal_hand_computation(tiny_vlm, fam):
     # ViT sinks: last vision layer, max over the merged rows
     last = f"vision.blocks.{vlm.n_vision_layers - 1}.hook_resid_post"
     norms = st[last].float().reshape(-1, st[last].shape[-1]).norm(dim=-1)
-    ref = norms[batch.tokens["vision_rows"]].max(-1).values
-    torch.testing.assert_close(vs.l2, ref, atol=ATOL, rtol=1e-6)
+    ref = _max_over_rows(norms, batch.tokens)
+    torch.testing.assert_close(vs.l2, ref, atol=ATOL, rtol=1e-6, equal_nan=True)
     assert torch.equal(vs.sinks, ref > 3.0)
     assert vs.site == last
+
+
+def _max_over_rows(norms, tokens):
+    """Per visual token the max row norm over the vision rows it is built from (weight > 0), NaN for a token with
+    none (a newline token): a plain loop over the geometry table."""
+    out = []
+    for rows, w in zip(tokens["vision_rows"].tolist(), tokens["vision_weights"].tolist()):
+        used = [r for r, x in zip(rows, w) if x > 0]
+        out.append(max(float(norms[r]) for r in used) if used else float("nan"))
+    return torch.tensor(out)
 
 
 def _llava_with_massive_activations(path, words, dims, value=1.0):

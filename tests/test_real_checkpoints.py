@@ -95,6 +95,46 @@ def _internvl_tiles(w, h, max_num=12, min_num=1, side=448):
     return best[0], best[1], n + (1 if n > 1 else 0)
 
 
+def _anyres_tokens(w, h, pinpoints, side, g, max_tiles=None):
+    """LLaVA-NeXT / OneVision anyres, per image: (kind, box) of every visual token in order. The base image (the
+    whole image stretched to one tile: g x g tokens); then the canvas: the pinpoint (height, width) that keeps the most
+    pixels (ties: least waste), the image resized into it (the scaled side rounded up) and pasted centred, tiles of
+    ``side`` px with g x g tokens, the token rows / cols of the padding cropped (the model rounds the scaled side to 7
+    digits), row by row with a newline token (no box) after each row. OneVision above ``max_tiles`` tiles' worth
+    resizes the canvas (counts only, boxes not written out here)."""
+    import math
+
+    best = None
+    for H, W in pinpoints:
+        s = min(W / w, H / h)
+        eff = min(int(w * s) * int(h * s), w * h)
+        if best is None or eff > best[0] or (eff == best[0] and H * W - eff < best[1]):
+            best = (eff, H * W - eff, H, W)
+    H, W = best[2:]
+    R, C = H // side * g, W // side * g
+    if w / h > C / R:
+        pad = (R - int(round(h * C / w, 7))) // 2
+        rows, cols = range(pad, R - pad), range(C)
+    else:
+        pad = (C - int(round(w * R / h, 7))) // 2
+        rows, cols = range(R), range(pad, C - pad)
+    out = [("thumbnail", (c * w / g, r * h / g, (c + 1) * w / g, (r + 1) * h / g)) for r in range(g) for c in range(g)]
+    if max_tiles is not None and math.sqrt(len(rows) * len(cols) / (max_tiles * g * g)) > 1.1:
+        return out + [("resized", None)]
+    if W / w < H / h:
+        nw, nh = W, min(math.ceil(h * W / w), H)
+    else:
+        nw, nh = min(math.ceil(w * H / h), W), H
+    px, py, p = (W - nw) // 2, (H - nh) // 2, side // g
+    for r in rows:
+        for c in cols:
+            x0, y0 = (c * p - px) * w / nw, (r * p - py) * h / nh
+            x1, y1 = ((c + 1) * p - px) * w / nw, ((r + 1) * p - py) * h / nh
+            out.append(("patch", (max(0, x0), max(0, y0), min(w, x1), min(h, y1))))
+        out.append(("newline", None))
+    return out
+
+
 # ---- tests ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ck", LOADED)
 def test_load_keeps_real_vocab_dtype_and_template(real_vlm, ck):
@@ -102,7 +142,8 @@ def test_load_keeps_real_vocab_dtype_and_template(real_vlm, ck):
     cfg = hub_file(ck, "config.json")
     vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
     assert vlm.embedding_matrix.shape[0] == vocab  # padded rows kept
-    assert vlm.hf.dtype == getattr(torch, cfg["torch_dtype"])
+    # Qwen3-VL hub files give the dtype inside text_config only
+    assert vlm.hf.dtype == getattr(torch, cfg.get("torch_dtype") or cfg["text_config"]["dtype"])
     assert vlm.processor.chat_template == hub_file(ck, "chat_template.jinja")
 
 
@@ -120,6 +161,22 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
         elif mt in ("qwen2_vl", "qwen2_5_vl"):
             pp = hub_file(ck, "preprocessor_config.json")
             want = _qwen_boxes(w, h, pp["min_pixels"], pp["max_pixels"])
+        elif mt in ("qwen3_vl", "qwen3_vl_moe"):  # the same rule with 16-px patches (factor 32), bounds in "size"
+            pp = hub_file(ck, "preprocessor_config.json")
+            want = _qwen_boxes(w, h, pp["size"]["shortest_edge"], pp["size"]["longest_edge"], f=32)
+        elif mt in ("llava_next", "llava_onevision"):
+            cfg, pp = hub_file(ck, "config.json"), hub_file(ck, "preprocessor_config.json")
+            side = cfg["vision_config"]["image_size"]
+            ar = cfg.get("vision_aspect_ratio") if mt == "llava_onevision" else None
+            items = _anyres_tokens(w, h, pp["image_grid_pinpoints"], side, side // cfg["vision_config"]["patch_size"],
+                                   int(ar.replace("anyres_max_", "")) if ar else None)
+            assert items[-1][0] != "resized"  # these small images keep their whole canvas
+            assert n_in_ids == len(items) == int(sel.sum())
+            assert [batch.kinds[j] for j in sel.nonzero().flatten().tolist()] == [k for k, _ in items]
+            boxed = [b for _, b in items if b is not None]
+            got = batch.tokens["box"][sel]
+            assert torch.allclose(got[~torch.isnan(got).any(1)], torch.tensor(boxed, dtype=torch.float64), atol=1e-9)
+            continue
         else:
             cols, rows, tiles = _internvl_tiles(w, h)
             assert n_in_ids == 256 * tiles == int(sel.sum())
@@ -152,6 +209,19 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         assert ids[0] == 151644  # <|im_start|>, no BOS
         s, e = ids.index(151652), ids.index(151653)  # <|vision_start|> <|image_pad|>* <|vision_end|>
         assert ids[s + 1:e] == [151655] * len(_qwen_boxes(w, h, 3136, 12845056))
+    elif mt in ("qwen3_vl", "qwen3_vl_moe"):
+        assert ids[0] == 151644  # <|im_start|>user: the Instruct template writes no default system turn
+        s, e = ids.index(151652), ids.index(151653)
+        assert ids[s + 1:e] == [151655] * len(_qwen_boxes(w, h, 65536, 16777216, f=32))
+    elif mt in ("llava_next", "llava_onevision"):
+        cfg = hub_file(ck, "config.json")
+        side = cfg["vision_config"]["image_size"]
+        n = len(_anyres_tokens(w, h, hub_file(ck, "preprocessor_config.json")["image_grid_pinpoints"], side,
+                               side // cfg["vision_config"]["patch_size"]))
+        image_id = cfg["image_token_index"]
+        assert ids[0] == (1 if mt == "llava_next" else 151644)  # Mistral: BOS <s> then "[INST]"; Qwen2: <|im_start|>
+        start = ids.index(image_id)
+        assert ids.count(image_id) == n and ids[start:start + n] == [image_id] * n
     else:
         assert ids[0] == 151644
         tiles = _internvl_tiles(w, h)[2]

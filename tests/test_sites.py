@@ -29,8 +29,11 @@ def test_parser_on_every_site_of_every_family(tiny_vlm, fam):
     kinds = set()
     for name in a.forward_order:
         info = a.parse_site(name)
-        path = a.site(name)[1]
-        if path.startswith(a.vision_layers + "."):
+        _, path, kind, index = a.site(name)
+        if kind == "addend":  # a vector added after layer i (DeepStack): read at the NEXT module's input
+            want = ("lm", a.parse_site(index[0]).layer)
+            assert path in (f"{a.decoder_layers}.{want[1] + 1}", a.final_norm), (name, path)
+        elif path.startswith(a.vision_layers + "."):
             want = ("vision", int(path[len(a.vision_layers) + 1:].split(".")[0]))
         elif path.startswith(a.decoder_layers + "."):
             want = ("lm", int(path[len(a.decoder_layers) + 1:].split(".")[0]))

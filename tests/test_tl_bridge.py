@@ -25,19 +25,25 @@ def _boot(path):
     helpers._ensure_torchvision = lambda: False  # never let TL install torchvision
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import Qwen2_5_VLArchitectureAdapter
+    from transformer_lens.model_bridge.supported_architectures.qwen3_vl import Qwen3VLArchitectureAdapter
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     Qwen2_5_VLArchitectureAdapter.required_libraries = []
+    Qwen3VLArchitectureAdapter.required_libraries = []  # the MoE adapter subclasses it
     hf = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(path)
     return TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=tok, device="cpu")
 
 
 VISION = {"llava": "vision_encoder.encoder_layers.{i}.hook_resid_post",
-          "qwen2_5_vl": "vision_encoder.blocks.{i}.hook_resid_post"}
+          "qwen2_5_vl": "vision_encoder.blocks.{i}.hook_resid_post",
+          "qwen3_vl": "vision_encoder.blocks.{i}.hook_resid_post",
+          "qwen3_vl_moe": "vision_encoder.blocks.{i}.hook_resid_post",
+          "llava_next": "vision_encoder.encoder_layers.{i}.hook_resid_post",
+          "llava_onevision": "vision_encoder.encoder_layers.{i}.hook_resid_post"}
 
 
-@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
@@ -59,8 +65,13 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
             return cache["blocks.0.hook_resid_pre"]  # the LM input: text embeddings with the image scattered in
         if site.startswith("vision.blocks."):
             return cache[VISION[fam].format(i=site.split(".")[2])]
+        if site.endswith(".hook_deepstack"):  # TL has no hook for it: what lies between layer i and i + 1
+            i = int(site.split(".")[1])
+            nxt = cache[f"blocks.{i + 1}.hook_resid_pre"] if i + 1 < n else cache["ln_final.hook_in"]
+            return nxt - cache[f"blocks.{i}.hook_resid_post"]
         return cache[site]
 
+    n = vlm.n_layers
     checked = []
     for site in ours_sites:
         try:
@@ -71,11 +82,11 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
         assert a.numel() == ref.numel(), site
         torch.testing.assert_close(a.reshape(ref.shape), ref, atol=ATOL, rtol=0, msg=site)
         checked.append(site)
-    n = vlm.n_layers
     must = {"hook_embed", "vision_projector.hook_out", "unembed.hook_out"} | {
         f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid",
                                                       "hook_mlp_out", "hook_resid_post")} | {
-        f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)}
+        f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)} | {
+        f"blocks.{i}.{vlm.adapter.injection[0]}" for i in vlm.adapter.injection_layers()}
     assert must <= set(checked), sorted(must - set(checked))
     torch.testing.assert_close(act["unembed.hook_out"], logits, atol=ATOL, rtol=0)
     # the lenses on the bridge's states give the same ids

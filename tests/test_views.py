@@ -52,7 +52,9 @@ def test_overlay_cell_holds_the_marker(tiny_vlm, family):
         hit = max(cells, key=lambda c: float(change[c["i"]]))
         x0, y0, x1, y1 = hit["box"]
     assert x0 <= u <= x1 and y0 <= v <= y1, (family, hit, (u, v))
-    assert len(data["cells"]) == clean.n_visual
+    # one cell per visual token with a region (LLaVA-NeXT / OneVision newline tokens have none)
+    assert len(data["cells"]) == clean.n_visual - clean.kinds.count("newline")
+    assert all(c["kind"] != "newline" for c in data["cells"])
 
 
 def test_overlay_groups_legend_and_bad_input(tiny_vlm):

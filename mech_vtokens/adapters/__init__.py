@@ -8,10 +8,14 @@ from ..errors import InputError
 from .base import Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, InternVLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, InternVLAdapter,
+                                      Qwen3VLAdapter, Qwen3VLMoeAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
 
 
 def supported() -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .components import Geometry
+from .geometry import Geometry
 
 # Per decoder layer, in forward order: (site suffix, module path relative to the layer, accessor kind, index).
 # "input" = the module's first input; "output" with an index = that element of a tuple output; "kwarg" = one keyword
@@ -35,6 +35,9 @@ BLOCK_SITE_NAMES = tuple(s[0] for s in _BLOCK_SITES)
 # ``attn.hook_pattern`` is the post-softmax attention weights (batch, heads, query, key) inside eager attention,
 # reachable only in an nnsight trace (``.source``) of a model loaded with ``attn_implementation="eager"``.
 HIDDEN_BLOCK_SITES = ("hook_inputs", "attn.hook_pattern")
+# The accessor kind of a site between two decoder layers whose value is a vector ADDED to the residual stream there
+# (Qwen3-VL's DeepStack): see ``Adapter.injection`` and ``mech_vtokens.sites``.
+ADDEND = "addend"
 
 
 class Adapter:
@@ -49,9 +52,12 @@ class Adapter:
     - ``projector``: the module whose output is the projected image features (native order).
     - ``language_model``: the decoder stack that receives ``inputs_embeds``; ``decoder_layers``: its ModuleList;
       ``attn`` / ``mlp`` / ``ln2``: paths inside a decoder layer; ``final_norm``; ``lm_head``.
-    - ``geometry``: a :class:`~mech_vtokens.adapters.components.Geometry` subclass (patch grid, tiles, merge).
+    - ``geometry``: a :class:`~mech_vtokens.adapters.geometry.Geometry` subclass (patch grid, tiles, merge).
     - ``processor_class``: the processor class to build when ``AutoProcessor`` cannot (video parts need
       torchvision); ``processor_kwargs_from_config``: processor settings taken from the model config.
+    - ``block_sites``: the sites of one decoder layer; ``injection`` / ``injection_layers``: vectors the model adds
+      to the residual stream between layers (site ``blocks.{i}.<suffix>``); ``lm_token_kwargs``: per-token LM inputs
+      sequence-changing interventions slice. Defaults: the four-site layer, no injection, none.
     """
 
     family: str = ""
@@ -73,6 +79,19 @@ class Adapter:
     # front: (3, batch, seq) (Qwen). Interventions that change the sequence read this, never the tensor's shape.
     rope: str = "rope"
     attn_pattern: str = "source.attention_interface_1.source.nn_functional_softmax_0"
+    # The sites of one decoder layer, in forward order (suffix, module path relative to the layer with the
+    # placeholders {attn} {mlp} {ln2} {pattern}, accessor kind, index): every layer of the family has these.
+    block_sites: tuple = _BLOCK_SITES
+    # Vectors ADDED to the residual stream between decoder layers, outside any module (Qwen3-VL DeepStack:
+    # ``hidden[visual_pos_masks] += deepstack_visual_embeds[i]`` after layer i, for the first few layers): None, or
+    # (site suffix, the LM kwarg holding one packed (positions, d) tensor per layer, the LM kwarg holding the
+    # (batch, seq) bool mask of the positions they are added at). ``injection_layers`` says after which layers.
+    injection: tuple | None = None
+    # Per-token inputs of the LM call besides inputs_embeds / attention_mask / position_ids, which an intervention
+    # that changes the sequence (Prune, VisualEntry / VisualExit) must change with it: kwarg -> "seq" (a (batch, seq,
+    # ...) tensor, gathered along the sequence) or ("rows", mask kwarg) (packed rows at the True positions of that
+    # mask, row-major; one tensor or a list of them). Qwen3-VL: its DeepStack mask and vectors.
+    lm_token_kwargs: dict = {}
     geometry: type[Geometry] = Geometry
     processor_class: str = ""
 
@@ -83,6 +102,10 @@ class Adapter:
         self.d_model = _resolve(hf_model, self.lm_head).in_features
         self.image_token_id = int(self.image_token_id_of(self.config))
         self._sites = self._site_table()
+
+    def injection_layers(self) -> range:
+        """The decoder layers after which ``injection`` adds its vectors (none by default)."""
+        return range(0)
 
     # ---- declarations with a default -------------------------------------------------------------------------
     @staticmethod
@@ -103,12 +126,30 @@ class Adapter:
         rows.append(("lm.hook_inputs", self.language_model, "inputs", None))
         for i in range(self.n_layers):
             layer = f"{self.decoder_layers}.{i}"
-            for name, rel, kind, index in _BLOCK_SITES:
+            for name, rel, kind, index in self.block_sites:
                 rel = rel.format(attn=self.attn, ln2=self.ln2, mlp=self.mlp, pattern=self.attn_pattern)
                 rows.append((f"blocks.{i}.{name}", f"{layer}.{rel}" if rel else layer, kind, index))
+            if i in self.injection_layers():
+                rows.append(self._injection_row(i))
         rows.append(("ln_final.hook_normalized", self.final_norm, "output", None))
         rows.append(("unembed.hook_out", self.lm_head, "output", None))
         return {name: (order, path, kind, index) for order, (name, path, kind, index) in enumerate(rows)}
+
+    def _injection_row(self, i: int) -> tuple:
+        """The site of the vector injected after decoder layer ``i``: it READS the next module's input (layer i + 1,
+        or the final norm after the last layer) and is a (batch, seq, d) addend, zero away from the injected
+        positions: ``resid_pre[i + 1] = resid_post[i] + addend`` exactly (the same elementwise add the model does).
+        The packed vectors and their mask are taken from the LM call's kwargs (site ``lm.hook_inputs``), the
+        residual it is added to from ``blocks.{i}.hook_resid_post``; writing it replaces what the model adds."""
+        suffix, rows_kwarg, mask_kwarg = self.injection
+        nxt = f"{self.decoder_layers}.{i + 1}" if i + 1 < self.n_layers else self.final_norm
+        index = (f"blocks.{i}.hook_resid_post", "lm.hook_inputs", rows_kwarg, i, mask_kwarg)
+        return (f"blocks.{i}.{suffix}", nxt, ADDEND, index)
+
+    @property
+    def block_site_names(self) -> tuple:
+        """Every block-site suffix of this family (intervention-only ones included), the injection's last."""
+        return tuple(s[0] for s in self.block_sites) + ((self.injection[0],) if self.injection else ())
 
     @property
     def site_names(self) -> list[str]:
@@ -130,13 +171,17 @@ class Adapter:
                 raise InputError(
                     f"site {name!r}: layer {layer} is out of range; this {self.family} model has {n} "
                     f"{'vision' if vision else 'decoder'} layers (use 0..{n - 1}, or a negative index from the end)")
-            valid = ["hook_resid_post"] if vision else [h for h in BLOCK_SITE_NAMES if h not in HIDDEN_BLOCK_SITES]
+            if not vision and self.injection and hook == self.injection[0]:
+                raise InputError(f"site {name!r}: the {self.family} model adds {hook!r} vectors only after decoder "
+                                 f"layers {list(self.injection_layers())} (blocks.{{i}}.{hook} for those i)")
+            valid = ["hook_resid_post"] if vision else [h for h in self.block_site_names
+                                                         if h not in HIDDEN_BLOCK_SITES]
             extra = "" if vision else f" (for interventions also: {', '.join(HIDDEN_BLOCK_SITES)})"
             raise InputError(f"site {name!r}: the {self.family} adapter has no hook {hook!r} per "
                              f"{'vision ' if vision else ''}block; valid hooks: {', '.join(valid)}{extra}")
         raise InputError(
             f"unknown site {name!r} for a {self.family} model. Valid sites: 'vision.blocks.{{i}}.hook_resid_post', "
-            f"'vision_projector.hook_out', 'hook_embed', 'blocks.{{i}}.{{{','.join(BLOCK_SITE_NAMES)}}}', "
+            f"'vision_projector.hook_out', 'hook_embed', 'blocks.{{i}}.{{{','.join(self.block_site_names)}}}', "
             f"'ln_final.hook_normalized', 'unembed.hook_out' (vlm.sites lists them all)")
 
     def canonical(self, name: str) -> str:
@@ -244,6 +289,9 @@ class Adapter:
     vision_feature_layer_key: str | None = "vision_feature_layer"
 
     max_images_per_prompt: int | None = None
+    # The processor takes the images nested per prompt (a list of lists), e.g. OneVision, whose image processor
+    # decides from it whether an image is tiled (single-image prompts) or not (multi-image prompts).
+    images_nested: bool = False
     # BOS sink channels (``SinkChannels(dims=<preset>)``): preset name -> the LM channels that carry the massive
     # activations, per checkpoint (or the LM it was trained from) of this family. Probes only look presets up here.
     sink_dims: dict = {}

@@ -2,7 +2,7 @@
 (2x2 -> 1), MLP projector, Qwen2/Llama decoder. The ViT scales each sublayer by a learned lambda (layer scale)."""
 
 from .base import Adapter
-from .components import TiledGeometry
+from .geometry import TiledGeometry
 
 
 class InternVLAdapter(Adapter):

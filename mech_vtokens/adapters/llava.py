@@ -1,7 +1,7 @@
 """LLaVA-1.5 (llava-hf ``LlavaForConditionalGeneration``): CLIP ViT-L/14-336 -> 2-layer MLP projector -> Llama."""
 
 from .base import Adapter
-from .components import CLIPGridGeometry
+from .geometry import CLIPGridGeometry
 
 
 class LlavaAdapter(Adapter):

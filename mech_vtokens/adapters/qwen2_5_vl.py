@@ -4,7 +4,7 @@ receives the features re-ordered to token order (``model.visual`` output ``poole
 import torch
 
 from .base import Adapter
-from .components import QwenMergedGeometry
+from .geometry import QwenMergedGeometry
 
 
 class Qwen25WindowGeometry(QwenMergedGeometry):

@@ -1,7 +1,7 @@
 """Qwen2-VL: packed ViT over a variable patch grid, 2x2 merger (token order), Qwen2 decoder with M-RoPE."""
 
 from .base import Adapter
-from .components import QwenMergedGeometry
+from .geometry import QwenMergedGeometry
 
 
 class Qwen2VLAdapter(Adapter):

@@ -36,17 +36,46 @@ PRESETS = {"llava-1.5-7b": {"k": 3, "ids": {"vit_sink": [1141], "llm_sink": [266
                             "vocab": 32000}}
 
 
+def _weights_sample(hf) -> list[float]:
+    """8 numbers from every parameter of ``hf`` (8 evenly spaced entries each, summed per position): two loads of
+    the same weights give the same numbers, other weights (a fine-tune that keeps the embeddings too) others."""
+    acc = torch.zeros(8, dtype=torch.float64)
+    for _, p in sorted(hf.named_parameters(), key=lambda kv: kv[0]):
+        if p.is_meta or p.numel() == 0:
+            continue
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, 8, device=flat.device).long()
+        acc += flat[idx].to("cpu", torch.float64)
+    return [round(float(v), 5) for v in acc]
+
+
 def model_identity(vlm) -> dict:
-    """What a saved partition must match: family, model type, widths, vocabulary and an embedding fingerprint."""
+    """The model's identity, the ONE fingerprint of its weights (a saved partition and a resumable store check it):
+    family, model type, widths, vocabulary, dtype, an embedding fingerprint (``fingerprint``) and a sample of every
+    parameter (``weights``). ``name`` (the path it was loaded from) is informative only: ``./llava/`` and ``llava``
+    are the same model, other weights at one path are not."""
     E = vlm.embedding_matrix.detach()
     gen = torch.Generator().manual_seed(1234)
     probe = torch.randn(E.shape[1], 4, generator=gen)
-    fp = (torch.nn.functional.normalize(E[: min(256, E.shape[0])].float(), dim=1) @ probe).mean(0)
+    fp = (torch.nn.functional.normalize(E[: min(256, E.shape[0])].float().cpu(), dim=1) @ probe).mean(0)
     cfg = vlm.hf.config
     return {"family": vlm.family, "model_type": getattr(cfg, "model_type", None),
             "name": getattr(cfg, "_name_or_path", None) or vlm.source, "hidden_size": int(E.shape[1]),
             "vocab": int(E.shape[0]), "n_layers": vlm.n_layers, "n_vision_layers": vlm.n_vision_layers,
-            "fingerprint": [round(float(v), 6) for v in fp]}
+            "dtype": str(E.dtype).replace("torch.", ""),
+            "fingerprint": [round(float(v), 6) for v in fp], "weights": _weights_sample(vlm.hf)}
+
+
+def identity_diff(saved: dict, now: dict) -> str | None:
+    """Why ``saved`` and ``now`` (two :func:`model_identity` dicts) are not the same weights, or None."""
+    for key in ("family", "hidden_size", "vocab", "n_layers", "n_vision_layers", "dtype"):
+        if key in saved and saved.get(key) != now.get(key):
+            return f"{key} = {saved.get(key)!r} there, {now.get(key)!r} here"
+    for key in ("fingerprint", "weights"):
+        a, b = saved.get(key), now.get(key)
+        if a is not None and b is not None and any(abs(x - y) > 1e-3 * (1 + abs(x)) for x, y in zip(a, b)):
+            return f"same shapes but other weights (the {key} fingerprint differs)"
+    return None
 
 
 def check_identity(saved: dict, vlm) -> None:
@@ -113,6 +142,7 @@ class Partition(Probe):
             return mine
         if self.vit is not None:
             mine.update(vision_site=self._vision_site(vlm), vision_rows=batch.tokens["vision_rows"],
+                        vision_weights=batch.tokens["vision_weights"],
                         vit_threshold=float(self.vit["threshold"]))
         if self.llm is not None and self.llm.get("dims"):
             mine.update(llm_site=vlm.adapter.canonical(self.llm["site"]),
@@ -128,7 +158,10 @@ class Partition(Probe):
             x = value.detach()
             if mine.get("vision_site") == site:
                 norms = x.reshape(-1, x.shape[-1]).float().norm(dim=-1)
-                out["vit_sink"] = norms[mine["vision_rows"]].amax(-1) > mine["vit_threshold"]
+                from mech_vtokens.adapters.geometry import row_max
+
+                # a token without a vision row (a newline) is NaN here: no ViT sink
+                out["vit_sink"] = row_max(norms, mine["vision_rows"], mine["vision_weights"]) > mine["vit_threshold"]
             if site == "hook_embed":
                 h = x[mine["visual"]]
                 if mine["rule"] == "reference":

@@ -2,7 +2,8 @@
 
 circuitsvis has no image widget, so this is a small self-contained page (inline PNG, CSS, vanilla JS; no CDN).
 Cells are placed from ``batch.tokens["box"]`` — the adapter's geometry — so LLaVA's square grid, Qwen's variable
-merged grid and InternVL's tiles (+ thumbnail, chosen with a selector) all land where the model saw them. Hovering a
+merged grid, InternVL's tiles (+ thumbnail, chosen with a selector) and LLaVA-NeXT's base image + high-res canvas
+all land where the model saw them; tokens without a region (newline tokens) get no cell. Hovering a
 cell shows that token's top-k EmbedLens and LogitLens tokens at the layer chosen with the slider.
 """
 
@@ -76,12 +77,14 @@ class PatchOverlay:
     def data(self) -> dict:
         """What the page shows, as plain JSON-able data (also what tests check)."""
         t = self.batch.tokens
-        idx = np.flatnonzero(t["image"].numpy() == self.image)
+        # tokens without a region (LLaVA-NeXT / OneVision newline tokens: NaN box) have no cell
+        idx = np.flatnonzero((t["image"].numpy() == self.image) & ~np.isnan(t["box"].numpy()).any(1))
         w, h = self.batch.image_sizes[self.image]
-        cells = []
+        cells, kinds = [], self.batch.kinds
         for j in idx:
             x0, y0, x1, y1 = (float(v) for v in t["box"][j])
             cells.append({"i": int(j), "tile": int(t["tile"][j]), "row": int(t["row"][j]), "col": int(t["col"][j]),
+                          "kind": kinds[j],
                           "box": [round(x0 / w, 5), round(y0 / h, 5), round(x1 / w, 5), round(y1 / h, 5)]})
         legend = []
         if self.values is not None:
@@ -145,7 +148,7 @@ s.oninput=()=>{{site=D.sites[+s.value];out.textContent=" "+site;if(cur)show(cur)
 lab.appendChild(s);lab.appendChild(out);ctl.appendChild(lab);}}
 if(D.tiles.length>1){{const sel=document.createElement("select");sel.className="tile-select";
 D.tiles.forEach(t=>{{const o=document.createElement("option");o.value=t;
-o.textContent=(t===D.tiles[D.tiles.length-1]&&D.grid.tiles>1)?"thumbnail":"tile "+t;
+o.textContent=D.cells.some(c=>c.tile===t&&c.kind==="thumbnail")?"thumbnail":"tile "+t;
 sel.appendChild(o);}});
 sel.onchange=()=>{{tile=+sel.value;draw();}};ctl.appendChild(document.createTextNode(" "));ctl.appendChild(sel);}}
 const leg=root.querySelector(".legend");D.legend.forEach(l=>{{const d=document.createElement("div");
@@ -158,8 +161,7 @@ t+="\\n\\n"+lens+" @ "+site+"\\n  "+D.tops[lens][site][k].join("\\n  ");}}
 info.textContent=t;}}
 function draw(){{stage.querySelectorAll(".cell").forEach(e=>e.remove());
 D.cells.filter(c=>c.tile===tile).forEach(c=>{{const e=document.createElement("div");e.className="cell";
-const b=(D.grid.tiles>1&&c.tile===D.tiles[D.tiles.length-1])?[c.col/D.grid.cols,c.row/D.grid.rows,
-(c.col+1)/D.grid.cols,(c.row+1)/D.grid.rows]:c.box;
+const b=c.box;
 Object.assign(e.style,{{position:"absolute",left:(b[0]*100)+"%",top:(b[1]*100)+"%",width:((b[2]-b[0])*100)+"%",
 height:((b[3]-b[1])*100)+"%",boxSizing:"border-box",border:"1px solid rgba(255,255,255,.35)",
 background:c.color||"transparent",opacity:c.color?0.55:1}});e.dataset.token=c.i;
