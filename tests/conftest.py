@@ -57,3 +57,14 @@ def _network_blocked():
     """Every test runs with non-loopback sockets blocked (re-applied if a test un-patched it)."""
     block_network()
     yield
+
+
+@pytest.fixture()
+def no_forward(tiny_vlm):
+    """The tiny LLaVA; fails the test if its LM runs at all (errors must come before the forward)."""
+    vlm = tiny_vlm("llava")
+    calls = []
+    h = vlm.hf.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    yield vlm
+    h.remove()
+    assert not calls, "the error must be raised before the forward"

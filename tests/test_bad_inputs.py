@@ -21,17 +21,6 @@ from mech_vtokens.probes import NormTracker
 P = T.prompt("llava")
 
 
-@pytest.fixture()
-def no_forward(tiny_vlm):
-    """The tiny LLaVA; fails the test if its LM runs at all (errors must come before the forward)."""
-    vlm = tiny_vlm("llava")
-    calls = []
-    h = vlm.hf.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
-    yield vlm
-    h.remove()
-    assert not calls, "the error must be raised before the forward"
-
-
 # ---- class 7: bugs ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

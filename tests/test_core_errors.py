@@ -8,17 +8,6 @@ from mech_vtokens.errors import InputError
 from mech_vtokens.probes.activations import Activations
 
 
-@pytest.fixture()
-def no_forward(tiny_vlm):
-    """Fails the test if the LM runs at all."""
-    vlm = tiny_vlm("llava")
-    calls = []
-    h = vlm.hf.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
-    yield vlm
-    h.remove()
-    assert not calls, "the error must be raised before the forward"
-
-
 def _run(vlm, images, prompts, probes=None, **kw):
     return mv.run(vlm, images, prompts, probes=probes or [Activations(["hook_embed"])], **kw)
 
