@@ -50,6 +50,10 @@ class AllVisual(TokenSet):
 
 
 class Positions(TokenSet):
+    """Explicit visual tokens. The unit of an int is the BATCH's visual index: visual tokens counted over the whole
+    batch in ``batch.visual_positions`` order (row 0's first), not per image; a ``(row, position)`` pair is a
+    sequence position. Per image: ``(batch.tokens["image"] == j).nonzero()`` gives image j's visual indices."""
+
     def __init__(self, positions):
         self.positions = list(positions)
 
@@ -67,7 +71,9 @@ class Positions(TokenSet):
                 i = int(p)
                 if not 0 <= i < n:
                     raise InputError(f"Positions: visual index {i} is outside the visual span 0..{n - 1} of this "
-                                     f"batch ({n} visual tokens)")
+                                     f"batch ({n} visual tokens; ints count the batch's visual tokens, not one "
+                                     f"image's: use (row, position) pairs or batch.tokens['image'] for per-image "
+                                     f"choices)")
                 sel[i] = True
         return sel
 
@@ -85,7 +91,24 @@ class Group(TokenSet):
                 raise InputError(f"Group {self.name!r}: a boolean mask must have one entry per visual token "
                                  f"({n}), got shape {tuple(m.shape)}")
             return m.clone()
-        return Positions(m.reshape(-1).tolist()).visual(batch)
+        return Positions(self._indices(m, n)).visual(batch)
+
+    def _indices(self, m, n) -> list:
+        """Integer members as visual indices; values that would be read with another meaning are refused: floats
+        (a score or NaN-holed mask), and int 0/1 arrays one per visual token or with repeats (a mask cast to int:
+        read as indices it would pick tokens 0 and 1 only)."""
+        fix = "give a boolean mask (e.g. mask.astype(bool) / scores > t) or distinct integer visual indices"
+        if m.is_floating_point() or m.is_complex():
+            nan = " (it holds NaN)" if bool(torch.isnan(m).any()) else ""
+            raise InputError(f"Group {self.name!r}: members are {m.dtype} values{nan}, neither a mask nor "
+                             f"indices; {fix}")
+        flat = m.reshape(-1)
+        if len(flat) == n and n > 0 and bool(((flat == 0) | (flat == 1)).all()):
+            raise InputError(f"Group {self.name!r}: an integer 0/1 array with one entry per visual token ({n}) "
+                             f"looks like a mask cast to int, which would be read as the indices 0 and 1; {fix}")
+        if len(torch.unique(flat)) != len(flat):
+            raise InputError(f"Group {self.name!r}: repeated indices {flat.tolist()[:8]}...; {fix}")
+        return flat.tolist()
 
 
 class Kinds(TokenSet):

@@ -567,3 +567,46 @@ def test_lenses_with_tiny_chunks_equal_the_default(tiny_vlm):
         for a, b in zip(got, ref):
             for site in b.ids:
                 assert torch.equal(a.ids[site], b.ids[site]), (chunk, site)
+
+
+def test_group_refuses_values_it_would_read_with_another_meaning(tiny_vlm):
+    """Issue 15 class 1: a 0/1 mask cast to int or float, a float score, a NaN-holed mask and repeated indices are
+    refused (read as indices they would prune tokens 0 and 1 only); a bool mask (torch or numpy) and distinct
+    indices still work."""
+    import numpy as np
+    import torch
+
+    from mech_vtokens.token_sets import Group, resolve
+
+    vlm = tiny_vlm("llava")
+    b = vlm.prepare([T.image()], [P])
+    n = b.n_visual
+    mask = np.zeros(n, dtype=bool)
+    mask[[3, 5, 7, 11]] = True
+    nan = mask.astype(float)
+    nan[0] = np.nan
+    for bad, says in ((mask.astype(int), "mask cast to int"), (torch.as_tensor(mask).long(), "mask cast to int"),
+                      (mask.astype(float), "float64"), (nan, "NaN"), (np.linspace(0, 1, n), "float64"),
+                      ([1, 1, 2], "repeated"), ([[0, 1], [0, 1]], "repeated")):
+        with pytest.raises(InputError, match=says):
+            resolve(Group(bad), b)
+    want = torch.as_tensor(mask)
+    for good in (mask, torch.as_tensor(mask), [3, 5, 7, 11], np.array([3, 5, 7, 11])):
+        got = resolve(Group(good), b)
+        assert got[b.visual_mask].equal(want) and int(got.sum()) == 4
+
+
+def test_positions_counts_the_batch_visual_tokens(tiny_vlm):
+    """The unit of Positions' ints is the batch's visual index (row 0's tokens first), said in the error."""
+    import torch
+
+    from mech_vtokens.token_sets import Positions, resolve
+
+    vlm = tiny_vlm("llava")
+    b = vlm.prepare([T.image(), T.image(seed=1)], [P, P])
+    per = b.n_visual // 2
+    got = resolve(Positions([per]), b)  # the first visual token of row 1
+    assert got[1].nonzero().flatten().tolist() == [b.visual_positions[per, 1].item()] and not got[0].any()
+    with pytest.raises(InputError, match="not one image's"):
+        resolve(Positions([2 * per]), b)
+    assert torch.equal(resolve(Positions([(1, int(b.visual_positions[per, 1]))]), b), got)
