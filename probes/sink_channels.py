@@ -196,7 +196,7 @@ class SinkChannels(Probe):
             else:
                 v, i = r["top_ratio"], r["top_dim"].long()
                 if dims:
-                    member = torch.isin(i, torch.tensor(dims))
+                    member = torch.isin(i, torch.tensor(dims, device=i.device))
                     has = member.any(-1)
                     first = member.float().argmax(-1)  # top-m is sorted: the first member is the max over D
                     phi[s] = torch.where(has, v.gather(1, first[:, None])[:, 0], torch.full_like(v[:, 0], float("nan")))

@@ -175,7 +175,7 @@ class Partition(Probe):
                     _, ids, _ = topk_rerank(h, w, k, max(2 * k, k + 3), 8192, row_scale=scale, normalize=True)
                     for g, ref in mine["ref"].items():
                         out[g] = torch.isin(ids, ref.to(ids.device)).any(-1) if len(ref) else \
-                            torch.zeros(len(ids), dtype=torch.bool)
+                            torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
                 elif "prototype" in mine:
                     hn = torch.nn.functional.normalize(h.float(), dim=-1)
                     p = torch.nn.functional.normalize(mine["prototype"].to(hn.device), dim=-1)
