@@ -234,7 +234,7 @@ class VLM:
         flat, image_of_row = [], []
         for row, (ims, text) in enumerate(zip(images, prompts)):
             self._check_prompt_row(row, ims, text, ph, token)
-            flat.extend(im.convert("RGB") for im in ims)
+            flat.extend(ims)  # already RGB: image_lists converted each one (data.to_rgb)
             image_of_row.extend([row] * len(ims))
         kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)
         if flat:  # nested per prompt (the prompts that have images) where the family's processor wants it
