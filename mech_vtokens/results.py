@@ -85,7 +85,10 @@ class InterventionResult(Result):
         df = self.to_pandas()
         for tok, g in df.groupby("answer_id"):
             ax.plot(g["row"], g["logprob"], "o-", label=f"id {tok}")
+        from matplotlib.ticker import MaxNLocator
+
         ax.set_xlabel("row")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("log-prob at the last position")
         ax.set_title(repr(self.intervention)[:60])
         ax.legend(fontsize=7)

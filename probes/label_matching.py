@@ -216,7 +216,7 @@ class LabelMatchingResult(Result):
 
     def plot(self, ax=None):
         """Fig. 3: A(ℓ) per layer for each lens."""
-        from mech_vtokens.views.figure import figure_of, subplots
+        from mech_vtokens.views.figure import figure_of, integer_layers, subplots
 
         df = self.to_pandas()
         if ax is None:
@@ -226,5 +226,6 @@ class LabelMatchingResult(Result):
         ax.set_xlabel("layer (-1 = LM input; the output of block i)" if self.layers == "blocks" else
                       "output_hidden_states index (0 = LM input; the last after the final norm)")
         ax.set_ylabel("label-token matching A(ℓ)")
+        integer_layers(ax)
         ax.legend()
         return figure_of(ax)

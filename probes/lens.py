@@ -383,10 +383,15 @@ class LensResult(Result):
         grid[rows, cols] = sc
         if ax is None:
             _, ax = subplots(figsize=(max(4, grid.shape[1] * 0.5), max(4, grid.shape[0] * 0.5)))
-        ax.imshow(grid, cmap="viridis")
+        from mech_vtokens.views.figure import VALUE_CMAP
+
+        im = ax.imshow(grid, cmap=VALUE_CMAP)
+        ax.figure.colorbar(im, ax=ax, label=f"{self.lens} top-1 score")
         toks = self._decode(ids)
         if grid.size <= 1024:
             for r, c, tk in zip(rows, cols, toks):
                 ax.text(c, r, tk.strip()[:6], ha="center", va="center", fontsize=6, color="w")
-        ax.set_title(f"{self.lens} top-1 at {site} (image {image})")
+        ax.set_title(f"{self.lens} top-1 at {site} (image {image})", fontsize=9)
+        ax.set_xlabel("grid column")
+        ax.set_ylabel("grid row")
         return figure_of(ax)

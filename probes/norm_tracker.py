@@ -166,9 +166,12 @@ class NormResult(Result):
 
     def plot(self, groups=None, axes=None):
         """Figs. 6 / 8: mean L2 (and L1 for the vision tower) and layer-to-layer cosine per group, per tower."""
-        from mech_vtokens.views.figure import figure_of, subplots
+        from mech_vtokens.views.figure import GROUP_NAMES, color_of, figure_of, integer_layers, subplots
 
         g = self.by_group(groups)
+        # vision rows no visual token keeps (LLaVA's CLS) are "unused" in the table: named for what they are here
+        g["group"] = g["group"].replace({"unused": "vision_only"})
+        names = list(dict.fromkeys(g.group))
         towers = list(dict.fromkeys(g.tower))
         if axes is None:
             _, axes = subplots(2, len(towers), figsize=(5 * len(towers), 7), squeeze=False)
@@ -176,12 +179,19 @@ class NormResult(Result):
         for c, t in enumerate(towers):
             sub = g[(g.tower == t) & ~side]
             for name, d in sub.groupby("group", sort=False):
-                axes[0][c].plot(d.layer, d.l2, marker="o", label=name)
-                axes[1][c].plot(d.layer, d.cos_prev, marker="o", label=name)
+                kw = dict(marker="o", color=color_of(name, names), label=GROUP_NAMES.get(name, name))
+                axes[0][c].plot(d.layer, d.l2, **kw)
+                axes[1][c].plot(d.layer, d.cos_prev, **kw)
             for name, d in g[(g.tower == t) & side].groupby("group", sort=False):  # e.g. DeepStack, after layer i
-                axes[0][c].scatter(d.layer + 0.5, d.l2, marker="x", label=f"{name} (injected after layer)")
-            axes[0][c].set_title(f"{t}: mean L2 norm")
-            axes[1][c].set_title(f"{t}: cosine to previous layer")
-            axes[1][c].set_xlabel("layer (-1 = LM input)" if t == "lm" else "vision layer")
-            axes[0][c].legend(fontsize=7)
+                axes[0][c].scatter(d.layer + 0.5, d.l2, marker="x", color=color_of(name, names),
+                                   label=f"{GROUP_NAMES.get(name, name)} (injected after layer)")
+            axes[0][c].set_title(f"{'LM' if t == 'lm' else 'vision tower'}: mean L2 norm", fontsize=10)
+            axes[1][c].set_title(f"{'LM' if t == 'lm' else 'vision tower'}: cosine to the previous layer",
+                                 fontsize=10)
+            for r in (0, 1):
+                axes[r][c].set_xlabel("layer (-1 = LM input)" if t == "lm" else "vision layer")
+                integer_layers(axes[r][c])
+                axes[r][c].legend(fontsize=7)
+            axes[0][c].set_ylabel("mean L2 norm")
+            axes[1][c].set_ylabel("cos(layer, previous layer)")
         return figure_of(axes)

@@ -279,26 +279,44 @@ class SinkChannelsResult(Result):
 
     def plot(self, axes=None):
         """Fig. 4: mean BOS cosine per sublayer (visual tokens, flagged sinks, text) and the rank tracking."""
-        from mech_vtokens.views.figure import figure_of, subplots
+        from mech_vtokens.views.figure import BACKGROUND, CYCLE, GROUP_COLORS, figure_of, subplots
 
         df = self.to_pandas()
         if axes is None:
-            _, axes = subplots(1, 2, figsize=(11, 4))
+            _, axes = subplots(1, 2, figsize=(12, 4.5))
         x = range(len(self.sites))
-        groups = {"visual": df.visual_index >= 0, "text": df.visual_index < 0,
-                  "visual sinks (φ>τ at any site)": df.set_index(["row", "position"]).index.isin(
-                      df[df.sink & (df.visual_index >= 0)].set_index(["row", "position"]).index)}
-        for name, m in groups.items():
+        groups = {"visual tokens": (df.visual_index >= 0, GROUP_COLORS["visual"]),
+                  "text tokens": (df.visual_index < 0, GROUP_COLORS["text"]),
+                  "sink tokens (φ>τ at any site)": (df.set_index(["row", "position"]).index.isin(
+                      df[df.sink & (df.visual_index >= 0)].set_index(["row", "position"]).index),
+                      GROUP_COLORS["llm_sink"])}
+        for name, (m, col) in groups.items():
             if m.any():
-                means = df[m].groupby("site", sort=False).bos_cos.mean().reindex(self.sites)
-                axes[0].plot(x, means.to_numpy(), marker="o", label=name)
+                means = df[m].groupby("site", sort=False, observed=True).bos_cos.mean().reindex(self.sites)
+                axes[0].plot(x, means.to_numpy(), marker="o", color=col, label=name)
         axes[0].set_xticks(list(x), self.sites, rotation=90, fontsize=6)
-        axes[0].set_ylabel("cos(token, BOS)")
+        axes[0].set_ylabel("mean cos(token, BOS)")
+        axes[0].set_title("cosine to the BOS state per sublayer", fontsize=10)
         axes[0].legend(fontsize=7)
+        # rank tracking: the 3 tokens that stay most BOS-like (lowest mean rank) in colour, the rest grey
         rt = self.rank_tracking()
-        for (row, t), g in rt.groupby(["row", "tracked"]):
-            axes[1].plot(range(len(g)), g["rank"].to_numpy(), marker=".", label=f"row {row} #{t}")
+        ref = self.reference_site
+        start = {key: float(g["rank"].mean()) for key, g in rt.groupby(["row", "tracked"])}
+        vis = {key: int(g.visual_index.iloc[0]) for key, g in rt.groupby(["row", "tracked"])}
+        order = sorted(start, key=lambda key: start[key])
+        top = order[:3]
+        for key, g in rt.groupby(["row", "tracked"]):
+            if key not in top:
+                axes[1].plot(range(len(g)), g["rank"].to_numpy(), color=BACKGROUND, lw=0.8, zorder=1)
+        for n, key in enumerate(top):
+            g = rt[(rt.row == key[0]) & (rt.tracked == key[1])]
+            axes[1].plot(range(len(g)), g["rank"].to_numpy(), marker=".", color=CYCLE[n], lw=2, zorder=3,
+                         label=f"row {key[0]}, visual token {vis[key]} (mean rank {start[key]:.1f})")
+        if len(order) > len(top):
+            axes[1].plot([], [], color=BACKGROUND, label=f"{len(order) - len(top)} other tracked tokens")
         axes[1].set_xticks(list(x), self.sites, rotation=90, fontsize=6)
-        axes[1].set_ylabel(f"rank by BOS cosine (tracked from {self.reference_site})")
+        axes[1].set_ylabel("rank by BOS cosine (1 = most BOS-like)")
+        axes[1].set_title(f"rank tracking of the {self.top} most BOS-like tokens at {ref}, per row", fontsize=10)
         axes[1].invert_yaxis()
+        axes[1].legend(fontsize=7)
         return figure_of(axes)

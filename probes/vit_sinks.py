@@ -118,9 +118,17 @@ class ViTSinksResult(Result):
         grid[r, c] = v
         if ax is None:
             _, ax = subplots(figsize=(5, 5))
-        im = ax.imshow(grid, cmap="magma")
+        from mech_vtokens.views.figure import GROUP_COLORS, VALUE_CMAP, integer_layers
+
+        im = ax.imshow(grid, cmap=VALUE_CMAP)
         s = v > self.threshold
-        ax.scatter(c[s], r[s], s=8, c="cyan")
-        ax.set_title(f"L2 norm at {self.site} (image {image}; dots: > {self.threshold:g})")
-        ax.figure.colorbar(im, ax=ax)
+        ax.scatter(c[s], r[s], s=30, facecolors="none", edgecolors=GROUP_COLORS["vit_sink"], linewidths=2,
+                   label=f"ViT sink (L2 > {self.threshold:g}): {int(s.sum())}")
+        ax.set_title(f"image {image}: L2 norm at {self.site}", fontsize=9)
+        ax.set_xlabel("grid column")
+        ax.set_ylabel("grid row")
+        integer_layers(ax, "x")
+        integer_layers(ax, "y")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.12))
+        ax.figure.colorbar(im, ax=ax, label="L2 norm")
         return figure_of(ax)

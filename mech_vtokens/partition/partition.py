@@ -362,7 +362,17 @@ class PartitionResult(Result):
         grid[d.grid_row, d.grid_col] = [GROUPS.index(g) for g in d.group]
         if ax is None:
             _, ax = subplots(figsize=(4, 4))
-        ax.imshow(grid, cmap=ListedColormap(["tab:blue", "tab:purple", "tab:gray", "tab:green"]), vmin=0, vmax=3)
-        ax.set_title(f"partition of image {image} (blue ViT sink, purple LLM sink, gray dead, green alive)",
-                     fontsize=7)
+        from matplotlib.patches import Patch
+
+        from ..views.figure import GROUP_COLORS, GROUP_NAMES, integer_layers
+
+        ax.imshow(grid, cmap=ListedColormap([GROUP_COLORS[g] for g in GROUPS]), vmin=0, vmax=len(GROUPS) - 1)
+        ax.set_title(f"partition of image {image}", fontsize=9)
+        ax.set_xlabel("grid column")
+        ax.set_ylabel("grid row")
+        integer_layers(ax, "x")
+        integer_layers(ax, "y")
+        counts = d.group.value_counts()
+        ax.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{GROUP_NAMES[g]} ({int(counts.get(g, 0))})")
+                           for g in GROUPS], fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         return figure_of(ax)
