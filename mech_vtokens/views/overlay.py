@@ -280,7 +280,7 @@ class PatchOverlay:
         title = f"<h4>{_html.escape(self.title)}</h4>" if self.title else ""
         cols = 1 if len(self.images) == 1 else 2
         payload = json.dumps(d)
-        return f"""{title}<div id="{uid}" class="mvt-overlay" style="font-family:sans-serif;font-size:12px">
+        return f"""<div id="{uid}" class="mvt-overlay" style="font-family:sans-serif;font-size:12px">{title}
 <div class="controls" style="margin:4px 0"></div>
 <div class="key" style="margin:4px 0"></div>
 <div style="display:flex;gap:12px;align-items:flex-start">
