@@ -56,7 +56,7 @@ def integer_layers(ax, axis: str = "x") -> None:
     """Layer axes show whole layers only (no 1.5)."""
     from matplotlib.ticker import MaxNLocator
 
-    getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))
+    getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def subplots(*args, **kwargs):
