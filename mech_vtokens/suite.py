@@ -51,7 +51,8 @@ def analyze(vlm, images, prompts, *, probes=ALL_PROBES, labels=None, k: int = 5,
     "partition" calibrates a sink / dead / alive partition on the first ``calibration`` images (statistical rule),
     then classifies every image in the same forward as the other probes. ``boxes``: COCO-style
     ``[{"bbox": [x, y, w, h], "label": ...}]`` per image, for the semantic-sparsity figure. The report states how
-    many forwards the whole analysis ran (``forwards.json`` too, per phase), each phase with its progress bar.
+    many forwards the whole analysis ran (``forwards.json`` too; per phase in ``forwards_by_phase.json``), each
+    phase with its progress bar.
     ``planted``: also show the partition of the planted-structure fixture (clearly labelled; its forwards counted
     apart) — "auto" (default): when this model's partition puts every token in one group, so a reader sees what a
     partition looks like. ``overlays``: kept for compatibility; the report shows every image."""
@@ -75,8 +76,9 @@ def analyze(vlm, images, prompts, *, probes=ALL_PROBES, labels=None, k: int = 5,
                                             boxes, calibration, planted)
     n_planted = extra["planted"]["forwards"] if "planted" in extra else 0
     extra["forwards"] = forwards.n - n_planted
-    (out / "forwards.json").write_text(json.dumps({"forwards": extra["forwards"], "phases": extra["phases"],
-                                                   "planted_fixture_forwards": n_planted}))
+    (out / "forwards.json").write_text(json.dumps({"forwards": extra["forwards"]}))
+    (out / "forwards_by_phase.json").write_text(json.dumps({**extra["phases"], "planted fixture (another model)":
+                                                            n_planted}))
     th = extra["thresholds"]
     (out / "thresholds.json").write_text(json.dumps({k: th[k] for k in ("phi", "vit", "calibrated", "text")}))
     _write_tables(results, out)
@@ -290,8 +292,8 @@ def _report(vlm, results, batches, overlays: int, extra=None):  # noqa: C901 (on
     per_phase = "; ".join(f"{k}: {v}" for k, v in phases.items() if v)
     rep = Report(f"mech-vtokens report — {name}",
                  f"{vlm.family} model {name}: d_model = {vlm.adapter.d_model}, {vlm.n_layers} decoder layers, "
-                 f"{vlm.n_vision_layers} vision layers. {n_img} images in {len(batches)} batches. "
-                 f"{extra.get('forwards', '?')} forwards of this model in all ({per_phase}).")
+                 f"{vlm.n_vision_layers} vision layers. {n_img} images in {len(batches)} batches; "
+                 f"{extra.get('forwards', '?')} forwards in all. Forwards of this model per phase: {per_phase}.")
     rep.heading("What was measured")
     rep.text(f"Every probe ({', '.join(results)}) read its sites in ONE forward per batch; the phases before it "
              f"(threshold and partition calibration, the partition summary, the anchor clusters, semantic sparsity) "
