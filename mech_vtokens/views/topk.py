@@ -66,7 +66,8 @@ def cell_label(batch, v: int) -> str:
 class TopWords:
     """The top-k words per visual token of ``image``, per site of a lens ``result`` (Site selector).
 
-    ``.data()`` is what the page shows (also what tests check); ``.html`` a self-contained fragment;
+    ``.data()`` is what the page shows (``tops[site][token]``: one ``[word index, score]`` per rank, ``None``
+    where ``skip_special`` hid the word) (also what tests check); ``.html`` a self-contained fragment;
     Jupyter shows it as a cell's value; ``.save(path)`` writes a page.
     """
 
@@ -95,6 +96,7 @@ class TopWords:
                     w = words.index(a)
                     if self.skip_special and words.hidden[w]:
                         n_hidden += 1
+                        keep.append(None)  # the rank keeps its column; the page shows "·"
                         continue
                     keep.append([w, round(float(b), 3)])
                 per.append(keep)
@@ -121,11 +123,12 @@ const sel=root.querySelector(".site-select"),body=root.querySelector("tbody");
 D.sites.forEach(s=>{{const o=document.createElement("option");o.value=s;o.textContent=s;sel.appendChild(o);}});
 sel.value=D.sites[D.sites.length-1];
 function draw(){{const T=D.tops[sel.value];let lo=Infinity,hi=-Infinity;
-T.forEach(r=>r.forEach(e=>{{lo=Math.min(lo,e[1]);hi=Math.max(hi,e[1]);}}));body.innerHTML="";
+T.forEach(r=>r.forEach(e=>{{if(e){{lo=Math.min(lo,e[1]);hi=Math.max(hi,e[1]);}}}}));body.innerHTML="";
 T.forEach((r,i)=>{{const tr=document.createElement("tr");const th=document.createElement("td");
 th.textContent=D.tokens[i];tr.appendChild(th);
 for(let j=0;j<D.k;j++){{const td=document.createElement("td");td.className="word";
-if(j<r.length){{const a=hi>lo?(r[j][1]-lo)/(hi-lo):0.5;td.textContent=D.words[r[j][0]]+" "+r[j][1].toFixed(2);
+if(j<r.length&&!r[j]){{td.textContent="·";td.title="hidden (special / punctuation-only)";td.style.color="#999";}}
+else if(j<r.length){{const a=hi>lo?(r[j][1]-lo)/(hi-lo):0.5;td.textContent=D.words[r[j][0]]+" "+r[j][1].toFixed(2);
 td.style.background="rgba(31,119,180,"+(0.08+0.5*a).toFixed(3)+")";}}tr.appendChild(td);}}
 body.appendChild(tr);}});}}
 sel.onchange=draw;draw();}})();</script>"""
