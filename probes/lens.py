@@ -298,13 +298,15 @@ def _token_frame(batch, positions, sites):
     if "vision_projector.hook_out" in sites:
         vp = batch.visual_positions
         frames["projector"] = pd.DataFrame({"row": vp[:, 0].numpy(), "image": batch.tokens["image"].numpy(),
-                                            "position": vp[:, 1].numpy(), "visual_index": range(len(vp))})
+                                            "position": vp[:, 1].numpy(), "visual_index": range(len(vp)),
+                                            "kind": batch.kinds})
     return frames
 
 
 class LensResult(Result):
     """Top-k tokens per read token per site. ``ids[site]`` / ``scores[site]``: (n_tokens, k) tensors;
-    ``to_pandas()``: columns row, image, site, layer, position, visual_index, rank, token_id, token, score.
+    ``to_pandas()``: columns row, image, site, layer, position, visual_index, kind (``batch.kinds``; "text" at a
+    text position), rank, token_id, token, score.
 
     The layer column says its convention by its name (and ``df.attrs["layers"]``): ``layer`` (``layers="blocks"``,
     the library's: the output of block i, -1 = the LM input) or ``hidden_state`` (``layers="hidden_states"``, the
