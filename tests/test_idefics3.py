@@ -188,3 +188,26 @@ def test_prune_the_global_image_equals_a_forward_without_it(tiny_vlm, name):
     for r, (ref, real, _) in enumerate(prune_reference(vlm, batch, sel, clean)):
         got = logits[r, -ref.shape[0]:]
         assert (got[real] - ref[real]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("name", FAMS)
+def test_partition_calibrates_classifies_and_prunes(tiny_vlm, name):
+    """The partition on a tiled model: every visual token (tiles and global image) gets one group; a token is a ViT
+    sink only where ViTSinks finds one of its pixel-shuffle rows above the threshold; a group's token set prunes
+    exactly its members."""
+    from mech_vtokens.partition import calibrate
+    from mech_vtokens.partition.partition import GROUPS
+
+    vlm = tiny_vlm(name)
+    prompt = F.prompt(vlm, name)
+    imgs = [_noise(150, 97, s) for s in range(3)]
+    part = calibrate(vlm, imgs, [prompt] * 3, vit_threshold=1.0)
+    img = _noise(61, 203, 7)
+    got = part.classify([img], [prompt])
+    batch = vlm.prepare([img], [prompt])
+    assert len(got.codes) == batch.n_visual and bool(((got.codes >= 0) & (got.codes < len(GROUPS))).all())
+    vit = mv.run(vlm, [img], [prompt], probes=[ViTSinks(layer=-1, threshold=1.0)])["vit_sinks"]
+    assert bool((vit.sinks[got.codes == GROUPS.index("vit_sink")]).all())
+    group = GROUPS[int(torch.bincount(got.codes).argmax())]
+    logits, _ = nn_run(vlm, batch, [Prune(part.token_set(group))])
+    assert logits.shape[1] == batch.visual_mask.shape[1] - int((got.codes == GROUPS.index(group)).sum())
