@@ -211,3 +211,24 @@ def test_partition_calibrates_classifies_and_prunes(tiny_vlm, name):
     group = GROUPS[int(torch.bincount(got.codes).argmax())]
     logits, _ = nn_run(vlm, batch, [Prune(part.token_set(group))])
     assert logits.shape[1] == batch.visual_mask.shape[1] - int((got.codes == GROUPS.index(group)).sum())
+
+
+@pytest.mark.parametrize("name", FAMS)
+def test_a_prompt_without_images_rides_along(tiny_vlm, name):
+    """A batch of a prompt with an image and one without: the processor gets one (possibly empty) image list per
+    prompt, the text-only row has no visual token and its frames are all padding; the image row's LM input at its
+    visual positions is the connector output (hooks)."""
+    vlm = tiny_vlm(name)
+    batch = vlm.prepare([[_noise(150, 97)], []], [F.prompt(vlm, name), "USER : what is it ? ASSISTANT :"])
+    assert batch.visual_mask.sum(1).tolist() == [80, 0]
+    assert not bool(batch.inputs["pixel_values"][1].any())
+    got = {}
+    hs = [vlm.hf.model.connector.register_forward_hook(lambda m, i, o: got.update(proj=o)),
+          vlm.hf.get_decoder().register_forward_pre_hook(lambda m, a, k: got.update(emb=k["inputs_embeds"]),
+                                                         with_kwargs=True)]
+    with torch.no_grad():
+        vlm.hf(**batch.inputs)
+    for h in hs:
+        h.remove()
+    proj = got["proj"].reshape(-1, got["proj"].shape[-1])
+    assert torch.equal(got["emb"][batch.visual_mask], proj[batch.tokens["projector_rows"]])
