@@ -237,9 +237,10 @@ class VLM:
             flat.extend(ims)  # already RGB: image_lists converted each one (data.to_rgb)
             image_of_row.extend([row] * len(ims))
         kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)
-        if flat:  # nested per prompt (the prompts that have images) where the family's processor wants it
+        if flat:  # nested per prompt where the family's processor wants it: one list per prompt, empty for a prompt
+            # without images (Idefics3 / SmolVLM match the lists to the prompts one to one; OneVision skips empties)
             kwargs["images"] = flat if not self.adapter.images_nested else [
-                [im for im, r in zip(flat, image_of_row) if r == row] for row in dict.fromkeys(image_of_row)]
+                [im for im, r in zip(flat, image_of_row) if r == row] for row in range(len(prompts))]
         inputs = dict(self.processor(**kwargs))
         dtype = self.hf.dtype
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
