@@ -19,3 +19,8 @@ from .attention_knockout import AttentionKnockout  # noqa: E402
 from .entry_exit import VisualEntry, VisualExit  # noqa: E402
 
 __all__ += ["AttentionKnockout", "VisualEntry", "VisualExit"]
+
+from .patch import PatchActivations  # noqa: E402
+from .patch_region import Region  # noqa: E402
+
+__all__ += ["PatchActivations", "Region"]
