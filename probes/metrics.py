@@ -18,7 +18,8 @@ class per file" is kept per metric in spirit: every class computes one number pe
 
 Answers are token ids (ints) or strings, tokenised with the model's tokenizer without special tokens (a tokenizer
 that marks word starts, e.g. sentencepiece's "▁red", wants the string as it follows the prompt: ``" red"``). One
-answer for every row, or a list with one per row. Each result is a :class:`MetricResult`: ``values`` (batch,) or
+answer for every row, or a list with one per row (for :class:`AnswerLogProb` a list of ints is ONE answer's tokens;
+for the one-token metrics :class:`LogitDiff` / :class:`ChoiceProb` it is one id per row). Each result is a :class:`MetricResult`: ``values`` (batch,) or
 (batch, n) on the CPU, ``to_pandas()`` a long table with a ``row`` column (so the runner stores it per record).
 """
 
@@ -61,7 +62,11 @@ def _per_row(vlm, answers, n_rows: int, who: str) -> list[list[int]]:
 
 
 def _single(vlm, answers, n_rows: int, who: str) -> torch.Tensor:
-    """(rows,) ids of single-token answers; a multi-token answer is refused, naming the fix."""
+    """(rows,) ids of single-token answers; a multi-token answer is refused, naming the fix. A list of ints is one
+    id PER ROW here (a one-token metric reads no several-token answer)."""
+    if isinstance(answers, (list, tuple)) and answers and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in answers):
+        answers = [[i] for i in answers]
     rows = _per_row(vlm, answers, n_rows, who)
     for ids in rows:
         if len(ids) != 1:
