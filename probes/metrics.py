@@ -19,8 +19,9 @@ class per file" is kept per metric in spirit: every class computes one number pe
 Answers are token ids (ints) or strings, tokenised with the model's tokenizer without special tokens (a tokenizer
 that marks word starts, e.g. sentencepiece's "▁red", wants the string as it follows the prompt: ``" red"``). One
 answer for every row, or a list with one per row (for :class:`AnswerLogProb` a list of ints is ONE answer's tokens;
-for the one-token metrics :class:`LogitDiff` / :class:`ChoiceProb` it is one id per row). Each result is a :class:`MetricResult`: ``values`` (batch,) or
-(batch, n) on the CPU, ``to_pandas()`` a long table with a ``row`` column (so the runner stores it per record).
+for the one-token metrics :class:`LogitDiff` / :class:`ChoiceProb` it is one id per row). Each result is a
+:class:`MetricResult`: ``values`` (batch,) or (batch, n) on the CPU, ``to_pandas()`` a long table with a ``row``
+column (so the runner stores it per record).
 """
 
 from __future__ import annotations

@@ -28,8 +28,10 @@ def _by_hand(batch, row_src, row_dst, box):
     vpos, boxes = batch.visual_positions, batch.tokens["box"]
     dst_i = (vpos[:, 0] == row_dst).nonzero().flatten()
     src_i = (vpos[:, 0] == row_src).nonzero().flatten()
-    keep = [j for j, i in enumerate(dst_i.tolist())
-            if min(boxes[i, 2], box[2]) > max(boxes[i, 0], box[0]) and min(boxes[i, 3], box[3]) > max(boxes[i, 1], box[1])]
+    def hits(b):
+        return min(b[2], box[2]) > max(b[0], box[0]) and min(b[3], box[3]) > max(b[1], box[1])
+
+    keep = [j for j, i in enumerate(dst_i.tolist()) if hits(boxes[i].tolist())]
     return vpos[dst_i[keep]], vpos[src_i[keep]]
 
 
@@ -125,7 +127,8 @@ def test_patch_refuses_bad_pairs_before_forward(no_forward):
         mv.run(vlm, [T.image(seed=1), T.image(size=160, seed=2)], [p, p],
                interventions=[PatchActivations("blocks.0.hook_resid_pre", "all", {1: 0})])
     with pytest.raises(InputError, match="selects no"):
-        mv.run(vlm, ims, [p, p], interventions=[PatchActivations("blocks.0.hook_resid_pre", Region((500, 500, 600, 600)), {1: 0})])
+        far = Region((500, 500, 600, 600))
+        mv.run(vlm, ims, [p, p], interventions=[PatchActivations("blocks.0.hook_resid_pre", far, {1: 0})])
     with pytest.raises(InputError, match="x1 > x0"):
         Region((10, 10, 5, 20))
 
