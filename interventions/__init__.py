@@ -24,3 +24,7 @@ from .patch import PatchActivations  # noqa: E402
 from .patch_region import Region  # noqa: E402
 
 __all__ += ["PatchActivations", "Region"]
+
+from .head_knockout import HeadKnockout  # noqa: E402
+
+__all__ += ["HeadKnockout"]

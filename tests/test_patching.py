@@ -151,3 +151,118 @@ def test_organism_red_into_blue_flips_where_the_object_is():
     assert abs(s.loc[("blocks.0.hook_resid_post", "background")]["recovered"]) < 0.1
     assert abs(s.loc[("blocks.2.hook_resid_post", "object")]["recovered"]) < 0.2
     assert len(res.to_pandas()) == 6 * 4
+
+
+# ---- per head: HeadKnockout and direct logit attribution -------------------------------------------------------
+
+def _eager_pair(tiny_dir, family):
+    """(the package's eager VLM, a fresh plain HF eager model for the monkey-patched reference: nnsight's .source
+    instruments an attention module for good, so the reference must not share it)."""
+    vlm = mv.load(tiny_dir(family), attn_implementation="eager")
+    hf = type(vlm.hf).from_pretrained(tiny_dir(family), attn_implementation="eager").eval()
+    return vlm, hf
+
+
+def _patched_eager(hf, monkeypatch, layer, edit):
+    """Replace the family's eager attention function by plain torch; at ``layer`` call ``edit(w, v)`` on the
+    post-softmax weights (batch, head, q, k) and the repeated values, which returns the weights to use."""
+    import sys
+
+    lm = hf.model.language_model
+    mod = sys.modules[type(lm.layers[0].self_attn).__module__]
+    orig = mod.eager_attention_forward
+    target = lm.layers[layer].self_attn
+
+    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        if module is not target:
+            return orig(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        g = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        w = query @ k.transpose(2, 3) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = torch.softmax(w.float(), -1).to(query.dtype)
+        w = edit(w, v)
+        return (w @ v).transpose(1, 2).contiguous(), w
+
+    monkeypatch.setattr(mod, "eager_attention_forward", eager)
+
+
+@pytest.mark.parametrize("family", FM.FAMILIES)
+def test_head_knockout_equals_patched_eager(tiny_dir, monkeypatch, family):
+    from mech_vtokens.interventions import HeadKnockout
+
+    vlm, hf = _eager_pair(tiny_dir, family)
+    batch = _batch(vlm, family)
+    heads, layer, row = [0, 1], 1, 2
+    vm = batch.visual_mask
+    cut = (~vm)[:, :, None] & vm[:, None, :]
+    cut[:row] = False  # rows= [2] only
+    iv = HeadKnockout({layer: heads}, kind="vt", rows=[row]).report()
+    got = mv.loop.forward(vlm, batch, interventions=[iv])[iv].logits
+
+    def edit(w, v):
+        hm = torch.zeros(w.shape[1], dtype=torch.bool)
+        hm[heads] = True
+        return w.masked_fill(cut[:, None] & hm[None, :, None, None], 0.0)
+
+    with monkeypatch.context() as m:
+        _patched_eager(hf, m, layer, edit)
+        with torch.no_grad():
+            ref = hf(**batch.inputs).logits.float()
+    am = batch.inputs["attention_mask"]
+    last = torch.tensor([int(am[r].nonzero().max()) for r in range(3)])
+    ref = ref[torch.arange(3), last]
+    assert (got - ref).abs().max() < TOL
+    with torch.no_grad():
+        clean = hf(**batch.inputs).logits.float()[torch.arange(3), last]
+    assert (got[row] - clean[row]).abs().max() > 1e-4 and (got[:row] - clean[:row]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
+def test_direct_logit_attribution_equals_weights_times_values(tiny_dir, monkeypatch, family):
+    """The head's visual-key part of the attention output, by hand: w[last, visual] @ v[visual] for that head,
+    through o_proj's weight, removed from the final residual under the model's own norm and lm_head."""
+    from mech_vtokens.attribution import direct_logit_attribution
+
+    vlm, hf = _eager_pair(tiny_dir, family)
+    tok = vlm.processor.tokenizer
+    a, b = tok.convert_tokens_to_ids("red"), tok.convert_tokens_to_ids("blue")
+    img, prompt = T.image(seed=4), FM.prompt(vlm, family)
+    layer = 1
+    df = direct_logit_attribution(vlm, img, prompt, a=a, b=b, layers=[layer]).set_index("head")
+    enc = vlm.prepare([img], [prompt])
+    vis = enc.visual_mask[0]
+    lm = hf.model.language_model
+    got = {}
+
+    def edit(w, v):
+        got["w"], got["v"] = w.detach().clone(), v.detach().clone()
+        return w
+
+    final = {}
+    h = lm.layers[-1].register_forward_hook(lambda m, a_, o: final.__setitem__("x", (o[0] if isinstance(o, tuple)
+                                                                                     else o)[0, -1].detach()))
+    try:
+        with monkeypatch.context() as m:
+            _patched_eager(hf, m, layer, edit)
+            with torch.no_grad():
+                hf(**enc.inputs)
+    finally:
+        h.remove()
+    w, v, x = got["w"][0], got["v"][0], final["x"]
+    o_w = lm.layers[layer].self_attn.o_proj.weight
+    n_heads, dh = w.shape[0], v.shape[-1]
+
+    def ld(resid):
+        with torch.no_grad():
+            logits = hf.lm_head(lm.norm(resid[None]))[0].float()
+        return float(logits[a] - logits[b])
+
+    for head in range(n_heads):
+        part = torch.zeros(n_heads * dh)
+        part[head * dh:(head + 1) * dh] = w[head, -1, vis] @ v[head, vis]
+        delta = part @ o_w.T
+        want = ld(x) - ld(x - delta)
+        assert abs(df.loc[head, "dla"] - want) < TOL, (head, df.loc[head, "dla"], want)
+    assert df["delta_norm"].max() > 1e-3
