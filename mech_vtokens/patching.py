@@ -23,8 +23,9 @@ from .loop import batches, forward
 
 
 class Variant:
-    """One patched row: ``site`` (a site name), ``tokens`` (a token set; e.g. ``Region(box)``), a ``label`` for the
-    table (the region's or token's name)."""
+    """One patched row: ``site`` (a site name), ``tokens`` (a token set, e.g. ``Region(box)``, or an int j: the j-th
+    visual token of the image, for layers x tokens sweeps), a ``label`` for the table (the region's or token's
+    name)."""
 
     def __init__(self, site: str, tokens, label: str):
         self.site, self.tokens, self.label = site, tokens, str(label)
@@ -101,9 +102,27 @@ def patch_sweep(vlm, pairs, variants, *, batch_size: int = 64, remote=False, pro
 
 
 def _only_image(tokens, image: int):
-    """The token set restricted to one image of the batch (the patched row's)."""
+    """The token set restricted to one image of the batch (the patched row's); an int j: that image's j-th token."""
+    import torch
+
     from .token_sets import TokenSet, as_token_set
 
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        j = tokens
+
+        class _Nth(TokenSet):
+            def visual(self, batch):
+                mine = (batch.tokens["image"] == image).nonzero().flatten()
+                if not 0 <= j < len(mine):
+                    raise InputError(f"patch_sweep: token {j} of image {image}: the image has {len(mine)} tokens")
+                sel = torch.zeros(batch.n_visual, dtype=torch.bool)
+                sel[mine[j]] = True
+                return sel
+
+            def __repr__(self):
+                return f"token {j} of image {image}"
+
+        return _Nth()
     ts = as_token_set(tokens)
 
     class _OneImage(TokenSet):

@@ -268,9 +268,10 @@ NOTEBOOKS["06_causal_patching.ipynb"] = [
     ("md", "## Which tokens? One variant per visual token, on the image\nEach of the 36 tokens patched alone "
            "(after layer 0) in its own row: the recovered fraction per token, drawn on the target image with the "
            "overlay."),
-    ("code", "from mech_vtokens.interventions import Positions\nfrom mech_vtokens.views import PatchOverlay\n\n"
+    ("code", "from mech_vtokens.views import PatchOverlay\n\n"
              "one = vlm.prepare([p.target], [prompt])\n"
-             "tokens = patch_sweep(vlm, [p], lambda q: [Variant('blocks.0.hook_resid_post', Positions([j]), j)\n"
+             "# Variant(site, j, label): j = the image's j-th visual token\n"
+             "tokens = patch_sweep(vlm, [p], lambda q: [Variant('blocks.0.hook_resid_post', j, j)\n"
              "                                        for j in range(one.n_visual)], batch_size=64).to_pandas()\n"
              "values = tokens.sort_values('region')['recovered'].to_numpy()  # region = the token's index\n"
              "PatchOverlay(one, 0, values=values, title='recovered by patching each token after layer 0')"),

@@ -93,3 +93,18 @@ def test_metric_inputs_refused_before_forward(no_forward):
         mv.run(vlm, ims, [p], probes=[KLToClean(3)])
     with pytest.raises(InputError, match="at least two"):
         ChoiceProb(["red"])
+
+
+def test_metric_in_the_runner_per_record(tiny_vlm, tmp_path):
+    """run_dataset stores a metric per record (its ``row`` column made record-relative), equal to mv.run."""
+    from mech_vtokens.data import InMemory
+    from mech_vtokens.runner import run_dataset
+
+    vlm = tiny_vlm("llava")
+    ims = [T.image(seed=s) for s in (1, 2, 3)]
+    q = "what color is the object ?"
+    store = run_dataset(vlm, InMemory(ims, questions=[q] * 3), probes=[LogitDiff("red", "blue")], out=tmp_path / "r",
+                        batch_size=2, progress=False)
+    got = store.frame("logit_diff").sort_values("record_id")["value"].to_numpy()
+    want = mv.run(vlm, ims, [vlm.prompt(q)] * 3, probes=[LogitDiff("red", "blue")])["logit_diff"].values
+    assert torch.allclose(torch.tensor(got), want, atol=TOL)
