@@ -304,3 +304,37 @@ def test_attribution_patching_equals_autograd_on_hf(tiny_vlm, family):
     want = float((g[dst[:, 0], dst[:, 1]] * (act[src[:, 0], src[:, 1]] - act[dst[:, 0], dst[:, 1]])).sum())
     assert abs(float(est["estimate"][0]) - want) < 1e-4 * max(1.0, abs(want)) and abs(want) > 1e-6
     assert abs(float(est["ld_target"][0]) - float(ld)) < TOL
+
+
+# ---- devices -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl"])
+def test_causal_trace_code_creates_every_tensor_on_the_value_device(tiny_dir, fam):
+    """Metrics, PatchActivations (LM, vision, projector sites), HeadKnockout and the attribution probe under the
+    device trap of tests/test_devices.py (bf16, eager): no factory call in their trace code lacks device=; results on
+    the CPU."""
+    from test_devices import DeviceTrap, _tensors
+
+    from mech_vtokens.attribution import attribution_patching, direct_logit_attribution
+    from mech_vtokens.interventions import HeadKnockout
+    from mech_vtokens.patching import PatchPair, Variant
+    from mech_vtokens.probes import AnswerLogProb, ChoiceProb, KLToClean, LogitDiff
+
+    vlm = mv.load(tiny_dir(fam), dtype="bfloat16", attn_implementation="eager")
+    ims = [T.image(seed=1), T.image(seed=2), T.image(seed=3)]
+    prs = [FM.prompt(vlm, fam)] * 3
+    ivs = [PatchActivations(["vision.blocks.0.hook_resid_post", "vision_projector.hook_out",
+                             "blocks.1.hook_resid_pre"], Region(BOX), {2: 0}).report(),
+           HeadKnockout([0], layers=[1], rows=[1])]
+    probes = [AnswerLogProb("red"), LogitDiff("red", "blue"), ChoiceProb(["red", "blue"]), KLToClean(0)]
+    pair = PatchPair(ims[0], ims[1], "what color is the object ?", "red", "blue", {"box": BOX})
+    trap = DeviceTrap()
+    with trap:
+        results = list(mv.run(vlm, ims, prs, probes=probes, interventions=ivs).values())
+        attribution_patching(vlm, [pair], [Variant("blocks.1.hook_resid_post", Region(BOX), "box")])
+        direct_logit_attribution(vlm, ims[0], prs[0], a="red", b="blue", layers=[0])
+    assert trap.seen > 0
+    assert not trap.hits, "\n".join(sorted(set(trap.hits)))
+    for r in results:
+        for name, t in _tensors(vars(r)):
+            assert t.device.type == "cpu", f"{type(r).__name__}.{name} is on {t.device}"
