@@ -251,7 +251,7 @@ NOTEBOOKS["06_causal_patching.ipynb"] = [
              "res = mv.run(vlm, [p.source, p.target, p.target], [prompt] * 3,\n"
              "             probes=[LogitDiff('red', 'blue'), ChoiceProb(['red', 'blue']), KLToClean(0)],\n"
              "             interventions=[patch])\n"
-             "res['choice_prob'].to_pandas().pivot(index='row', columns='option', values='value')"),
+             "res['choice_prob'].to_pandas().pivot(index='row', columns='answer', values='value')"),
     ("code", "res['logit_diff'].values, res['kl_to_clean'].values"),
     ("md", "## The sweep: layers x regions, every variant a row of one batch\nThe object's box and a background "
            "box of the same size (shifted by whole patches onto empty background), patched at the LM input and "
@@ -286,7 +286,7 @@ NOTEBOOKS["06_causal_patching.ipynb"] = [
              "top['head'].astype(int).tolist()}\n"
              "ko = mv.run(vlm, [p.source] * 2, [prompt] * 2, probes=[ChoiceProb(['red', 'blue'])],\n"
              "            interventions=[HeadKnockout(heads, kind='vt', rows=[1])])\n"
-             "print('knocked out', heads)\nko['choice_prob'].to_pandas().pivot(index='row', columns='option', "
+             "print('knocked out', heads)\nko['choice_prob'].to_pandas().pivot(index='row', columns='answer', "
              "values='value')"),
     ("md", "## Attribution patching: the one-backward approximation\n`grad(LD) . (source - target activation)` per "
            "token, from one forward and one backward per batch of pairs. It ranks the variants like the real sweep "

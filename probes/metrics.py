@@ -222,7 +222,7 @@ class LogitDiff(Probe):
 class ChoiceProb(Probe):
     """The probability of each option among ``options`` (single tokens, the same for every row): softmax over the
     options' logits at the last position (``values``, (batch, n_options)); ``vocab_prob``: under the whole
-    vocabulary."""
+    vocabulary. Table: one row per (row, option) with ``answer`` (the option as given) and ``answer_id``."""
 
     def __init__(self, options):
         if not isinstance(options, (list, tuple)) or len(options) < 2:
@@ -256,7 +256,8 @@ class ChoiceProb(Probe):
     def collect(self, raw, batch, vlm):
         ids = self.extras(vlm, batch)["ids"].tolist()
         n = raw["values"].shape[0]
-        res = MetricResult(self.name, raw["values"], {"answer_id": ids * n,
+        res = MetricResult(self.name, raw["values"], {"answer": [str(o) for o in self.options] * n,
+                                                     "answer_id": ids * n,
                                                      "vocab_prob": raw["vocab_prob"].reshape(-1).tolist()})
         res.vocab_prob = raw["vocab_prob"]
         return res

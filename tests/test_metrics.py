@@ -56,7 +56,8 @@ def test_metrics_equal_plain_torch(tiny_vlm, family):
     assert torch.allclose(res["kl_to_clean"].values, want_kl, atol=TOL)
     assert float(res["kl_to_clean"].values[1]) == 0.0  # its own clean row
     df = res["choice_prob"].to_pandas()
-    assert len(df) == 9 and set(df.columns) >= {"row", "option", "value", "answer_id", "vocab_prob"}
+    assert len(df) == 9 and set(df.columns) >= {"row", "option", "value", "answer", "answer_id", "vocab_prob"}
+    assert df["answer"].tolist()[:3] == ["red", "blue", "green"]
 
 
 @pytest.mark.parametrize("family", FM.FAMILIES[:2])
