@@ -134,6 +134,10 @@ class PatchActivations(Intervention):
             new = flat.clone()
             new[d] = flat[s]
             return new.reshape(value.shape)
+        if value.shape[0] != ctx["visual_mask"].shape[0]:
+            raise ValueError(f"PatchActivations copies rows of the prompt's batch, but this forward has "
+                             f"{value.shape[0]} rows for {ctx['visual_mask'].shape[0]} prompts (num_beams / "
+                             f"num_return_sequences > 1 repeat each prompt): generate with one sequence per prompt")
         d, s = mine["dst"].to(value.device), mine["src"].to(value.device)
         new = value.clone()
         new[d[:, 0], d[:, 1]] = value[s[:, 0], s[:, 1]]

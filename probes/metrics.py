@@ -171,7 +171,7 @@ class AnswerLogProb(Probe):
         return {"ids": ids}
 
     def at(self, site, value, ctx, out):
-        ids = ctx["mine"]["ids"].to(value.device)
+        ids = rows_for(ctx["mine"]["ids"], value.shape[0]).to(value.device)  # beams: each copy as its prompt
         valid = ids >= 0
         n_tok = valid.sum(1)
         last = last_positions(value, ctx)
@@ -211,7 +211,8 @@ class LogitDiff(Probe):
 
     def at(self, site, value, ctx, out):
         logits = last_logits(value, ctx)
-        a, b = ctx["mine"]["a"].to(value.device), ctx["mine"]["b"].to(value.device)
+        n = value.shape[0]
+        a, b = rows_for(ctx["mine"]["a"], n).to(value.device), rows_for(ctx["mine"]["b"], n).to(value.device)
         out["values"] = (logits.gather(1, a[:, None]) - logits.gather(1, b[:, None]))[:, 0].detach().clone()
 
     def collect(self, raw, batch, vlm):
