@@ -19,3 +19,12 @@ from .attention_knockout import AttentionKnockout  # noqa: E402
 from .entry_exit import VisualEntry, VisualExit  # noqa: E402
 
 __all__ += ["AttentionKnockout", "VisualEntry", "VisualExit"]
+
+from .patch import PatchActivations  # noqa: E402
+from .patch_region import Region  # noqa: E402
+
+__all__ += ["PatchActivations", "Region"]
+
+from .head_knockout import HeadKnockout  # noqa: E402
+
+__all__ += ["HeadKnockout"]

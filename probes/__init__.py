@@ -7,3 +7,7 @@ from .sink_channels import SinkChannels
 from .vit_sinks import ViTSinks
 
 __all__ = ["Activations", "EmbedLens", "LabelMatching", "LogitLens", "NormTracker", "SinkChannels", "ViTSinks"]
+
+from .metrics import AnswerLogProb, ChoiceProb, KLToClean, LogitDiff, MetricResult  # noqa: E402
+
+__all__ += ["AnswerLogProb", "ChoiceProb", "KLToClean", "LogitDiff", "MetricResult"]
