@@ -1,9 +1,25 @@
-"""Writes the notebooks of this folder from the cell lists below (so they stay reviewable as code).
+"""Writes AND executes the notebooks of this folder from the cell lists below (so they stay reviewable as code).
 
-    python notebooks/build.py        # regenerate every .ipynb here
+    python notebooks/build.py                      # regenerate and execute every .ipynb here (~1.5 min, 2 cores)
+    python notebooks/build.py 01_quickstart.ipynb  # only these
 
 Every notebook takes MODEL (hub id or local directory) in its first cell and defaults to the embedded offline model.
-CI executes them all (tests/test_notebooks.py).
+One entry of ``NOTEBOOKS`` per notebook: a list of ("md" | "code", source) cells; prose cells state what to look at
+and what it means, with the numbers the cell above prints.
+
+Execution: a fresh python3 kernel per notebook (nbclient), cwd = this folder, this checkout first on the path,
+Jupyter's inline matplotlib backend (so every ``.plot()`` shows a PNG), PYTHONHASHSEED=0; everything random in the
+cells is seeded, so a rebuild on the same machine writes the same files. What is saved: every output, minus the
+progress-bar widgets (tqdm.auto draws ipywidgets; their ids are random and a static page cannot show them) and
+per-run metadata (timings, the kernel's Python version); text outputs are scrubbed of what differs between machines
+and runs (:func:`scrub`: this checkout's path, temporary folders, object addresses, the views' random element ids).
+
+How ``tests/test_notebooks.py`` compares a fresh execution with the committed files: code and markdown cells exactly;
+per code cell the same outputs (type, stream name, MIME types); stdout and ``text/plain`` text with equal words and
+numbers equal to ``2e-3 + 1e-3 * |x|`` (another machine's float rounding); images and HTML by presence only (their
+bytes depend on matplotlib's version, the fonts, the browser-side code); no error, nothing on stderr (no warning, no
+text progress bar), and one PNG per ``.plot(`` call of a cell. The notebooks are built on the default model: after a
+change to the library, the plots or the model, run this script and commit the notebooks.
 """
 
 import os
