@@ -153,8 +153,10 @@ NOTEBOOKS = {
                "input falls to 0.70 (left panel): the LM keeps transforming them, as the paper finds for its alive "
                "group (Sec. 5). To see what a partition with sinks and dead tokens looks like, Part B plants one."),
         ("md", "## B. A planted fixture (truth known by construction)"),
-        ("code", "import tempfile\nfrom mech_vtokens import testing as T\n\n"
-                 "ppath, truth = T.planted_partition_model('llava', tempfile.mkdtemp() + '/planted')\n"
+        ("code", "import shutil\nimport tempfile\nfrom pathlib import Path\n\nfrom mech_vtokens import testing as T\n\n"
+                 "where = Path(tempfile.gettempdir()) / 'mech-vtokens-planted'  # one name: same figures each run\n"
+                 "shutil.rmtree(where, ignore_errors=True)  # built afresh from the fixture's code\n"
+                 "ppath, truth = T.planted_partition_model('llava', where)\n"
                  "pvlm = mv.load(ppath)\n"
                  "drawn = [T.planted_image(truth, seed=i, content=0.6) for i in range(40)]\n"
                  "pimages = [im for im, _ in drawn]\n"
@@ -175,7 +177,7 @@ NOTEBOOKS = {
                  "PatchOverlay(batch, 0, groups=one.labels, title='planted fixture: groups')"),
         ("md", "**Finding: the calibration recovers a planted partition exactly.** On 20 held-out images of the "
                "fixture the classification matches the planted truth for every token (accuracy 1.0): 5.6 % ViT "
-               "sinks, 2.8 % LLM sinks, 36.1 % dead, 55.6 % alive, the bars of the plot. The overlay below colours "
+               "sinks, 2.8 % LLM sinks, 36.1 % dead, 55.6 % alive, the bars of the plot. The overlay above colours "
                "one image's patches by group."),
         ("md", "Prune *dead* vs a seeded random set of the same size (paper Table 2 logic):"),
         ("code", "import torch\nfrom mech_vtokens.interventions import MatchedRandom, Prune, applied\n\n"
@@ -401,7 +403,7 @@ def scrub(text, ids: dict):
     if isinstance(text, list):
         text = "".join(text)
     text = text.replace(str(ROOT), "<checkout>")
-    text = re.sub(re.escape(tempfile.gettempdir()) + r"/tmp[\w-]+", "<tmp>", text)
+    text = re.sub(re.escape(tempfile.gettempdir()) + r"/[\w.-]+", "<tmp>", text)
     text = re.sub(r" at 0x[0-9a-f]+>", " at 0x0>", text)
     return re.sub(r"\b(ov[0-9a-f]{10}|mvt-[0-9a-f]{12})\b",
                   lambda m: ids.setdefault(m.group(1), f"{m.group(1)[:-10]}{len(ids):010d}"), text)
