@@ -251,50 +251,57 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the full suite on the embedded default model (no download)")
-    d.add_argument("--model", help="hub id or local directory instead of the embedded model")
-    d.add_argument("--out", default="mech-vtokens-demo", help="output folder (default: %(default)s)")
+    d.add_argument("--model", metavar="ID_OR_PATH", help="hub id or local directory instead of the embedded model")
+    d.add_argument("--out", metavar="DIR", default="mech-vtokens-demo", help="output folder (default: %(default)s)")
     d.add_argument("--k", type=int, default=5, help="top-k tokens per lens (default: %(default)s)")
-    d.add_argument("--n-images", type=int, default=8, help="how many bundled scenes (default: %(default)s)")
-    d.add_argument("--images", action=_Renamed, new="--n-images",
+    d.add_argument("--n-images", metavar="N", type=int, default=8,
+                   help="how many bundled scenes (default: %(default)s)")
+    d.add_argument("--images", action=_Renamed, metavar="N", new="--n-images",
                    why="a count of bundled scenes; --images is a folder in `analyze`")
     d.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
     _progress_option(d)
     d.set_defaults(fn=demo)
     a = sub.add_parser("analyze", help="the full suite on your model and a folder of images")
-    a.add_argument("--model", required=True, help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
-    a.add_argument("--images", required=True, help="folder of images (png, jpg, ...; not recursive)")
-    a.add_argument("--probes", help=f"comma-separated subset of: {','.join(ANALYZE_PROBES)} (default: all; a "
-                                    f"partition needs 2+ images)")
+    a.add_argument("--model", metavar="ID_OR_PATH", required=True,
+                   help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
+    a.add_argument("--images", metavar="DIR", required=True, help="folder of images (png, jpg, ...; not recursive)")
+    a.add_argument("--probes", metavar="NAMES",
+                   help=f"comma-separated subset of: {','.join(ANALYZE_PROBES)} (default: all; a partition "
+                        f"needs 2+ images)")
     a.add_argument("--question", default="describe the image .", help="the text after the image placeholder "
                                                                        "(default: %(default)r)")
     _model_options(a)
     a.add_argument("--k", type=int, default=5, help="top-k tokens per lens (default: %(default)s)")
     a.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
-    a.add_argument("--out", default="mech-vtokens-report", help="output folder (default: %(default)s)")
+    a.add_argument("--out", metavar="DIR", default="mech-vtokens-report", help="output folder (default: %(default)s)")
     _progress_option(a)
     a.set_defaults(fn=analyze_cmd)
     r = sub.add_parser("run", help="probe tables over a dataset, written as it goes and resumable (run_dataset)")
-    r.add_argument("--model", required=True, help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
-    r.add_argument("--data", required=True, help="a folder of images, a COCO instances .json or a VQA .jsonl")
-    r.add_argument("--images-dir", default=None,
+    r.add_argument("--model", metavar="ID_OR_PATH", required=True,
+                   help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
+    r.add_argument("--data", metavar="SOURCE", required=True,
+                   help="a folder of images, a COCO instances .json or a VQA .jsonl")
+    r.add_argument("--images-dir", metavar="DIR", default=None,
                    help="the folder holding the image files a JSON names (default: the JSON's folder, or val2017/ "
                         "beside annotations/ for annotations/instances_val2017.json)")
-    r.add_argument("--probes", help=f"comma-separated subset of: {','.join(RUN_PROBES)} (default: "
-                                    f"embed_lens,logit_lens,norms; labels needs labelled records)")
+    r.add_argument("--probes", metavar="NAMES",
+                   help=f"comma-separated subset of: {','.join(RUN_PROBES)} (default: embed_lens,logit_lens,norms; "
+                        f"labels needs labelled records)")
     r.add_argument("--question", default=None,
                    help="the prompt text for records without their own question (default: the library's)")
     _model_options(r)
     r.add_argument("--k", type=int, default=5, help="top-k tokens per lens (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images per forward (default: %(default)s)")
-    r.add_argument("--limit", type=int, default=None, help="only the first N records (default: all)")
-    r.add_argument("--shard", default=None, help="I/N: run only records I, I+N, ... (one process per GPU, same --out)")
+    r.add_argument("--limit", metavar="N", type=int, default=None, help="only the first N records (default: all)")
+    r.add_argument("--shard", metavar="I/N", default=None,
+                   help="I/N: run only records I, I+N, ... (one process per GPU, same --out)")
     r.add_argument("--overwrite", action="store_true", help="discard a previous run in --out instead of resuming it")
-    r.add_argument("--out", default="mech-vtokens-run", help="the store's folder (default: %(default)s)")
+    r.add_argument("--out", metavar="DIR", default="mech-vtokens-run", help="the store's folder (default: %(default)s)")
     _progress_option(r)
     r.set_defaults(fn=run_cmd)
     s = sub.add_parser("sites", help="list a model's sites in forward order")
-    s.add_argument("--model", default=None,
+    s.add_argument("--model", metavar="ID_OR_PATH", default=None,
                    help="hub id or local directory (default: the embedded model, as in `demo`)")
     s.set_defaults(fn=sites)
     return ap
