@@ -11,7 +11,8 @@ Execution: a fresh python3 kernel per notebook (nbclient), cwd = this folder, th
 Jupyter's inline matplotlib backend (so every ``.plot()`` shows a PNG), PYTHONHASHSEED=0; everything random in the
 cells is seeded, so a rebuild on the same machine writes the same files. What is saved: every output, minus the
 progress-bar widgets (tqdm.auto draws ipywidgets; their ids are random and a static page cannot show them) and
-per-run metadata (timings, the kernel's Python version); text outputs are scrubbed of what differs between machines
+per-run metadata (timings, the kernel's Python version); adjacent prints to one stream are one output (the kernel's
+chunking depends on timing); text outputs are scrubbed of what differs between machines
 and runs (:func:`scrub`: this checkout's path, temporary folders, object addresses, the views' random element ids).
 
 How ``tests/test_notebooks.py`` compares a fresh execution with the committed files: code and markdown cells exactly;
@@ -384,7 +385,7 @@ def execute(nb, timeout=600):
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        cell.outputs = [o for o in cell.outputs if WIDGET not in o.get("data", {})]
+        cell.outputs = coalesce([o for o in cell.outputs if WIDGET not in o.get("data", {})])
         for o in cell.outputs:
             if "text" in o:
                 o.text = scrub(o.text, ids)
@@ -394,6 +395,17 @@ def execute(nb, timeout=600):
     nb.metadata.pop("widgets", None)
     nb.metadata.pop("language_info", None)  # the kernel's exact Python version: not part of the notebook
     return nb
+
+
+def coalesce(outputs):
+    """Adjacent stream outputs of one stream as one (how the kernel chunks a cell's prints depends on timing)."""
+    out = []
+    for o in outputs:
+        if out and o.output_type == "stream" and out[-1].output_type == "stream" and out[-1].name == o.name:
+            out[-1].text = "".join(out[-1].text) + "".join(o.text)
+        else:
+            out.append(o)
+    return out
 
 
 def scrub(text, ids: dict):
