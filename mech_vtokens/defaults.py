@@ -51,3 +51,19 @@ def demo_boxes(n: int = 3, seed: int = 1234):
         out.append([{"bbox": [o.cx - o.r, o.cy - o.r, 2 * o.r, 2 * o.r],
                      "label": o.char if o.shape == "text" and o.char else o.shape} for o in s.objects])
     return out
+
+
+def demo_qa(n: int = 3, seed: int = 1234, kinds=("count", "colour", "shape", "background")):
+    """(images, questions, answers): :func:`demo_inputs`' scenes (same ``n`` / ``seed``: the same images), image i
+    asked its question of kind ``kinds[i % len(kinds)]`` ("count", "colour", "shape", "position", "background"; the
+    count question where the scene has none of that kind), with the ground-truth answer."""
+    from .organism.world import make_samples
+
+    images, questions, answers = [], [], []
+    for i, s in enumerate(make_samples(n, seed)):
+        want = kinds[i % len(kinds)]
+        _, q, a = next((qa for qa in s.qa if qa[0] == want), s.qa[0])
+        images.append(s.image)
+        questions.append(q)
+        answers.append(a)
+    return images, questions, answers

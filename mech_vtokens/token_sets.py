@@ -85,7 +85,10 @@ class Group(TokenSet):
 
     def visual(self, batch):
         n = batch.n_visual
-        m = torch.as_tensor(self.members)
+        members = self.members
+        if getattr(getattr(members, "flags", None), "writeable", True) is False:
+            members = members.copy()  # a read-only numpy array (pandas' to_numpy): torch warns on it
+        m = torch.as_tensor(members)
         if m.dtype == torch.bool:
             if m.shape != (n,):
                 raise InputError(f"Group {self.name!r}: a boolean mask must have one entry per visual token "

@@ -370,7 +370,7 @@ class LensResult(Result):
         site = site or next(iter(self.ids))
         frame = self._frames["projector" if site == "vision_projector.hook_out" else "lm"]
         t = self._batch.tokens
-        keep = (frame["visual_index"] >= 0).to_numpy()
+        keep = (frame["visual_index"] >= 0).to_numpy(copy=True)  # writable: torch indexes with it
         vi = frame["visual_index"].to_numpy()[keep]
         on = (t["image"][vi] == image).numpy()
         vi = vi[on]

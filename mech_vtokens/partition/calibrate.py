@@ -47,7 +47,7 @@ def _gather(vlm, images, prompts, batch_size, vit_layer, vit_threshold, sink_dim
         n_forwards += 1
         dims |= set(scr.sink_dims)
         site = vlm.adapter.canonical(llm_site)
-        vis = torch.as_tensor((scr._frame.visual_index >= 0).to_numpy())
+        vis = torch.as_tensor((scr._frame.visual_index >= 0).to_numpy(copy=True))  # writable (pandas' is not)
         phi = torch.nan_to_num(scr.phi[site][vis], nan=0.0)
         x = act["hook_embed"].detach().float()
         img = batch.tokens["image"]
@@ -287,7 +287,8 @@ def sink_thresholds(vlm, images, prompts=None, *, llm_site: str | None = None, v
     for _, batch in batches(vlm, images, prompts, batch_size, progress, desc="thresholds"):
         if batch.n_visual == 0:
             raise InputError("sink_thresholds needs visual tokens: pass images with their placeholders")
-        acts, vits = Activations([site]), ViTSinks(layer=vit_layer, threshold=PAPER_VIT)
+        # only its norms are read: a threshold every token exceeds, so no "no token exceeds 75" warning here
+        acts, vits = Activations([site]), ViTSinks(layer=vit_layer, threshold=1e-12)
         res = forward(vlm, batch, [acts, vits], remote=remote)
         act, vs = res[acts], res[vits]
         n_fw, n_img = n_fw + 1, n_img + len(batch.image_sizes)

@@ -325,7 +325,7 @@ class PartitionResult(Result):
         from ..results import REGION_KINDS, check_kinds
 
         kinds = check_kinds(REGION_KINDS if kinds is None else kinds, "PartitionResult.fractions")
-        of_kind = torch.as_tensor(self.to_pandas().kind.isin(kinds).to_numpy(), dtype=torch.bool)
+        of_kind = torch.as_tensor(self.to_pandas().kind.isin(kinds).to_numpy(copy=True), dtype=torch.bool)
         codes = self.codes[of_kind]
         n = max(1, len(codes))
         return {g: float((codes == i).sum()) / n for i, g in enumerate(GROUPS)}
