@@ -314,13 +314,15 @@ def _gemma3(seed: int):
     config.architectures = ["Gemma3ForConditionalGeneration"]
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).eval()
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed + 1)
-        for name, p in model.named_parameters():
-            if name.endswith("mm_input_projection_weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-            elif "layernorm" in name or name.endswith("norm.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.copy_(torch.randn(proj.shape, generator=gen) * 0.2)
+        for mod in model.modules():  # Gemma's RMSNorms scale by (1 + w), w zero at init (SigLIP's LayerNorms stay)
+            if isinstance(mod, Gemma3RMSNorm):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.1)
     ip = Gemma3ImageProcessorPil(size={"height": 112, "width": 112}, do_pan_and_scan=False)
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=16)
     return model, proc

@@ -237,6 +237,11 @@ class VLM:
             flat.extend(ims)  # already RGB: image_lists converted each one (data.to_rgb)
             image_of_row.extend([row] * len(ims))
         kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token", None)
+        if ("add_special_tokens" not in kwargs and bos and all(p.startswith(bos) for p in prompts)
+                and tok("")["input_ids"][:1] == [tok.bos_token_id]):  # the chat template wrote the BOS (Gemma 3):
+            kwargs["add_special_tokens"] = False  # not twice, as HF's own apply_chat_template(tokenize=True) does
         if flat:  # nested per prompt (the prompts that have images) where the family's processor wants it
             kwargs["images"] = flat if not self.adapter.images_nested else [
                 [im for im, r in zip(flat, image_of_row) if r == row] for row in dict.fromkeys(image_of_row)]
