@@ -323,6 +323,11 @@ def _gemma3(seed: int):
         for mod in model.modules():  # Gemma's RMSNorms scale by (1 + w), w zero at init (SigLIP's LayerNorms stay)
             if isinstance(mod, Gemma3RMSNorm):
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.1)
+        # SigLIP's post-layernorm and the projector's RMSNorm normalise every token, which compresses how much more a
+        # patch's own token changes than its neighbours: quieter ViT attention keeps the random tower local (the
+        # single-patch benchmark's premise, as in a trained SigLIP)
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.out_proj.weight.mul_(0.1)
     ip = Gemma3ImageProcessorPil(size={"height": 112, "width": 112}, do_pan_and_scan=False)
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=16)
     return model, proc

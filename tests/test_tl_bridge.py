@@ -40,10 +40,12 @@ VISION = {"llava": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "qwen3_vl": "vision_encoder.blocks.{i}.hook_resid_post",
           "qwen3_vl_moe": "vision_encoder.blocks.{i}.hook_resid_post",
           "llava_next": "vision_encoder.encoder_layers.{i}.hook_resid_post",
-          "llava_onevision": "vision_encoder.encoder_layers.{i}.hook_resid_post"}
+          "llava_onevision": "vision_encoder.encoder_layers.{i}.hook_resid_post",
+          "gemma3": "vision_encoder.encoder_layers.{i}.hook_resid_post"}
 
 
-@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
+                                 "gemma3"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
