@@ -284,7 +284,7 @@ def test_entry_exit_on_sliding_window_layers_match_manual(tiny_dir, tmp_path, at
     """A model with sliding-window layers (refused before): the masks VisualEntry / VisualExit rebuild from layer k on
     are each layer's own kind (transformers.masking_utils), so both match the hand-built forward whose sliding layers
     block keys 5+ positions back; the clean model itself matches that forward (the window really acts), and
-    generation with a KV cache is refused with the reason."""
+    cached generation under them equals re-running the forward."""
     vlm = sliding_qwen(tiny_dir, tmp_path, attn)
     b = batch_of(vlm, "qwen2_vl")
     clean = clean_lm_kwargs(vlm, b)
@@ -306,9 +306,15 @@ def test_entry_exit_on_sliding_window_layers_match_manual(tiny_dir, tmp_path, at
         logits, _ = nn_run(vlm, b, [VisualExit(k)])
         for r, ref in enumerate(exit_reference(vlm, clean, b.visual_mask, k)):
             assert (logits[r, -ref.shape[0]:] - ref).abs().max() < TOL, (k, r)
-    with pytest.raises(Exception, match="sliding-window layers is not supported"):
-        mv.generate(vlm, [T.image(seed=1)], [F.prompt(vlm, "qwen2_vl")], interventions=[VisualEntry(1)],
-                    max_new_tokens=2)
+    # generation with a KV cache (refused before): each layer's decode mask is sized by its own cache layer (the
+    # sliding one keeps only its last keys), so HF's cached generate under the intervention == re-running the
+    # intervened forward on prompt + generated tokens
+    from test_generate import cached_generate, rerun_reference
+
+    for make in (lambda: [VisualEntry(1)], lambda: [VisualExit(1)], lambda: [Prune(Positions([0, 2, 3]))]):
+        got, ids = cached_generate(vlm, b, make(), steps=6)
+        ref, ref_ids = rerun_reference(vlm, b, make(), steps=6)
+        assert (got - ref).abs().max() < TOL and torch.equal(ids, ref_ids)
 
 
 # ---- AttentionKnockout -----------------------------------------------------------------------------------------
