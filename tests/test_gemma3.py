@@ -214,3 +214,39 @@ def test_no_second_bos_from_the_chat_template(tiny_vlm):
     assert int(ids[0]) == vlm.tokenizer.bos_token_id and int(ids[1]) != vlm.tokenizer.bos_token_id
     vis = _resolve(vlm.hf, vlm.adapter.projector)  # the projector's weight is random, not zero (fixture sanity)
     assert vis.mm_input_projection_weight.abs().sum() > 0
+
+
+# ---- partition ---------------------------------------------------------------------------------------------------
+
+def test_partition_vit_sinks_follow_the_pooled_rows(tiny_vlm):
+    """calibrate + classify run on Gemma 3 (remote="local" identical); a token is a ViT sink exactly when the max L2
+    norm over the k x k SigLIP patches of its pool (plain HF hook on the last vision block) exceeds the threshold."""
+    from mech_vtokens.partition import calibrate
+
+    vlm = tiny_vlm("gemma3")
+    ims, pr = [T.image(112, s) for s in range(4)], T.prompt("gemma3")
+    with pytest.warns(Warning):
+        part = calibrate(vlm, ims, pr, vit_threshold=7.0, phi_threshold=3.0)
+    res = part.classify(ims[:2], pr)
+    df = res.to_pandas()
+    assert df.equals(part.classify(ims[:2], pr, remote="local").to_pandas())
+    b = vlm.prepare(ims[:2], [pr] * 2)
+    got = {}
+    last = _resolve(vlm.hf, vlm.adapter.vision_layers)[-1]
+    h = last.register_forward_hook(lambda m, i, o: got.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        vlm.hf(**b.inputs)
+    h.remove()
+    norms = got["x"].reshape(-1, got["x"].shape[-1]).float().norm(dim=-1)
+    cfg = vlm.hf.config
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    t = int(round(cfg.mm_tokens_per_image ** 0.5))
+    k = g // t
+    want = []
+    for i in range(2):
+        for r in range(t):
+            for c in range(t):
+                rows = [i * g * g + (r * k + a) * g + (c * k + d) for a in range(k) for d in range(k)]
+                want.append(bool(norms[rows].max() > 7.0))
+    assert sum(want) > 0 and not all(want)
+    assert (df.group == "vit_sink").tolist() == want
