@@ -50,6 +50,11 @@ def _execute(model, plan, comps, ctx, out=None, decode=False, check=True):
     first the batch (a plain trace; a generate trace reaches its forwards through ``tracer.iter``)."""
     if check:
         _check_inputs(model, ctx)
+        # whether the CALLER handed the model a KV cache (a generate prefill does; a plain forward does not, even
+        # where the wrapper then builds one for its LM, as Idefics3 / SmolVLM do): see sequence.refuse_single_pass
+        from .compat import kv_cache
+
+        ctx = dict(ctx, caller_cache=kv_cache(model.inputs[1]) is not None)
     ctxs = forward_ctx(ctx, model, decode)
     out = {} if out is None else out
     moved = {}  # ctx's tensors on each device a site of this forward runs on (a split model has several)

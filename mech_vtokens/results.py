@@ -85,7 +85,10 @@ class InterventionResult(Result):
         df = self.to_pandas()
         for tok, g in df.groupby("answer_id"):
             ax.plot(g["row"], g["logprob"], "o-", label=f"id {tok}")
+        from matplotlib.ticker import MaxNLocator
+
         ax.set_xlabel("row")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("log-prob at the last position")
         ax.set_title(repr(self.intervention)[:60])
         ax.legend(fontsize=7)
@@ -204,21 +207,47 @@ class Results(Mapping):
                 f"</table>")
 
 
+# The visual-token kinds that show a region of the image (``batch.kinds``): the default of every aggregate over
+# visual tokens (means per layer, A(l), partition fractions). "newline" (LLaVA-NeXT / OneVision's learned row
+# separators) and "cls" have no region and would skew them; pass ``kinds=`` to include them.
+REGION_KINDS = ("patch", "thumbnail")
+
+
+def check_kinds(kinds, who: str) -> tuple:
+    """``kinds`` (one name or several) as a tuple of ``batch.kinds`` names, or an InputError naming them."""
+    from .adapters.geometry import KINDS
+    from .errors import InputError
+
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise InputError(f"{who}: kinds={kinds!r}; name one or more visual-token kinds of {KINDS} (default "
+                         f"{REGION_KINDS}: the tokens that show the image)")
+    return kinds
+
+
+def kind_names(batch, visual_index) -> list:
+    """The ``kind`` column: ``batch.kinds`` of each visual index, "text" where the index is -1 (a text position)."""
+    kinds = batch.kinds
+    return [kinds[int(v)] if v >= 0 else "text" for v in visual_index]
+
+
 def visual_index_frame(batch):
-    """Columns identifying each visual token of a batch, in ``batch.visual_positions`` order."""
+    """Columns identifying each visual token of a batch, in ``batch.visual_positions`` order (``kind``: its
+    ``batch.kinds`` entry)."""
     import pandas as pd
 
     pos = batch.visual_positions
     t = batch.tokens
     return pd.DataFrame({
         "row": pos[:, 0].numpy(), "position": pos[:, 1].numpy(), "visual_index": range(len(pos)),
-        "image": t["image"].numpy(), "tile": t["tile"].numpy(), "grid_row": t["row"].numpy(),
+        "kind": batch.kinds, "image": t["image"].numpy(), "tile": t["tile"].numpy(), "grid_row": t["row"].numpy(),
         "grid_col": t["col"].numpy()})
 
 
 def token_frame(batch, selection):
-    """Identity columns (row, image, position, visual_index) of the positions ``selection`` (batch, seq) bool picks,
-    in ``selection.nonzero()`` order; text positions get image = visual_index = -1."""
+    """Identity columns (row, image, position, visual_index, kind) of the positions ``selection`` (batch, seq) bool
+    picks, in ``selection.nonzero()`` order; text positions get image = visual_index = -1 and kind "text"."""
     import pandas as pd
     import torch
 
@@ -231,4 +260,4 @@ def token_frame(batch, selection):
     if int(vm.sum()):
         img[vi >= 0] = batch.tokens["image"][vi[vi >= 0]]
     return pd.DataFrame({"row": pos[:, 0].numpy(), "image": img.numpy(), "position": pos[:, 1].numpy(),
-                         "visual_index": vi.numpy()})
+                         "visual_index": vi.numpy(), "kind": kind_names(batch, vi.tolist())})

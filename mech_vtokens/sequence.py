@@ -197,8 +197,9 @@ def extend_keys(am, b, more):
 
 def refuse_single_pass(ctx, cache, past, who):
     """In an nnsight generate trace an Experiment run once (no ``steps``) reaches only the prefill: a
-    sequence-changing intervention would leave every decode step with the wrong mask and positions."""
-    if past == 0 and cache is not None and not ctx.get("generating"):
+    sequence-changing intervention would leave every decode step with the wrong mask and positions. A cache the
+    model's wrapper built itself for a plain forward (``ctx["caller_cache"]`` False) has no decode step after it."""
+    if past == 0 and cache is not None and not ctx.get("generating") and ctx.get("caller_cache", True):
         raise ValueError(
             f"{who} inside an nnsight generate trace through an Experiment run once would change the prefill only: "
             f"the decode steps would run with the unchanged attention mask and positions against the changed KV "

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl_moe", "llava_next",
-            "llava_onevision")
+            "llava_onevision",
+            "idefics3", "smolvlm")
 FAMILIES += ("gemma3",)
 
 # Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
@@ -43,12 +44,17 @@ _SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen3_vl"] = _SPECIALS["qwen3_vl_moe"] = _S
 _SPECIALS["llava_next"] = _SPECIALS["llava"]
 _SPECIALS["llava_onevision"] = ["<pad>", "<unk>", "<|endoftext|>", "<image>", "<video>"]
 _SPECIALS["gemma3"] = ["<pad>", "<unk>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+# Idefics3 / SmolVLM: the image token, the fake-around / global / row-col text tokens, the end of an utterance
+_SPECIALS["idefics3"] = _SPECIALS["smolvlm"] = (
+    ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
+    + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
 
 # The image token of each fixture's tokenizer (the adapters declare the span around it).
 _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>",
                 "internvl": "<IMG_CONTEXT>", "qwen3_vl": "<|image_pad|>", "qwen3_vl_moe": "<|image_pad|>",
                 "llava_next": "<image>", "llava_onevision": "<image>"}
 _IMAGE_TOKEN["gemma3"] = "<start_of_image>"  # what a Gemma 3 prompt holds per image (the processor expands it)
+_IMAGE_TOKEN.update(idefics3="<image>", smolvlm="<image>")
 
 
 def image_span(family: str) -> str:
@@ -82,6 +88,10 @@ def _tokenizer(family: str):
     elif family == "gemma3":
         kwargs.update(bos_token="<bos>", eos_token="<eos>", extra_special_tokens={
             "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    elif family in ("idefics3", "smolvlm"):
+        kwargs.update(bos_token="<|im_start|>", eos_token="<end_of_utterance>", extra_special_tokens={
+            "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
     elif family == "internvl":
         kwargs.update(bos_token="<s>", eos_token="</s>", extra_special_tokens={
             "start_image_token": "<img>", "end_image_token": "</img>",
@@ -330,6 +340,33 @@ def _gemma3(seed: int):
             layer.self_attn.out_proj.weight.mul_(0.1)
     ip = Gemma3ImageProcessorPil(size={"height": 112, "width": 112}, do_pan_and_scan=False)
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=16)
+def _idefics3(seed: int, smol: bool):
+    """Idefics3 / SmolVLM: 56-px tiles of 8 x 8 patches (7 px), pixel shuffle 2 -> 16 tokens per frame; the longest
+    edge resized to 112 px, so an image becomes up to 2 x 2 tiles + the global image."""
+    import transformers
+    from transformers import LlamaConfig
+
+    pre = "SmolVLM" if smol else "Idefics3"
+    tok = _tokenizer("smolvlm" if smol else "idefics3")
+    vision = getattr(transformers, f"{pre}VisionConfig")(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=2, image_size=56, patch_size=7)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024)
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    config = getattr(transformers, f"{pre}Config")(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                                   scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                                   tie_word_embeddings=False)
+    config.architectures = [f"{pre}ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{pre}ForConditionalGeneration")(config).eval()
+    ip = getattr(transformers, f"{pre}ImageProcessorPil")(size={"longest_edge": 112},
+                                                           max_image_size={"longest_edge": 56})
+    if smol:  # its video processor needs torchvision: the adapter's image + text processor
+        from .adapters.idefics3 import smolvlm_image_processor_class
+
+        proc = smolvlm_image_processor_class()(image_processor=ip, tokenizer=tok, image_seq_len=16)
+    else:
+        proc = transformers.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=16)
     return model, proc
 
 
@@ -349,6 +386,8 @@ def build(family: str, seed: int = 0):
         return _llava_onevision(seed)
     if family == "gemma3":
         return _gemma3(seed)
+    if family in ("idefics3", "smolvlm"):
+        return _idefics3(seed, family == "smolvlm")
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 

@@ -264,9 +264,10 @@ class VLM:
         if ("add_special_tokens" not in kwargs and bos and all(p.startswith(bos) for p in prompts)
                 and tok("")["input_ids"][:1] == [tok.bos_token_id]):  # the chat template wrote the BOS (Gemma 3):
             kwargs["add_special_tokens"] = False  # not twice, as HF's own apply_chat_template(tokenize=True) does
-        if flat:  # nested per prompt (the prompts that have images) where the family's processor wants it
+        if flat:  # nested per prompt where the family's processor wants it: one list per prompt, empty for a prompt
+            # without images (Idefics3 / SmolVLM match the lists to the prompts one to one; OneVision skips empties)
             kwargs["images"] = flat if not self.adapter.images_nested else [
-                [im for im, r in zip(flat, image_of_row) if r == row] for row in dict.fromkeys(image_of_row)]
+                [im for im, r in zip(flat, image_of_row) if r == row] for row in range(len(prompts))]
         inputs = dict(self.processor(**kwargs))
         dtype = self.hf.dtype
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():

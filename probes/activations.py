@@ -2,6 +2,9 @@
 
 The plain "read a site" probe: what a hand-written hook would save, and the independent handle tests compare
 against. For large runs prefer a reducing probe (EmbedLens, NormTracker): this one hauls tensors back.
+
+Its table is one row per site (shape, dtype), not per token; with ``visual_only=True`` the result's ``kinds`` is the
+kind of each kept row (``batch.kinds``), so ``res[site][np.array(res.kinds) == "patch"]`` drops newline tokens.
 """
 
 from __future__ import annotations
@@ -43,15 +46,18 @@ class Activations(Probe):
 
     def collect(self, raw, batch, vlm):
         return ActivationsResult({vlm.adapter.canonical(s): raw[vlm.adapter.canonical(s)]
-                                  for s in self.site_names}, self.visual_only, vlm.adapter.forward_order)
+                                  for s in self.site_names}, self.visual_only, vlm.adapter.forward_order,
+                                 batch.kinds if self.visual_only else None)
 
 
 class ActivationsResult(Result):
+    """``values[site]``: the tensor read there; ``kinds``: with ``visual_only``, the kind of each row (else None)."""
+
     name = "activations"
 
-    def __init__(self, values: dict, visual_only: bool, order):
+    def __init__(self, values: dict, visual_only: bool, order, kinds=None):
         self.values = values
-        self.visual_only = visual_only
+        self.visual_only, self.kinds = visual_only, kinds
         self._order = order  # every site name in forward order: orders the table's ``site`` column
 
     def __getitem__(self, site):

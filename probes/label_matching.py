@@ -15,6 +15,11 @@ form: "▁cat" in SentencePiece, "Ġcat" in byte-level BPE); unknown / special t
   necessarily the same one).
 
 ``LabelMatching.score(embed_result, labels, tokenizer, batch)`` computes A(ℓ) from lens results you already have.
+
+Kinds: "any visual token" means any of ``kinds`` (``batch.kinds``), by default ``results.REGION_KINDS`` ("patch",
+"thumbnail"): LLaVA-NeXT / OneVision's learned newline tokens show no image region, so a label found only there is
+not grounded in the image; pass ``kinds=("patch", "thumbnail", "newline")`` to count them. The tables'
+``attrs["kinds"]`` say which.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from mech_vtokens.component import Probe
 from mech_vtokens.errors import InputError
-from mech_vtokens.results import Result
+from mech_vtokens.results import REGION_KINDS, Result, check_kinds
 
 from .embed_lens import EmbedLens
 from .logit_lens import LogitLens
@@ -78,8 +83,8 @@ def _labels_ids(tokenizer, labels, rule, n_images):
     return table
 
 
-def _hits(result, table, k=None):
-    """(image, label, site) -> hit, from a LensResult (visual rows only)."""
+def _hits(result, table, k=None, kinds=REGION_KINDS):
+    """(image, label, site) -> hit, from a LensResult (visual rows of ``kinds`` only)."""
     recs = []
     for site, ids in result.ids.items():
         frame = result._frames["projector" if site == "vision_projector.hook_out" else "lm"]
@@ -87,8 +92,9 @@ def _hits(result, table, k=None):
             ids = ids[:, :k]
         vi = frame.visual_index.to_numpy()
         img = frame.image.to_numpy()
+        of_kind = frame.kind.isin(kinds).to_numpy()
         for im, labs in enumerate(table):
-            rows = torch.as_tensor(((vi >= 0) & (img == im)).nonzero()[0])
+            rows = torch.as_tensor(((vi >= 0) & (img == im) & of_kind).nonzero()[0])
             found = set(ids[rows].flatten().tolist())
             for lab, variants in labs:
                 hit = any(all(i in found for i in var) for var in variants)
@@ -108,7 +114,8 @@ class LabelMatching(Probe):
     """
 
     def __init__(self, labels, k: int = 5, rule: str = "whole_word", sites=None,
-                 lenses=("EmbedLens", "LogitLens"), skip_special: bool = False, layers: str = "blocks"):
+                 lenses=("EmbedLens", "LogitLens"), skip_special: bool = False, layers: str = "blocks",
+                 kinds=REGION_KINDS):
         if rule not in RULES:
             raise InputError(f"rule={rule!r}: choose one of {RULES}")
         known = {"EmbedLens": EmbedLens, "LogitLens": LogitLens}
@@ -116,7 +123,7 @@ class LabelMatching(Probe):
         if not lenses or any(lens not in known for lens in lenses):
             raise InputError(f"lenses={lenses!r}: choose from {tuple(known)}")
         self.labels, self.k, self.rule, self.lens_names = labels, k, rule, lenses
-        self.layers = layers
+        self.layers, self.kinds = layers, check_kinds(kinds, "LabelMatching")
         self._lenses = [known[n](k=k, sites=sites, skip_special=skip_special, layers=layers) for n in lenses]
 
     def sites(self, vlm):
@@ -145,38 +152,42 @@ class LabelMatching(Probe):
     def collect(self, raw, batch, vlm):
         table = _labels_ids(vlm.tokenizer, self.labels, self.rule, len(batch.image_sizes))
         results = [lens.collect(raw[j], batch, vlm) for j, lens in enumerate(self._lenses)]
-        return LabelMatchingResult(self._records(results, table), vlm.n_layers, results)
+        return LabelMatchingResult(self._records(results, table, kinds=self.kinds), vlm.n_layers, results,
+                                   self.kinds)
 
     def record_rows(self, result):  # to_pandas() aggregates over images; the store keeps each image's hits
         return result.hits()
 
     @staticmethod
-    def _records(results, table, k=None):
+    def _records(results, table, k=None, kinds=REGION_KINDS):
         recs = []
         for res in results:
-            for r in _hits(res, table, k):
+            for r in _hits(res, table, k, kinds):
                 r["lens"] = res.lens
                 recs.append(r)
         return recs
 
     @staticmethod
-    def score(lens_results, labels, tokenizer, batch, rule: str = "whole_word", k: int | None = None):
+    def score(lens_results, labels, tokenizer, batch, rule: str = "whole_word", k: int | None = None,
+              kinds=REGION_KINDS):
         """A(ℓ) from existing EmbedLens / LogitLens results (no forward); ``k`` may be smaller than theirs."""
         if not isinstance(lens_results, (list, tuple)):
             lens_results = [lens_results]
+        kinds = check_kinds(kinds, "LabelMatching.score")
         table = _labels_ids(tokenizer, labels, rule, len(batch.image_sizes))
-        return LabelMatchingResult(LabelMatching._records(lens_results, table, k), lens_results[-1]._n_layers,
-                                   list(lens_results))
+        return LabelMatchingResult(LabelMatching._records(lens_results, table, k, kinds),
+                                   lens_results[-1]._n_layers, list(lens_results), kinds)
 
 
 class LabelMatchingResult(Result):
     """``to_pandas()``: lens, site, layer, accuracy (A(ℓ)), n_labels. ``hits()``: one row per (lens, site, image,
-    label). ``lenses``: the underlying LensResults (their top-k tables)."""
+    label). ``lenses``: the underlying LensResults (their top-k tables). ``kinds``: the visual-token kinds a label
+    was searched among (also ``attrs["kinds"]`` of both tables)."""
 
     name = "label_matching"
 
-    def __init__(self, records, n_layers, lenses):
-        self._records, self._n_layers, self.lenses = records, n_layers, lenses
+    def __init__(self, records, n_layers, lenses, kinds=REGION_KINDS):
+        self._records, self._n_layers, self.lenses, self.kinds = records, n_layers, lenses, tuple(kinds)
 
     def hits(self):
         import pandas as pd
@@ -189,7 +200,7 @@ class LabelMatchingResult(Result):
         df.insert(2, col, [of[lens].layer_of(s) for lens, s in zip(df.lens, df.site)])
         df["site"] = site_column(df["site"], self.lenses[0]._order)
         df = df[["lens", "site", col, "image", "label", "hit"]]
-        df.attrs["layers"] = self.layers
+        df.attrs["layers"], df.attrs["kinds"] = self.layers, self.kinds
         return df
 
     @property
@@ -211,12 +222,12 @@ class LabelMatchingResult(Result):
         col = self.layer_column
         g = h.groupby(["lens", "site", col], sort=False).hit
         df = g.mean().rename("accuracy").to_frame().join(g.size().rename("n_labels")).reset_index()
-        df.attrs["layers"] = self.layers
+        df.attrs["layers"], df.attrs["kinds"] = self.layers, self.kinds
         return df
 
     def plot(self, ax=None):
         """Fig. 3: A(ℓ) per layer for each lens."""
-        from mech_vtokens.views.figure import figure_of, subplots
+        from mech_vtokens.views.figure import figure_of, integer_layers, subplots
 
         df = self.to_pandas()
         if ax is None:
@@ -226,5 +237,6 @@ class LabelMatchingResult(Result):
         ax.set_xlabel("layer (-1 = LM input; the output of block i)" if self.layers == "blocks" else
                       "output_hidden_states index (0 = LM input; the last after the final norm)")
         ax.set_ylabel("label-token matching A(ℓ)")
+        integer_layers(ax)
         ax.legend()
         return figure_of(ax)

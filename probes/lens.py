@@ -298,13 +298,15 @@ def _token_frame(batch, positions, sites):
     if "vision_projector.hook_out" in sites:
         vp = batch.visual_positions
         frames["projector"] = pd.DataFrame({"row": vp[:, 0].numpy(), "image": batch.tokens["image"].numpy(),
-                                            "position": vp[:, 1].numpy(), "visual_index": range(len(vp))})
+                                            "position": vp[:, 1].numpy(), "visual_index": range(len(vp)),
+                                            "kind": batch.kinds})
     return frames
 
 
 class LensResult(Result):
     """Top-k tokens per read token per site. ``ids[site]`` / ``scores[site]``: (n_tokens, k) tensors;
-    ``to_pandas()``: columns row, image, site, layer, position, visual_index, rank, token_id, token, score.
+    ``to_pandas()``: columns row, image, site, layer, position, visual_index, kind (``batch.kinds``; "text" at a
+    text position), rank, token_id, token, score.
 
     The layer column says its convention by its name (and ``df.attrs["layers"]``): ``layer`` (``layers="blocks"``,
     the library's: the output of block i, -1 = the LM input) or ``hidden_state`` (``layers="hidden_states"``, the
@@ -383,10 +385,15 @@ class LensResult(Result):
         grid[rows, cols] = sc
         if ax is None:
             _, ax = subplots(figsize=(max(4, grid.shape[1] * 0.5), max(4, grid.shape[0] * 0.5)))
-        ax.imshow(grid, cmap="viridis")
+        from mech_vtokens.views.figure import VALUE_CMAP
+
+        im = ax.imshow(grid, cmap=VALUE_CMAP)
+        ax.figure.colorbar(im, ax=ax, label=f"{self.lens} top-1 score")
         toks = self._decode(ids)
         if grid.size <= 1024:
             for r, c, tk in zip(rows, cols, toks):
                 ax.text(c, r, tk.strip()[:6], ha="center", va="center", fontsize=6, color="w")
-        ax.set_title(f"{self.lens} top-1 at {site} (image {image})")
+        ax.set_title(f"{self.lens} top-1 at {site} (image {image})", fontsize=9)
+        ax.set_xlabel("grid column")
+        ax.set_ylabel("grid row")
         return figure_of(ax)

@@ -13,6 +13,13 @@ Groups: LM tokens are ``"visual"`` or ``"text"``; a vision row takes the group o
 (``batch.tokens["vision_rows"]``; rows no visual token uses, e.g. CLS, are ``"unused"``). Pass ``groups`` (to the
 probe or later to ``by_group``/``plot``) to split visual tokens further: a sequence with one label per visual token
 (``batch.visual_positions`` order) or a dict ``{label: [visual indices]}`` (e.g. sink / dead / alive).
+
+Kinds: every row has a ``kind`` (``batch.kinds`` of its visual token: "patch", "thumbnail", "newline", "cls";
+"text" at a text position, "unused" for a vision row no visual token uses). The means of ``by_group`` / ``plot``
+take the visual tokens of ``kinds`` only, by default ``results.REGION_KINDS`` ("patch", "thumbnail": the tokens
+that show a region of the image; LLaVA-NeXT / OneVision's learned newline tokens are left out, they have no image
+region and skew the means); text rows and unused vision rows are always kept. The choice is in the table's
+``attrs["kinds"]``; ``to_pandas()`` keeps every row.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch
 
 from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
-from mech_vtokens.results import Result, token_frame
+from mech_vtokens.results import REGION_KINDS, Result, check_kinds, token_frame
 from mech_vtokens.site_names import parse_site, site_column
 
 
@@ -35,10 +42,10 @@ def _injected(vlm, i):
 class NormTracker(Probe):
     """L1 / L2 norm and layer-to-layer cosine per token at every vision and LM layer (paper Secs. 5.2, 6.2)."""
 
-    def __init__(self, vision: bool = True, lm: bool = True, groups=None):
+    def __init__(self, vision: bool = True, lm: bool = True, groups=None, kinds=REGION_KINDS):
         if not (vision or lm):
             raise InputError("NormTracker(vision=False, lm=False) reads nothing; enable at least one tower")
-        self.vision, self.lm, self.groups = vision, lm, groups
+        self.vision, self.lm, self.groups, self.kinds = vision, lm, groups, check_kinds(kinds, "NormTracker")
 
     def sites(self, vlm):
         out = []
@@ -89,7 +96,8 @@ class NormTracker(Probe):
     def collect(self, raw, batch, vlm):
         ex = self.extras(vlm, batch)
         return NormResult({s: raw[s] for s in self.sites(vlm)}, batch, ex["select"], self.groups, vlm.n_layers,
-                          vlm.adapter.forward_order, injected=ex["side"])
+                          vlm.adapter.forward_order, injected=ex["side"], kinds=self.kinds)
+
 
 
 def _labels(groups, n_visual):
@@ -111,13 +119,14 @@ def _labels(groups, n_visual):
 
 
 class NormResult(Result):
-    """``to_pandas()``: per token and site: tower, site, layer, row, image, position, visual_index, vision_row,
-    group, l1, l2, cos_prev. ``by_group()``: means per (tower, site, layer, group)."""
+    """``to_pandas()``: per token and site: tower, site, layer, row, image, position, visual_index, kind, vision_row,
+    group, l1, l2, cos_prev. ``by_group(kinds=)``: means per (tower, site, layer, group) over the visual tokens of
+    ``kinds`` (default: the probe's, ``REGION_KINDS``; text rows always), ``attrs["kinds"]`` says which."""
 
     name = "norms"
 
-    def __init__(self, data, batch, select, groups, n_layers, order, injected=()):
-        self.data, self._batch, self._select, self.groups = data, batch, select, groups
+    def __init__(self, data, batch, select, groups, n_layers, order, injected=(), kinds=REGION_KINDS):
+        self.data, self._batch, self._select, self.groups, self.kinds = data, batch, select, groups, tuple(kinds)
         self._n_layers, self._order = n_layers, order  # for ``tower`` / ``layer`` and the forward order of ``site``
         self._injected = list(injected)  # sites of vectors added between layers: plotted apart from the stream
 
@@ -141,7 +150,9 @@ class NormResult(Result):
                     from mech_vtokens.adapters.geometry import row_owner
 
                     owner = row_owner(n, b.tokens["vision_rows"], b.tokens["vision_weights"]).numpy()
+                kinds = b.kinds
                 df = pd.DataFrame({"row": -1, "image": -1, "position": -1, "visual_index": owner,
+                                   "kind": [kinds[o] if o >= 0 else "unused" for o in owner],
                                    "vision_row": np.arange(n),
                                    "group": [vlab[o] if o >= 0 else "unused" for o in owner]})
                 if b.n_visual:
@@ -159,16 +170,26 @@ class NormResult(Result):
         df["site"] = site_column(df["site"], self._order)
         return df
 
-    def by_group(self, groups=None):
+    def by_group(self, groups=None, kinds=None):
+        """Means per (tower, site, layer, group) over the visual tokens of ``kinds`` (None: the probe's) and every
+        text / unused vision row."""
+        kinds = self.kinds if kinds is None else check_kinds(kinds, "NormResult.by_group")
         df = self.to_pandas(groups)
-        return (df.groupby(["tower", "site", "layer", "group"], sort=False)[["l1", "l2", "cos_prev"]].mean()
-                .reset_index())
+        df = df[(df.visual_index < 0) | df.kind.isin(kinds)]
+        g = (df.groupby(["tower", "site", "layer", "group"], sort=False)[["l1", "l2", "cos_prev"]].mean()
+             .reset_index())
+        g.attrs["kinds"] = kinds
+        return g
 
-    def plot(self, groups=None, axes=None):
-        """Figs. 6 / 8: mean L2 (and L1 for the vision tower) and layer-to-layer cosine per group, per tower."""
-        from mech_vtokens.views.figure import figure_of, subplots
+    def plot(self, groups=None, axes=None, kinds=None):
+        """Figs. 6 / 8: mean L2 (and L1 for the vision tower) and layer-to-layer cosine per group, per tower (visual
+        tokens of ``kinds``, default the probe's)."""
+        from mech_vtokens.views.figure import GROUP_NAMES, color_of, figure_of, integer_layers, subplots
 
-        g = self.by_group(groups)
+        g = self.by_group(groups, kinds)
+        # vision rows no visual token keeps (LLaVA's CLS) are "unused" in the table: named for what they are here
+        g["group"] = g["group"].replace({"unused": "vision_only"})
+        names = list(dict.fromkeys(g.group))
         towers = list(dict.fromkeys(g.tower))
         if axes is None:
             _, axes = subplots(2, len(towers), figsize=(5 * len(towers), 7), squeeze=False)
@@ -176,12 +197,19 @@ class NormResult(Result):
         for c, t in enumerate(towers):
             sub = g[(g.tower == t) & ~side]
             for name, d in sub.groupby("group", sort=False):
-                axes[0][c].plot(d.layer, d.l2, marker="o", label=name)
-                axes[1][c].plot(d.layer, d.cos_prev, marker="o", label=name)
+                kw = dict(marker="o", color=color_of(name, names), label=GROUP_NAMES.get(name, name))
+                axes[0][c].plot(d.layer, d.l2, **kw)
+                axes[1][c].plot(d.layer, d.cos_prev, **kw)
             for name, d in g[(g.tower == t) & side].groupby("group", sort=False):  # e.g. DeepStack, after layer i
-                axes[0][c].scatter(d.layer + 0.5, d.l2, marker="x", label=f"{name} (injected after layer)")
-            axes[0][c].set_title(f"{t}: mean L2 norm")
-            axes[1][c].set_title(f"{t}: cosine to previous layer")
-            axes[1][c].set_xlabel("layer (-1 = LM input)" if t == "lm" else "vision layer")
-            axes[0][c].legend(fontsize=7)
+                axes[0][c].scatter(d.layer + 0.5, d.l2, marker="x", color=color_of(name, names),
+                                   label=f"{GROUP_NAMES.get(name, name)} (injected after layer)")
+            axes[0][c].set_title(f"{'LM' if t == 'lm' else 'vision tower'}: mean L2 norm", fontsize=10)
+            axes[1][c].set_title(f"{'LM' if t == 'lm' else 'vision tower'}: cosine to the previous layer",
+                                 fontsize=10)
+            for r in (0, 1):
+                axes[r][c].set_xlabel("layer (-1 = LM input)" if t == "lm" else "vision layer")
+                integer_layers(axes[r][c])
+                axes[r][c].legend(fontsize=7)
+            axes[0][c].set_ylabel("mean L2 norm")
+            axes[1][c].set_ylabel("cos(layer, previous layer)")
         return figure_of(axes)

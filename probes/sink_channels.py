@@ -30,6 +30,10 @@ Also (Fig. 4): ``bos_cos``, the cosine of every token with its row's BOS state a
 ``rank_tracking()``: the ``top`` (5) visual tokens most similar to BOS at ``reference_site`` (default
 ``blocks.1.hook_resid_post``, i.e. after MLP-2) and their rank (1 = most BOS-similar visual token of the row) at
 every site.
+
+Kinds: the table has a ``kind`` column (``batch.kinds``; "text" at text positions). ``rank_tracking`` ranks, and
+``plot`` averages, the visual tokens of ``kinds`` only, by default ``results.REGION_KINDS`` ("patch",
+"thumbnail": LLaVA-NeXT / OneVision's learned newline tokens, which show no image region, are left out).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 
 from mech_vtokens.component import Probe, select_rows
 from mech_vtokens.errors import InputError
-from mech_vtokens.results import Result, token_frame
+from mech_vtokens.results import REGION_KINDS, Result, check_kinds, token_frame
 from mech_vtokens.site_names import site_column, site_layer
 
 
@@ -212,7 +216,7 @@ class SinkChannels(Probe):
 
 
 class SinkChannelsResult(Result):
-    """``to_pandas()``: row, image, site, layer, position, visual_index, phi, sink, bos_cos. ``sink_dims``: the
+    """``to_pandas()``: row, image, site, layer, position, visual_index, kind, phi, sink, bos_cos. ``sink_dims``: the
     channels used (given or discovered). ``rank_tracking()``: Fig. 4 (right). ``phi_bound``: sqrt(d_model), the
     largest φ possible; ``reachable``: threshold < phi_bound (False: 0 sinks whatever the input)."""
 
@@ -247,18 +251,19 @@ class SinkChannelsResult(Result):
         """(n_tokens,) bool: φ > threshold at ``site`` (rows in the table's token order)."""
         return torch.nan_to_num(self.phi[site], nan=0.0) > self.threshold
 
-    def rank_tracking(self, reference_site: str | None = None, top: int | None = None):
-        """Per row: the ``top`` visual tokens most BOS-similar at the reference site, and their rank among the row's
-        visual tokens (1 = most similar) at every site. Columns: row, tracked (0..top-1), visual_index, site, layer,
-        rank, bos_cos."""
+    def rank_tracking(self, reference_site: str | None = None, top: int | None = None, kinds=REGION_KINDS):
+        """Per row: the ``top`` visual tokens (of ``kinds``) most BOS-similar at the reference site, and their rank
+        among the row's visual tokens of ``kinds`` (1 = most similar) at every site. Columns: row, tracked
+        (0..top-1), visual_index, site, layer, rank, bos_cos; ``attrs["kinds"]``."""
         import pandas as pd
 
+        kinds = check_kinds(kinds, "SinkChannelsResult.rank_tracking")
         ref = reference_site or self.reference_site
         top = top or self.top
         f = self._frame
         out = []
         for row in sorted(f.row.unique()):
-            keep = ((f.row == row) & (f.visual_index >= 0)).to_numpy()
+            keep = ((f.row == row) & (f.visual_index >= 0) & f.kind.isin(kinds)).to_numpy()
             if not keep.any():
                 continue
             idx = torch.as_tensor(keep.nonzero()[0])
@@ -275,30 +280,51 @@ class SinkChannelsResult(Result):
         out = pd.DataFrame(out)
         if len(out):
             out["site"] = site_column(out["site"], self._order)
+        out.attrs["kinds"] = kinds
         return out
 
-    def plot(self, axes=None):
-        """Fig. 4: mean BOS cosine per sublayer (visual tokens, flagged sinks, text) and the rank tracking."""
-        from mech_vtokens.views.figure import figure_of, subplots
+    def plot(self, axes=None, kinds=REGION_KINDS):
+        """Fig. 4: mean BOS cosine per sublayer (visual tokens of ``kinds``, flagged sinks among them, text) and the
+        rank tracking."""
+        from mech_vtokens.views.figure import BACKGROUND, CYCLE, GROUP_COLORS, figure_of, subplots
 
+        kinds = check_kinds(kinds, "SinkChannelsResult.plot")
         df = self.to_pandas()
         if axes is None:
-            _, axes = subplots(1, 2, figsize=(11, 4))
+            _, axes = subplots(1, 2, figsize=(12, 4.5))
         x = range(len(self.sites))
-        groups = {"visual": df.visual_index >= 0, "text": df.visual_index < 0,
-                  "visual sinks (φ>τ at any site)": df.set_index(["row", "position"]).index.isin(
-                      df[df.sink & (df.visual_index >= 0)].set_index(["row", "position"]).index)}
-        for name, m in groups.items():
+        vis = (df.visual_index >= 0) & df.kind.isin(kinds)
+        groups = {"visual tokens": (vis, GROUP_COLORS["visual"]),
+                  "text tokens": (df.visual_index < 0, GROUP_COLORS["text"]),
+                  "sink tokens (φ>τ at any site)": (vis & df.set_index(["row", "position"]).index.isin(
+                      df[df.sink & vis].set_index(["row", "position"]).index), GROUP_COLORS["llm_sink"])}
+        for name, (m, col) in groups.items():
             if m.any():
-                means = df[m].groupby("site", sort=False).bos_cos.mean().reindex(self.sites)
-                axes[0].plot(x, means.to_numpy(), marker="o", label=name)
+                means = df[m].groupby("site", sort=False, observed=True).bos_cos.mean().reindex(self.sites)
+                axes[0].plot(x, means.to_numpy(), marker="o", color=col, label=name)
         axes[0].set_xticks(list(x), self.sites, rotation=90, fontsize=6)
-        axes[0].set_ylabel("cos(token, BOS)")
+        axes[0].set_ylabel("mean cos(token, BOS)")
+        axes[0].set_title("cosine to the BOS state per sublayer", fontsize=10)
         axes[0].legend(fontsize=7)
-        rt = self.rank_tracking()
-        for (row, t), g in rt.groupby(["row", "tracked"]):
-            axes[1].plot(range(len(g)), g["rank"].to_numpy(), marker=".", label=f"row {row} #{t}")
+        # rank tracking: the 3 tokens that stay most BOS-like (lowest mean rank) in colour, the rest grey
+        rt = self.rank_tracking(kinds=kinds)
+        ref = self.reference_site
+        start = {key: float(g["rank"].mean()) for key, g in rt.groupby(["row", "tracked"])}
+        vis = {key: int(g.visual_index.iloc[0]) for key, g in rt.groupby(["row", "tracked"])}
+        order = sorted(start, key=lambda key: start[key])
+        top = order[:3]
+        for key, g in rt.groupby(["row", "tracked"]):
+            if key not in top:
+                axes[1].plot(range(len(g)), g["rank"].to_numpy(), color=BACKGROUND, lw=0.8, zorder=1)
+        for n, key in enumerate(top):
+            g = rt[(rt.row == key[0]) & (rt.tracked == key[1])]
+            axes[1].plot(range(len(g)), g["rank"].to_numpy(), marker=".", color=CYCLE[n], lw=2, zorder=3,
+                         label=f"row {key[0]}, visual token {vis[key]} (mean rank {start[key]:.1f})")
+        if len(order) > len(top):
+            axes[1].plot([], [], color=BACKGROUND, label=f"{len(order) - len(top)} other tracked tokens")
         axes[1].set_xticks(list(x), self.sites, rotation=90, fontsize=6)
-        axes[1].set_ylabel(f"rank by BOS cosine (tracked from {self.reference_site})")
+        axes[1].set_ylabel("rank by BOS cosine (1 = most BOS-like)")
+        axes[1].set_title(f"rank tracking of the {self.top} most BOS-like tokens at {ref}, per row", fontsize=10)
         axes[1].invert_yaxis()
+        axes[1].legend(fontsize=7)
         return figure_of(axes)

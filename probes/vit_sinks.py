@@ -7,6 +7,16 @@ names it (``result.layer``, column ``vision_layer``). ``threshold``: 75 is calib
 (and tiny test models) need their own: ``mech_vtokens.partition.sink_thresholds(vlm, images)["vit"]`` calibrates one
 on data. When no token exceeds the threshold the result says why (``result.note``, a ThresholdWarning).
 
+Why ViTSinks warns only AFTER the forward (unlike SinkChannels / Partition, which warn before): φ has a bound from
+the width alone (φ <= sqrt(d_model), whatever the weights and the input), so an unreachable τ is known from the
+config. An L2 norm of a ViT residual-stream state has none: the state is the patch embedding plus every earlier
+block's attention and MLP output, and its norm grows with the weights (the paper's sinks are exactly such outliers,
+norms several times the typical token's). The only input-free bound is a product of each sublayer's operator norms
+(norm gains, q/k/v/o, MLP, InternVL's layer scales, Qwen's gated MLP ...): it needs the module structure of every
+tower (no adapter declares it, and reading it from the modules would be a family branch), and on a trained tower it
+lies orders of magnitude above any real norm, so it would never fire where it matters. Whether a threshold is met
+is a fact about the data: ``sink_thresholds(vlm, images)["vit"]`` measures it before a study.
+
 Mapping to the LM's visual tokens: each visual token is built from the rows ``batch.tokens["vision_rows"]`` of the
 vision-block output (LLaVA: its one patch, CLS dropped; Qwen2-VL/2.5-VL: the 2x2 merged patches, looked up through
 the window order; InternVL: the pixel-shuffled patches). A token's ``l2`` is the MAX over its merged rows (a
@@ -118,9 +128,17 @@ class ViTSinksResult(Result):
         grid[r, c] = v
         if ax is None:
             _, ax = subplots(figsize=(5, 5))
-        im = ax.imshow(grid, cmap="magma")
+        from mech_vtokens.views.figure import GROUP_COLORS, VALUE_CMAP, integer_layers
+
+        im = ax.imshow(grid, cmap=VALUE_CMAP)
         s = v > self.threshold
-        ax.scatter(c[s], r[s], s=8, c="cyan")
-        ax.set_title(f"L2 norm at {self.site} (image {image}; dots: > {self.threshold:g})")
-        ax.figure.colorbar(im, ax=ax)
+        ax.scatter(c[s], r[s], s=30, facecolors="none", edgecolors=GROUP_COLORS["vit_sink"], linewidths=2,
+                   label=f"ViT sink (L2 > {self.threshold:g}): {int(s.sum())}")
+        ax.set_title(f"image {image}: L2 norm at {self.site}", fontsize=9)
+        ax.set_xlabel("grid column")
+        ax.set_ylabel("grid row")
+        integer_layers(ax, "x")
+        integer_layers(ax, "y")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.12))
+        ax.figure.colorbar(im, ax=ax, label="L2 norm")
         return figure_of(ax)

@@ -46,6 +46,11 @@ def tiny_vlm(tiny_dir):
                 from families import REAL_MAX_PATCHES
 
                 vlm.processor.image_processor.max_patches = REAL_MAX_PATCHES  # see tests/families.py
+            if base in T.REAL_CHECKPOINTS and hasattr(vlm.processor.image_processor, "max_image_size"):
+                from families import REAL_TILES_PER_SIDE
+
+                tile = vlm.processor.image_processor.max_image_size["longest_edge"]  # see tests/families.py
+                vlm.processor.image_processor.size = {"longest_edge": REAL_TILES_PER_SIDE * tile}
             cache[name] = vlm
         return cache[name]
 

@@ -16,6 +16,9 @@ FAMILIES_AND_ONE_REAL = FAMILIES + ONE_REAL
 # InternVL tiles at 448 px (up to max_patches + a thumbnail): real fixtures cap it at 2 tiles so a non-square test
 # image stays a few hundred visual tokens (vlm.adapter.image_size_knob names the setting).
 REAL_MAX_PATCHES = 2
+# Idefics3 / SmolVLM resize the longest edge to 2048 px = 4 tiles of 512 (17 frames of 64 tokens for a square image):
+# real fixtures resize to 2 tiles per side (5 frames, 320 tokens).
+REAL_TILES_PER_SIDE = 2
 
 
 def is_real(name: str) -> bool:

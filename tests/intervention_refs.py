@@ -18,7 +18,7 @@ def batch_of(vlm, family, seeds=(1, 2)):
 
 
 def lm_of(vlm):  # a VLM or a plain HF model
-    return getattr(vlm, "hf", vlm).model.language_model
+    return getattr(vlm, "hf", vlm).get_decoder()
 
 
 def clean_lm_kwargs(vlm, batch):

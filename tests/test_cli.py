@@ -12,8 +12,8 @@ def test_demo_writes_report_and_tables(tmp_path, capsys, tiny_dir):
     printed = capsys.readouterr().out
     assert "embed_lens: most frequent top-1 token per site" in printed and "report: " in printed
     html = (tmp_path / "report.html").read_text()
-    # 2 images: a group overlay and a norm overlay each
-    assert html.count('class="mvt-overlay"') == 4 and "Label matching" in html and "sink dims used" in html
+    # 2 images: both in the patch viewer (one grid per batch); the BOS-sink section present
+    assert html.count('class="panel" data-image="') >= 2 and "Label matching" in html and "BOS sink" in html
     assert "Sink / dead / alive partition" in html and "Semantic sparsity" in html
     part = pd.read_csv(tmp_path / "partition.csv")
     assert len(part) == 2 * 36 and set(part.group) <= {"vit_sink", "llm_sink", "dead", "alive"}

@@ -80,7 +80,7 @@ def test_hidden_states_convention_equals_plain_torch_on_hf_output_hidden_states(
     vm = batch.visual_mask
     E = vlm.embedding_matrix[:V].float()
     W = vlm.hf.get_output_embeddings().weight[:V].float()
-    norm = vlm.hf.model.language_model.norm
+    norm = vlm.hf.get_decoder().norm
     emb, log = res["embed_lens"], res["logit_lens"]
     for lens in (emb, log):
         assert lens.layers == "hidden_states"

@@ -95,7 +95,7 @@ def _runs():
     ]
 
 
-@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision", "smolvlm"])
 def test_trace_code_creates_every_tensor_on_the_value_device(bf16_vlm, fam):
     """Every probe, every intervention, mv.generate and applied(HF generate) under the trap: no factory call in
     trace code lacks device=; every result's tensors are on the CPU."""

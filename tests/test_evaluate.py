@@ -77,7 +77,7 @@ def test_paper_table_and_answers_under_intervention_equal_hand_hooks(vqa, tiny_v
         if out.shape[1] == n0:  # prefill only
             return out.masked_fill(mask.unsqueeze(-1), 0.0)
 
-    hs = [layer.mlp.register_forward_hook(zero) for layer in vlm.hf.model.language_model.layers]
+    hs = [layer.mlp.register_forward_hook(zero) for layer in vlm.hf.get_decoder().layers]
     try:
         hand = greedy()
     finally:

@@ -63,7 +63,7 @@ def with_hooks(vlm, batch, hooks):
 
 
 def layer(vlm, i):
-    return vlm.hf.model.language_model.layers[i]
+    return vlm.hf.get_decoder().layers[i]
 
 
 def hook_snapshot(module):

@@ -18,7 +18,7 @@ def lm_calls(tiny_vlm):
     """(vlm, list): one entry per forward of the language model (a generate prefill counts one)."""
     vlm = tiny_vlm("llava")
     calls = []
-    h = vlm.hf.model.language_model.register_forward_hook(lambda *a: calls.append(1))
+    h = vlm.hf.get_decoder().register_forward_hook(lambda *a: calls.append(1))
     yield vlm, calls
     h.remove()
 

@@ -1,5 +1,6 @@
 """Token partition (paper Secs. 4-6, App. B): hand-computed clustering / cross-image similarity, planted partitions
-recovered by both rules on three families, pruning dead vs matched random, persistence, bad input."""
+recovered by both rules on five families (Qwen3-VL with DeepStack on, LLaVA-OneVision with base image, canvas and
+newline tokens), pruning dead vs matched random, persistence, bad input."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from mech_vtokens.errors import InputError
 from mech_vtokens.partition import (GROUPS, Partition, anchor_clusters, calibrate, cross_image_similarity,
                                     max_similarity)
 
-PLANTED = ("llava", "qwen2_5_vl", "internvl")
+PLANTED = ("llava", "qwen2_5_vl", "internvl", "qwen3_vl", "llava_onevision")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -75,9 +76,12 @@ def planted(tmp_path_factory):
     return get
 
 
-def _accuracy(result, labelled):
+def _accuracy(result, labelled, newline="dead"):
+    """Accuracy vs the planted labels (a cell's label; anyres: the base-image and canvas tokens of a cell share it,
+    newline tokens are ``truth["newline"]``)."""
     df = result.to_pandas()
-    want = np.array([labelled[i][1][r][c] for i, r, c in zip(df.image, df.grid_row, df.grid_col)])
+    want = np.array([newline if k == "newline" else labelled[i][1][r][c]
+                     for i, r, c, k in zip(df.image, df.grid_row, df.grid_col, df.kind)])
     return float((df.group.to_numpy() == want).mean()), want
 
 
@@ -103,6 +107,31 @@ def test_both_rules_recover_the_planted_partition(planted, fam):
     # remote="local": the in-trace classification ships by value
     res = stat.classify([im for im, _ in unseen[:4]], pr, remote="local")
     assert _accuracy(res, unseen[:4])[0] >= 0.99
+
+
+def test_qwen3_vl_planted_deepstack_carries_each_tokens_code(planted):
+    """The planted Qwen3-VL's DeepStack is on and not zero: after LM layers 0 and 1 it adds, at every sink / dead
+    token (uniform cells: the merged patches are identical), exactly ``truth["deepstack_scales"][i]`` x the token's
+    LM input (the same code; a scale per layer, so each layer's addend is told apart), and a non-zero vector at the
+    alive ones; the partition above is recovered with it."""
+    from mech_vtokens.probes import Activations
+
+    vlm, truth = planted("qwen3_vl")
+    pairs = [T.planted_image(truth, 300 + s) for s in range(2)]
+    sites = ["hook_embed"] + [f"blocks.{i}.{vlm.adapter.injection[0]}" for i in vlm.adapter.injection_layers()]
+    assert sites[1:] == ["blocks.0.hook_deepstack", "blocks.1.hook_deepstack"]
+    act = mv.run(vlm, [im for im, _ in pairs], [T.prompt("qwen3_vl")] * 2,
+                 probes=[Activations(sites, visual_only=True)])["activations"]
+    batch = vlm.prepare([im for im, _ in pairs], [T.prompt("qwen3_vl")] * 2)
+    t = batch.tokens
+    want = np.array([pairs[int(i)][1][int(r)][int(c)] for i, r, c in zip(t["image"], t["row"], t["col"])])
+    uniform = torch.as_tensor(want != "alive")
+    emb = act["hook_embed"].float()
+    assert truth["deepstack_scales"] == [0.5, 0.25]
+    for s, scale in zip(sites[1:], truth["deepstack_scales"]):
+        ds = act[s].float()
+        torch.testing.assert_close(ds[uniform], scale * emb[uniform], atol=1e-4, rtol=1e-4, msg=s)
+        assert (ds[~uniform].norm(dim=-1) > 0.01).all()  # alive: ~0.06 at scale 0.5, ~0.03 at 0.25
 
 
 def test_pruning_dead_keeps_logits_closer_than_matched_random(planted):

@@ -82,7 +82,7 @@ def test_embed_lens_equals_plain_torch(lens_runs, fam):
         assert torch.equal(el.ids[site], i), site
         torch.testing.assert_close(el.scores[site], v, atol=ATOL, rtol=0)
     df = el.to_pandas()
-    assert list(df.columns[:10]) == ["row", "image", "site", "layer", "position", "visual_index", "rank",
+    assert list(df.columns[:11]) == ["row", "image", "site", "layer", "position", "visual_index", "kind", "rank",
                                      "token_id", "token", "score"]
     assert len(df) == len(states) * batch.n_visual * 4
     assert sorted(df.layer.unique()) == list(range(-1, vlm.n_layers))
@@ -355,7 +355,7 @@ def test_phi_norms_cosines_vit_norms_equal_hand_computation(tiny_vlm, fam):
             torch.testing.assert_close(nt.data[site]["cos_prev"], F.cosine_similarity(x, prev, dim=-1),
                                        atol=ATOL, rtol=0)
         prev = x
-    g = nt.by_group()
+    g = nt.by_group(kinds=("patch", "thumbnail", "newline", "cls"))  # every visual token, as the reference below
     lm0 = g[(g.site == "hook_embed") & (g.group == "visual")].l2.item()
     assert lm0 == pytest.approx(st["hook_embed"][batch.visual_mask].float().norm(dim=-1).mean().item(), abs=1e-4)
     assert set(nd.group) >= {"visual", "text"}

@@ -78,6 +78,26 @@ def _qwen_boxes(w, h, min_pixels, max_pixels, f=28):
             for r in range(hb // f) for c in range(wb // f)]
 
 
+def _idefics3_tiles(w, h, longest=2048, tile=512):
+    """Idefics3 / SmolVLM processor: the longest edge resized to ``longest`` (the other int(longest / aspect),
+    rounded up to even), then the longer side rounded up to a multiple of ``tile`` and the other int(that / aspect)
+    rounded up too; cut into rows x cols tiles, then the global image. Returns (rows, cols, canvas w, canvas h)."""
+    import math
+
+    ar = w / h
+    if w >= h:
+        rw, rh = longest, int(longest / ar)
+        rh += rh % 2
+        cw = math.ceil(rw / tile) * tile
+        ch = math.ceil(int(cw / ar) / tile) * tile
+    else:
+        rh, rw = longest, int(longest * ar)
+        rw += rw % 2
+        ch = math.ceil(rh / tile) * tile
+        cw = math.ceil(int(ch * ar) / tile) * tile
+    return ch // tile, cw // tile, cw, ch
+
+
 def _internvl_tiles(w, h, max_num=12, min_num=1, side=448):
     """InternVL dynamic_preprocess: among tilings i x j with min_num <= i*j <= max_num (sorted by count), the one
     whose aspect ratio is closest to the image's (a tie goes to the later one if the image is larger than half of
@@ -180,6 +200,16 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
             continue
         elif mt == "gemma3":  # stretched to 896 x 896 (no aspect kept): 16 x 16 cells of the original image
             want = [(c * w / 16, r * h / 16, (c + 1) * w / 16, (r + 1) * h / 16) for r in range(16) for c in range(16)]
+        elif mt in ("idefics3", "smolvlm"):  # 8 x 8 tokens per 512-px frame (patch 16, pixel shuffle 4)
+            rows, cols, cw, ch = _idefics3_tiles(w, h)
+            frames = rows * cols + 1
+            assert n_in_ids == 64 * frames == int(sel.sum()) and batch.grids[i]["tiles"] == frames
+            kinds = [batch.kinds[j] for j in sel.nonzero().flatten().tolist()]
+            assert kinds == ["patch"] * (64 * (frames - 1)) + ["thumbnail"] * 64
+            boxes = batch.tokens["box"][sel]
+            assert torch.allclose(boxes[0], torch.tensor([0, 0, 64 * w / cw, 64 * h / ch], dtype=boxes.dtype))
+            assert torch.allclose(boxes[-1], torch.tensor([w * 7 / 8, h * 7 / 8, w, h], dtype=boxes.dtype))
+            continue
         else:
             cols, rows, tiles = _internvl_tiles(w, h)
             assert n_in_ids == 256 * tiles == int(sel.sum())
@@ -229,6 +259,13 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         assert ids[0] == 2  # 256 x <image_soft_token> 262144, <end_of_image>
         s = ids.index(255999)
         assert ids[s + 1:s + 257] == [262144] * 256 and ids[s + 257] == 256000 and ids.count(262144) == 256
+    elif mt in ("idefics3", "smolvlm"):  # <|im_start|>User:, then per tile <fake><row_i_col_j> + 64 <image>
+        rows, cols, _, _ = _idefics3_tiles(w, h)
+        assert ids[0] == 1 and ids.count(49190) == 64 * (rows * cols + 1)
+        s = ids.index(49190)
+        assert ids[s - 2:s] == [49189, 49153] and ids[s:s + 64] == [49190] * 64
+        g = ids.index(49152)  # <global-img>: the global image's 64 tokens, closed by <fake_token_around_image>
+        assert ids[g - 1] == 49189 and ids[g + 1:g + 65] == [49190] * 64 and ids[g + 65] == 49189
     else:
         assert ids[0] == 151644
         tiles = _internvl_tiles(w, h)[2]

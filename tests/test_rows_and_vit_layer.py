@@ -74,8 +74,9 @@ def test_vit_sinks_default_layer_is_the_one_the_lm_receives(tiny_vlm, family):
     if cfg_layer is None and not family.startswith("qwen"):
         cfg_layer = -1  # Gemma 3: no key, its projector reads the last block (through SigLIP's post-layernorm)
     n = vlm.n_vision_layers
-    want = n - 1 if family.startswith("qwen") else cfg_layer % n  # Qwen's merger reads the last block
-    assert family.startswith("qwen") or cfg_layer in (-1, -2)
+    last = family.startswith(("qwen", "idefics3", "smolvlm"))  # Qwen's merger / Idefics3's connector: the last block
+    want = n - 1 if last else cfg_layer % n
+    assert last or cfg_layer in (-1, -2)
     batch = vlm.prepare([T.image(112, 0)], [T.prompt(family)])
     res = mv.run(vlm, batch.images, batch.prompts, probes=[ViTSinks(threshold=1.0)])["vit_sinks"]
     assert res.layer == want and res.site == f"vision.blocks.{want}.hook_resid_post"
@@ -84,7 +85,7 @@ def test_vit_sinks_default_layer_is_the_one_the_lm_receives(tiny_vlm, family):
     # on the last block, what the merger reads)
     from mech_vtokens.adapters.base import _resolve
 
-    if family.startswith("qwen"):
+    if last:
         got = {}
         hook = _resolve(vlm.hf, vlm.adapter.vision_layers)[-1].register_forward_hook(
             lambda m, i, o: got.__setitem__("x", o))

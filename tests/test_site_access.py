@@ -28,7 +28,7 @@ def _components():
     return ivs, probes
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "idefics3"])
 def test_nnsight_and_hook_backends_bit_identical(tiny_vlm, family):
     vlm = tiny_vlm(family)
     b = batch_of(vlm, family)

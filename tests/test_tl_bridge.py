@@ -4,6 +4,21 @@ The bridge boots on a SEPARATE copy of the weights (it rewrites layers in place)
 loaded with eager attention too, so both run the same kernels. TL's automatic ``pip install torchvision`` is
 disabled, and its Qwen2.5-VL adapter's torchvision requirement (for the video processor, unused here: we pass our
 own processed inputs) is lifted for the test.
+
+Qwen2-VL: TL 4.3 has no adapter for ``Qwen2VLForConditionalGeneration`` (its factory and ``MULTIMODAL_ARCHITECTURES``
+list Qwen2.5-VL, not Qwen2-VL). Qwen2-VL's language side is module for module the one TL's Qwen2.5-VL adapter maps
+(``model.language_model.layers[i]`` with ``input_layernorm`` / ``self_attn.{q,k,v,o}_proj`` (biased) /
+``post_attention_layernorm`` / gated ``mlp``, ``model.language_model.norm``, ``lm_head``, merger at
+``model.visual.merger``); only the ViT block's MLP differs (``fc1`` / ``fc2``, not gated, LayerNorm block norms).
+So the test registers ``_Qwen2VLAdapter``: TL's own Qwen2.5-VL adapter with the ViT MLP renamed. Every hook value
+still comes from TL's bridge (its block wrappers and hook points), not from our site table.
+
+InternVL is NOT cross-checked: TL 4.3 has no InternVL adapter (no ``InternVLForConditionalGeneration`` in its
+factory, nor in ``MULTIMODAL_ARCHITECTURES``), and no adapter of its maps InternVL's layout: a ViT at
+``model.vision_tower.encoder.layer[i]`` whose sublayers are scaled by learned ``lambda_1`` / ``lambda_2`` before the
+residual add (no TL vision block wrapper has them) and a pixel-shuffle projector. Writing that adapter here would
+make the oracle our own reading of InternVL, which is what the test exists to check; InternVL's sites are checked
+against plain HF forwards in tests/test_sites.py instead.
 """
 
 from __future__ import annotations
@@ -30,18 +45,41 @@ def _boot(path):
 
     Qwen2_5_VLArchitectureAdapter.required_libraries = []
     Qwen3VLArchitectureAdapter.required_libraries = []  # the MoE adapter subclasses it
+    _register_qwen2_vl()
     hf = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(path)
     return TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=tok, device="cpu")
 
 
-VISION = {"llava": "vision_encoder.encoder_layers.{i}.hook_resid_post",
+def _register_qwen2_vl():
+    """TL's Qwen2.5-VL adapter registered for Qwen2-VL, the ViT MLP renamed (see the module docstring)."""
+    from transformer_lens.factories import architecture_adapter_factory as factory
+    from transformer_lens.model_bridge.generalized_components import LinearBridge
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+    from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import Qwen2_5_VLArchitectureAdapter
+    from transformer_lens.utilities import architectures
+
+    class _Qwen2VLAdapter(Qwen2_5_VLArchitectureAdapter):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            blocks = self.component_mapping["vision_encoder"].submodules["blocks"]
+            blocks.submodules["mlp"] = GeneralizedComponent(
+                name="mlp", submodules={"in": LinearBridge(name="fc1"), "out": LinearBridge(name="fc2")})
+
+    factory.ArchitectureAdapterFactory.register_adapter("Qwen2VLForConditionalGeneration", _Qwen2VLAdapter)
+    factory.SUPPORTED_ARCHITECTURES["Qwen2VLForConditionalGeneration"] = _Qwen2VLAdapter  # the config lookup
+    architectures.MULTIMODAL_ARCHITECTURES.add("Qwen2VLForConditionalGeneration")
+
+
+VISION = {"qwen2_vl": "vision_encoder.blocks.{i}.hook_resid_post",
+          "llava": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "qwen2_5_vl": "vision_encoder.blocks.{i}.hook_resid_post",
           "qwen3_vl": "vision_encoder.blocks.{i}.hook_resid_post",
           "qwen3_vl_moe": "vision_encoder.blocks.{i}.hook_resid_post",
           "llava_next": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "llava_onevision": "vision_encoder.encoder_layers.{i}.hook_resid_post",
-          "gemma3": "vision_encoder.encoder_layers.{i}.hook_resid_post"}
+          "gemma3": "vision_encoder.encoder_layers.{i}.hook_resid_post",
+          "idefics3": "vision_encoder.encoder_layers.{i}.hook_resid_post"}
 
 
 # TL's RMSNorm bridge hooks `hook_normalized` BEFORE the weight; Gemma's norm scales by (1 + w): the module's output,
@@ -50,7 +88,7 @@ FINAL_OUT = {"gemma3"}
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-                                 "gemma3"])
+                                 "idefics3", "gemma3"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
@@ -107,3 +145,8 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
         with torch.no_grad():
             lg = vlm.unembed(vlm.final_norm(theirs(site)[batch.visual_mask]))
         assert torch.equal(ll.ids[site], lg.topk(3, dim=1).indices), site
+
+
+def test_qwen2_vl_sites_equal_transformer_bridge_hooks(tiny_dir):
+    """Qwen2-VL through TL's Qwen2.5-VL adapter, the ViT MLP renamed (module docstring); the same checks."""
+    test_sites_equal_transformer_bridge_hooks(tiny_dir, "qwen2_vl")

@@ -57,15 +57,23 @@ class ClusterDominance(Result):
         return df
 
     def plot(self, axes=None):
-        from ..views.figure import figure_of, subplots
+        from ..views.figure import GROUP_COLORS, figure_of, integer_layers, subplots
 
         df = self.to_pandas()
         if axes is None:
             _, axes = subplots(1, 2, figsize=(9, 3.5))
-        axes[0].bar(df.cluster, df.similarity_mean, yerr=df.similarity_var.pow(0.5))
+        col = GROUP_COLORS["visual"]
+        axes[0].bar(df.cluster, df.similarity_mean, yerr=df.similarity_var.pow(0.5), color=col,
+                    label="mean ± std over image pairs")
+        axes[0].set_ylabel("cross-image similarity")
+        axes[0].legend(fontsize=7)
         axes[0].set_title(f"cross-image similarity per cluster rank (τ={self.tau})", fontsize=9)
         axes[0].set_xlabel("cluster (ranked by size)")
-        axes[1].bar(df.cluster, df.size_mean, yerr=df.size_std)
+        axes[1].bar(df.cluster, df.size_mean, yerr=df.size_std, color=col, label="mean ± std over images")
+        axes[1].set_ylabel("visual tokens in the cluster")
+        axes[1].legend(fontsize=7)
+        for ax in axes:
+            integer_layers(ax)
         axes[1].set_title("tokens in the top clusters per image", fontsize=9)
         axes[1].set_xlabel("cluster (ranked by size)")
         return figure_of(axes)

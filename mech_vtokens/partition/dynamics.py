@@ -157,16 +157,22 @@ class GroupDynamicsResult(Result):
 
     def plot(self, axes=None):
         """Fig. 5: consistency (cos to the LM input) and text→visual attention share per group and layer."""
-        from ..views.figure import figure_of, subplots
+        from ..views.figure import color_of, figure_of, integer_layers, subplots
 
         df = self.to_pandas()
         if axes is None:
             _, axes = subplots(1, 2, figsize=(10, 4))
+        names = list(dict.fromkeys(df.group))
         for g, d in df.groupby("group", sort=False):
-            axes[0].plot(d.layer, d.cos_input, marker="o", label=g)
+            axes[0].plot(d.layer, d.cos_input, marker="o", color=color_of(g, names), label=g)
             if "attention_share" in d:
-                axes[1].plot(d.layer, d.attention_share, marker="o", label=g)
-        axes[0].set_title("cosine to the LM input, per group")
-        axes[1].set_title("text→visual attention share, per group")
-        axes[0].legend(fontsize=7)
+                axes[1].plot(d.layer, d.attention_share, marker="o", color=color_of(g, names), label=g)
+        axes[0].set_title("cosine to the LM input, per group", fontsize=10)
+        axes[1].set_title("text→visual attention share, per group", fontsize=10)
+        axes[0].set_ylabel("cos(token, its LM input)")
+        axes[1].set_ylabel("share of text→visual attention")
+        for ax in axes:
+            ax.set_xlabel("layer")
+            integer_layers(ax)
+            ax.legend(fontsize=7)
         return figure_of(axes)

@@ -301,7 +301,9 @@ class PartitionGroup(TokenSet):
 
 class PartitionResult(Result):
     """Group of every visual token: ``codes`` (n,) indices into ``GROUPS``; ``to_pandas()`` one row per token
-    (image, tile, grid_row, grid_col, group, + phi / dead_cos when computed); ``fractions()``; ``masks()``."""
+    (visual_index, kind, image, tile, grid_row, grid_col, group, + phi / dead_cos when computed); ``masks()``;
+    ``fractions(kinds=)``: the share of each group among the visual tokens of ``kinds`` (``batch.kinds``; default
+    ``results.REGION_KINDS``, the tokens that show the image: LLaVA-NeXT / OneVision's newline tokens left out)."""
 
     name = "partition"
 
@@ -319,9 +321,14 @@ class PartitionResult(Result):
     def masks(self) -> dict:
         return {g: self.codes == i for i, g in enumerate(GROUPS)}
 
-    def fractions(self) -> dict:
-        n = max(1, len(self.codes))
-        return {g: float((self.codes == i).sum()) / n for i, g in enumerate(GROUPS)}
+    def fractions(self, kinds=None) -> dict:
+        from ..results import REGION_KINDS, check_kinds
+
+        kinds = check_kinds(REGION_KINDS if kinds is None else kinds, "PartitionResult.fractions")
+        of_kind = torch.as_tensor(self.to_pandas().kind.isin(kinds).to_numpy(), dtype=torch.bool)
+        codes = self.codes[of_kind]
+        n = max(1, len(codes))
+        return {g: float((codes == i).sum()) / n for i, g in enumerate(GROUPS)}
 
     def to_pandas(self):
         if self._frame is not None:
@@ -362,7 +369,17 @@ class PartitionResult(Result):
         grid[d.grid_row, d.grid_col] = [GROUPS.index(g) for g in d.group]
         if ax is None:
             _, ax = subplots(figsize=(4, 4))
-        ax.imshow(grid, cmap=ListedColormap(["tab:blue", "tab:purple", "tab:gray", "tab:green"]), vmin=0, vmax=3)
-        ax.set_title(f"partition of image {image} (blue ViT sink, purple LLM sink, gray dead, green alive)",
-                     fontsize=7)
+        from matplotlib.patches import Patch
+
+        from ..views.figure import GROUP_COLORS, GROUP_NAMES, integer_layers
+
+        ax.imshow(grid, cmap=ListedColormap([GROUP_COLORS[g] for g in GROUPS]), vmin=0, vmax=len(GROUPS) - 1)
+        ax.set_title(f"partition of image {image}", fontsize=9)
+        ax.set_xlabel("grid column")
+        ax.set_ylabel("grid row")
+        integer_layers(ax, "x")
+        integer_layers(ax, "y")
+        counts = d.group.value_counts()
+        ax.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{GROUP_NAMES[g]} ({int(counts.get(g, 0))})")
+                           for g in GROUPS], fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         return figure_of(ax)

@@ -128,7 +128,7 @@ class SparsityResult(Result):
 
     def plot(self, ax=None):
         """Fig. 7: both fractions per layer."""
-        from ..views.figure import figure_of, subplots
+        from ..views.figure import figure_of, integer_layers, subplots
 
         df = self.to_pandas()
         if ax is None:
@@ -136,5 +136,7 @@ class SparsityResult(Result):
         ax.plot(df.layer, df.object_hit, marker="o", label="object tokens with their label in top-%d" % self.k)
         ax.plot(df.layer, df.any_grounded, marker="o", label="visual tokens with any grounded label")
         ax.set_xlabel("layer (-1 = LM input)")
+        ax.set_ylabel("fraction of visual tokens")
+        integer_layers(ax)
         ax.legend(fontsize=7)
         return figure_of(ax)

@@ -71,14 +71,26 @@ class PartitionSummary(Result):
         return pd.DataFrame(self.rows)
 
     def plot(self, axes=None):
-        from ..views.figure import figure_of, subplots
+        from pathlib import Path
+
+        from ..views.figure import GROUP_NAMES, color_of, figure_of, subplots
 
         df = self.to_pandas()
         if axes is None:
             _, axes = subplots(1, 2, figsize=(9, 3.5))
-        axes[0].bar(df.group, df.percent)
+        colors = [color_of(g) for g in df.group]
+        names = [GROUP_NAMES.get(g, g) for g in df.group]
+        bars = axes[0].bar(names, df.percent, color=colors)
+        for b, p in zip(bars, df.percent):
+            axes[0].annotate(f"{p:.1f} %", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                             va="bottom", fontsize=7)
         axes[0].set_ylabel("% of visual tokens")
-        axes[1].bar(df.group, df.cross_image_similarity, yerr=df.cross_image_variance.pow(0.5))
+        axes[1].bar(names, df.cross_image_similarity, yerr=df.cross_image_variance.pow(0.5), color=colors)
         axes[1].set_ylabel("cross-image centroid similarity")
-        axes[0].set_title(f"partition of {self.model}", fontsize=8)
+        axes[1].legend(bars, names, fontsize=7, title="group")
+        model = self.model
+        if model and Path(str(model)).is_absolute():  # a local checkpoint: its folder name, not the path
+            model = Path(str(model)).name
+        axes[0].set_title(f"share of each group{f' ({model})' if model else ''}", fontsize=9)
+        axes[1].set_title("similarity of a group's centroid across images", fontsize=9)
         return figure_of(axes)

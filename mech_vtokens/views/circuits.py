@@ -62,39 +62,6 @@ def page(title: str, body: str) -> str:
             f"<body style='font-family: sans-serif'>{body}</body></html>")
 
 
-def _token_labels(result, rows) -> list[str]:
-    vi = result._frames["lm"]["visual_index"].to_numpy()[rows]
-    t = result._batch.tokens
-    return [f"({int(t['row'][v])},{int(t['col'][v])})" if v >= 0 else "text" for v in vi]
-
-
-def lens_topk(result, image: int = 0, title: str | None = None) -> View:
-    """circuitsvis ``topk_tokens`` of a lens result for one image: the first dimension is the site (layer), the
-    samples are that image's visual tokens (labelled by grid cell and top-1 word), the third dimension is the rank;
-    values are the lens scores."""
-    frame = result._frames["lm"]
-    rows = np.flatnonzero(frame["image"].to_numpy() == image)
-    sites = [s for s in result.ids if s != "vision_projector.hook_out"]
-    tokens = [f"{lab} {result._tok.decode([int(result.ids[sites[0]][r, 0])])}"
-              for lab, r in zip(_token_labels(result, rows), rows)]
-    acts = np.stack([result.scores[s][rows].float().numpy() for s in sites])  # [sites, tokens, k]
-    return View("TopkTokens", title=title or f"{result.lens}: top-k per visual token, image {image}",
-                tokens=[tokens], **_topk_props(acts.round(4), sites))
-
-
-def _topk_props(acts, sites, max_k: int = 10):
-    """The props circuitsvis.topk_tokens computes (same layout), for a View that can share the bundle."""
-    import torch
-
-    t = torch.from_numpy(acts)
-    k = min(t.shape[1], max_k)
-    top_v, top_i = t.topk(k=k, dim=1)
-    bot_v, bot_i = t.topk(k=k, dim=1, largest=False)
-    return dict(topkVals=[top_v.tolist()], topkIdxs=[top_i.tolist()], bottomkVals=[bot_v.flip(1).tolist()],
-                bottomkIdxs=[bot_i.flip(1).tolist()], firstDimensionName="Site", thirdDimensionName="Rank",
-                sampleLabels=["visual tokens"], firstDimensionLabels=list(sites))
-
-
 def token_values(labels, values, title: str = "", min_value=None, max_value=None) -> View:
     """circuitsvis ``colored_tokens``: one coloured chip per token (e.g. visual tokens coloured by L2 norm or φ)."""
     vals = [round(float(v), 4) for v in np.asarray(values, dtype=float).reshape(-1)]
