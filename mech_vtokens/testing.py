@@ -340,6 +340,9 @@ def _gemma3(seed: int):
             layer.self_attn.out_proj.weight.mul_(0.1)
     ip = Gemma3ImageProcessorPil(size={"height": 112, "width": 112}, do_pan_and_scan=False)
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=16)
+    return model, proc
+
+
 def _idefics3(seed: int, smol: bool):
     """Idefics3 / SmolVLM: 56-px tiles of 8 x 8 patches (7 px), pixel shuffle 2 -> 16 tokens per frame; the longest
     edge resized to 112 px, so an image becomes up to 2 x 2 tiles + the global image."""
