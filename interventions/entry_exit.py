@@ -31,8 +31,11 @@ to their shortened cache (mask rebuilt per step), layers ``< k`` to the full one
 ``Prune(tokens)``).
 
 Masks: :func:`mech_vtokens.sequence.attention_mask` (transformers ``masking_utils``), one per attention kind of the
-layers from ``k`` on, so a layer with a sliding window gets the sliding-window mask of the rebuilt sequence; on a
-model with sliding-window layers generation with a KV cache is refused (see :mod:`mech_vtokens.sequence`).
+layers from ``k`` on, so a layer with a sliding window gets the sliding-window mask of the rebuilt sequence; in
+generation (a KV cache) each layer's own (:func:`mech_vtokens.sequence.layer_mask`), sized by its cache layer (a
+sliding layer's cache keeps only its last keys). A family whose images attend bidirectionally
+(``Adapter.image_attention``, Gemma 3) gets its image blocks in the rebuilt masks (the kept tokens of an image see
+each other); one whose rotary module takes the layer kind (Gemma 3: local and global rope) gets each layer's own.
 
 Vectors the model ADDS between layers (``Adapter.injection``; Qwen3-VL DeepStack after layers 0..2): the LM call
 holds one mask for all its layers while these sequences change between layers, so both take the vectors out of the LM
@@ -56,8 +59,8 @@ from mech_vtokens.compat import cache_position, kv_cache, past_length
 from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
 from mech_vtokens.sequence import (attention_kinds, attention_mask, check_attention_kinds, default_positions,
-                                   extend_keys, layer_io, pack, refuse_single_pass, reinjected, rotary,
-                                   split_positions)
+                                   extend_keys, image_blocks, layer_io, layer_mask, pack, refuse_single_pass,
+                                   reinjected, rotary, split_positions)
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
 
 from ._util import layer_list
@@ -70,10 +73,6 @@ def _lm_step(value, ctx, out, who):
     cache = kv_cache(kwargs)
     past = past_length(kwargs)
     refuse_single_pass(ctx, cache, past, who)
-    if cache is not None and any(w is not None for w in ctx["mine"]["windows"].values()):
-        raise ValueError(f"{who}: generation with a KV cache on a model with sliding-window layers is not "
-                         f"supported (a sliding layer's cache drops old keys, which the rebuilt decode masks do not "
-                         f"follow); run single forwards (mech_vtokens.run / a trace) on this model")
     emb = kwargs.get("inputs_embeds")
     if past == 0 and emb is not None and emb.shape[1] != ctx["mine"]["keep"].shape[1]:
         raise ValueError(f"{who}: the language model got {emb.shape[1]} tokens without a KV cache where the prompt "
@@ -83,16 +82,35 @@ def _lm_step(value, ctx, out, who):
     return past
 
 
-def _masks(like, am, q, ctx):
-    """One mask per attention kind of the layers from k on (``{window or None: mask}``): the LM gives each layer
-    the mask of its kind."""
-    return {w: attention_mask(like, am, q, w) for w in set(ctx["mine"]["windows"].values())}
+def _masks(like, am, h, kwargs, ctx, blocks=None):
+    """The mask of every layer from k on (``{site: mask}``) for the queries ``h`` (batch, q, d) against the keys of
+    the 2-D mask ``am``. Without a KV cache one per attention kind (the LM gives each layer the mask of its kind);
+    with one (generation) each layer's own, sized by its cache layer (a sliding layer's cache keeps only its last
+    keys). ``blocks``: the image blocks of the keys (a family whose images attend bidirectionally, at a prefill)."""
+    mine = ctx["mine"]
+    cache = kv_cache(kwargs)
+    if cache is None:
+        by_window = {w: attention_mask(like, am, h.shape[1], w, blocks) for w in set(mine["windows"].values())}
+        return {site: by_window[w] for site, w in mine["windows"].items()}
+    return {site: layer_mask(ctx["model"], h, am, cache, mine["layer_of"][site], w, blocks)
+            for site, w in mine["windows"].items()}
+
+
+def _rotaries(h, pos, ctx):
+    """``{kind: (cos, sin)}`` of the LM's rotary module on ``pos`` for every attention kind of the layers from k on,
+    where the module takes the kind (``Adapter.rotary_takes_kind``, Gemma 3: one rope per kind); None otherwise."""
+    mine = ctx["mine"]
+    if not mine["rotary_kind"]:
+        return None
+    return {kind: rotary(ctx["model"], mine["rotary"], h, pos, kind) for kind in set(mine["kinds"].values())}
 
 
 def _later_layer(site, h, rest, kwargs, positional, ctx, out):
-    """A layer after k: the mask / positions computed at k, the mask of this layer's kind."""
+    """A layer after k: the mask / positions computed at k, the mask (and rope) of this layer's own kind."""
     kwargs.update(out["_kw"])
-    kwargs["attention_mask"] = out["_masks"][ctx["mine"]["windows"][site]]
+    kwargs["attention_mask"] = out["_masks"][site]
+    if out.get("_pe") is not None:
+        kwargs["position_embeddings"] = out["_pe"][ctx["mine"]["kinds"][site]]
     return pack(h, rest, kwargs, positional)
 
 
@@ -140,9 +158,15 @@ class _Window(Intervention):
 
     def extras(self, vlm, batch):
         kinds, a = attention_kinds(vlm), vlm.adapter
-        windows = {a.canonical(f"blocks.{i}.hook_inputs"): kinds[i] for i in range(self._layer(vlm), vlm.n_layers)}
+        later = {a.canonical(f"blocks.{i}.hook_inputs"): i for i in range(self._layer(vlm), vlm.n_layers)}
+        windows = {site: kinds[i] for site, i in later.items()}
+        cfg = vlm.hf.config.get_text_config()
+        types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * vlm.n_layers)
+        blocks = image_blocks(batch.visual_mask) if a.image_attention == "bidirectional" else None
         return dict(packed_layout(~resolve(self.tokens, batch, self.who)), mrope=vlm.adapter.rope == "mrope",
-                    k_site=a.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"), windows=windows,
+                    k_site=a.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"), windows=windows, layer_of=later,
+                    kinds={site: types[i] for site, i in later.items()}, rotary_kind=a.rotary_takes_kind,
+                    rotary=a.rotary_emb, blocks=blocks, keys=batch.inputs.get("attention_mask"),  # (Prune's too)
                     injection=a.injection, inject_at=_injection_sites(vlm), token_kwargs=a.lm_token_kwargs)
 
     def _take_injection(self, value, ctx, out):
@@ -198,9 +222,6 @@ class VisualEntry(_Window):
     def layout(self, vlm, batch):
         return dict(self.extras(vlm, batch), start="lm.hook_inputs", stop=f"blocks.{self._layer(vlm)}.hook_inputs")
 
-    def extras(self, vlm, batch):
-        return dict(super().extras(vlm, batch), rotary=vlm.adapter.rotary_emb)
-
     def at(self, site, value, ctx, out):
         import torch
 
@@ -232,13 +253,16 @@ class VisualEntry(_Window):
         new = torch.cat([emb.to(h.dtype), emb.new_zeros(b, 1, d).to(h.dtype)], 1)
         new = new.scatter(1, dest.unsqueeze(-1).expand(-1, -1, d), h)[:, :n]
         am = full["am"]
+        if isinstance(am, dict):  # the LM got its masks per kind from its wrapper (Gemma 3): the batch's 2-D mask
+            am = None if mine["keys"] is None else rows_for(mine["keys"], b)
         am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else am.to(h.device)
         pos = full["pos"]
         if pos is None:  # what the LM builds when it gets none: 0..n-1
             pos = default_positions(n, 1, mine["mrope"], h.device)
         out["_am"], out["_next"] = am, pos[..., -1:] + 1  # for the decode steps
-        return self._restore(new, rest, kwargs, positional, ctx, out, _masks(kwargs.get("attention_mask"), am, n, ctx),
-                             pos)
+        blocks = None if mine["blocks"] is None else rows_for(mine["blocks"], b).to(h.device)  # the full sequence's
+        return self._restore(new, rest, kwargs, positional, ctx, out,
+                             _masks(kwargs.get("attention_mask"), am, new, kwargs, ctx, blocks), pos)
 
     def _decode(self, h, rest, kwargs, positional, ctx, out):
         """Layer k on a decode step: the new tokens attend to the full cache (prompt + generated so far)."""
@@ -250,14 +274,16 @@ class VisualEntry(_Window):
         if pos is None:  # no ids from the caller: continue the full sequence's
             pos = out["_next"] + step["done"] + torch.arange(q, device=h.device)
         am = extend_keys(out["_am"], b, step["done"] + q)
-        return self._restore(h, rest, kwargs, positional, ctx, out, _masks(kwargs.get("attention_mask"), am, q, ctx),
-                             pos)
+        return self._restore(h, rest, kwargs, positional, ctx, out, _masks(kwargs.get("attention_mask"), am, h, kwargs,
+                                                                           ctx), pos)
 
     def _restore(self, h, rest, kwargs, positional, ctx, out, masks, pos):
         rope_pos, layer_pos = split_positions(pos.to(h.device), ctx["mine"]["mrope"])
         out["_masks"] = masks
-        kw = {"attention_mask": masks[ctx["mine"]["windows"][ctx["mine"]["k_site"]]],
-              "position_embeddings": rotary(ctx["model"], ctx["mine"]["rotary"], h, rope_pos)}
+        out["_pe"] = _rotaries(h, rope_pos, ctx)
+        pe = (rotary(ctx["model"], ctx["mine"]["rotary"], h, rope_pos) if out["_pe"] is None
+              else out["_pe"][ctx["mine"]["kinds"][ctx["mine"]["k_site"]]])
+        kw = {"attention_mask": masks[ctx["mine"]["k_site"]], "position_embeddings": pe}
         if kwargs.get("position_ids") is not None and layer_pos is not None:
             kw["position_ids"] = layer_pos
         done = out["_step"]["done"] + out["_am"].shape[1] if out["_decoding"] else 0
@@ -306,11 +332,11 @@ class VisualExit(_Window):
         if site != ctx["mine"]["k_site"]:  # a layer after k: the shortened sequence's mask / positions computed at k
             return _later_layer(site, h, rest, kwargs, positional, ctx, out)
         b, n, d = h.shape
-        k_window = ctx["mine"]["windows"][site]
         if out["_decoding"]:  # the new tokens attend to the shortened cache; their positions are unchanged
             am = extend_keys(out["_am"], b, out["_done"] + n)
-            out["_masks"] = _masks(kwargs.get("attention_mask"), am, n, ctx)
-            kw = {"attention_mask": out["_masks"][k_window]}
+            out["_masks"] = _masks(kwargs.get("attention_mask"), am, h, kwargs, ctx)
+            out["_pe"] = None  # the LM's own position embeddings (per kind) are the right ones on a decode step
+            kw = {"attention_mask": out["_masks"][site]}
             kw.update(cache_position(kwargs, out["_am"].shape[1] + out["_done"], n, h.device))
             out["_kw"] = kw
             kwargs.update(kw)
@@ -322,14 +348,20 @@ class VisualExit(_Window):
         am = torch.ones(b, n, dtype=torch.long, device=h.device) if am is None else rows_for(am, b).to(h.device)
         am = am.gather(1, index) * valid.to(am.dtype)
         out["_am"] = am
-        out["_masks"] = _masks(kwargs.get("attention_mask"), am, index.shape[1], ctx)
-        kw = {"attention_mask": out["_masks"][k_window]}
+        blocks = None
+        if mine["blocks"] is not None:  # the kept tokens of an image still see each other
+            blocks = rows_for(mine["blocks"], b).to(h.device).gather(1, index).masked_fill(~valid, -1)
+        out["_masks"] = _masks(kwargs.get("attention_mask"), am, new, kwargs, ctx, blocks)
+        kw = {"attention_mask": out["_masks"][site]}
         cos, sin = kwargs["position_embeddings"]
         idx = index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
         kw["position_embeddings"] = (cos.expand(b, -1, -1).gather(1, idx), sin.expand(b, -1, -1).gather(1, idx))
         pid = kwargs.get("position_ids")
         if pid is not None and pid.ndim == 2:
             kw["position_ids"] = pid.expand(b, -1).gather(1, index)
+        out["_pe"] = None
+        if mine["rotary_kind"]:  # one rope per attention kind: each later layer gets its kind's, at the kept ids
+            out["_pe"] = _rotaries(new, kw["position_ids"], ctx)
         kw.update(cache_position(kwargs, 0, index.shape[1], h.device))
         out["_kw"] = kw
         kwargs.update(kw)

@@ -30,7 +30,8 @@ from __future__ import annotations
 from mech_vtokens.compat import cache_position, kv_cache, past_length
 from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
-from mech_vtokens.sequence import default_positions, extend_keys, refuse_single_pass, slice_token_kwargs
+from mech_vtokens.sequence import (default_positions, extend_keys, image_blocks, lm_masks, refuse_single_pass,
+                                   slice_token_kwargs)
 
 from ._util import overlap
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
@@ -65,8 +66,12 @@ class Prune(Intervention):
         return packed_layout(~resolve(self.tokens, batch, "Prune"))
 
     def extras(self, vlm, batch):
+        # a family whose wrapper hands the LM its masks per attention kind (Gemma 3) gets them rebuilt here: the
+        # batch's 2-D padding mask, and the image blocks where the family's images attend bidirectionally
+        att = batch.inputs.get("attention_mask")
+        blocks = image_blocks(batch.visual_mask) if vlm.adapter.image_attention == "bidirectional" else None
         return dict(self.layout(vlm, batch), mrope=vlm.adapter.rope == "mrope",
-                    token_kwargs=vlm.adapter.lm_token_kwargs)
+                    token_kwargs=vlm.adapter.lm_token_kwargs, keys=att, blocks=blocks)
 
     def at(self, site, value, ctx, out):
         import torch
@@ -80,6 +85,9 @@ class Prune(Intervention):
         cache = kv_cache(kwargs)
         past = past_length(kwargs)
         am = kwargs.get("attention_mask")
+        mapping = isinstance(am, dict)  # the LM gets one mask per attention kind, built by its wrapper (Gemma 3)
+        if mapping:  # rebuilt from the batch's 2-D mask (prefill) / the shortened one (decode)
+            am = None if mine["keys"] is None else rows_for(mine["keys"], b).to(emb.device)
         if am is not None and not (isinstance(am, torch.Tensor) and am.ndim == 2):
             raise ValueError("Prune needs a 2-D attention mask (or None) at the language model; got "
                              f"{type(am).__name__} — compiled/static caches are not supported")
@@ -112,6 +120,12 @@ class Prune(Intervention):
             kwargs["inputs_embeds"] = emb.gather(1, index.unsqueeze(-1).expand(-1, -1, d))
             kwargs["attention_mask"] = new_am
             kwargs["position_ids"] = new_pos.contiguous()
+            if mapping:  # the kept tokens of an image still see each other (blocks), the window on the new indices
+                blocks = None
+                if mine["blocks"] is not None:
+                    blocks = rows_for(mine["blocks"], b).to(emb.device).gather(1, index)
+                    blocks = blocks.masked_fill(~valid, -1)
+                kwargs["attention_mask"] = lm_masks(ctx["model"], kwargs["inputs_embeds"], new_am, cache, blocks)
             out["_state"] = {"am": new_am, "next": nxt, "width": index.shape[1]}
         else:  # a cached decode step: attend to the shortened cache, continue the positions
             st = out.get("_state")
@@ -120,5 +134,7 @@ class Prune(Intervention):
             kwargs["attention_mask"] = extend_keys(st["am"].to(emb.device), b, past + n - st["width"])
             step = torch.arange(n, device=emb.device) + (past - st["width"])
             kwargs["position_ids"] = (st["next"] + step).contiguous()
+            if mapping:  # a decode step's query is text: the causal / sliding masks of the shortened cache
+                kwargs["attention_mask"] = lm_masks(ctx["model"], emb, kwargs["attention_mask"], cache)
         kwargs.update(cache_position(kwargs, past, kwargs["inputs_embeds"].shape[1], emb.device))
         return (args, kwargs)

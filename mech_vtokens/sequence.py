@@ -6,9 +6,13 @@ on the device of the value it works on).
 - :func:`attention_kinds` (outside the trace): per decoder layer its attention window, ``None`` for full attention,
   from the text config's standard ``layer_types`` / ``sliding_window`` fields.
 - :func:`attention_mask`: the 4-D mask of a rebuilt sequence, built by ``transformers.masking_utils`` (causal or
-  sliding-window causal, plus the padding), in the format the language model passes its layers.
+  sliding-window causal, plus the padding; with :func:`image_blocks` bidirectional within each image), in the
+  format the language model passes its layers. :func:`lm_masks`: the per-kind mask DICT a language model receives
+  when its wrapper builds the masks (Gemma 3), rebuilt for a changed sequence the way transformers builds it.
 - :func:`default_positions`, :func:`split_positions`, :func:`rotary`: position ids when the caller passed none,
   M-RoPE's split into the rotary module's and the layers' ids, the LM's own rotary module on new ids.
+- :func:`layer_mask`: one decoder layer's mask sized by its own KV cache layer (generation: a sliding layer's
+  cache drops old keys), through ``masking_utils.create_causal_mask``.
 - :func:`layer_io` / :func:`pack`: a decoder layer's ``(args, kwargs)`` as ``(hidden, rest, kwargs, positional)``
   and back.
 - :func:`extend_keys`: the 2-D key mask followed by generated tokens; :func:`refuse_single_pass`: the refusal of a
@@ -41,14 +45,17 @@ def check_attention_kinds(vlm, who: str) -> None:
                          f"sliding-window attention (with the config's sliding_window) only")
 
 
-def attention_mask(like, keys, q: int, window=None):
+def attention_mask(like, keys, q: int, window=None, blocks=None):
     """Causal (``window``: sliding-window causal) + padding mask for the LAST ``q`` of the ``keys.shape[1]`` key
     positions (``keys``: (batch, keys) 2-D, 1 = attend), built by ``transformers.masking_utils`` in the format of
     ``like`` (what the LM passes its layers): None (sdpa, when only causality masks), a bool (True = attend) or an
-    additive float (batch, 1, q, keys) of ``like``'s dtype. ``q == keys`` at a prefill, 1 on a decode step."""
+    additive float (batch, 1, q, keys) of ``like``'s dtype. ``q == keys`` at a prefill, 1 on a decode step.
+    ``blocks`` (batch, keys) (:func:`image_blocks`; the adapter's ``image_attention = "bidirectional"``): a token
+    also sees every token of its own image, the window still applied: ``AND(OR(causal, same image), window)``, as
+    Gemma 3 composes them."""
     import torch
-    from transformers.masking_utils import (causal_mask_function, eager_mask, sdpa_mask,
-                                            sliding_window_causal_mask_function)
+    from transformers.masking_utils import (and_masks, blockwise_overlay, causal_mask_function, eager_mask, or_masks,
+                                            sdpa_mask, sliding_window_causal_mask_function, sliding_window_overlay)
 
     if like is not None and not (isinstance(like, torch.Tensor) and like.ndim == 4):
         raise ValueError(f"expected the decoder layer's attention_mask to be None or a 4-D tensor, got "
@@ -56,12 +63,83 @@ def attention_mask(like, keys, q: int, window=None):
                          f"attn_implementation='eager' or 'sdpa')")
     dev = like.device if like is not None else keys.device
     n = keys.shape[1]
-    fn = causal_mask_function if window is None else sliding_window_causal_mask_function(int(window))
+    if blocks is not None:
+        fn = or_masks(causal_mask_function, blockwise_overlay(blocks.to(dev)))
+        fn = fn if window is None else and_masks(fn, sliding_window_overlay(int(window)))
+    else:
+        fn = causal_mask_function if window is None else sliding_window_causal_mask_function(int(window))
     common = dict(batch_size=keys.shape[0], q_length=q, kv_length=n, q_offset=n - q, kv_offset=0, mask_function=fn,
                   attention_mask=keys.to(device=dev, dtype=torch.bool), device=dev)
     if like is not None and like.dtype != torch.bool:
         return eager_mask(dtype=like.dtype, **common)
-    return sdpa_mask(allow_is_causal_skip=like is None, local_size=window, **common)
+    return sdpa_mask(allow_is_causal_skip=like is None and blocks is None, local_size=window, **common)
+
+
+def image_blocks(visual):
+    """(batch, seq) long: per position the index of the image it belongs to (its run of consecutive visual
+    positions, counted from 0 per row), -1 at text: the ``block_sequence_ids`` of ``transformers.masking_utils``
+    (``blockwise_overlay``), what a bidirectional-image family builds from its ``token_type_ids``."""
+    import torch
+
+    visual = visual.bool()
+    prev = torch.nn.functional.pad(visual, (1, 0), value=False)[:, :-1]
+    ids = (visual & ~prev).long().cumsum(1) - 1
+    return torch.where(visual, ids, torch.full_like(ids, -1))
+
+
+def lm_masks(model, embeds, keys, cache, blocks=None):
+    """The masks a language model receives keyed by attention kind (``{"full_attention": ..., "sliding_attention":
+    ...}``: transformers' mask mapping, which Gemma 3's wrapper builds and hands the LM) for the sequence ``embeds``
+    (batch, q, d) with the 2-D key mask ``keys`` (batch, past + q) and the LM's ``cache`` (None, or the cache the
+    call carries: it sizes a sliding layer's keys). Built as transformers builds them (``masking_utils``): with
+    ``blocks`` (:func:`image_blocks` of the sequence, a prefill) full layers get ``OR(causal, same image)``, sliding
+    layers ``AND(OR(causal, same image), window)``; without (a decode step: the query is text)
+    ``create_masks_for_generate``. ``model``: the root module (nnsight envoy or HF model), for its config."""
+    from transformers.masking_utils import (blockwise_overlay, create_causal_mask, create_masks_for_generate,
+                                            maybe_pad_block_sequence_ids, sliding_window_overlay)
+
+    cfg = getattr(model, "_module", model).config.get_text_config()
+    keys = keys.to(embeds.device)
+    if blocks is None:
+        return create_masks_for_generate(config=cfg, inputs_embeds=embeds, attention_mask=keys, cache=cache,
+                                         position_ids=None)
+    blocks = blocks.to(embeds.device)
+    kinds = set(cfg.layer_types)
+    out = {}
+    if "full_attention" in kinds:
+        out["full_attention"] = create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=keys, cache=cache,
+                                                   block_sequence_ids=blocks)
+    if "sliding_attention" in kinds:
+        sliding = getattr(cache, "is_sliding", None)
+        layer = sliding.index(True) if sliding and True in sliding else 0
+        padded = maybe_pad_block_sequence_ids(blocks, keys, keys.shape[1], 0)
+        out["sliding_attention"] = create_causal_mask(
+            config=cfg, inputs_embeds=embeds, attention_mask=keys, cache=cache,
+            or_mask_function=blockwise_overlay(padded),
+            and_mask_function=sliding_window_overlay(cfg.sliding_window), layer_idx=layer)
+    return out
+
+
+def layer_mask(model, embeds, keys, cache, layer: int, window=None, blocks=None):
+    """The mask of decoder layer ``layer`` for the queries ``embeds`` (batch, q, d) against the keys its OWN KV cache
+    layer holds plus these (``keys``: the 2-D mask (batch, past + q) of every key that layer has seen), built by
+    ``transformers.masking_utils.create_causal_mask`` sized by that cache layer (``layer_idx``): a sliding-window
+    layer's cache keeps only its last ``window - 1`` keys, which the mask follows. ``window``: the layer's window
+    (None: full); ``blocks``: :func:`image_blocks` of the keys (bidirectional images at a prefill). In the format
+    the model's attention implementation takes (its config)."""
+    from transformers.masking_utils import (blockwise_overlay, create_causal_mask, maybe_pad_block_sequence_ids,
+                                            sliding_window_overlay)
+
+    cfg = getattr(model, "_module", model).config.get_text_config()
+    keys = keys.to(embeds.device)
+    extra = {}
+    if blocks is not None:
+        extra["or_mask_function"] = blockwise_overlay(maybe_pad_block_sequence_ids(blocks.to(embeds.device), keys,
+                                                                                   keys.shape[1], 0))
+    if window is not None:
+        extra["and_mask_function"] = sliding_window_overlay(int(window))
+    return create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=keys, cache=cache, layer_idx=layer,
+                              **extra)
 
 
 def default_positions(n: int, rows: int, mrope: bool, device):
@@ -82,11 +160,14 @@ def split_positions(pos, mrope):
     return pos, None
 
 
-def rotary(model, path: str, h, pos):
-    """The LM's rotary module at ``path`` (the adapter's ``rotary_emb``) on position ids ``pos``: (cos, sin)."""
+def rotary(model, path: str, h, pos, kind=None):
+    """The LM's rotary module at ``path`` (the adapter's ``rotary_emb``) on position ids ``pos``: (cos, sin).
+    ``kind``: the layer's attention kind, for a module with one rope per kind (``Adapter.rotary_takes_kind``)."""
     for part in path.split("."):
         model = model[int(part)] if part.isdigit() else getattr(model, part)
     rot = getattr(model, "_module", model)  # the plain torch module (nnsight envoy or HF module)
+    if kind is not None:
+        return type(rot).forward(rot, h, pos, kind)
     return type(rot).forward(rot, h, pos)  # class forward: no hooks, no nnsight call
 
 

@@ -20,6 +20,7 @@ import torch
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl_moe", "llava_next",
             "llava_onevision",
             "idefics3", "smolvlm")
+FAMILIES += ("gemma3",)
 
 # Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
 from .fixtures.real import REAL_CHECKPOINTS, real_model  # noqa: E402,F401
@@ -42,6 +43,7 @@ _SPECIALS = {
 _SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen3_vl"] = _SPECIALS["qwen3_vl_moe"] = _SPECIALS["qwen2_vl"]
 _SPECIALS["llava_next"] = _SPECIALS["llava"]
 _SPECIALS["llava_onevision"] = ["<pad>", "<unk>", "<|endoftext|>", "<image>", "<video>"]
+_SPECIALS["gemma3"] = ["<pad>", "<unk>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 # Idefics3 / SmolVLM: the image token, the fake-around / global / row-col text tokens, the end of an utterance
 _SPECIALS["idefics3"] = _SPECIALS["smolvlm"] = (
     ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
@@ -51,6 +53,7 @@ _SPECIALS["idefics3"] = _SPECIALS["smolvlm"] = (
 _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>",
                 "internvl": "<IMG_CONTEXT>", "qwen3_vl": "<|image_pad|>", "qwen3_vl_moe": "<|image_pad|>",
                 "llava_next": "<image>", "llava_onevision": "<image>"}
+_IMAGE_TOKEN["gemma3"] = "<start_of_image>"  # what a Gemma 3 prompt holds per image (the processor expands it)
 _IMAGE_TOKEN.update(idefics3="<image>", smolvlm="<image>")
 
 
@@ -82,6 +85,9 @@ def _tokenizer(family: str):
     elif family == "llava_onevision":
         kwargs.update(eos_token="<|endoftext|>", extra_special_tokens={"image_token": "<image>",
                                                                       "video_token": "<video>"})
+    elif family == "gemma3":
+        kwargs.update(bos_token="<bos>", eos_token="<eos>", extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
     elif family in ("idefics3", "smolvlm"):
         kwargs.update(bos_token="<|im_start|>", eos_token="<end_of_utterance>", extra_special_tokens={
             "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
@@ -291,6 +297,52 @@ def _llava_onevision(seed: int):
     return model, proc
 
 
+def _gemma3(seed: int):
+    """Gemma 3: SigLIP over a 112-px image (8x8 patches of 14 px) avg-pooled 2x2 -> 4x4 = 16 soft tokens; a
+    3-layer Gemma 3 text model (sliding, sliding, full; window 6, far shorter than a prompt) with sandwich norms.
+    ``mm_input_projection_weight`` is zero at init (every visual token would be zero) and the RMSNorm weights are
+    zero (1 + w): both are randomised so every site carries a signal."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
+
+    tok = _tokenizer("gemma3")
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=112, patch_size=14, vision_use_head=False)
+    text = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=512,
+                            sliding_window=6, query_pre_attn_scalar=16,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id)
+    ids = {t: tok.convert_tokens_to_ids(s) for t, s in (("boi_token_index", "<start_of_image>"),
+                                                        ("eoi_token_index", "<end_of_image>"),
+                                                        ("image_token_index", "<image_soft_token>"))}
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16, **ids)
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.copy_(torch.randn(proj.shape, generator=gen) * 0.2)
+        for mod in model.modules():  # Gemma's RMSNorms scale by (1 + w), w zero at init (SigLIP's LayerNorms stay)
+            if isinstance(mod, Gemma3RMSNorm):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.1)
+        # SigLIP's post-layernorm and the projector's RMSNorm normalise every token, which compresses how much more a
+        # patch's own token changes than its neighbours: quieter ViT attention keeps the random tower local (the
+        # single-patch benchmark's premise, as in a trained SigLIP)
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.out_proj.weight.mul_(0.1)
+    ip = Gemma3ImageProcessorPil(size={"height": 112, "width": 112}, do_pan_and_scan=False)
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=16)
+    return model, proc
+
+
 def _idefics3(seed: int, smol: bool):
     """Idefics3 / SmolVLM: 56-px tiles of 8 x 8 patches (7 px), pixel shuffle 2 -> 16 tokens per frame; the longest
     edge resized to 112 px, so an image becomes up to 2 x 2 tiles + the global image."""
@@ -335,6 +387,8 @@ def build(family: str, seed: int = 0):
         return _llava_next(seed)
     if family == "llava_onevision":
         return _llava_onevision(seed)
+    if family == "gemma3":
+        return _gemma3(seed)
     if family in ("idefics3", "smolvlm"):
         return _idefics3(seed, family == "smolvlm")
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")

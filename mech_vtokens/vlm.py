@@ -131,6 +131,28 @@ class VLM:
         return weight_of(self.hf.get_input_embeddings())  # real values, also when offloaded (device_map "disk")
 
     @property
+    def embedding_scale(self) -> float:
+        """The factor the LM's input embedding module multiplies its rows by (Gemma 3: sqrt(d) in the weights' dtype,
+        the adapter's ``embed_scale``; 1.0 for the others): a text token reaches the LM as
+        ``embedding_scale * embedding_matrix[id]``. Cosines (EmbedLens, the partition) do not depend on it; norm
+        comparisons with text tokens do (:meth:`input_embedding_norms`)."""
+        from .adapters.base import _resolve
+
+        path = self.adapter.embed_scale
+        if path is None:
+            return 1.0
+        scale = _resolve(self.hf, path)
+        dtype = self.embedding_matrix.dtype
+        return float(torch.as_tensor(scale).to(dtype)) if isinstance(scale, torch.Tensor) else float(scale)
+
+    def input_embedding_norms(self) -> torch.Tensor:
+        """(vocab,) float32: the L2 norm of every text token's row AS THE LM RECEIVES IT (``embedding_scale`` applied):
+        what a visual token's norm at ``hook_embed`` compares with."""
+        E = self.embedding_matrix.detach()
+        norms = torch.cat([E[s:s + 8192].float().norm(dim=1) for s in range(0, E.shape[0], 8192)])
+        return (norms * self.embedding_scale).cpu()
+
+    @property
     def final_norm(self) -> torch.nn.Module:
         from .adapters.base import _resolve
 
@@ -237,6 +259,11 @@ class VLM:
             flat.extend(ims)  # already RGB: image_lists converted each one (data.to_rgb)
             image_of_row.extend([row] * len(ims))
         kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token", None)
+        if ("add_special_tokens" not in kwargs and bos and all(p.startswith(bos) for p in prompts)
+                and tok("")["input_ids"][:1] == [tok.bos_token_id]):  # the chat template wrote the BOS (Gemma 3):
+            kwargs["add_special_tokens"] = False  # not twice, as HF's own apply_chat_template(tokenize=True) does
         if flat:  # nested per prompt where the family's processor wants it: one list per prompt, empty for a prompt
             # without images (Idefics3 / SmolVLM match the lists to the prompts one to one; OneVision skips empties)
             kwargs["images"] = flat if not self.adapter.images_nested else [

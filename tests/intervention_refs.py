@@ -28,10 +28,16 @@ def clean_lm_kwargs(vlm, batch):
 
     def grab(mod, args, kwargs):
         for k in ("inputs_embeds", "attention_mask", "position_ids", "visual_pos_masks"):
+            if isinstance(kwargs.get(k), dict):  # Gemma 3's per-kind masks: replaced below
+                got[k] = kwargs[k]
+                continue
             v = kwargs.get(k)
             got[k] = None if v is None else v.detach().clone()
         rows = kwargs.get("deepstack_visual_embeds")  # Qwen3-VL: vectors added after the first layers
         got["deepstack_visual_embeds"] = None if rows is None else [r.detach().clone() for r in rows]
+
+    def grab_mapping(mod, args, kwargs):  # a wrapper that hands the LM its masks per kind (Gemma 3)
+        got["lm_mask_mapping"] = kwargs.get("attention_mask")
 
     h = lm_of(vlm).register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -39,7 +45,21 @@ def clean_lm_kwargs(vlm, batch):
             got["logits"] = vlm.hf(**batch.inputs).logits
     finally:
         h.remove()
+    if isinstance(got["attention_mask"], dict):  # the LM got Gemma 3's mask dict: keep the wrapper's 2-D mask and
+        got["lm_mask_mapping"] = got["attention_mask"]  # token types, so references rebuild it through the wrapper
+        got["attention_mask"] = batch.inputs["attention_mask"].clone()
+        got["token_type_ids"] = batch.inputs["token_type_ids"].clone()
     return got
+
+
+def lm_hidden(vlm, embeds, am, pos, token_type_ids=None, **injected):
+    """The LM's last hidden state on given inputs. ``token_type_ids`` (Gemma 3, whose wrapper builds the LM's
+    bidirectional-image masks from them): through the HF wrapper (``model.model``, no pixels: the embeddings given),
+    so its own mask code runs on these inputs."""
+    if token_type_ids is not None:
+        return getattr(vlm, "hf", vlm).model(inputs_embeds=embeds, attention_mask=am, position_ids=pos,
+                                             token_type_ids=token_type_ids, **injected).last_hidden_state
+    return lm_of(vlm)(inputs_embeds=embeds, attention_mask=am, position_ids=pos, **injected).last_hidden_state
 
 
 def injections(clean, r, cols):

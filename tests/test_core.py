@@ -66,6 +66,14 @@ def _hf_reference(vlm, inputs):
     hooks.append(_resolve(hf, ad.language_model).register_forward_pre_hook(injected, with_kwargs=True))
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_pre_hook(pre(f"blocks.{i}.hook_resid_pre"), with_kwargs=True))
+        if hasattr(layer, "pre_feedforward_layernorm"):  # sandwich norms (Gemma 3): what is added to the residual
+            hooks.append(layer.post_attention_layernorm.register_forward_hook(hook(f"blocks.{i}.hook_attn_out"),
+                                                                              with_kwargs=True))
+            hooks.append(layer.post_feedforward_layernorm.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"),
+                                                                                with_kwargs=True))
+            hooks.append(layer.pre_feedforward_layernorm.register_forward_hook(
+                hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
+            continue
         hooks.append(layer.self_attn.register_forward_hook(hook(f"blocks.{i}.hook_attn_out", 0), with_kwargs=True))
         hooks.append(layer.mlp.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"), with_kwargs=True))
         hooks.append(layer.post_attention_layernorm.register_forward_hook(

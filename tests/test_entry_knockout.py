@@ -53,18 +53,31 @@ def plain_eager(tiny_dir):
 
 # ---- the independent implementation: decoder layers by hand ------------------------------------------------------
 
-def run_layers(vlm, x, pos, layers, add=None):
+def run_layers(vlm, x, pos, layers, add=None, visual=None):
     """Decoder layers ``layers`` on ONE unpadded row ``x`` (1, n, d) at position ids ``pos``: rotary from the LM's
     rotary module, a hand-built additive causal mask (a sliding-window layer: also blocking keys ``window`` or more
-    positions back in the sequence); ``add`` {i: (1, n, d)}: added after layer i (DeepStack)."""
+    positions back in the sequence); ``add`` {i: (1, n, d)}: added after layer i (DeepStack). ``visual`` (1, n)
+    bool (Gemma 3): the tokens of one image (a run of visual positions) also see each other, the window still
+    applied; and the rotary module takes the layer type (one rope per kind)."""
+    import inspect
+
     lm = lm_of(vlm)
     n = x.shape[1]
     cfg = lm.config
     q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    pe = lm.rotary_emb(x, pos)
+    kinds = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(lm.layers))
+    by_kind = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters
+    pe = None if by_kind else lm.rotary_emb(x, pos)
+    same_image = torch.zeros(n, n, dtype=torch.bool)
+    if visual is not None:
+        v = visual[0].bool()
+        run = torch.cumsum(v & ~torch.cat([torch.zeros(1, dtype=torch.bool), v[:-1]]), 0)
+        same_image = v[:, None] & v[None, :] & (run[:, None] == run[None, :])
     for i in layers:
-        blocked = k > q
-        if (getattr(cfg, "layer_types", None) or ["full_attention"] * (i + 1))[i] == "sliding_attention":
+        if by_kind:
+            pe = lm.rotary_emb(x, pos, kinds[i])
+        blocked = (k > q) & ~same_image
+        if kinds[i] == "sliding_attention":
             blocked = blocked | (k <= q - cfg.sliding_window)
         mask = torch.zeros(n, n, dtype=x.dtype).masked_fill(blocked, torch.finfo(x.dtype).min)[None, None]
         x = lm.layers[i](x, attention_mask=mask, position_embeddings=pe)
@@ -95,6 +108,13 @@ def flat_pos(n, like):
     return p if like.ndim == 2 else p[None].expand(like.shape[0], -1, -1)
 
 
+def _visual(clean, r, cols):
+    """Row r's visual positions at its columns, for a family whose images attend bidirectionally (Gemma 3's token
+    types), else None."""
+    tt = clean.get("token_type_ids")
+    return None if tt is None else tt[r:r + 1, cols].bool()
+
+
 def entry_reference(vlm, clean, sel, k):
     """Per row: layers < k on the text alone at 0..T-1, then re-insert the raw embeddings, positions reset to the
     full sequence's, layers >= k."""
@@ -103,11 +123,13 @@ def entry_reference(vlm, clean, sel, k):
         for r in range(clean["inputs_embeds"].shape[0]):
             cols, e, p = row_facts(clean, r)
             s = sel[r, cols]
+            v = _visual(clean, r, cols)
             add = injections(clean, r, cols)  # DeepStack: for the visual tokens in the sequence at that layer
-            x = run_layers(vlm, e[:, ~s], flat_pos(int((~s).sum()), p), range(k), _cols(add, ~s))
+            x = run_layers(vlm, e[:, ~s], flat_pos(int((~s).sum()), p), range(k), _cols(add, ~s),
+                           None if v is None else v[:, ~s])
             full = e.clone()
             full[:, ~s] = x
-            out.append((cols, head(vlm, run_layers(vlm, full, p, range(k, len(lm_of(vlm).layers)), add))))
+            out.append((cols, head(vlm, run_layers(vlm, full, p, range(k, len(lm_of(vlm).layers)), add, v))))
     return out
 
 
@@ -118,9 +140,11 @@ def exit_reference(vlm, clean, sel, k):
         for r in range(clean["inputs_embeds"].shape[0]):
             cols, e, p = row_facts(clean, r)
             s = sel[r, cols]
+            v = _visual(clean, r, cols)
             add = injections(clean, r, cols)
-            x = run_layers(vlm, e, p, range(k), add)[:, ~s]
-            out.append(head(vlm, run_layers(vlm, x, p[..., ~s], range(k, vlm.n_layers), _cols(add, ~s))))
+            x = run_layers(vlm, e, p, range(k), add, v)[:, ~s]
+            out.append(head(vlm, run_layers(vlm, x, p[..., ~s], range(k, vlm.n_layers), _cols(add, ~s),
+                                            None if v is None else v[:, ~s])))
     return out
 
 
@@ -260,7 +284,7 @@ def test_entry_exit_on_sliding_window_layers_match_manual(tiny_dir, tmp_path, at
     """A model with sliding-window layers (refused before): the masks VisualEntry / VisualExit rebuild from layer k on
     are each layer's own kind (transformers.masking_utils), so both match the hand-built forward whose sliding layers
     block keys 5+ positions back; the clean model itself matches that forward (the window really acts), and
-    generation with a KV cache is refused with the reason."""
+    cached generation under them equals re-running the forward."""
     vlm = sliding_qwen(tiny_dir, tmp_path, attn)
     b = batch_of(vlm, "qwen2_vl")
     clean = clean_lm_kwargs(vlm, b)
@@ -282,9 +306,15 @@ def test_entry_exit_on_sliding_window_layers_match_manual(tiny_dir, tmp_path, at
         logits, _ = nn_run(vlm, b, [VisualExit(k)])
         for r, ref in enumerate(exit_reference(vlm, clean, b.visual_mask, k)):
             assert (logits[r, -ref.shape[0]:] - ref).abs().max() < TOL, (k, r)
-    with pytest.raises(Exception, match="sliding-window layers is not supported"):
-        mv.generate(vlm, [T.image(seed=1)], [F.prompt(vlm, "qwen2_vl")], interventions=[VisualEntry(1)],
-                    max_new_tokens=2)
+    # generation with a KV cache (refused before): each layer's decode mask is sized by its own cache layer (the
+    # sliding one keeps only its last keys), so HF's cached generate under the intervention == re-running the
+    # intervened forward on prompt + generated tokens
+    from test_generate import cached_generate, rerun_reference
+
+    for make in (lambda: [VisualEntry(1)], lambda: [VisualExit(1)], lambda: [Prune(Positions([0, 2, 3]))]):
+        got, ids = cached_generate(vlm, b, make(), steps=6)
+        ref, ref_ids = rerun_reference(vlm, b, make(), steps=6)
+        assert (got - ref).abs().max() < TOL and torch.equal(ids, ref_ids)
 
 
 # ---- AttentionKnockout -----------------------------------------------------------------------------------------
@@ -297,7 +327,7 @@ def patched_eager(hf, monkeypatch, cut, layers):
 
     def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         if index.get(id(module)) not in layers or query.shape[2] != cut.shape[1]:  # (decode steps: untouched)
-            return orig(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+            return orig(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         g = query.shape[1] // key.shape[1]
         k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
         w = query @ k.transpose(2, 3) * scaling

@@ -13,7 +13,7 @@ from mech_vtokens.interventions import (AllVisual, Complement, Group, MatchedRan
                                         ZeroSublayer, applied, resolve)
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
-from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
+from intervention_refs import batch_of, clean_lm_kwargs, lm_hidden, lm_of, nn_run
 import families as FM
 from mech_vtokens.probes.activations import Activations
 
@@ -28,10 +28,9 @@ WITH_REAL = FAMILIES + ("Qwen/Qwen2-VL-2B-Instruct@float32",)
 
 def lm_logits(vlm, embeds, am, pos, **injected):
     """The LM on given inputs; ``injected``: Qwen3-VL's DeepStack kwargs (visual_pos_masks, deepstack_visual_embeds)
-    for these positions."""
+    for these positions; Gemma 3's token_type_ids (through the HF wrapper, which builds its masks from them)."""
     with torch.no_grad():
-        h = lm_of(vlm)(inputs_embeds=embeds, attention_mask=am, position_ids=pos, **injected).last_hidden_state
-        return vlm.hf.lm_head(h)
+        return vlm.hf.lm_head(lm_hidden(vlm, embeds, am, pos, **injected))
 
 
 def kept_injections(clean, r, keep):
@@ -134,8 +133,13 @@ def test_zero_sublayer_exact_and_matches_hooks(tiny_vlm, family):
         seen["attn"] = out[0]
 
     L1 = layer(vlm, 1)
-    ref = with_hooks(vlm, b, [(L1.self_attn, "out", zero_attn), (L1.self_attn, "out", rec_attn),
-                              (L1.mlp, "out", zero_mlp)])
+    attn, mlp = L1.self_attn, L1.mlp
+    if hasattr(L1, "pre_feedforward_layernorm"):  # sandwich norms (Gemma 3): the sublayer outputs after their norms
+        attn, mlp = L1.post_attention_layernorm, L1.post_feedforward_layernorm
+        zero_attn_t, rec_attn_t = zero_attn, rec_attn
+        zero_attn = lambda mod, args, out: zero_attn_t(mod, args, (out,))[0]  # noqa: E731
+        rec_attn = lambda mod, args, out: rec_attn_t(mod, args, (out,))  # noqa: E731
+    ref = with_hooks(vlm, b, [(attn, "out", zero_attn), (attn, "out", rec_attn), (mlp, "out", zero_mlp)])
     assert (logits - ref).abs().max() < TOL
     a, m = acts["blocks.1.hook_attn_out"], acts["blocks.1.hook_mlp_out"]
     assert (a[sel] == 0).all() and (m[sel] == 0).all()
@@ -184,7 +188,9 @@ def prune_reference(vlm, b, sel, clean, positions="original"):
         else:
             p = (a.cumsum(1) - 1).clamp(min=0)
             p = p if pos is None or pos.ndim == 2 else p[None].expand(pos.shape[0], -1, -1)
-        rows.append((lm_logits(vlm, emb[r:r + 1, keep], a, p, **kept_injections(clean, r, keep))[0], a[0].bool(), p))
+        tt = {} if clean.get("token_type_ids") is None else {"token_type_ids": clean["token_type_ids"][r:r + 1, keep]}
+        rows.append((lm_logits(vlm, emb[r:r + 1, keep], a, p, **kept_injections(clean, r, keep), **tt)[0],
+                     a[0].bool(), p))
     return rows
 
 

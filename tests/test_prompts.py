@@ -48,18 +48,30 @@ TEMPLATES = {
         "{{ content['text'] }}{% endfor %}{{'<|im_end|>' + '\n'}}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
 }
+# gemma-3-4b-it: the system text opens the first user turn; "<start_of_image>" per image item, in content order
+TEMPLATES["gemma3"] = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'][0]['text'] + "
+    "'\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set prefix = '' %}{% set loop_messages = messages %}"
+    "{% endif %}{% for message in loop_messages %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' "
+    "else message['role']) + '\n' + (prefix if loop.first else '') }}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}{% elif item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% endif %}{% endfor %}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 SPAN = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
         "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>",
         "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
         "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
         "llava_next": "<image>", "llava_onevision": "<image>"}
+SPAN["gemma3"] = "<start_of_image>"  # the processor expands it to <start_of_image> + soft tokens + <end_of_image>
 # what flanks each run of image tokens in input_ids (InternVL: the processor's own <img> .. </img>)
 FLANKS = {"llava": (None, None), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
           "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "internvl": ("<img>", "</img>"),
           "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"),
           "llava_next": (None, None), "llava_onevision": (None, None)}
+FLANKS["gemma3"] = ("<start_of_image>", "<end_of_image>")
 # the template's turns: (what opens the assistant turn at the end, what opens the user turn)
 TURNS = {"llava": ("ASSISTANT:", "USER: "), "llava_next": ("[/INST]", "[INST] ")}
+TURNS["gemma3"] = ("<start_of_turn>model\n", "<start_of_turn>user\n")
 # visual tokens of one 112-px image in a two-image prompt, by hand: LLaVA 6x6; LLaVA-NeXT base 4x4 + the 2x2-tile
 # canvas 8x8 with a newline per row (16 + 8 * 9); OneVision does not tile multi-image prompts: base 4x4 + 1 newline;
 # the rest 4x4

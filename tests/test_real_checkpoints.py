@@ -160,7 +160,8 @@ def _anyres_tokens(w, h, pinpoints, side, g, max_tiles=None):
 def test_load_keeps_real_vocab_dtype_and_template(real_vlm, ck):
     vlm = real_vlm(ck)
     cfg = hub_file(ck, "config.json")
-    vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+    # gemma-3-4b-it's sparse text_config leaves the vocabulary to the Gemma3TextConfig default (262208, padded)
+    vocab = cfg.get("vocab_size") or cfg["text_config"].get("vocab_size") or {"gemma3": 262208}[cfg["model_type"]]
     assert vlm.embedding_matrix.shape[0] == vocab  # padded rows kept
     # Qwen3-VL hub files give the dtype inside text_config only
     assert vlm.hf.dtype == getattr(torch, cfg.get("torch_dtype") or cfg["text_config"]["dtype"])
@@ -197,6 +198,8 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
             got = batch.tokens["box"][sel]
             assert torch.allclose(got[~torch.isnan(got).any(1)], torch.tensor(boxed, dtype=torch.float64), atol=1e-9)
             continue
+        elif mt == "gemma3":  # stretched to 896 x 896 (no aspect kept): 16 x 16 cells of the original image
+            want = [(c * w / 16, r * h / 16, (c + 1) * w / 16, (r + 1) * h / 16) for r in range(16) for c in range(16)]
         elif mt in ("idefics3", "smolvlm"):  # 8 x 8 tokens per 512-px frame (patch 16, pixel shuffle 4)
             rows, cols, cw, ch = _idefics3_tiles(w, h)
             frames = rows * cols + 1
@@ -252,6 +255,10 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         assert ids[0] == (1 if mt == "llava_next" else 151644)  # Mistral: BOS <s> then "[INST]"; Qwen2: <|im_start|>
         start = ids.index(image_id)
         assert ids.count(image_id) == n and ids[start:start + n] == [image_id] * n
+    elif mt == "gemma3":  # the template's <bos> (the processor adds one more, as on the hub); <start_of_image>,
+        assert ids[0] == 2  # 256 x <image_soft_token> 262144, <end_of_image>
+        s = ids.index(255999)
+        assert ids[s + 1:s + 257] == [262144] * 256 and ids[s + 257] == 256000 and ids.count(262144) == 256
     elif mt in ("idefics3", "smolvlm"):  # <|im_start|>User:, then per tile <fake><row_i_col_j> + 64 <image>
         rows, cols, _, _ = _idefics3_tiles(w, h)
         assert ids[0] == 1 and ids.count(49190) == 64 * (rows * cols + 1)

@@ -78,11 +78,17 @@ VISION = {"qwen2_vl": "vision_encoder.blocks.{i}.hook_resid_post",
           "qwen3_vl_moe": "vision_encoder.blocks.{i}.hook_resid_post",
           "llava_next": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "llava_onevision": "vision_encoder.encoder_layers.{i}.hook_resid_post",
+          "gemma3": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "idefics3": "vision_encoder.encoder_layers.{i}.hook_resid_post"}
 
 
+# TL's RMSNorm bridge hooks `hook_normalized` BEFORE the weight; Gemma's norm scales by (1 + w): the module's output,
+# what lm_head reads, is its `hook_out`
+FINAL_OUT = {"gemma3"}
+
+
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-                                 "idefics3"])
+                                 "idefics3", "gemma3"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
@@ -102,6 +108,8 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     def theirs(site):
         if site == "hook_embed":
             return cache["blocks.0.hook_resid_pre"]  # the LM input: text embeddings with the image scattered in
+        if site == "ln_final.hook_normalized" and fam in FINAL_OUT:
+            return cache["ln_final.hook_out"]
         if site.startswith("vision.blocks."):
             return cache[VISION[fam].format(i=site.split(".")[2])]
         if site.endswith(".hook_deepstack"):  # TL has no hook for it: what lies between layer i and i + 1

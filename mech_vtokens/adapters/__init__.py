@@ -6,6 +6,7 @@ Adding a family = one file with an ``Adapter`` subclass + its entry in ``ADAPTER
 
 from ..errors import InputError
 from .base import Adapter
+from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
@@ -18,6 +19,7 @@ from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, InternVLAdapter,
                                       Qwen3VLAdapter, Qwen3VLMoeAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
                                       Idefics3Adapter, SmolVLMAdapter)
+ADAPTERS += (Gemma3Adapter,)
 
 
 def supported() -> str:

@@ -94,6 +94,18 @@ class Adapter:
     lm_token_kwargs: dict = {}
     geometry: type[Geometry] = Geometry
     processor_class: str = ""
+    # The processor attribute (dotted path) holding the model's image token id (the visual positions): Gemma 3's
+    # ``processor.image_token_id`` is its START-of-image token, the soft image token is ``tokenizer.image_token_id``.
+    processor_image_token: str = "image_token_id"
+    # How the visual tokens of one image attend to each other: "causal" (like text), or "bidirectional" (every
+    # token of an image sees every other token of that image, text stays causal: Gemma 3). Sequence-changing
+    # interventions rebuild the masks of that kind (``mech_vtokens.sequence``).
+    image_attention: str = "causal"
+    # The LM's rotary module takes the layer's attention kind as a third argument (Gemma 3: one rope per kind).
+    rotary_takes_kind: bool = False
+    # Path (from the root) of the factor the input embedding module multiplies its rows by (Gemma: sqrt(d)), or
+    # None: ``vlm.embedding_scale`` / ``vlm.input_embedding_norms()`` (norm comparisons with the LM's text inputs).
+    embed_scale: str | None = None
 
     def __init__(self, hf_model: torch.nn.Module):
         self.config = hf_model.config
@@ -242,11 +254,12 @@ class Adapter:
         if tok is None or not hasattr(processor, "image_processor"):
             raise InputError(f"the processor {type(processor).__name__} has no tokenizer or image processor; pass "
                              f"the multimodal processor of this checkpoint (AutoProcessor.from_pretrained(<same id>))")
-        pid = getattr(processor, "image_token_id", None)
+        pid = _resolve_or_none(processor, self.processor_image_token)
         if pid is not None and int(pid) != self.image_token_id:
             raise InputError(
-                f"the processor does not match the model: its image token id is {pid} but the model's "
-                f"config.image_token_id is {self.image_token_id}; load the processor from the same checkpoint")
+                f"the processor does not match the model: its image token id (processor.{self.processor_image_token})"
+                f" is {pid} but the model's config.image_token_id is {self.image_token_id}; load the processor from "
+                f"the same checkpoint")
         # Tokens beyond the vocabulary are refused unless neither the image nor the text path can emit them. The
         # one known case: a named VIDEO token the processor needs to exist (InternVLProcessor reads
         # ``tokenizer.video_token``; transformers 5 adds ``<video>`` to InternVL3-hf tokenizers, one past the
@@ -299,6 +312,14 @@ class Adapter:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(family={self.family!r}, decoder_layers={self.n_layers}, "
                 f"vision_layers={self.n_vision_layers}, d_model={self.d_model})")
+
+
+def _resolve_or_none(root: Any, path: str) -> Any:
+    """``_resolve`` that returns None where an attribute on the path is missing (or None)."""
+    try:
+        return _resolve(root, path)
+    except (AttributeError, IndexError):
+        return None
 
 
 def _resolve(root: Any, path: str) -> Any:

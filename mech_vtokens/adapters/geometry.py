@@ -296,3 +296,41 @@ class TiledGeometry(Geometry):
             out.append({"rows": gt, "cols": gt, "tiles": cols * rows + (1 if cols * rows > 1 else 0),
                         "tile_rows": rows, "tile_cols": cols})
         return out
+
+
+class PooledGridGeometry(Geometry):
+    """A square ViT grid (no CLS) resized to ``image_size`` x ``image_size`` WITHOUT keeping the aspect ratio, then
+    average-pooled ``k x k`` into ``mm_tokens_per_image`` tokens in raster order (Gemma 3: 64 x 64 patches -> 16 x
+    16 tokens). A token's vision rows are the ``k * k`` patches of its pool, equal weights (the pool's mean); its box
+    is its cell of the original image (the resize stretches each axis on its own). Pan-and-scan crops
+    (``do_pan_and_scan``) are refused."""
+
+    def _sizes(self):
+        cfg = self.adapter.config
+        g = cfg.vision_config.image_size // cfg.vision_config.patch_size  # patches per side
+        t = int(round(cfg.mm_tokens_per_image ** 0.5))  # tokens per side
+        return g, t, g // t
+
+    def _check(self, call_kwargs):
+        if self.applied("do_pan_and_scan", call_kwargs):
+            from ..errors import InputError
+
+            raise InputError("do_pan_and_scan=True adds crops of each image whose layout this geometry does not map "
+                             "(boxes, vision rows); process with do_pan_and_scan=False (the default)")
+
+    def tokens(self, enc, image_sizes, call_kwargs=None):
+        self._check(call_kwargs)
+        g, t, k = self._sizes()
+        items = []
+        for i, (w, h) in enumerate(image_sizes):
+            for j in range(t * t):
+                r, c = divmod(j, t)
+                box = (c * w / t, r * h / t, (c + 1) * w / t, (r + 1) * h / t)
+                vrows = [i * g * g + (r * k + a) * g + (c * k + b) for a in range(k) for b in range(k)]
+                items.append((i, -1, r, c, box, vrows, i * t * t + j))
+        return self._pack(items)
+
+    def grids(self, enc, image_sizes, call_kwargs=None):
+        self._check(call_kwargs)
+        _, t, _ = self._sizes()
+        return [{"rows": t, "cols": t, "tiles": 1} for _ in image_sizes]
