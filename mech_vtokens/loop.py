@@ -145,16 +145,13 @@ def batches(vlm, images, prompts, batch_size: int = DEFAULT_BATCH_SIZE, progress
 
 # ---- the one resumable record loop -------------------------------------------------------------------------------
 
-def load_records(records, min_side=None, max_side=None, log=None):
-    """Load each record's image: ``(ok, skipped, notes)`` with ``ok`` the ``(record, image)`` pairs, ``skipped`` /
-    ``notes`` ({id: reason / conversion done}) for the store's commit."""
-    from . import data as D
-
-    lo = D.MIN_SIDE if min_side is None else min_side
-    hi = D.MAX_SIDE if max_side is None else max_side
+def load_records(records, log=None):
+    """Load each record's image (``data.load_image``: the conversion and size policy ``vlm.prepare`` applies too):
+    ``(ok, skipped, notes)`` with ``ok`` the ``(record, image)`` pairs, ``skipped`` / ``notes`` ({id: reason /
+    conversion done}) for the store's commit."""
     ok, skipped, notes = [], {}, {}
     for r in records:
-        im, note = r.load(lo, hi)
+        im, note = r.load()
         if im is None:
             skipped[r.id] = note
             if log is not None:
