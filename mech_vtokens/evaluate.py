@@ -256,6 +256,9 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
 
     conditions = _check_conditions(conditions)
     _check_generation_args(scorer, max_new_tokens, batch_size)
+    from .token_sets import check_record_loop
+
+    check_record_loop([iv for ivs in conditions.values() for iv in ivs], batch_size, "evaluate")
     shard = check_shard(shard)
     src = D.open_source(source, images_dir=images_dir)
     if limit is not None:

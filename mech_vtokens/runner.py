@@ -178,6 +178,9 @@ class Runner:
             interventions = [interventions]
         self.probe_specs = [_Spec(p, "probe", k) for p in probes]
         self.iv_specs = [_Spec(i, "intervention", k) for i in interventions]
+        from .token_sets import check_record_loop
+
+        check_record_loop([s.spec for s in self.iv_specs], batch_size, "run_dataset")  # batch-index Positions
         if not self.probe_specs:
             raise InputError("run_dataset needs probes=[...] (names like 'embed_lens' or Probe objects): results on "
                              "disk are probe tables; to generate answers under interventions use "
