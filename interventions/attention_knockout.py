@@ -24,7 +24,7 @@ harness (plain torch hooks cannot reach a tensor inside a function).
 from __future__ import annotations
 
 from mech_vtokens.component import Intervention, rows_for
-from mech_vtokens.errors import InputError
+from mech_vtokens.errors import InputError, check_flag
 
 from ._util import layer_list
 from mech_vtokens.token_sets import as_token_set, fit, resolve
@@ -36,9 +36,7 @@ class AttentionKnockout(Intervention):
         if kind not in ("vv", "vt"):
             raise InputError(f"AttentionKnockout: kind must be 'vv' (visual->visual) or 'vt' (text->visual), not "
                              f"{kind!r}")
-        if not isinstance(every_step, bool):
-            raise InputError(f"AttentionKnockout: every_step={every_step!r}; give True (also block the decode steps' "
-                             f"queries) or False (the prefill only)")
+        check_flag(every_step, "AttentionKnockout: every_step")
         if every_step and kind == "vv":
             raise InputError("AttentionKnockout('vv', every_step=True): generated tokens are text, so no decode step "
                              "has a visual query to block; use kind='vt' to keep generated tokens from the visual "

@@ -127,6 +127,9 @@ def _open(src):
                 im = src
             elif getattr(src, "ndim", None) is not None:  # a numpy array or torch tensor
                 im = to_rgb(src, "the array")
+            elif not isinstance(src, (str, os.PathLike)):
+                return None, (f"skipped: a {type(src).__name__} is no image source (give a path, a PIL image, a "
+                              f"numpy array or a torch tensor)")
             else:
                 path = Path(src)
                 if not path.is_file():
@@ -179,14 +182,19 @@ def is_image(x) -> bool:
     return nd in (2, 3) and type(x).__module__.split(".")[0] in ("numpy", "torch")
 
 
+def _iterable_of_images(x) -> bool:
+    """A generator / iterator (or other non-string iterable that is no path) of images."""
+    return hasattr(x, "__iter__") and not isinstance(x, (str, bytes, os.PathLike, dict)) and not is_image(x)
+
+
 def image_lists(images, n_prompts: int):
     """``vlm.prepare``'s ``images`` as one list of RGB PIL images per prompt (each by :func:`model_input`: the
     conversion and the size policy every loader applies too):
     None (no images), ONE image, one image per prompt, or a list of images per prompt."""
     if images is None:
         return [[] for _ in range(n_prompts)]
-    if is_image(images):
-        images = [images]
+    if is_image(images) or not isinstance(images, (list, tuple)) and not _iterable_of_images(images):
+        images = [images]  # one image; anything else that is no image is refused by to_rgb, naming it
     rows = []
     for r, im in enumerate(images):
         if im is None:
@@ -450,6 +458,8 @@ class InMemory(Source):
     def __init__(self, images, questions=None, labels=None, answers=None, ids=None):
         images = list(images)
         n = len(images)
+        if not n:
+            raise InputError("InMemory: no images given; pass a list of images (PIL, numpy arrays or tensors)")
         for name, xs in (("questions", questions), ("labels", labels), ("answers", answers), ("ids", ids)):
             if xs is not None and len(xs) != n:
                 raise InputError(f"InMemory: {len(xs)} {name} for {n} images; pass one per image")

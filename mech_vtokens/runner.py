@@ -172,6 +172,12 @@ class Runner:
                              f"{type(vlm).__name__}")
         vlm.check_remote(remote)
         check_batch_size(batch_size)
+        from .errors import check_int
+
+        check_int(k, "run_dataset: k", minimum=1, fix="the top-k of the suite's lenses, e.g. k=5")  # not per batch
+        if question is not None and not isinstance(question, str):
+            raise InputError(f"run_dataset: question={question!r}; give the prompt text as a string (or None for "
+                             f"the default)")
         if isinstance(probes, (str, bytes)) or not hasattr(probes, "__iter__"):
             probes = [probes]
         if not hasattr(interventions, "__iter__"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from mech_vtokens.component import rows_for
-from mech_vtokens.errors import InputError
+from mech_vtokens.errors import InputError, PositionsUnitWarning, check_int
 
 
 class TokenSet:
@@ -48,11 +48,6 @@ class TokenSet:
 class AllVisual(TokenSet):
     def visual(self, batch):
         return torch.ones(batch.n_visual, dtype=torch.bool)
-
-
-class PositionsUnitWarning(UserWarning):
-    """``Positions`` ints without a stated unit on a batch of several images: they count the BATCH's visual tokens
-    (image 0's first), which a reader of per-image indices would not expect."""
 
 
 class Positions(TokenSet):
@@ -195,6 +190,9 @@ class Group(TokenSet):
 
     def visual(self, batch):
         n = batch.n_visual
+        if hasattr(self.members, "__len__") and len(self.members) == 0:
+            raise InputError(f"Group {self.name!r} is empty: it selects no token (an empty set would silently do "
+                             f"nothing); give a boolean mask over the {n} visual tokens or visual indices")
         m = torch.as_tensor(self.members)
         if m.dtype == torch.bool:
             if m.shape != (n,):
@@ -251,7 +249,7 @@ class Complement(TokenSet):
 class MatchedRandom(TokenSet):
     def __init__(self, of: TokenSet, seed: int = 0):
         self.of = as_token_set(of)
-        self.seed = int(seed)
+        self.seed = check_int(seed, "MatchedRandom: seed", fix="the seed of the draw, e.g. seed=0")
 
     def visual(self, batch):
         target = self.of.visual(batch)
@@ -264,7 +262,8 @@ class MatchedRandom(TokenSet):
             pool = idx[~target[idx]]
             if k > len(pool):
                 raise InputError(f"MatchedRandom: image {img} has {k} target tokens but only {len(pool)} others to "
-                                 f"draw the same count from")
+                                 f"draw the same count from; match a smaller set (at most half of an image's "
+                                 f"tokens) or choose the control tokens yourself (Positions.each_image / Group)")
             sel[pool[torch.randperm(len(pool), generator=gen)[:k]]] = True
         return sel
 

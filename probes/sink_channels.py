@@ -85,11 +85,14 @@ class SinkChannels(Probe):
             dims = [int(d) for d in dims]
             if not dims:
                 raise InputError("dims=[] : give at least one sink channel, a preset, or 'auto'")
-        if not threshold > 0:
-            raise InputError(f"threshold={threshold!r}: give a positive ratio (the paper uses 20)")
+        from mech_vtokens.errors import check_number
+
+        check_number(threshold, "threshold", positive=True, fix="a positive ratio; the paper uses 20")
+        if discover_ratio is not None:
+            check_number(discover_ratio, "discover_ratio", positive=True, fix="a positive ratio or None (= threshold)")
         if discover_ratio is not None and not discover_ratio > 0:
             raise InputError(f"discover_ratio={discover_ratio!r}: give a positive ratio or None (= threshold)")
-        if not isinstance(top, int) or top <= 0:
+        if not isinstance(top, int) or isinstance(top, bool) or top <= 0:
             raise InputError(f"top={top!r}: give a positive number of BOS-similar tokens to track (paper: 5)")
         if isinstance(sites, str):
             sites = [sites]

@@ -393,7 +393,7 @@ def test_knockout_every_step_in_generate_equals_hooked_hf_generate(eager_vlm, pl
     assert not torch.equal(got[False], got[True])  # blocking the decode steps changed the answer
     with pytest.raises(InputError, match="no decode step has a visual query"):
         AttentionKnockout("vv", 0, every_step=True)
-    with pytest.raises(InputError, match="every_step=1"):
+    with pytest.raises(InputError, match="every_step=1: give True or False"):
         AttentionKnockout("vt", 0, every_step=1)
 
 
