@@ -258,7 +258,7 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
     _check_generation_args(scorer, max_new_tokens, batch_size)
     from .token_sets import check_record_loop
 
-    check_record_loop([iv for ivs in conditions.values() for iv in ivs], batch_size, "evaluate")
+    check_record_loop([iv for ivs in conditions.values() for iv in ivs], batch_size, "evaluate", vlm=vlm)
     shard = check_shard(shard)
     src = D.open_source(source, images_dir=images_dir)
     if limit is not None:

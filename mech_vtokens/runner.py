@@ -186,7 +186,8 @@ class Runner:
         self.iv_specs = [_Spec(i, "intervention", k) for i in interventions]
         from .token_sets import check_record_loop
 
-        check_record_loop([s.spec for s in self.iv_specs], batch_size, "run_dataset")  # batch-index Positions
+        check_record_loop([s.spec for s in self.iv_specs], batch_size, "run_dataset", vlm=vlm,
+                          probes=[s.spec for s in self.probe_specs])  # sites, batch-index Positions: up front
         if not self.probe_specs:
             raise InputError("run_dataset needs probes=[...] (names like 'embed_lens' or Probe objects): results on "
                              "disk are probe tables; to generate answers under interventions use "

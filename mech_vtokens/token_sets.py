@@ -296,9 +296,18 @@ def batch_dependent(component) -> list:
     return found
 
 
-def check_record_loop(interventions, batch_size: int, fn: str) -> None:
-    """Before a record loop (``run_dataset`` / ``evaluate``) with ``batch_size`` > 1: an InputError for a token set
-    whose ints count the batch's visual tokens, naming ``Positions.each_image``."""
+def check_record_loop(interventions, batch_size: int, fn: str, vlm=None, probes=()) -> None:
+    """Before a record loop (``run_dataset`` / ``evaluate``): what no batch changes is checked once, up front, not
+    per batch (where ``on_error="skip"`` would skip every batch of a long run): each component's sites on this
+    model (``sites(vlm)``: layers out of range, unknown site names); and with ``batch_size`` > 1 an InputError for a
+    token set whose ints count the batch's visual tokens, naming ``Positions.each_image``."""
+    from mech_vtokens.component import Component
+
+    if vlm is not None:
+        for c in [*probes, *interventions]:
+            if isinstance(c, Component):
+                for name in c.sites(vlm):
+                    vlm.adapter.canonical(name)
     if batch_size <= 1:
         return
     for iv in interventions:

@@ -348,7 +348,6 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
     from .placement import check_hf_kwargs, check_load_args, check_processor_arg
 
     dtype = check_load_args(dtype, device_map, attn_implementation, hf_kwargs)  # before any weight is read
-    check_processor_arg(processor)
     kwargs = dict(hf_kwargs)
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -358,6 +357,7 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
         kwargs["attn_implementation"] = attn_implementation
     if isinstance(model, PreTrainedModel):
         adapter_cls = adapter_class_for(model.config)
+        check_processor_arg(processor)
         if processor is None:
             raise InputError("an in-memory model needs its processor: mech_vtokens.load(model, processor)")
         if attn_implementation is not None:
@@ -372,6 +372,7 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
             raise InputError(f"cannot load a config from {source!r}: give a hub id that is reachable or a local "
                              f"directory written by save_pretrained ({err})") from None
         adapter_cls = adapter_class_for(config)
+        check_processor_arg(processor)
         check_hf_kwargs(hf_kwargs, config)
         if processor is None:
             from .placement import load_processor

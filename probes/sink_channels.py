@@ -87,9 +87,14 @@ class SinkChannels(Probe):
                 raise InputError("dims=[] : give at least one sink channel, a preset, or 'auto'")
         from mech_vtokens.errors import check_number
 
-        check_number(threshold, "threshold", positive=True, fix="a positive ratio; the paper uses 20")
-        if discover_ratio is not None:
-            check_number(discover_ratio, "discover_ratio", positive=True, fix="a positive ratio or None (= threshold)")
+        for name, x in (("threshold", threshold), ("discover_ratio", discover_ratio)):
+            if x is None and name == "discover_ratio":
+                continue
+            try:
+                check_number(x, name, positive=True)
+            except InputError:
+                raise InputError(f"{name}={x!r}: give a positive ratio (the paper uses 20)"
+                                 + (" or None (= threshold)" if name == "discover_ratio" else "")) from None
         if discover_ratio is not None and not discover_ratio > 0:
             raise InputError(f"discover_ratio={discover_ratio!r}: give a positive ratio or None (= threshold)")
         if not isinstance(top, int) or isinstance(top, bool) or top <= 0:

@@ -1,12 +1,13 @@
-"""Issue 15, the wider sweep: 168 bad or unusual inputs across the public API, written as a user would
+"""Issue 15, the wider sweep: 174 bad or unusual inputs across the public API, written as a user would
 (``mv.load`` arguments, ``vlm.prompt`` / ``vlm.prepare`` images, prompts and processor options, every probe's and
 intervention's constructor arguments, token sets, ``run`` / ``generate`` / ``run_dataset`` / ``evaluate`` /
 ``HarnessModel`` / ``loop.batches`` arguments, data sources, stores, CLI flags). Each entry asserts its exact outcome:
 an ``InputError`` raised before any forward whose message names the fix (REFUSED: the fragment it must hold), or the
-right result (WORKS: checked against the same call written the canonical way, or a value computed by hand). The first
-run of this sweep found 29 raw tracebacks and 27 silent results, 14 of them wrong (``limit=-1`` dropping a record,
-``k=0`` skipping every batch, truthy strings as flags, ``int()`` of floats, an unknown processor option ignored).
-CLI flags that the CLI owns are listed in ``CLI_LATE`` (refused, but after loading the model)."""
+right result (WORKS: checked against the same call written the canonical way, or a value computed by hand).
+The first run (its first 168 entries) found 29 raw tracebacks and 27 silent results, 14 of them wrong (``limit=-1``
+dropping a record, ``k=0`` skipping every batch, truthy strings as flags, ``int()`` of floats, an unknown processor
+option ignored); conditions whose layers are out of range skipped every batch of an evaluation.
+CLI flags that the CLI owns are listed in ``CLI_LATE`` (refused, but after loading the model) and ``CLI_NOTED``."""
 
 import warnings
 from pathlib import Path
@@ -223,6 +224,14 @@ E = [
  ("rd-remote-ndif", lambda: rd("x", remote="ndif")),
  ("rd-empty-source", lambda: rd("x", source=D.InMemory([]))),
  ("rd-batch-bool", lambda: rd("x", batch_size=True)),
+ ("ev-layer-oob-upfront", lambda: ev({"b": [ZeroSublayer(layers=7)]})),
+ ("ev-site-bogus-upfront", lambda: ev({"b": [Rescale(site="blocks.1.hook_bogus")]})),
+ ("rd-layer-oob-upfront", lambda: rd("x", interventions=[ZeroSublayer(layers=[0, 9])])),
+ ("rd-probe-site-upfront", lambda: rd("x", probes=[Activations(["blocks.5.hook_resid_post"])])),
+ ("ev-paper-conditions-layers", lambda: ev(__import__("mech_vtokens.evaluate", fromlist=["x"]).paper_conditions(
+     v, layers=[0, 3]))),
+ ("ev-paper-conditions-seed", lambda: __import__("mech_vtokens.evaluate", fromlist=["x"]).paper_conditions(
+     v, dead=Positions.each_image([0]), seed=0.5)),
  ("ev-max0", lambda: ev(max_new_tokens=0)),
  ("ev-seed-str", lambda: ev(seed="x")),
  ("ev-seed-float", lambda: ev(seed=1.5)),
@@ -369,6 +378,12 @@ REFUSED = {name: fix for name, fix in [
     ("rd-remote-ndif", 'use remote=False (here), remote=True (NDIF) or r'),
     ("rd-empty-source", 'pass a list of images (PIL, numpy arrays or tens'),
     ("rd-batch-bool", 'give a positive int (images per forward)'),
+    ("ev-layer-oob-upfront", "layer 7 is out of range"),
+    ("ev-site-bogus-upfront", "unknown site 'blocks.1.hook_bogus'"),
+    ("rd-layer-oob-upfront", "layer 9 is out of range"),
+    ("rd-probe-site-upfront", "layer 5 is out of range"),
+    ("ev-paper-conditions-layers", "layer 3 is out of range"),
+    ("ev-paper-conditions-seed", "seed=0.5: give an int"),
     ("ev-max0", 'give a positive int'),
     ("ev-seed-str", "evaluate: seed='x': give an int"),
     ("ev-seed-float", 'evaluate: seed=1.5: give an int'),
