@@ -50,6 +50,10 @@ def _imgdir():
     return str(d)
 
 
+def analyze(*flags):
+    return cli(["analyze", "--model", path, "--out", str(root / "report"), *flags])
+
+
 def cli(argv):
     from mech_vtokens.cli import main
 
@@ -253,13 +257,13 @@ E = [
  ("open-source-txt", lambda: D.open_source(root / "x.txt")),
  ("load-image-int", lambda: D.load_image(123)),
  ("load-image-none", lambda: D.load_image(None)),
- ("cli-k0", lambda: cli(["analyze", "--model", path, "--images", _imgdir(), "--k", "0"])),
- ("cli-bs0", lambda: cli(["analyze", "--model", path, "--images", _imgdir(), "--batch-size", "0"])),
- ("cli-images-missing", lambda: cli(["analyze", "--model", path, "--images", str(root / "nope")])),
- ("cli-dtype-bogus", lambda: cli(["analyze", "--model", path, "--images", _imgdir(), "--dtype", "bogus"])),
- ("cli-probes-empty", lambda: cli(["analyze", "--model", path, "--images", _imgdir(), "--probes", ""])),
- ("cli-remote-bogus", lambda: cli(["analyze", "--model", path, "--images", _imgdir(), "--remote", "x"])),
- ("cli-device-map", lambda: cli(["analyze", "--model", path, "--images", _imgdir(), "--device-map", "cuda:7"])),
+ ("cli-k0", lambda: analyze("--images", _imgdir(), "--k", "0")),
+ ("cli-bs0", lambda: analyze("--images", _imgdir(), "--batch-size", "0")),
+ ("cli-images-missing", lambda: analyze("--images", str(root / "nope"))),
+ ("cli-dtype-bogus", lambda: analyze("--images", _imgdir(), "--dtype", "bogus")),
+ ("cli-probes-empty", lambda: analyze("--images", _imgdir(), "--probes", "")),
+ ("cli-remote-bogus", lambda: analyze("--images", _imgdir(), "--remote", "x")),
+ ("cli-device-map", lambda: analyze("--images", _imgdir(), "--device-map", "cuda:7")),
  ("cli-demo-images0", lambda: cli(["demo", "--images", "0", "--out", str(root / "demo")])),
  ("cli-demo-k0", lambda: cli(["demo", "--k", "0", "--out", str(root / "demo2")])),
 
