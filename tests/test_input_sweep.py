@@ -383,7 +383,7 @@ REFUSED = {name: fix for name, fix in [
     ("rd-empty-source", 'pass a list of images (PIL, numpy arrays or tens'),
     ("rd-batch-bool", 'give a positive int (images per forward)'),
     ("ev-layer-oob-upfront", "layer 7 is out of range"),
-    ("ev-site-bogus-upfront", "unknown site 'blocks.1.hook_bogus'"),
+    ("ev-site-bogus-upfront", "no hook 'hook_bogus' per block; valid hooks: hook_resid_pre"),
     ("rd-layer-oob-upfront", "layer 9 is out of range"),
     ("rd-probe-site-upfront", "layer 5 is out of range"),
     ("ev-paper-conditions-layers", "layer 3 is out of range"),
