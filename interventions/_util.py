@@ -9,8 +9,8 @@ from mech_vtokens.errors import InputError
 
 def layer_list(vlm, layers, who: str) -> list[int]:
     """Layers as a sorted list of non-negative indices; negative count from the end; out of range -> InputError."""
-    if isinstance(layers, int):
-        layers = [layers]
+    if isinstance(layers, int) or not hasattr(layers, "__iter__") or isinstance(layers, (str, bytes)):
+        layers = [layers]  # one layer (a float or a string is refused below, naming it)
     layers = list(layers)
     if not layers:
         raise InputError(f"{who}: give at least one layer")

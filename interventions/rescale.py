@@ -8,7 +8,7 @@ features as the LM receives them. Any LM site (``blocks.{i}.hook_resid_pre`` ...
 from __future__ import annotations
 
 from mech_vtokens.component import Intervention
-from mech_vtokens.errors import InputError
+from mech_vtokens.errors import InputError, check_flag
 
 from ._util import finite
 from mech_vtokens.token_sets import as_token_set, fit, resolve
@@ -17,9 +17,11 @@ from mech_vtokens.token_sets import as_token_set, fit, resolve
 class Rescale(Intervention):
     def __init__(self, tokens="all", factor: float = 0.01, site: str = "hook_embed", every_step: bool = False):
         self.tokens = as_token_set(tokens)
+        if isinstance(factor, bool):
+            raise InputError(f"Rescale: factor={factor!r}; give the number the tokens are multiplied by (e.g. 0.01)")
         self.factor = finite(factor, "Rescale")
         self.site = site
-        self.every_step = bool(every_step)
+        self.every_step = check_flag(every_step, "Rescale: every_step")
 
     def sites(self, vlm):
         return [self.site]

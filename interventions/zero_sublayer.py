@@ -16,7 +16,7 @@ decode step computes only the new (text) token, so this matters only for generat
 from __future__ import annotations
 
 from mech_vtokens.component import Intervention
-from mech_vtokens.errors import InputError
+from mech_vtokens.errors import InputError, check_flag
 from mech_vtokens.results import InterventionResult  # noqa: F401  (its old home; results.py now)
 
 from ._util import layer_list
@@ -34,7 +34,7 @@ class ZeroSublayer(Intervention):
         self.tokens = as_token_set(tokens)
         self.layers = layers
         self.sublayer = sublayer
-        self.every_step = bool(every_step)
+        self.every_step = check_flag(every_step, "ZeroSublayer: every_step")
 
     def sites(self, vlm):
         hooks = _SITES[self.sublayer]

@@ -10,7 +10,8 @@ Images are opened lazily (only when a batch needs them, so memory stays flat) by
 raises for a bad file: corrupt / truncated / missing files and absurd shapes are SKIPPED (image None, the reason in
 ``note``); grey, palette, 16-bit, CMYK and RGBA images, numpy arrays and tensors are CONVERTED to RGB by
 :func:`to_rgb` — the ONE conversion, also used by ``vlm.prepare`` and the CLI, so an image is the same input on every
-path (16-bit scaled, alpha composited on white, arrays' layout checked) — tiny images upscaled, huge ones downscaled;
+path (16-bit scaled, alpha composited on white, arrays' layout checked) — and brought into ``MIN_SIDE..MAX_SIDE`` by
+:func:`fit_side`, the ONE size policy, also applied by ``vlm.prepare`` (tiny images upscaled, huge ones downscaled);
 the conversion is named in ``note`` and logged by the runner.
 
 Ids: folder — the file's path relative to the folder (posix); COCO — the image id; JSONL — the line's ``id`` /
@@ -31,7 +32,8 @@ log = logging.getLogger("mech_vtokens.data")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MIN_SIDE = 28  # smaller sides are upscaled to this (Qwen's processor refuses sides below its 28-px merge factor)
-MAX_SIDE = 4096  # larger sides are downscaled to this (decoding at reduced size when the format allows)
+MAX_SIDE = 4096  # larger sides are downscaled to this (after a full decode, as PIL.Image.open + prepare would do)
+# (both on EVERY path, fit_side: prepare and the loaders; not per call, so one image is one input)
 MAX_PIXELS = 180_000_000  # larger images are skipped: decoding them could exhaust memory (PIL's bomb limit is 179M)
 MAX_ASPECT = 100.0  # wider/taller than this is skipped (processors refuse extreme aspect ratios)
 
@@ -53,46 +55,67 @@ class Record:
         self.boxes = list(boxes)
         self.meta = dict(meta or {})
 
-    def load(self, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE):
+    def load(self):
         """(RGB PIL image or None, note or None): never raises for a bad image."""
-        return load_image(self.image, min_side=min_side, max_side=max_side)
+        return load_image(self.image)
 
     def __repr__(self) -> str:
         src = self.image if isinstance(self.image, (str, os.PathLike)) else type(self.image).__name__
         return f"Record({self.id!r}, {src!s}, labels={len(self.labels)}, answers={len(self.answers)})"
 
 
-def load_image(src, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE):
-    """Open ``src`` (path, PIL image, numpy array or torch tensor) as RGB by :func:`to_rgb`. Returns
-    ``(image, note)``: ``image`` None when skipped, ``note`` the reason (skipped) or the conversions done (None if
-    the image was used as is)."""
-    from PIL import Image
-
-    im, notes = _open(src, max_side)
+def load_image(src):
+    """Open ``src`` (path, PIL image, numpy array or torch tensor) as the model's input by :func:`model_input`
+    (:func:`to_rgb`, then :func:`fit_side`), the same rule ``vlm.prepare`` applies. Returns ``(image, note)``:
+    ``image`` None when skipped, ``note`` the reason (skipped) or the conversions done (None if the image was used
+    as is)."""
+    im, notes = _open(src)
     if im is None:
         return None, notes
     mode, alpha = im.mode, im.mode in _ALPHA_MODES or "transparency" in im.info
     try:
         rgb = to_rgb(im)
+        fitted, resized = fit_side(rgb)
     except InputError as err:
         return None, f"skipped: {err}"
     if rgb is not im:
         notes.append(f"converted {mode} to RGB" + (" (alpha on white)" if alpha else ""))
-    im = rgb
-    w, h = im.size
-    if max(w, h) > max_side:
-        s = max_side / max(w, h)
-        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-        notes.append(f"downscaled {w}x{h} to {im.width}x{im.height}")
-    w, h = im.size
-    if min(w, h) < min_side:
-        s = min_side / min(w, h)
-        im = im.resize((max(min_side, round(w * s)), max(min_side, round(h * s))), Image.BICUBIC)
-        notes.append(f"upscaled {w}x{h} to {im.width}x{im.height}")
-    return im, ("; ".join(notes) or None)
+    if resized:
+        notes.append(resized)
+    return fitted, ("; ".join(notes) or None)
 
 
-def _open(src, max_side):
+def fit_side(im):
+    """``(image, note)``: the RGB PIL ``im`` with its sides brought into ``MIN_SIDE..MAX_SIDE`` (bicubic,
+    aspect kept: the longest side down to :data:`MAX_SIDE`, else the shortest up to :data:`MIN_SIDE`), ``note``
+    what was done (None: unchanged). The ONE size policy: ``vlm.prepare`` (through :func:`image_lists`) and every
+    loader (:func:`load_image`) apply it, so an image reaches the processor at one size on every path; applying it
+    twice changes nothing. An aspect ratio over :data:`MAX_ASPECT` (no size satisfies both bounds; processors
+    refuse it) is an InputError."""
+    from PIL import Image
+
+    w, h = im.size
+    if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
+        raise InputError(f"the image is {w}x{h} px, an aspect ratio over {MAX_ASPECT:.0f}:1, which processors refuse; "
+                         f"crop or pad it to a ratio of at most {MAX_ASPECT:.0f}:1")
+    if max(w, h) > MAX_SIDE:
+        s = MAX_SIDE / max(w, h)
+        out = im.resize((max(MIN_SIDE, round(w * s)), max(MIN_SIDE, round(h * s))), Image.BICUBIC)
+        return out, f"downscaled {w}x{h} to {out.width}x{out.height} (data.MAX_SIDE = {MAX_SIDE})"
+    if min(w, h) < MIN_SIDE:
+        s = MIN_SIDE / min(w, h)
+        out = im.resize((max(MIN_SIDE, round(w * s)), max(MIN_SIDE, round(h * s))), Image.BICUBIC)
+        return out, f"upscaled {w}x{h} to {out.width}x{out.height} (data.MIN_SIDE = {MIN_SIDE})"
+    return im, None
+
+
+def model_input(image, what: str = "image"):
+    """``image`` as the processor receives it on every path: :func:`to_rgb`, then :func:`fit_side` (InputError
+    naming the fix for what neither can take)."""
+    return fit_side(to_rgb(image, what))[0]
+
+
+def _open(src):
     """(decoded PIL image, notes) or (None, why skipped)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -104,6 +127,9 @@ def _open(src, max_side):
                 im = src
             elif getattr(src, "ndim", None) is not None:  # a numpy array or torch tensor
                 im = to_rgb(src, "the array")
+            elif not isinstance(src, (str, os.PathLike)):
+                return None, (f"skipped: a {type(src).__name__} is no image source (give a path, a PIL image, a "
+                              f"numpy array or a torch tensor)")
             else:
                 path = Path(src)
                 if not path.is_file():
@@ -115,8 +141,6 @@ def _open(src, max_side):
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
                 notes.append(f"first of {im.n_frames} frames")
-            if max(im.size) > max_side and hasattr(im, "draft") and im.format == "JPEG":
-                im.draft("RGB", (max_side, max_side))  # decode at reduced size: memory stays flat
             im.load()
             im = ImageOps.exif_transpose(im) or im
     except InputError as err:
@@ -158,21 +182,27 @@ def is_image(x) -> bool:
     return nd in (2, 3) and type(x).__module__.split(".")[0] in ("numpy", "torch")
 
 
+def _iterable_of_images(x) -> bool:
+    """A generator / iterator (or other non-string iterable that is no path) of images."""
+    return hasattr(x, "__iter__") and not isinstance(x, (str, bytes, os.PathLike, dict)) and not is_image(x)
+
+
 def image_lists(images, n_prompts: int):
-    """``vlm.prepare``'s ``images`` as one list of RGB PIL images per prompt (each converted by :func:`to_rgb`):
+    """``vlm.prepare``'s ``images`` as one list of RGB PIL images per prompt (each by :func:`model_input`: the
+    conversion and the size policy every loader applies too):
     None (no images), ONE image, one image per prompt, or a list of images per prompt."""
     if images is None:
         return [[] for _ in range(n_prompts)]
-    if is_image(images):
-        images = [images]
+    if is_image(images) or not isinstance(images, (list, tuple)) and not _iterable_of_images(images):
+        images = [images]  # one image; anything else that is no image is refused by to_rgb, naming it
     rows = []
     for r, im in enumerate(images):
         if im is None:
             rows.append([])
         elif is_image(im):
-            rows.append([to_rgb(im, f"the image of prompt {r}")])
+            rows.append([model_input(im, f"the image of prompt {r}")])
         elif isinstance(im, (list, tuple)):
-            rows.append([to_rgb(x, f"image {j} of prompt {r}") for j, x in enumerate(im)])
+            rows.append([model_input(x, f"image {j} of prompt {r}") for j, x in enumerate(im)])
         else:
             to_rgb(im, f"the image of prompt {r}")  # raises: not an image, nor a list of them
     return rows
@@ -428,6 +458,8 @@ class InMemory(Source):
     def __init__(self, images, questions=None, labels=None, answers=None, ids=None):
         images = list(images)
         n = len(images)
+        if not n:
+            raise InputError("InMemory: no images given; pass a list of images (PIL, numpy arrays or tensors)")
         for name, xs in (("questions", questions), ("labels", labels), ("answers", answers), ("ids", ids)):
             if xs is not None and len(xs) != n:
                 raise InputError(f"InMemory: {len(xs)} {name} for {n} images; pass one per image")

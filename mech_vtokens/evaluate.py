@@ -230,9 +230,9 @@ def _check_generation_args(scorer, max_new_tokens, batch_size):
     if not (scorer in SCORERS or callable(scorer)):
         raise InputError(f"scorer={scorer!r}: choose one of {SCORERS} or pass a function (prediction, answers) -> "
                          f"float")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens!r}: give a positive int")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r}: give a positive int")
 
 
@@ -256,6 +256,9 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
 
     conditions = _check_conditions(conditions)
     _check_generation_args(scorer, max_new_tokens, batch_size)
+    from .token_sets import check_record_loop
+
+    check_record_loop([iv for ivs in conditions.values() for iv in ivs], batch_size, "evaluate", vlm=vlm)
     shard = check_shard(shard)
     src = D.open_source(source, images_dir=images_dir)
     if limit is not None:
@@ -293,6 +296,10 @@ class HarnessModel:
 
     def __init__(self, vlm, interventions=(), max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0,
                  batch_size: int = DEFAULT_BATCH_SIZE):
+        from .errors import check_int
+
+        _check_generation_args("auto", max_new_tokens, batch_size)  # at construction, not at the first call
+        check_int(seed, "HarnessModel: seed")
         self.vlm, self.max_new_tokens, self.seed, self.batch_size = vlm, max_new_tokens, seed, batch_size
         self.interventions = _check_conditions({"model": interventions})["model"]
 

@@ -12,7 +12,7 @@ them directly to compose probes inside your own ``with vlm.trace(...)`` block::
 
 A read of your own written next to ``exp.execute`` in the same block (before it, or after it at a site it passes)
 asks nnsight for a site the model already ran past: make it a component as above (``execute`` raises an
-``InputError`` saying so when it sees the error; a read after it fails in nnsight with "already ran past it").
+``InputError`` saying so, from ``execute`` for a read before it and from the trace's exit for a read after it).
 
 Everything that runs inside the trace is in this module's ``_execute`` and the components' ``at`` methods:
 torch and stdlib only (remote-safe, shipped by value).
@@ -98,6 +98,38 @@ OWN_READS = (
     "out of order. Write the read as a component and put it in the Experiment's list (class MyRead(Probe): "
     "sites(vlm) -> ['blocks.1.hook_resid_post'], at(site, value, ctx, out) -> out['x'] = value ...; see the README "
     "section 'Write your own component'), or read it in a second tracer.invoke() block")
+
+
+def _name_late_reads(model) -> None:
+    """After ``execute`` returned in a plain trace: a read of the user's own placed AFTER it, at a site the plan
+    already passed, parks nnsight's worker until the forward ends, and nnsight then raises its raw "already ran
+    past it" from the trace's exit, where no frame of ours runs. Wrap this run's check of parked workers (an
+    attribute of the interleaver, removed when it runs) so that error names the pattern that works (OWN_READS);
+    only for the worker that ran this ``execute``, so a later trace without one keeps nnsight's own error. Where
+    the interleaver is not nnsight 0.8's (a remote server), nothing is changed."""
+    try:
+        from nnsight.intervention.interleaver import Mediator, OutOfOrderError
+
+        inter = model.interleaver
+        mine = Mediator.current("execute")
+        check = type(inter).check_dangling_mediators
+    except Exception:  # noqa: BLE001 - another nnsight / a server: keep its own error
+        return
+    import weakref
+
+    ran = weakref.ref(mine)
+
+    def check_dangling_mediators():
+        vars(inter).pop("check_dangling_mediators", None)  # one run only
+        parked = [m for m in inter.mediators if m.alive]
+        try:
+            check(inter)
+        except OutOfOrderError as err:
+            if not any(m is ran() for m in parked):
+                raise
+            raise InputError(OWN_READS + f" (nnsight: {err})") from None
+
+    inter.check_dangling_mediators = check_dangling_mediators
 
 
 class Experiment:
@@ -237,11 +269,13 @@ class Experiment:
         if steps is not None:  # nnsight ends a loop that outran the generation with the same error class: left alone
             return _execute_steps(model, self.plan, self.decode_plan, self.comps, self.ctx, steps, out)
         try:
-            return _execute(model, self.plan, self.comps, self.ctx, out)
+            got = _execute(model, self.plan, self.comps, self.ctx, out)
         except Exception as err:  # noqa: BLE001 - only nnsight's out-of-order error is translated
             if type(err).__name__ != "OutOfOrderError":
                 raise
             raise InputError(OWN_READS + f" (nnsight: {err})") from None
+        _name_late_reads(model)
+        return got
 
     def results(self, raw):
         """Every component's result as a :class:`~mech_vtokens.results.Results` (keyed by the component's name,

@@ -145,16 +145,13 @@ def batches(vlm, images, prompts, batch_size: int = DEFAULT_BATCH_SIZE, progress
 
 # ---- the one resumable record loop -------------------------------------------------------------------------------
 
-def load_records(records, min_side=None, max_side=None, log=None):
-    """Load each record's image: ``(ok, skipped, notes)`` with ``ok`` the ``(record, image)`` pairs, ``skipped`` /
-    ``notes`` ({id: reason / conversion done}) for the store's commit."""
-    from . import data as D
-
-    lo = D.MIN_SIDE if min_side is None else min_side
-    hi = D.MAX_SIDE if max_side is None else max_side
+def load_records(records, log=None):
+    """Load each record's image (``data.load_image``: the conversion and size policy ``vlm.prepare`` applies too):
+    ``(ok, skipped, notes)`` with ``ok`` the ``(record, image)`` pairs, ``skipped`` / ``notes`` ({id: reason /
+    conversion done}) for the store's commit."""
     ok, skipped, notes = [], {}, {}
     for r in records:
-        im, note = r.load(lo, hi)
+        im, note = r.load()
         if im is None:
             skipped[r.id] = note
             if log is not None:
@@ -301,6 +298,30 @@ def unknown_keyword(fn_name, key, known) -> InputError:
                       f"processor_kwargs={{...}} where the function takes them)")
 
 
+def check_common(fn: str, kwargs) -> None:
+    """The keywords every public function shares, one rule each (before any work): ``processor_kwargs`` a dict,
+    ``progress`` / ``overwrite`` True or False, ``limit`` a positive int (or None: every record), ``seed`` an int,
+    ``num_beams`` / ``num_return_sequences`` (HF generation) positive ints."""
+    from collections.abc import Mapping
+
+    from .errors import check_flag, check_int
+
+    pk = kwargs.get("processor_kwargs")
+    if pk is not None and not isinstance(pk, Mapping):
+        raise InputError(f"{fn}: processor_kwargs={pk!r}; give a dict of processor options, e.g. "
+                         f"processor_kwargs={{'max_pixels': 200704}}")
+    for flag in ("progress", "overwrite"):
+        if flag in kwargs:
+            check_flag(kwargs[flag], f"{fn}: {flag}")
+    if kwargs.get("limit") is not None:  # limit=-1 read as records[:-1] dropped the last record without a word
+        check_int(kwargs["limit"], f"{fn}: limit", minimum=1, fix="the number of records to run, or None for all")
+    if "seed" in kwargs:
+        check_int(kwargs["seed"], f"{fn}: seed")
+    for count in ("num_beams", "num_return_sequences"):  # HF's error for 0 names a streamer, not the value
+        if kwargs.get(count) is not None:
+            check_int(kwargs[count], f"{fn}: {count}", minimum=1, fix="1 for greedy / sampling")
+
+
 def keywords(fn=None, *, extra=None, old=None):
     """Decorator: unknown keywords and calls that do not fit ``fn``'s signature raise ``InputError`` (naming the
     close match / the signature) before ``fn`` runs. ``extra()``: further names accepted by ``fn``'s ``**kwargs``
@@ -327,6 +348,7 @@ def keywords(fn=None, *, extra=None, old=None):
             shown = str(plain)
             raise InputError(f"{fn.__name__}(): {err}; call it as {fn.__name__}{shown} (everything after the data "
                              f"is keyword-only: probes=[...], interventions=[...], ...)") from None
+        check_common(fn.__name__, kwargs)
         return fn(*args, **kwargs)
 
     return wrapper

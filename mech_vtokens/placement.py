@@ -106,6 +106,14 @@ def check_attn_implementation(attn) -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if isinstance(attn, str) and attn.startswith("flash_attention_") and attn in valid:
+        from transformers.utils import import_utils
+
+        have = getattr(import_utils, f"is_flash_attn_{attn.rsplit('_', 1)[-1]}_available", None)
+        if have is not None and not have():
+            raise InputError(f"attn_implementation={attn!r} needs the flash-attn package (and a GPU it supports), "
+                             f"which this environment lacks; install it or use 'sdpa' (or 'eager' for attention "
+                             f"patterns and AttentionKnockout)")
     if isinstance(attn, str) and (attn in valid or "/" in attn):
         return
     raise InputError(f"attn_implementation={attn!r} is not an attention implementation{close_match(attn, valid)}; "
@@ -123,6 +131,46 @@ def check_load_args(dtype, device_map, attn_implementation, hf_kwargs=None):
     check_device_map(device_map)
     check_attn_implementation(attn_implementation)
     return dtype
+
+
+def check_processor_arg(processor) -> None:
+    """``load``'s ``processor=``: None (the model's own) or a loaded processor (with a tokenizer)."""
+    if processor is None:
+        return
+    if isinstance(processor, (str, bytes)) or not callable(processor) or not hasattr(processor, "tokenizer"):
+        raise InputError(f"processor={processor!r}: give a loaded processor (transformers.AutoProcessor."
+                         f"from_pretrained(...)), or leave it out to load the model's own")
+
+
+def check_hf_kwargs(hf_kwargs, config) -> None:
+    """``load``'s pass-through keywords: each must be one ``from_pretrained`` / nnsight's model reads, or a config
+    field it overrides; anything else (``dtpye=``) would become a config attribute nobody reads, or a deep error.
+    No check where the keywords cannot be told (another transformers)."""
+    if not hf_kwargs:
+        return
+    try:
+        import inspect
+        import re
+
+        from nnsight import TransformersModel
+        from transformers import PreTrainedModel
+
+        src = inspect.getsource(PreTrainedModel.from_pretrained)
+        known = set(inspect.signature(PreTrainedModel.from_pretrained).parameters)
+        known |= set(re.findall(r"""kwargs\.pop\(\s*["'](\w+)["']""", src))
+        for cls in TransformersModel.__mro__:
+            if "__init__" in vars(cls):
+                known |= set(inspect.signature(cls.__init__).parameters)
+        fields = set(config.to_dict())
+        text = config.get_text_config() if hasattr(config, "get_text_config") else None
+        fields |= set(text.to_dict()) if text is not None else set()
+    except Exception:  # noqa: BLE001 - cannot tell: no check rather than a wrong refusal
+        return
+    for key in hf_kwargs:
+        if key not in known and key not in fields:
+            raise InputError(f"load(): keyword {key}={hf_kwargs[key]!r} is neither a from_pretrained option nor a "
+                             f"config field of this model{close_match(key, sorted(known | fields))}; it would be "
+                             f"ignored or fail deep in transformers")
 
 
 # what a local model directory needs for its processor: one file of each group (names as save_pretrained writes them)

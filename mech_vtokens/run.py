@@ -75,7 +75,8 @@ def generate(vlm, images, prompts, *, probes=(), interventions=(), max_new_token
 
     Interventions act where the paper defines them: ``Prune`` / ``VisualEntry`` / ``VisualExit`` on the prefill and
     on every decode step (the shortened cache, continued positions, per-window masks), ``ZeroSublayer`` /
-    ``Rescale`` / ``AttentionKnockout`` on the prefill (``ZeroSublayer(every_step=True)``: every step).
+    ``Rescale`` / ``AttentionKnockout`` on the prefill (``ZeroSublayer(every_step=True)``, ``AttentionKnockout("vt",
+    every_step=True)``: every step).
     ``generate_kwargs`` go to HF's ``generate`` (``do_sample``, ``min_new_tokens``, ...; greedy by default).
     ``remote`` as in :func:`run`. The same as HF's ``generate`` under ``interventions.applied(...)``, token for token.
     Beam search and several sequences per prompt work with interventions (each copy of a prompt gets its token

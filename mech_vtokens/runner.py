@@ -150,7 +150,7 @@ class Runner:
     def __init__(self, vlm, source, *, probes=(), interventions=(), out="mech-vtokens-run",
                  batch_size: int = DEFAULT_BATCH_SIZE, remote=False, question: str | None = None, k: int = 5,
                  progress: bool = True, limit=None,
-                 overwrite: bool = False, min_side: int | None = None, max_side: int | None = None,
+                 overwrite: bool = False,
                  dtype=None, device_map=None, shard=None, on_error: str = "skip", images_dir=None):
         from . import data as D
         from .loop import ON_ERROR
@@ -172,12 +172,22 @@ class Runner:
                              f"{type(vlm).__name__}")
         vlm.check_remote(remote)
         check_batch_size(batch_size)
+        from .errors import check_int
+
+        check_int(k, "run_dataset: k", minimum=1, fix="the top-k of the suite's lenses, e.g. k=5")  # not per batch
+        if question is not None and not isinstance(question, str):
+            raise InputError(f"run_dataset: question={question!r}; give the prompt text as a string (or None for "
+                             f"the default)")
         if isinstance(probes, (str, bytes)) or not hasattr(probes, "__iter__"):
             probes = [probes]
         if not hasattr(interventions, "__iter__"):
             interventions = [interventions]
         self.probe_specs = [_Spec(p, "probe", k) for p in probes]
         self.iv_specs = [_Spec(i, "intervention", k) for i in interventions]
+        from .token_sets import check_record_loop
+
+        check_record_loop([s.spec for s in self.iv_specs], batch_size, "run_dataset", vlm=vlm,
+                          probes=[s.spec for s in self.probe_specs])  # sites, batch-index Positions: up front
         if not self.probe_specs:
             raise InputError("run_dataset needs probes=[...] (names like 'embed_lens' or Probe objects): results on "
                              "disk are probe tables; to generate answers under interventions use "
@@ -192,13 +202,11 @@ class Runner:
         self.out, self.batch_size, self.remote, self.k = Path(out), batch_size, remote, k
         self.question = question or DEFAULT_QUESTION
         self.progress, self.overwrite = progress, overwrite
-        self.min_side = D.MIN_SIDE if min_side is None else int(min_side)
-        self.max_side = D.MAX_SIDE if max_side is None else int(max_side)
         self.settings = {
             "family": vlm.family,  # the model itself: its weights fingerprint (over_records' identity)
             "probes": self.names, "probe_specs": [s.desc for s in self.probe_specs],
             "interventions": [s.desc for s in self.iv_specs], "batch_size": batch_size, "question": self.question,
-            "k": k, "min_side": self.min_side, "max_side": self.max_side}
+            "k": k, "min_side": D.MIN_SIDE, "max_side": D.MAX_SIDE}  # the one size policy (data.fit_side)
 
     # -- one batch: the step of the one record loop (mech_vtokens.loop.over_records) --
     def _prompt(self, r):
@@ -240,7 +248,7 @@ class Runner:
     def _step(self, recs) -> dict:
         import pandas as pd
 
-        ok, skipped, notes = load_records(recs, self.min_side, self.max_side, log)
+        ok, skipped, notes = load_records(recs, log)
         ok, batch = self._prepare(ok, skipped) if ok else ([], None)
         frames: dict = {}
         dropped_rows: dict = {}

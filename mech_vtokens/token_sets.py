@@ -4,8 +4,9 @@ Every intervention takes one. A set is resolved OUTSIDE the trace, against a pre
 mask that is shipped into the trace with the intervention's ``extras``:
 
 - ``AllVisual()`` — every visual token (the paper's "-All", "-vMHA", "-vFFN" rows).
-- ``Positions([...])`` — explicit tokens: visual indices (ints, in ``batch.visual_positions`` order) or
-  ``(row, position)`` pairs (sequence positions; must be visual positions).
+- ``Positions.each_image([...])`` / ``Positions.of_image(j, [...])`` / ``Positions.in_batch([...])`` — explicit
+  tokens by visual index, the unit named (per image, one image, the whole batch); ``Positions([(row, position)])``
+  sequence positions. Bare ints are the batch's index and warn on a multi-image batch.
 - ``Group(mask_or_indices)`` — a group from a probe / partition result (sinks, dead, alive): a boolean mask over the
   visual tokens (length ``batch.n_visual``) or a list of visual indices.
 - ``Kinds("patch", ...)`` — the visual tokens of these kinds (``batch.kinds``: "patch", "thumbnail", "newline",
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from mech_vtokens.component import rows_for
-from mech_vtokens.errors import InputError
+from mech_vtokens.errors import InputError, PositionsUnitWarning, check_int
 
 
 class TokenSet:
@@ -50,32 +51,136 @@ class AllVisual(TokenSet):
 
 
 class Positions(TokenSet):
-    """Explicit visual tokens. The unit of an int is the BATCH's visual index: visual tokens counted over the whole
-    batch in ``batch.visual_positions`` order (row 0's first), not per image; a ``(row, position)`` pair is a
-    sequence position. Per image: ``(batch.tokens["image"] == j).nonzero()`` gives image j's visual indices."""
+    """Explicit visual tokens, in a unit you name:
 
-    def __init__(self, positions):
-        self.positions = list(positions)
+    - ``Positions.each_image([0, 5])`` — visual tokens 0 and 5 OF EVERY IMAGE (each image's own tokens counted from
+      0, in ``batch.visual_positions`` order): what a run over records (``run_dataset``, ``evaluate``) needs.
+    - ``Positions.of_image(j, [0, 5])`` — tokens 0 and 5 of image ``j`` of the batch only.
+    - ``Positions.in_batch([0, 5])`` — the BATCH's visual index: tokens counted over the whole batch (image 0's first,
+      then image 1's, ...), ``batch.visual_positions`` order.
+    - ``Positions([(row, position), ...])`` — sequence positions (each must be a visual position).
+    - ``Positions([0, 5])`` — ints with no unit named: the batch's visual index (as ``in_batch``); on a batch of
+      several images this warns (:class:`PositionsUnitWarning`) naming the three constructors above, and the record
+      loops (``run_dataset`` / ``evaluate`` with ``batch_size`` > 1, whose batches are the loop's choice) refuse it.
+
+    Values must be ints (numpy / torch integer scalars too); floats, bools and strings are refused (a bool mask is a
+    ``Group``)."""
+
+    def __init__(self, positions, *, unit: str | None = None, image: int | None = None):
+        if unit not in (None, "batch", "image"):
+            raise InputError(f"Positions: unit={unit!r}; use Positions.each_image([...]), Positions.of_image(j, "
+                             f"[...]) or Positions.in_batch([...])")
+        if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+            raise InputError(f"Positions({positions!r}): give a list of visual indices (ints) or (row, position) "
+                             f"pairs, e.g. Positions.each_image([0, 5])")
+        self.positions = [_position(p, unit) for p in positions]
+        self.unit = unit
+        self.image = image
+        if image is not None and (not _is_int(image) or int(image) < 0):
+            raise InputError(f"Positions.of_image({image!r}, ...): give the image's index in the batch (an int >= 0)")
+
+    @classmethod
+    def each_image(cls, indices) -> "Positions":
+        """These visual indices within EVERY image of the batch (each image's tokens counted from 0)."""
+        return cls(indices, unit="image")
+
+    @classmethod
+    def of_image(cls, image: int, indices) -> "Positions":
+        """These visual indices within image ``image`` of the batch (processor order) only."""
+        return cls(indices, unit="image", image=image)
+
+    @classmethod
+    def in_batch(cls, indices) -> "Positions":
+        """These indices of the batch's visual tokens (counted over the whole batch, ``batch.visual_positions``)."""
+        return cls(indices, unit="batch")
+
+    def __repr__(self) -> str:
+        if self.unit is None:
+            return f"Positions(positions={self.positions!r})"
+        if self.image is not None:
+            return f"Positions.of_image({self.image}, {self.positions!r})"
+        return f"Positions.{'each_image' if self.unit == 'image' else 'in_batch'}({self.positions!r})"
+
+    @property
+    def batch_unit(self) -> bool:
+        """True when ints count the batch's visual tokens (unit "batch" or none named): their meaning depends on
+        which images share the batch."""
+        return self.unit != "image" and any(not isinstance(p, tuple) for p in self.positions)
 
     def visual(self, batch):
+        if self.unit == "image":
+            return self._per_image(batch)
         n = batch.n_visual
         sel = torch.zeros(n, dtype=torch.bool)
         lookup = {tuple(p): i for i, p in enumerate(batch.visual_positions.tolist())}
+        n_images = len(batch.image_sizes)
+        if self.unit is None and n_images > 1 and self.batch_unit:
+            import warnings
+
+            warnings.warn(f"Positions({self.positions[:6]!r}{'...' if len(self.positions) > 6 else ''}) on a batch "
+                          f"of {n_images} images: ints count the BATCH's visual tokens (image 0's first), so they "
+                          f"are not per-image indices. Name the unit: Positions.each_image([...]) (these tokens of "
+                          f"every image), Positions.of_image(j, [...]) or Positions.in_batch([...]) (this meaning; "
+                          f"silences this warning)", PositionsUnitWarning, stacklevel=3)
         for p in self.positions:
-            if isinstance(p, (tuple, list)):
-                if len(p) != 2 or tuple(int(x) for x in p) not in lookup:
-                    raise InputError(f"Positions: {tuple(p)!r} is not a visual (row, position) of this batch; "
+            if isinstance(p, tuple):
+                if p not in lookup:
+                    raise InputError(f"Positions: {p!r} is not a visual (row, position) of this batch; "
                                      f"visual positions are batch.visual_positions (rows 0..{len(batch) - 1})")
-                sel[lookup[tuple(int(x) for x in p)]] = True
+                sel[lookup[p]] = True
             else:
-                i = int(p)
-                if not 0 <= i < n:
-                    raise InputError(f"Positions: visual index {i} is outside the visual span 0..{n - 1} of this "
-                                     f"batch ({n} visual tokens; ints count the batch's visual tokens, not one "
-                                     f"image's: use (row, position) pairs or batch.tokens['image'] for per-image "
-                                     f"choices)")
-                sel[i] = True
+                if not 0 <= p < n:
+                    raise InputError(f"Positions: visual index {p} is outside the visual span 0..{n - 1} of this "
+                                     f"batch ({n} visual tokens; these ints count the batch's visual tokens, not one "
+                                     f"image's: for per-image indices use Positions.each_image([...]) or "
+                                     f"Positions.of_image(j, [...]))")
+                sel[p] = True
         return sel
+
+    def _per_image(self, batch):
+        image = batch.tokens["image"]
+        n_images = len(batch.image_sizes)
+        sel = torch.zeros(batch.n_visual, dtype=torch.bool)
+        if self.image is not None and self.image >= n_images:
+            raise InputError(f"Positions.of_image({self.image}, ...): the batch has {n_images} image(s) (0.."
+                             f"{n_images - 1}); give an image index of this batch")
+        for j in ([self.image] if self.image is not None else range(n_images)):
+            idx = (image == j).nonzero().flatten()
+            for p in self.positions:
+                if not 0 <= p < len(idx):
+                    raise InputError(f"Positions: index {p} is outside image {j}'s visual tokens 0.."
+                                     f"{len(idx) - 1} ({len(idx)} tokens: batch.visual_tokens_per_image); give "
+                                     f"indices every image has")
+                sel[idx[p]] = True
+        return sel
+
+
+def _is_int(x) -> bool:
+    import numbers
+
+    if isinstance(x, bool) or type(x).__module__ == "numpy" and type(x).__name__ == "bool_":
+        return False
+    if isinstance(x, torch.Tensor):
+        return x.ndim == 0 and not x.is_floating_point() and x.dtype != torch.bool and not x.is_complex()
+    return isinstance(x, numbers.Integral)
+
+
+def _position(p, unit):
+    """One Positions entry as an int or an (int, int) tuple; InputError for a value read with another meaning."""
+    if isinstance(p, (tuple, list)) or (isinstance(p, torch.Tensor) and p.ndim == 1):
+        p = list(p)
+        if unit == "image":
+            raise InputError(f"Positions.each_image / of_image take visual indices (ints) within an image, not "
+                             f"(row, position) pairs like {tuple(p)!r}; give pairs to Positions([...])")
+        if len(p) != 2 or not all(_is_int(x) for x in p):
+            raise InputError(f"Positions: {tuple(p)!r} is not a (row, position) pair of ints")
+        return (int(p[0]), int(p[1]))
+    if not _is_int(p):
+        what = "a bool (a mask? give Group(mask))" if isinstance(p, bool) or "bool" in type(p).__name__ else \
+            f"a {type(p).__name__}"
+        raise InputError(f"Positions: {p!r} is {what}, not a visual index; give ints (a boolean mask over the "
+                         f"visual tokens is Group(mask), a score threshold Group(scores > t))")
+    return int(p)
 
 
 class Group(TokenSet):
@@ -85,6 +190,9 @@ class Group(TokenSet):
 
     def visual(self, batch):
         n = batch.n_visual
+        if hasattr(self.members, "__len__") and len(self.members) == 0:
+            raise InputError(f"Group {self.name!r} is empty: it selects no token (an empty set would silently do "
+                             f"nothing); give a boolean mask over the {n} visual tokens or visual indices")
         members = self.members
         if getattr(getattr(members, "flags", None), "writeable", True) is False:
             members = members.copy()  # a read-only numpy array (pandas' to_numpy): torch warns on it
@@ -94,7 +202,7 @@ class Group(TokenSet):
                 raise InputError(f"Group {self.name!r}: a boolean mask must have one entry per visual token "
                                  f"({n}), got shape {tuple(m.shape)}")
             return m.clone()
-        return Positions(self._indices(m, n)).visual(batch)
+        return Positions.in_batch(self._indices(m, n)).visual(batch)
 
     def _indices(self, m, n) -> list:
         """Integer members as visual indices; values that would be read with another meaning are refused: floats
@@ -144,7 +252,7 @@ class Complement(TokenSet):
 class MatchedRandom(TokenSet):
     def __init__(self, of: TokenSet, seed: int = 0):
         self.of = as_token_set(of)
-        self.seed = int(seed)
+        self.seed = check_int(seed, "MatchedRandom: seed", fix="the seed of the draw, e.g. seed=0")
 
     def visual(self, batch):
         target = self.of.visual(batch)
@@ -157,7 +265,8 @@ class MatchedRandom(TokenSet):
             pool = idx[~target[idx]]
             if k > len(pool):
                 raise InputError(f"MatchedRandom: image {img} has {k} target tokens but only {len(pool)} others to "
-                                 f"draw the same count from")
+                                 f"draw the same count from; match a smaller set (at most half of an image's "
+                                 f"tokens) or choose the control tokens yourself (Positions.each_image / Group)")
             sel[pool[torch.randperm(len(pool), generator=gen)[:k]]] = True
         return sel
 
@@ -174,6 +283,42 @@ def as_token_set(tokens) -> TokenSet:
         return Positions(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
     raise InputError(f"cannot use {tokens!r} as a token set: pass 'all', a TokenSet, a bool mask over visual "
                      f"tokens or a list of visual indices / (row, position) pairs")
+
+
+def batch_dependent(component) -> list:
+    """The token sets of ``component`` (its ``tokens``, through Complement / MatchedRandom) whose ints count a
+    batch's visual tokens (``Positions`` without a per-image unit): in a loop whose batches are the loop's choice
+    they would pick other tokens of other records depending on ``batch_size``."""
+    found, todo = [], [getattr(component, "tokens", None)]
+    while todo:
+        ts = todo.pop()
+        if isinstance(ts, Positions) and ts.batch_unit:
+            found.append(ts)
+        elif isinstance(ts, (Complement, MatchedRandom)):
+            todo.append(ts.of)
+    return found
+
+
+def check_record_loop(interventions, batch_size: int, fn: str, vlm=None, probes=()) -> None:
+    """Before a record loop (``run_dataset`` / ``evaluate``): what no batch changes is checked once, up front, not
+    per batch (where ``on_error="skip"`` would skip every batch of a long run): each component's sites on this
+    model (``sites(vlm)``: layers out of range, unknown site names); and with ``batch_size`` > 1 an InputError for a
+    token set whose ints count the batch's visual tokens, naming ``Positions.each_image``."""
+    from mech_vtokens.component import Component
+
+    if vlm is not None:
+        for c in [*probes, *interventions]:
+            if isinstance(c, Component):
+                for name in c.sites(vlm):
+                    vlm.adapter.canonical(name)
+    if batch_size <= 1:
+        return
+    for iv in interventions:
+        for ts in batch_dependent(iv):
+            raise InputError(f"{fn}: {iv!r} uses {ts!r}, whose ints count the visual tokens of a whole batch; the "
+                             f"loop puts {batch_size} records in a batch, so which record's tokens they pick would "
+                             f"depend on batch_size. Use Positions.each_image([...]) (these tokens of every "
+                             f"record's image), or batch_size=1")
 
 
 def resolve(tokens, batch, who: str = "intervention") -> torch.Tensor:

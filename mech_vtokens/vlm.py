@@ -180,7 +180,7 @@ class VLM:
         """
         if not isinstance(question, str):
             raise InputError(f"question is a {type(question).__name__}, not a string; pass the question text")
-        if not isinstance(n_images, int) or n_images < 0:
+        if not isinstance(n_images, int) or isinstance(n_images, bool) or n_images < 0:
             raise InputError(f"n_images={n_images!r}: give the number of images (0 or more) the prompt is about")
         if system is not None and not isinstance(system, str):
             raise InputError(f"system={system!r}: give the system text as a string (or None for none)")
@@ -245,8 +245,8 @@ class VLM:
         """
         from .data import image_lists
 
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
+        self._check_processor_kwargs(processor_kwargs)
         images = image_lists(images, len(prompts))  # the ONE conversion (mech_vtokens.data.to_rgb)
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} image entries for {len(prompts)} prompts; pass one image (or one "
@@ -258,7 +258,7 @@ class VLM:
             self._check_prompt_row(row, ims, text, ph, token)
             flat.extend(ims)  # already RGB: image_lists converted each one (data.to_rgb)
             image_of_row.extend([row] * len(ims))
-        kwargs = dict(text=list(prompts), return_tensors="pt", padding=True, **processor_kwargs)
+        kwargs = {"padding": True, **processor_kwargs, "text": list(prompts), "return_tensors": "pt"}
         tok = self.tokenizer
         bos = getattr(tok, "bos_token", None)
         if ("add_special_tokens" not in kwargs and bos and all(p.startswith(bos) for p in prompts)
@@ -268,7 +268,13 @@ class VLM:
             # without images (Idefics3 / SmolVLM match the lists to the prompts one to one; OneVision skips empties)
             kwargs["images"] = flat if not self.adapter.images_nested else [
                 [im for im, r in zip(flat, image_of_row) if r == row] for row in range(len(prompts))]
-        inputs = dict(self.processor(**kwargs))
+        try:
+            inputs = dict(self.processor(**kwargs))
+        except (ValueError, TypeError, KeyError) as err:  # the processor refused an option or an input
+            opts = f" with processor options {processor_kwargs}" if processor_kwargs else ""
+            raise InputError(f"the processor ({type(self.processor).__name__}) refused these inputs{opts}: "
+                             f"{type(err).__name__}: {err}; fix the option (see the processor's documentation) or "
+                             f"the image / prompt it names") from None
         dtype = self.hf.dtype
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -297,6 +303,25 @@ class VLM:
                 stacklevel=2)
         return batch
 
+    _RESERVED = {"text": "prompts", "images": "images", "return_tensors": None}
+
+    def _check_processor_kwargs(self, processor_kwargs) -> None:
+        """prepare's processor options: not the ones prepare sets itself, and each one this processor takes (it
+        would ignore an unknown one, a typo such as ``max_pixel=``, with only a log line)."""
+        for key, arg in self._RESERVED.items():
+            if key in processor_kwargs:
+                raise InputError(f"processor option {key}= is set by prepare itself"
+                                 + (f"; pass it as prepare's {arg} argument" if arg else " (PyTorch tensors)"))
+        valid = _processor_keywords(self.processor)
+        unknown = [k for k in processor_kwargs if valid is not None and k not in valid]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], sorted(valid), n=1)
+            raise InputError(f"processor option {unknown[0]}= is not one {type(self.processor).__name__} takes (it "
+                             f"would be ignored)" + (f"; did you mean {close[0]}=?" if close else "")
+                             + f" Its options: {', '.join(sorted(valid)[:40])}")
+
     def experiment(self, batch: Batch, probes=(), interventions=()):
         from .experiment import Experiment
 
@@ -304,6 +329,36 @@ class VLM:
 
     def __repr__(self) -> str:
         return f"VLM({self.source or type(self.hf).__name__}, {self.adapter!r})"
+
+
+def _prompt_list(prompts) -> list:
+    """prepare's ``prompts`` as a non-empty list of strings (InputError naming the fix otherwise)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts is None or isinstance(prompts, (bytes, int, float)) or not hasattr(prompts, "__iter__"):
+        raise InputError(f"prompts={prompts!r}: give a prompt string or a list of them (vlm.prompt(question) builds "
+                         f"one)")
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("prompts=[]: give at least one prompt (vlm.prompt(question) builds one)")
+    return prompts
+
+
+def _processor_keywords(processor):
+    """Every keyword ``processor(...)`` takes (its ProcessingKwargs, per modality and flat, and its sub-processors'
+    ``valid_kwargs``), as transformers' ``_merge_kwargs`` reads them; None where that cannot be told."""
+    try:
+        typed = processor.valid_processor_kwargs
+        valid = {"text", "images", "videos", "audio", "common_kwargs"}
+        for key, sub in typed.__annotations__.items():
+            valid.add(key)
+            valid.update(getattr(sub, "__annotations__", {}))
+        for attr in ("tokenizer", "image_processor", "feature_extractor", "video_processor"):
+            valid.update(getattr(getattr(getattr(processor, attr, None), "valid_kwargs", None), "__annotations__",
+                                 {}))
+        return valid
+    except Exception:  # noqa: BLE001 - a processor of another shape: no check rather than a wrong one
+        return None
 
 
 def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: Any = None,
@@ -318,7 +373,7 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
     from nnsight import TransformersModel
     from transformers import AutoConfig, PreTrainedModel
 
-    from .placement import check_load_args
+    from .placement import check_hf_kwargs, check_load_args, check_processor_arg
 
     dtype = check_load_args(dtype, device_map, attn_implementation, hf_kwargs)  # before any weight is read
     kwargs = dict(hf_kwargs)
@@ -330,6 +385,7 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
         kwargs["attn_implementation"] = attn_implementation
     if isinstance(model, PreTrainedModel):
         adapter_cls = adapter_class_for(model.config)
+        check_processor_arg(processor)
         if processor is None:
             raise InputError("an in-memory model needs its processor: mech_vtokens.load(model, processor)")
         if attn_implementation is not None:
@@ -344,6 +400,8 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
             raise InputError(f"cannot load a config from {source!r}: give a hub id that is reachable or a local "
                              f"directory written by save_pretrained ({err})") from None
         adapter_cls = adapter_class_for(config)
+        check_processor_arg(processor)
+        check_hf_kwargs(hf_kwargs, config)
         if processor is None:
             from .placement import load_processor
 

@@ -198,9 +198,9 @@ class _Lens(Probe):
             raise InputError(f"{type(self).__name__}: unused_rows={unused_rows!r}; "
                              f"pass True (search the matrix rows no "
                              f"token maps to as well) or False (the default: rows below len(tokenizer) only)")
-        if not isinstance(k, int) or k <= 0:
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
             raise InputError(f"{type(self).__name__}: k={k!r}; give a positive integer number of tokens (e.g. k=5)")
-        if not isinstance(chunk, int) or chunk <= 0:
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
             raise InputError(f"{type(self).__name__}: chunk={chunk!r}; give a positive vocabulary chunk (e.g. 8192)")
         if isinstance(sites, str):
             sites = [sites]

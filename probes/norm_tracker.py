@@ -43,6 +43,9 @@ class NormTracker(Probe):
     """L1 / L2 norm and layer-to-layer cosine per token at every vision and LM layer (paper Secs. 5.2, 6.2)."""
 
     def __init__(self, vision: bool = True, lm: bool = True, groups=None, kinds=REGION_KINDS):
+        from mech_vtokens.errors import check_flag
+
+        vision, lm = check_flag(vision, "NormTracker: vision"), check_flag(lm, "NormTracker: lm")
         if not (vision or lm):
             raise InputError("NormTracker(vision=False, lm=False) reads nothing; enable at least one tower")
         self.vision, self.lm, self.groups, self.kinds = vision, lm, groups, check_kinds(kinds, "NormTracker")

@@ -89,11 +89,19 @@ class SinkChannels(Probe):
             dims = [int(d) for d in dims]
             if not dims:
                 raise InputError("dims=[] : give at least one sink channel, a preset, or 'auto'")
-        if not threshold > 0:
-            raise InputError(f"threshold={threshold!r}: give a positive ratio (the paper uses 20)")
+        from mech_vtokens.errors import check_number
+
+        for name, x in (("threshold", threshold), ("discover_ratio", discover_ratio)):
+            if x is None and name == "discover_ratio":
+                continue
+            try:
+                check_number(x, name, positive=True)
+            except InputError:
+                raise InputError(f"{name}={x!r}: give a positive ratio (the paper uses 20)"
+                                 + (" or None (= threshold)" if name == "discover_ratio" else "")) from None
         if discover_ratio is not None and not discover_ratio > 0:
             raise InputError(f"discover_ratio={discover_ratio!r}: give a positive ratio or None (= threshold)")
-        if not isinstance(top, int) or top <= 0:
+        if not isinstance(top, int) or isinstance(top, bool) or top <= 0:
             raise InputError(f"top={top!r}: give a positive number of BOS-similar tokens to track (paper: 5)")
         if isinstance(sites, str):
             sites = [sites]

@@ -58,6 +58,41 @@ def test_own_read_out_of_order_with_execute_names_the_component_pattern(tiny_vlm
         assert "already ran past" in str(err.value) and "Probe" in str(err.value)
 
 
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_own_read_after_execute_at_a_passed_site_names_the_component_pattern(tiny_vlm, remote):
+    """A read placed AFTER exp.execute: at a site the plan already passed (a block before its last site, the LM
+    input, the vision tower) -> the InputError naming the component pattern, from the trace's exit; at a site
+    after the plan's last one it works and equals plain HF; a later trace without an Experiment keeps nnsight's own
+    error (the translation belongs to the run that executed)."""
+    vlm = tiny_vlm("llava")
+    batch = vlm.prepare([T.image(60, seed=1)], [vlm.prompt("describe the image .")])
+    m = vlm.model.model
+    passed = [lambda: m.language_model.layers[0].output, lambda: m.language_model.layers[1].input,
+              lambda: m.language_model.layers[0].mlp.output, lambda: m.vision_tower.encoder.layers[0].output]
+    for read in passed:
+        exp = vlm.experiment(batch, probes=[BlockOutput(1)])
+        with pytest.raises(InputError, match="Write your own component") as err:
+            with vlm.trace(**batch.inputs, remote=remote):
+                nnsight.save(exp.execute(vlm.model))
+                nnsight.save(read())
+        assert "already ran past" in str(err.value) and "Probe" in str(err.value)
+    exp = vlm.experiment(batch, probes=[BlockOutput(0)])
+    with vlm.trace(**batch.inputs, remote=remote):
+        raw = nnsight.save(exp.execute(vlm.model))
+        later = nnsight.save(m.language_model.layers[1].output)
+    with torch.no_grad():
+        hs = vlm.hf(**batch.inputs, output_hidden_states=True).hidden_states
+    later = later[0] if isinstance(later, tuple) else later
+    assert torch.allclose(later.float(), hs[2].float(), atol=1e-5, rtol=1e-4)  # block 1's output
+    assert torch.allclose(exp.results(raw)["block_output"], hs[1].float(), atol=1e-5, rtol=1e-4)
+    if remote is False:
+        with pytest.raises(Exception, match="already ran past") as raw_err:  # no Experiment in this trace
+            with vlm.trace(**batch.inputs):
+                nnsight.save(m.language_model.layers[1].output)
+                nnsight.save(m.language_model.layers[0].output)
+        assert not isinstance(raw_err.value, InputError)
+
+
 # ---- class 9: the layer convention is a name, stated in the table -------------------------------------------------
 
 def _hf_states(vlm, batch):

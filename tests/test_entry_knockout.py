@@ -368,6 +368,65 @@ def test_knockout_matches_patched_eager(eager_vlm, plain_eager, monkeypatch, fam
         assert (logits[real] - clean_lm_kwargs(vlm, b)["logits"][real]).abs().max() > 1e-3  # it did something
 
 
+def patched_eager_steps(hf, monkeypatch, vm, kind, layers, every_step):
+    """The reference of AttentionKnockout in generation, plain torch: the family's eager attention patched so the
+    prefill zeroes (queries of ``kind``) x (visual keys ``vm``) after the softmax and, with ``every_step``, each
+    cached decode step zeroes its (text) query's weights on those keys; without it decode steps attend normally."""
+    mod = sys.modules[type(lm_of(hf).layers[0].self_attn).__module__]
+    orig = mod.eager_attention_forward
+    index = {id(layer.self_attn): i for i, layer in enumerate(lm_of(hf).layers)}
+    queries_prefill = vm if kind == "vv" else ~vm
+
+    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        n_q, n_k = query.shape[2], key.shape[2]
+        prefill = n_q == vm.shape[1]
+        if index.get(id(module)) not in layers or not (prefill or every_step):
+            return orig(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        keys = torch.zeros(vm.shape[0], n_k, dtype=torch.bool)
+        keys[:, :vm.shape[1]] = vm
+        q = queries_prefill if prefill else torch.ones(vm.shape[0], n_q, dtype=torch.bool)  # decode: text queries
+        cut = q[:, :, None] & keys[:, None, :]
+        g = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        w = query @ k.transpose(2, 3) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = torch.softmax(w.float(), -1).to(query.dtype)
+        w = w.masked_fill(cut[:, None], 0.0)
+        return (w @ v).transpose(1, 2).contiguous(), w
+
+    monkeypatch.setattr(mod, "eager_attention_forward", eager)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_knockout_every_step_in_generate_equals_hooked_hf_generate(eager_vlm, plain_eager, monkeypatch, family):
+    """mv.generate under AttentionKnockout("vt", every_step=True) == plain HF generate whose eager attention zeroes
+    the decode steps' weights on the visual keys too; the default (prefill only) == the prefill-only reference and
+    differs from every_step (the decode steps' blocking did something); "vv" with every_step is refused (a no-op)."""
+    vlm = eager_vlm(family)
+    hf = plain_eager(vlm, family)
+    b = batch_of(vlm, family)
+    imgs, prompts = b.images, b.prompts
+    n = vlm.n_layers
+    specials = sorted(set(vlm.processor.tokenizer.all_special_ids) | {vlm.hf.config.image_token_id})
+    g = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, suppress_tokens=specials)
+    got = {}
+    for every in (False, True):
+        layers = list(range(n))
+        got[every] = mv.generate(vlm, imgs, prompts, interventions=[AttentionKnockout("vt", layers,
+                                                                                      every_step=every)], **g).ids
+        with monkeypatch.context() as m:
+            patched_eager_steps(hf, m, b.visual_mask, "vt", layers, every)
+            with torch.no_grad():
+                want = hf.generate(**b.inputs, **g)[:, b.visual_mask.shape[1]:]
+        assert torch.equal(got[every], want), every
+    assert not torch.equal(got[False], got[True])  # blocking the decode steps changed the answer
+    with pytest.raises(InputError, match="no decode step has a visual query"):
+        AttentionKnockout("vv", 0, every_step=True)
+    with pytest.raises(InputError, match="every_step=1: give True or False"):
+        AttentionKnockout("vt", 0, every_step=1)
+
+
 # ---- no residue, composition ---------------------------------------------------------------------------------
 
 def hook_snapshot(module):

@@ -53,7 +53,7 @@ def test_bad_images_are_converted_or_skipped_with_a_reason(tmp_path):
     assert [r.id for r in src] == sorted(expected)  # ids: relative paths, sorted; .txt ignored
     assert [r.id for r in D.ImageFolder(tmp_path)] == [r.id for r in src]  # stable
     for r in src:
-        im, note = r.load(max_side=2048)
+        im, note = r.load()
         want = expected[r.id]
         if want is None:
             assert note is None and im.mode == "RGB"
@@ -61,7 +61,7 @@ def test_bad_images_are_converted_or_skipped_with_a_reason(tmp_path):
             assert im is None and want in note, (r.id, note)
         else:
             assert im.mode == "RGB" and want in note, (r.id, note)
-            assert min(im.size) >= D.MIN_SIDE and max(im.size) <= 2048
+            assert min(im.size) >= D.MIN_SIDE and max(im.size) <= D.MAX_SIDE
     im, _ = D.load_image(tmp_path / "d_rgba.png")
     assert np.asarray(im).min() == 255  # transparent -> white, not black
     im, _ = D.load_image(tmp_path / "f_16bit.png")
