@@ -342,9 +342,9 @@ NOTEBOOKS = {
         ("md", "Generation under interventions runs remotely the same way: one generate trace, the interventions "
                "acting on every step on the server."),
         ("code", "from mech_vtokens.interventions import Prune, Positions\n\n"
-                 "far = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], "
+                 "far = mv.generate(vlm, images, prompts, interventions=[Prune(Positions.each_image(range(8)))], "
                  "max_new_tokens=4, remote=REMOTE)\n"
-                 "near = mv.generate(vlm, images, prompts, interventions=[Prune(Positions(range(8)))], "
+                 "near = mv.generate(vlm, images, prompts, interventions=[Prune(Positions.each_image(range(8)))], "
                  "max_new_tokens=4)\n"
                  "print('identical to a local run:', far.text == near.text)\nfar.to_pandas()"),
         ("md", "**Finding:** both checks print `True`: the probes' tables and the generated text that come back "
