@@ -17,6 +17,17 @@ def batch_of(vlm, family, seeds=(1, 2)):
                        [F.prompt(vlm, family), F.prompt(vlm, family, "describe the image")])
 
 
+def eager_weights(query, key, value, attention_mask, scaling):
+    """Plain-torch eager attention up to the softmax: the post-softmax weights (batch, head, q, k) and the values
+    repeated over the query groups, for references that edit the weights before ``w @ v``."""
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    w = query @ k.transpose(2, 3) * scaling
+    if attention_mask is not None:
+        w = w + attention_mask
+    return torch.softmax(w.float(), -1).to(query.dtype), v
+
+
 def lm_of(vlm):  # a VLM or a plain HF model
     return getattr(vlm, "hf", vlm).get_decoder()
 

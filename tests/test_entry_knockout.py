@@ -17,7 +17,7 @@ from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Res
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
 import families as F
-from intervention_refs import batch_of, clean_lm_kwargs, injections, lm_of, nn_run
+from intervention_refs import batch_of, clean_lm_kwargs, eager_weights, injections, lm_of, nn_run
 from mech_vtokens.probes.activations import Activations
 
 FAMILIES = T.FAMILIES
@@ -328,12 +328,7 @@ def patched_eager(hf, monkeypatch, cut, layers):
     def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         if index.get(id(module)) not in layers or query.shape[2] != cut.shape[1]:  # (decode steps: untouched)
             return orig(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        g = query.shape[1] // key.shape[1]
-        k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
-        w = query @ k.transpose(2, 3) * scaling
-        if attention_mask is not None:
-            w = w + attention_mask
-        w = torch.softmax(w.float(), -1).to(query.dtype)
+        w, v = eager_weights(query, key, value, attention_mask, scaling)
         w = w.masked_fill(cut[:, None], 0.0)
         return (w @ v).transpose(1, 2).contiguous(), w
 
@@ -381,17 +376,12 @@ def patched_eager_steps(hf, monkeypatch, vm, kind, layers, every_step):
         n_q, n_k = query.shape[2], key.shape[2]
         prefill = n_q == vm.shape[1]
         if index.get(id(module)) not in layers or not (prefill or every_step):
-            return orig(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+            return orig(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         keys = torch.zeros(vm.shape[0], n_k, dtype=torch.bool)
         keys[:, :vm.shape[1]] = vm
         q = queries_prefill if prefill else torch.ones(vm.shape[0], n_q, dtype=torch.bool)  # decode: text queries
         cut = q[:, :, None] & keys[:, None, :]
-        g = query.shape[1] // key.shape[1]
-        k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
-        w = query @ k.transpose(2, 3) * scaling
-        if attention_mask is not None:
-            w = w + attention_mask
-        w = torch.softmax(w.float(), -1).to(query.dtype)
+        w, v = eager_weights(query, key, value, attention_mask, scaling)
         w = w.masked_fill(cut[:, None], 0.0)
         return (w @ v).transpose(1, 2).contiguous(), w
 

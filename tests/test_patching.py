@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import families as FM
+from intervention_refs import eager_weights, lm_of
 import mech_vtokens as mv
 from mech_vtokens import InputError
 from mech_vtokens import testing as T
@@ -36,7 +37,7 @@ def _by_hand(batch, row_src, row_dst, box):
 
 
 def _hooked_logits(vlm, batch, layer, pre, dst, src):
-    layers = vlm.hf.model.language_model.layers
+    layers = lm_of(vlm).layers
 
     def patch(h):
         h = h.clone()
@@ -168,20 +169,15 @@ def _patched_eager(hf, monkeypatch, layer, edit):
     post-softmax weights (batch, head, q, k) and the repeated values, which returns the weights to use."""
     import sys
 
-    lm = hf.model.language_model
+    lm = lm_of(hf)
     mod = sys.modules[type(lm.layers[0].self_attn).__module__]
     orig = mod.eager_attention_forward
     target = lm.layers[layer].self_attn
 
     def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         if module is not target:
-            return orig(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        g = query.shape[1] // key.shape[1]
-        k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
-        w = query @ k.transpose(2, 3) * scaling
-        if attention_mask is not None:
-            w = w + attention_mask
-        w = torch.softmax(w.float(), -1).to(query.dtype)
+            return orig(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        w, v = eager_weights(query, key, value, attention_mask, scaling)
         w = edit(w, v)
         return (w @ v).transpose(1, 2).contiguous(), w
 
@@ -233,7 +229,7 @@ def test_direct_logit_attribution_equals_weights_times_values(tiny_dir, monkeypa
     df = direct_logit_attribution(vlm, img, prompt, a=a, b=b, layers=[layer]).set_index("head")
     enc = vlm.prepare([img], [prompt])
     vis = enc.visual_mask[0]
-    lm = hf.model.language_model
+    lm = lm_of(hf)
     got = {}
 
     def edit(w, v):
@@ -292,7 +288,7 @@ def test_attribution_patching_equals_autograd_on_hf(tiny_vlm, family):
     def grab(mod, args, out):
         kept["h"] = out[0] if isinstance(out, tuple) else out
 
-    h = vlm.hf.model.language_model.layers[layer].register_forward_hook(grab)
+    h = lm_of(vlm).layers[layer].register_forward_hook(grab)
     try:
         logits = vlm.hf(**batch.inputs).logits.float()
     finally:
