@@ -7,7 +7,8 @@
 For every family (``mech_vtokens.testing.FAMILIES``, so a family added there appears here with no edit) it builds the
 tiny fixture, loads it (``mv.load``) and tries, each on its own so one refusal does not hide the next:
 sites listing, every probe in ONE forward, each intervention alone (Prune, ZeroSublayer, Rescale, VisualEntry,
-VisualExit, AttentionKnockout on an eager-attention load), ``mv.generate`` plain and under Prune (a
+VisualExit, AttentionKnockout and HeadKnockout on an eager-attention load, PatchActivations between two rows of one
+image; the answer metrics run in the probes forward), ``mv.generate`` plain and under Prune (a
 sequence-changing intervention), the partition (calibrate + classify), ``remote="local"`` (probes + an intervention
 through the whole remote path, offline), the geometry (every region token's box inside its image, the others NaN)
 and the patch overlay. A cell is ✓, or the ``InputError`` the library refuses with (shortened): a refusal names
@@ -45,22 +46,31 @@ def _inputs(vlm):
 
 
 def _probes(vlm):
-    from mech_vtokens.probes import (Activations, EmbedLens, LabelMatching, LogitLens, NormTracker, SinkChannels,
-                                     ViTSinks)
+    from mech_vtokens.probes import (Activations, AnswerLogProb, ChoiceProb, EmbedLens, KLToClean, LabelMatching,
+                                     LogitDiff, LogitLens, NormTracker, SinkChannels, ViTSinks)
 
     label = next(w for w in ("red", "circle", "image") if len(vlm.tokenizer.encode(w, add_special_tokens=False)) == 1)
+    a, b = 5, 6  # two token ids: the answer metrics take ids as well as single-token words
     return [Activations(["hook_embed", "blocks.0.hook_resid_post"]), EmbedLens(k=3), LogitLens(k=3),
             NormTracker(), SinkChannels(threshold=3.0), ViTSinks(threshold=1.0),
-            LabelMatching([[label], [label]], k=3, rule="first")]
+            LabelMatching([[label], [label]], k=3, rule="first"), AnswerLogProb(a), LogitDiff(a, b),
+            ChoiceProb([a, b]), KLToClean(0)]
 
 
 def _interventions():
-    from mech_vtokens.interventions import (AttentionKnockout, Positions, Prune, Rescale, VisualEntry, VisualExit,
-                                            ZeroSublayer)
+    from mech_vtokens.interventions import (AllVisual, AttentionKnockout, HeadKnockout, PatchActivations, Positions,
+                                            Prune, Rescale, VisualEntry, VisualExit, ZeroSublayer)
 
     return {"Prune": lambda: Prune(Positions([0, 2])), "ZeroSublayer": lambda: ZeroSublayer(layers=1),
             "Rescale": lambda: Rescale(factor=0.5), "VisualEntry": lambda: VisualEntry(1),
-            "VisualExit": lambda: VisualExit(2), "AttentionKnockout": lambda: AttentionKnockout("vt", layers=1)}
+            "VisualExit": lambda: VisualExit(2), "AttentionKnockout": lambda: AttentionKnockout("vt", layers=1),
+            "HeadKnockout": lambda: HeadKnockout([0], layers=1),
+            "PatchActivations": lambda: PatchActivations("blocks.0.hook_resid_post", AllVisual(), {1: 0})}
+
+
+# the interventions that need eager attention (the post-softmax pattern), and those that need two rows of one image
+_EAGER = ("AttentionKnockout", "HeadKnockout")
+_SAME_IMAGE = ("PatchActivations",)
 
 
 def _sites(ctx):
@@ -80,8 +90,10 @@ def _all_probes(ctx):
 
 def _intervention(name):
     def check(ctx):
-        vlm = ctx["eager"] if name == "AttentionKnockout" else ctx["vlm"]
+        vlm = ctx["eager"] if name in _EAGER else ctx["vlm"]
         ims, prs = ctx["inputs"]
+        if name in _SAME_IMAGE:  # a source row and a target row with the same token geometry
+            ims, prs = [ims[1], ims[1]], [prs[0], prs[1]]
         from mech_vtokens.probes import LogitLens
 
         res = mv.run(vlm, ims, prs, probes=[LogitLens(k=2, sites=["blocks.2.hook_resid_post"])],

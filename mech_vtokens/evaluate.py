@@ -110,7 +110,7 @@ def paper_conditions(vlm, sinks=None, dead=None, seed: int = 0, layers="all", en
 
 
 def _check_conditions(conditions) -> dict:
-    from .component import Intervention
+    from .component import Component, Intervention
 
     if not isinstance(conditions, dict) or not conditions:
         raise InputError("conditions: give a dict {name: [interventions]}, e.g. {'baseline': [], '-vFFN': "
@@ -129,7 +129,7 @@ def _check_conditions(conditions) -> dict:
 
 
 def _build(ivs, vlm, batch):
-    from .component import Intervention
+    from .component import Component, Intervention
 
     out = []
     for iv in ivs:
@@ -203,23 +203,60 @@ class EvalResult:
 ANSWER_COLUMNS = ["record_id", "condition", "question", "prediction", "answers", "score", "seed"]
 
 
-def _answer_step(vlm, conditions, scorer, max_new_tokens, seed):
+def _check_metrics(metrics) -> list:
+    """evaluate's ``metrics``: answer-metric probes (``mech_vtokens.probes.metrics``: AnswerLogProb, LogitDiff,
+    ChoiceProb, KLToClean) or factories ``f(records) -> probe`` (per-record answers); raise InputError otherwise."""
+    from .component import Probe
+
+    metrics = [metrics] if isinstance(metrics, Probe) or callable(metrics) and not isinstance(metrics, (list, tuple)) \
+        else list(metrics)
+    for m in metrics:
+        if not (isinstance(m, Probe) or (callable(m) and not isinstance(m, type))):
+            raise InputError(f"metrics: {m!r} is neither a metric probe (e.g. LogitDiff('yes', 'no')) nor a factory "
+                             f"f(records) -> probe (e.g. lambda recs: AnswerLogProb([r.answers[0] for r in recs]))")
+    return metrics
+
+
+def _metric_columns(vlm, batch, recs, ivs, metrics) -> dict:
+    """The metrics under one condition's interventions: ONE forward of the batch (``loop.forward``) -> column name
+    (the result's name in ``Results``) -> one value per record (a float, or a list for per-option metrics)."""
+    from .component import Probe
+    from .loop import forward
+
+    probes = [m if isinstance(m, Probe) else m(recs) for m in metrics]
+    res = forward(vlm, batch, probes=probes, interventions=_build(ivs, vlm, batch))
+    out = {}
+    for probe in probes:  # (the Results also hold the interventions')
+        name = next(n for n in res if res[n] is res[probe])
+        values = getattr(res[probe], "values", None)
+        if not isinstance(values, torch.Tensor) or values.shape[:1] != (len(recs),):
+            raise InputError(f"metrics: {name!r} gives no value per prompt row; give answer metrics "
+                             f"(mech_vtokens.probes.metrics)")
+        out[name] = [float(v) if values.dim() == 1 else v.tolist() for v in values]
+    return out
+
+
+def _answer_step(vlm, conditions, scorer, max_new_tokens, seed, metrics=()):
     """evaluate's step of the one record loop (:func:`mech_vtokens.loop.over_records`): load a batch of records,
-    generate every condition's answers, score them -> the batch's ``answers`` rows."""
+    generate every condition's answers, score them (and run the ``metrics`` in one forward per condition) -> the
+    batch's ``answers`` rows."""
     import pandas as pd
 
     def step(recs) -> dict:
         ok, skipped, notes = load_records(recs)
-        rows = []
+        rows, names = [], []
         if ok:
             batch = _prepare_left(vlm, [im for _, im in ok], [_prompt_text(vlm, r) for r, _ in ok])
             for name, ivs in conditions.items():
                 preds = answer_batch(vlm, batch, interventions=_build(ivs, vlm, batch), max_new_tokens=max_new_tokens,
                                      seed=seed)
-                for (r, _), p in zip(ok, preds):
+                cols = _metric_columns(vlm, batch, [r for r, _ in ok], ivs, metrics) if metrics else {}
+                names = list(cols)
+                for i, ((r, _), p) in enumerate(zip(ok, preds)):
                     rows.append({"record_id": r.id, "condition": name, "question": r.question, "prediction": p,
-                                 "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed})
-        frames = {"answers": pd.DataFrame(rows, columns=ANSWER_COLUMNS)} if ok else {}
+                                 "answers": list(r.answers), "score": score(p, r, scorer), "seed": seed,
+                                 **{c: v[i] for c, v in cols.items()}})
+        frames = {"answers": pd.DataFrame(rows, columns=ANSWER_COLUMNS + names)} if ok else {}
         return {"records": [r.id for r, _ in ok], "frames": frames, "skipped": skipped, "notes": notes}
 
     return step
@@ -240,7 +277,7 @@ def _check_generation_args(scorer, max_new_tokens, batch_size):
 def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MAX_NEW_TOKENS,
              batch_size: int = DEFAULT_BATCH_SIZE,
              seed: int = 0, out=None, progress: bool = True, limit=None, shard=None,
-             on_error: str = "skip", images_dir=None) -> EvalResult:
+             on_error: str = "skip", images_dir=None, metrics=()) -> EvalResult:
     """Generate an answer for every record of ``source`` (a VQA ``.jsonl`` or a Source whose records have questions
     and answers) under every condition; score with ``scorer`` ("exact", "contains", "choice", "auto": choice when
     the record has choices, else exact; or a function); return an :class:`EvalResult`. ``out``: write answers per
@@ -248,13 +285,16 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
     records i, i+n, ... (n processes with the same ``out``; the result holds every shard's answers so far);
     ``on_error="skip"`` (default): a batch whose conditions raise ``InputError`` on it (a token set empty on that
     batch) is skipped, its records in ``skipped`` with the reason and ``table().attrs["skipped"]``; ``"raise"``
-    stops the run. Resuming retries skipped records."""
+    stops the run. Resuming retries skipped records. ``metrics``: answer metrics (``mech_vtokens.probes.metrics``,
+    or factories ``f(records) -> metric`` for per-record answers) run under each condition in ONE extra forward of
+    the batch, reduced in the trace; each adds a column (its result name, e.g. ``logit_diff``) to ``answers``."""
     import pandas as pd
 
     from . import data as D
     from .store import atomic_write_bytes, check_shard
 
     conditions = _check_conditions(conditions)
+    metrics = _check_metrics(metrics)
     _check_generation_args(scorer, max_new_tokens, batch_size)
     from .token_sets import check_record_loop
 
@@ -269,7 +309,7 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
     if no_q or (no_a and not callable(scorer)):
         raise InputError(f"evaluate needs a question and answer(s) per record; {(no_q or no_a)[:3]} have none: use "
                          f"a VQA .jsonl (image / question / answer) or records with question= and answers=")
-    from .component import Intervention
+    from .component import Component, Intervention
 
     settings = {"seed": seed, "max_new_tokens": max_new_tokens,
                 "scorer": scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "custom"),
@@ -277,7 +317,11 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
                 "conditions": {n: [repr(iv) if isinstance(iv, Intervention) else
                                    f"factory {getattr(iv, '__qualname__', iv)}" for iv in ivs]
                                for n, ivs in conditions.items()}}
-    store = over_records(src.records, _answer_step(vlm, conditions, scorer, max_new_tokens, seed), kind="evaluate",
+    if metrics:  # a store resumed with other metrics is refused (its settings differ)
+        settings["metrics"] = [repr(m) if isinstance(m, Component) else
+                               f"factory {getattr(m, '__qualname__', m)}" for m in metrics]
+    store = over_records(src.records, _answer_step(vlm, conditions, scorer, max_new_tokens, seed, metrics),
+                         kind="evaluate",
                          settings=settings, tables=["answers"], out=out, shard=shard, batch_size=batch_size,
                          progress=progress, desc="evaluate", unit="q", identity=model_identity(vlm),
                          on_error=on_error)

@@ -203,3 +203,51 @@ def test_evaluate_sigkilled_then_resumed_loses_and_duplicates_no_answer(tmp_path
     pd.testing.assert_frame_equal(fa, fb)  # bit for bit: one thread, the same batches
     assert (resumed / "table.csv").read_text() == (clean / "table.csv").read_text()
     assert not list(resumed.rglob(".*.tmp*"))
+
+
+def test_metrics_in_evaluate_equal_plain_torch_logits(vqa, tiny_vlm):
+    """evaluate(metrics=...): each answer metric, under each condition, equals the plain HF logits of the same
+    left-padded batch (at each row's last position), with hand-written hooks zeroing the visual MLP output for the
+    -vFFN condition; a per-record factory reads each record's own answer."""
+    from mech_vtokens.evaluate import _prepare_left, _prompt_text
+    from mech_vtokens.probes import AnswerLogProb, LogitDiff
+
+    vlm = tiny_vlm("llava")
+    tok = vlm.tokenizer
+    a, b = 5, 6
+    ans = lambda recs: AnswerLogProb([r.answers[0] for r in recs])  # noqa: E731 - the factory a user writes
+    conds = {"baseline": [], "-vFFN": [ZeroSublayer("all", list(range(vlm.n_layers)), "mlp")]}
+    res = evaluate(vlm, vqa, conds, max_new_tokens=2, batch_size=3, progress=False,
+                   metrics=[LogitDiff(a, b), ans])
+    df = res.answers.set_index(["condition", "record_id"])
+    assert {"logit_diff", "answer_log_prob"} <= set(res.answers.columns)
+    recs = list(D.open_source(vqa))
+    batch = _prepare_left(vlm, [r.load()[0] for r in recs], [_prompt_text(vlm, r) for r in recs])
+    n0, mask = batch.inputs["input_ids"].shape[1], batch.visual_mask
+
+    def zero(mod, args, out):
+        return out.masked_fill(mask.unsqueeze(-1), 0.0)
+
+    for cond in conds:
+        hs = [layer.mlp.register_forward_hook(zero) for layer in vlm.hf.get_decoder().layers] if cond != "baseline" \
+            else []
+        try:
+            with torch.no_grad():
+                logits = vlm.hf(**batch.inputs).logits[:, n0 - 1].float()  # left padding: the last column
+        finally:
+            for h in hs:
+                h.remove()
+        logp = logits.log_softmax(-1)
+        for i, r in enumerate(recs):
+            want_ld = float(logits[i, a] - logits[i, b])
+            first = tok.encode(r.answers[0], add_special_tokens=False)[0]
+            assert abs(df.loc[(cond, r.id), "logit_diff"] - want_ld) < 1e-5, (cond, r.id)
+            assert abs(df.loc[(cond, r.id), "answer_log_prob"] - float(logp[i, first])) < 1e-5, (cond, r.id)
+    assert (df.loc["baseline", "logit_diff"] != df.loc["-vFFN", "logit_diff"]).all()  # the condition acted
+
+
+def test_metrics_in_evaluate_refuse_what_is_no_metric(vqa, tiny_vlm, no_forward):
+    from mech_vtokens import InputError
+
+    with pytest.raises(InputError, match="neither a metric probe"):
+        evaluate(tiny_vlm("llava"), vqa, {"baseline": []}, metrics=[42], progress=False)
