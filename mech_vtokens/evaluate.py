@@ -110,7 +110,7 @@ def paper_conditions(vlm, sinks=None, dead=None, seed: int = 0, layers="all", en
 
 
 def _check_conditions(conditions) -> dict:
-    from .component import Component, Intervention
+    from .component import Intervention
 
     if not isinstance(conditions, dict) or not conditions:
         raise InputError("conditions: give a dict {name: [interventions]}, e.g. {'baseline': [], '-vFFN': "
@@ -129,7 +129,7 @@ def _check_conditions(conditions) -> dict:
 
 
 def _build(ivs, vlm, batch):
-    from .component import Component, Intervention
+    from .component import Intervention
 
     out = []
     for iv in ivs:
