@@ -61,12 +61,26 @@ def _model(args):
     return (args.model, args.model) if args.model else default_model()
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of a count (--k, --batch-size, --n-images, --limit): a positive int, refused by argparse (before
+    any model loads) otherwise."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a positive count") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not positive; give a count of at least 1")
+    return n
+
+
 def _probe_names(args, allowed, command: str, default):
     """``--probes`` split and checked against ``allowed`` before any model is loaded (InputError naming the valid
     names and, for a known name this command cannot run, the command that can)."""
     from .errors import InputError
 
-    if not args.probes:
+    if args.probes is None:  # not given (an empty --probes "" is refused below, not read as "all")
         return list(default)
     names = [p.strip() for p in args.probes.split(",") if p.strip()]
     if not names:
@@ -253,12 +267,12 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the full suite on the embedded default model (no download)")
     d.add_argument("--model", metavar="ID_OR_PATH", help="hub id or local directory instead of the embedded model")
     d.add_argument("--out", metavar="DIR", default="mech-vtokens-demo", help="output folder (default: %(default)s)")
-    d.add_argument("--k", type=int, default=5, help="top-k tokens per lens (default: %(default)s)")
-    d.add_argument("--n-images", metavar="N", type=int, default=8,
+    d.add_argument("--k", type=_positive_int, default=5, help="top-k tokens per lens (default: %(default)s)")
+    d.add_argument("--n-images", metavar="N", type=_positive_int, default=8,
                    help="how many bundled scenes (default: %(default)s)")
     d.add_argument("--images", action=_Renamed, metavar="N", new="--n-images",
                    why="a count of bundled scenes; --images is a folder in `analyze`")
-    d.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
+    d.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward (default: %(default)s)")
     _progress_option(d)
     d.set_defaults(fn=demo)
     a = sub.add_parser("analyze", help="the full suite on your model and a folder of images")
@@ -271,8 +285,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--question", default="describe the image .", help="the text after the image placeholder "
                                                                        "(default: %(default)r)")
     _model_options(a)
-    a.add_argument("--k", type=int, default=5, help="top-k tokens per lens (default: %(default)s)")
-    a.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
+    a.add_argument("--k", type=_positive_int, default=5, help="top-k tokens per lens (default: %(default)s)")
+    a.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward (default: %(default)s)")
     a.add_argument("--out", metavar="DIR", default="mech-vtokens-report", help="output folder (default: %(default)s)")
     _progress_option(a)
     a.set_defaults(fn=analyze_cmd)
@@ -290,10 +304,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--question", default=None,
                    help="the prompt text for records without their own question (default: the library's)")
     _model_options(r)
-    r.add_argument("--k", type=int, default=5, help="top-k tokens per lens (default: %(default)s)")
-    r.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    r.add_argument("--k", type=_positive_int, default=5, help="top-k tokens per lens (default: %(default)s)")
+    r.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                    help="images per forward (default: %(default)s)")
-    r.add_argument("--limit", metavar="N", type=int, default=None, help="only the first N records (default: all)")
+    r.add_argument("--limit", metavar="N", type=_positive_int, default=None,
+                   help="only the first N records (default: all)")
     r.add_argument("--shard", metavar="I/N", default=None,
                    help="I/N: run only records I, I+N, ... (one process per GPU, same --out)")
     r.add_argument("--overwrite", action="store_true", help="discard a previous run in --out instead of resuming it")

@@ -97,7 +97,8 @@ def test_one_meaning_per_option_name():
             for opt in a.option_strings:
                 seen.setdefault(opt, set()).add((type(a).__name__, getattr(a.type, "__name__", None), a.nargs))
     assert {opt for opt, kinds in seen.items() if len(kinds) > 1} == set(), seen
-    assert seen["--n-images"] == {("_StoreAction", "int", None)} and seen["--images"] == {("_StoreAction", None, None)}
+    assert seen["--n-images"] == {("_StoreAction", "_positive_int", None)}
+    assert seen["--images"] == {("_StoreAction", None, None)}
 
 
 def test_renamed_option_names_the_new_one(capsys):
@@ -113,6 +114,7 @@ def test_renamed_option_names_the_new_one(capsys):
     (["analyze", "--images", "IMGS", "--probes", "embed_lens, norms,sinkz"],
      "unknown ['sinkz'] (did you mean 'sinks'?)"),
     (["analyze", "--images", "IMGS", "--probes", ","], "no probe name"),
+    (["analyze", "--images", "IMGS", "--probes", ""], "no probe name"),  # was read as "all probes"
     (["run", "--data", "IMGS", "--probes", "partition"], "`mech-vtokens run` cannot run it"),
     (["run", "--data", "IMGS", "--probes", "embed_lens,lables"], "unknown ['lables'] (did you mean 'labels'?)"),
     (["run", "--data", "IMGS", "--images-dir", "/definitely/missing"], "--images-dir /definitely/missing: not a dir"),
@@ -130,6 +132,24 @@ def test_options_are_checked_before_the_model_loads(argv, msg, tmp_path, capsys,
     argv = [str(tmp_path) if a == "IMGS" else a for a in argv] + ["--model", "/definitely/missing"]
     assert main(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["demo", "--k", "0"], ["demo", "--batch-size", "0"], ["demo", "--n-images", "-1"],
+                                  ["analyze", "--images", "IMGS", "--k", "0"],
+                                  ["run", "--data", "IMGS", "--batch-size", "0"],
+                                  ["run", "--data", "IMGS", "--limit", "0"],
+                                  ["analyze", "--images", "IMGS", "--k", "two"]])
+def test_counts_are_refused_before_the_model_loads(argv, tmp_path, capsys, monkeypatch):
+    """--k / --batch-size / --n-images / --limit must be positive ints: argparse refuses 0, negatives and words
+    (exit 2, naming the option) before any model is loaded (a 0 reached the model and failed after the load)."""
+    import mech_vtokens as mv
+
+    monkeypatch.setattr(mv, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    argv = [str(tmp_path) if a == "IMGS" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and argv[-2] in err and ("not positive" in err or "not an integer" in err), err
 
 
 def test_sites_runs_on_the_default_model(capsys):
