@@ -53,6 +53,10 @@ class _Spec:
                 raise InputError(f"{kind} name {spec!r} is unknown; names are the suite's probes "
                                  f"({', '.join(ALL_PROBES)}); pass interventions as objects (e.g. Prune(...)) or "
                                  f"factories f(vlm, records)")
+            if spec == "partition":  # a suite analysis of several passes (calibrate, classify), no probe of a forward
+                raise InputError("probe name 'partition' is the suite's sink / dead / alive analysis, not a probe of "
+                                 "one forward: run_dataset would drop it; use mech_vtokens.partition.calibrate(...)"
+                                 ".classify(...) or `mech-vtokens analyze`, and give run_dataset the other names")
             self.name, self.desc = spec, spec
         elif isinstance(spec, cls):
             self.name, self.desc = spec.name, repr(spec)  # the key mv.run's Results uses

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 import mech_vtokens as mv
@@ -285,3 +286,15 @@ def test_store_tables_are_named_as_results_keys():
     for probe, want in ((ViTSinks(), "vit_sinks"), (EmbedLens(k=2), "embed_lens"), (NormTracker(), "norm_tracker"),
                         (EmbedLens(k=2).named("early"), "early")):
         assert _Spec(probe, "probe", 5).name == probe.name == want
+
+
+def test_partition_as_a_probe_name_is_refused_not_dropped(tmp_path, tiny_vlm, no_forward):
+    """'partition' is a suite name but no probe of one forward: run_dataset used to accept it and write nothing for
+    it; now it is refused before any work, naming the calls that run the partition."""
+    from mech_vtokens import InputError
+
+    T.image(64, seed=1).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match="partition.calibrate"):
+        run_dataset(tiny_vlm("llava"), tmp_path, probes=["embed_lens", "partition"], out=tmp_path / "out",
+                    progress=False)
+    assert not (tmp_path / "out").exists()
