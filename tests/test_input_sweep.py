@@ -7,7 +7,7 @@ right result (WORKS: checked against the same call written the canonical way, or
 The first run (its first 168 entries) found 29 raw tracebacks and 27 silent results, 14 of them wrong (``limit=-1``
 dropping a record, ``k=0`` skipping every batch, truthy strings as flags, ``int()`` of floats, an unknown processor
 option ignored); conditions whose layers are out of range skipped every batch of an evaluation.
-CLI flags that the CLI owns are listed in ``CLI_LATE`` (refused, but after loading the model) and ``CLI_NOTED``."""
+CLI flags are in ``CLI`` (each refused before the model loads, exit 2, the message asserted)."""
 
 import warnings
 from pathlib import Path
@@ -264,7 +264,7 @@ E = [
  ("cli-probes-empty", lambda: analyze("--images", _imgdir(), "--probes", "")),
  ("cli-remote-bogus", lambda: analyze("--images", _imgdir(), "--remote", "x")),
  ("cli-device-map", lambda: analyze("--images", _imgdir(), "--device-map", "cuda:7")),
- ("cli-demo-images0", lambda: cli(["demo", "--images", "0", "--out", str(root / "demo")])),
+ ("cli-demo-images0", lambda: cli(["demo", "--n-images", "0", "--out", str(root / "demo")])),
  ("cli-demo-k0", lambda: cli(["demo", "--k", "0", "--out", str(root / "demo2")])),
 
 ]
@@ -478,13 +478,13 @@ WORKS = {
     "load-image-int": lambda r: r[0] is None and "is no image source" in r[1],
     "load-image-none": lambda r: r[0] is None and "is no image source" in r[1],
 }
-# CLI flags: (exit code, what stderr says); CLI_LATE: refused only after the model is loaded (cli.py, noted)
-CLI = {"cli-k0": "give a positive integer number of tokens", "cli-bs0": "give a positive int (images per forward)",
+# CLI flags: what stderr says (exit code 2, before any model loads)
+CLI = {"cli-k0": "--k: 0 is not positive", "cli-bs0": "--batch-size: 0 is not positive",
        "cli-images-missing": "not a directory", "cli-dtype-bogus": "is not a dtype a model can be loaded in",
        "cli-device-map": "this machine has 0 cuda device(s)", "cli-remote-bogus": "invalid choice",
-       "cli-demo-images0": "no images to analyze", "cli-demo-k0": "give a positive integer number of tokens"}
-CLI_LATE = {"cli-demo-images0", "cli-demo-k0", "cli-k0", "cli-bs0"}  # refused after the model is loaded (cli.py)
-CLI_NOTED = {"cli-probes-empty": 0}  # --probes "" runs EVERY probe (an empty string is read as not given): cli.py
+       "cli-demo-images0": "--n-images: 0 is not positive", "cli-demo-k0": "--k: 0 is not positive",
+       "cli-probes-empty": "no probe name"}
+# counts are argparse types now (cli._positive_int): refused before any model loads, no longer after it
 RAW_LEFT = set()  # raw tracebacks left: none
 
 
@@ -500,7 +500,7 @@ def env(tiny_vlm, tiny_dir, tmp_path_factory):
 def test_sweep_is_wide_and_every_entry_has_its_outcome():
     names = [n for n, _ in E]
     assert len(names) >= 150 and len(set(names)) == len(names)
-    assert set(names) == set(REFUSED) | set(WORKS) | set(CLI) | set(CLI_NOTED) | RAW_LEFT
+    assert set(names) == set(REFUSED) | set(WORKS) | set(CLI) | RAW_LEFT
     assert not set(REFUSED) & set(WORKS)
     areas = {n.split("-")[0] for n in names}
     assert {"load", "prompt", "prepare", "embed", "act", "sinks", "zero", "rescale", "entry", "matched", "run",
@@ -539,12 +539,6 @@ def test_sweep_late_refusals(env):
         with pytest.raises(InputError, match=says):
             ivrun(iv)
         assert not CALLS
-
-
-@pytest.mark.parametrize("name", sorted(CLI_NOTED))
-def test_sweep_cli_noted_as_it_is(name, env, capsys):
-    """What the CLI does today with these flags (its owner's to change: see CLI_NOTED)."""
-    assert dict(E)[name]() == CLI_NOTED[name]
 
 
 @pytest.mark.parametrize("name", sorted(CLI))
