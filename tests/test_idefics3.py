@@ -47,6 +47,22 @@ def _normalised(crop):
     return (torch.tensor(crop).float() / 255 - 0.5) / 0.5  # rescale 1/255, mean = std = 0.5 (hub and fixtures)
 
 
+def _connector_and_lm_input(vlm, batch) -> dict:
+    """A plain HF forward of ``batch`` with hooks: the connector's output (``proj``, real frames only) and the LM's
+    ``inputs_embeds`` (``emb``)."""
+    got = {}
+    hs = [vlm.hf.model.connector.register_forward_hook(lambda m, i, o: got.update(proj=o)),
+          vlm.hf.get_decoder().register_forward_pre_hook(lambda m, a, k: got.update(emb=k["inputs_embeds"]),
+                                                         with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            vlm.hf(**batch.inputs)
+    finally:
+        for h in hs:
+            h.remove()
+    return got
+
+
 @pytest.mark.parametrize("name", FAMS + REAL[:1])
 def test_tile_boxes_are_the_processors_crops_to_the_pixel(tiny_vlm, name):
     """Each tile's token boxes, mapped into the processor's canvas, are integer windows whose crop IS the frame the
@@ -148,14 +164,7 @@ def test_padding_frames_are_dropped_and_rows_point_at_the_real_frames(tiny_vlm, 
     pv = batch.inputs["pixel_values"]
     real = (pv != 0).flatten(2).any(-1)
     assert real.sum(1).tolist() == [3, 5] and pv.shape[1] == 5  # two padding frames in row 0
-    got = {}
-    hs = [vlm.hf.model.connector.register_forward_hook(lambda m, i, o: got.update(proj=o)),
-          vlm.hf.get_decoder().register_forward_pre_hook(lambda m, a, k: got.update(emb=k["inputs_embeds"]),
-                                                         with_kwargs=True)]
-    with torch.no_grad():
-        vlm.hf(**batch.inputs)
-    for h in hs:
-        h.remove()
+    got = _connector_and_lm_input(vlm, batch)
     assert got["proj"].shape[0] == 8  # real frames only
     proj = got["proj"].reshape(-1, got["proj"].shape[-1])
     rows = batch.tokens["projector_rows"]
@@ -222,13 +231,6 @@ def test_a_prompt_without_images_rides_along(tiny_vlm, name):
     batch = vlm.prepare([[_noise(150, 97)], []], [F.prompt(vlm, name), "USER : what is it ? ASSISTANT :"])
     assert batch.visual_mask.sum(1).tolist() == [80, 0]
     assert not bool(batch.inputs["pixel_values"][1].any())
-    got = {}
-    hs = [vlm.hf.model.connector.register_forward_hook(lambda m, i, o: got.update(proj=o)),
-          vlm.hf.get_decoder().register_forward_pre_hook(lambda m, a, k: got.update(emb=k["inputs_embeds"]),
-                                                         with_kwargs=True)]
-    with torch.no_grad():
-        vlm.hf(**batch.inputs)
-    for h in hs:
-        h.remove()
+    got = _connector_and_lm_input(vlm, batch)
     proj = got["proj"].reshape(-1, got["proj"].shape[-1])
     assert torch.equal(got["emb"][batch.visual_mask], proj[batch.tokens["projector_rows"]])
