@@ -205,7 +205,8 @@ ANSWER_COLUMNS = ["record_id", "condition", "question", "prediction", "answers",
 
 def _check_metrics(metrics) -> list:
     """evaluate's ``metrics``: answer-metric probes (``mech_vtokens.probes.metrics``: AnswerLogProb, LogitDiff,
-    ChoiceProb, KLToClean) or factories ``f(records) -> probe`` (per-record answers); raise InputError otherwise."""
+    ChoiceProb, KLToClean) or factories ``f(vlm, records) -> probe`` (per-record answers; the runner's factory
+    shape); raise InputError otherwise."""
     from .component import Probe
 
     metrics = [metrics] if isinstance(metrics, Probe) or callable(metrics) and not isinstance(metrics, (list, tuple)) \
@@ -213,7 +214,8 @@ def _check_metrics(metrics) -> list:
     for m in metrics:
         if not (isinstance(m, Probe) or (callable(m) and not isinstance(m, type))):
             raise InputError(f"metrics: {m!r} is neither a metric probe (e.g. LogitDiff('yes', 'no')) nor a factory "
-                             f"f(records) -> probe (e.g. lambda recs: AnswerLogProb([r.answers[0] for r in recs]))")
+                             f"f(vlm, records) -> probe (e.g. lambda vlm, recs: AnswerLogProb([r.answers[0] for r in "
+                             f"recs]))")
     return metrics
 
 
@@ -223,7 +225,7 @@ def _metric_columns(vlm, batch, recs, ivs, metrics) -> dict:
     from .component import Probe
     from .loop import forward
 
-    probes = [m if isinstance(m, Probe) else m(recs) for m in metrics]
+    probes = [m if isinstance(m, Probe) else m(vlm, recs) for m in metrics]
     res = forward(vlm, batch, probes=probes, interventions=_build(ivs, vlm, batch))
     out = {}
     for probe in probes:  # (the Results also hold the interventions')
@@ -286,7 +288,7 @@ def evaluate(vlm, source, conditions, *, scorer="auto", max_new_tokens: int = MA
     ``on_error="skip"`` (default): a batch whose conditions raise ``InputError`` on it (a token set empty on that
     batch) is skipped, its records in ``skipped`` with the reason and ``table().attrs["skipped"]``; ``"raise"``
     stops the run. Resuming retries skipped records. ``metrics``: answer metrics (``mech_vtokens.probes.metrics``,
-    or factories ``f(records) -> metric`` for per-record answers) run under each condition in ONE extra forward of
+    or factories ``f(vlm, records) -> metric`` for per-record answers) run under each condition in ONE extra forward of
     the batch, reduced in the trace; each adds a column (its result name, e.g. ``logit_diff``) to ``answers``."""
     import pandas as pd
 

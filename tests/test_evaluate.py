@@ -215,7 +215,7 @@ def test_metrics_in_evaluate_equal_plain_torch_logits(vqa, tiny_vlm):
     vlm = tiny_vlm("llava")
     tok = vlm.tokenizer
     a, b = 5, 6
-    ans = lambda recs: AnswerLogProb([r.answers[0] for r in recs])  # noqa: E731 - the factory a user writes
+    ans = lambda vlm, recs: AnswerLogProb([r.answers[0] for r in recs])  # noqa: E731 - the factory a user writes
     conds = {"baseline": [], "-vFFN": [ZeroSublayer("all", list(range(vlm.n_layers)), "mlp")]}
     res = evaluate(vlm, vqa, conds, max_new_tokens=2, batch_size=3, progress=False,
                    metrics=[LogitDiff(a, b), ans])
