@@ -49,9 +49,9 @@ _SPECIALS["gemma3"] = ["<pad>", "<unk>", "<bos>", "<eos>", "<start_of_image>", "
 _SPECIALS["idefics3"] = _SPECIALS["smolvlm"] = (
     ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
     + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
-_SPECIALS["glm4v"] = _SPECIALS["glm4v_moe"] = ["<pad>", "<unk>", "<|endoftext|>", "<|begin_of_image|>", "<|end_of_image|>",
-                                              "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>",
-                                              "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
+_SPECIALS["glm4v"] = _SPECIALS["glm4v_moe"] = [
+    "<pad>", "<unk>", "<|endoftext|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+    "<|end_of_video|>", "<|image|>", "<|video|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # The image token of each fixture's tokenizer (the adapters declare the span around it).
 _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>",
