@@ -86,9 +86,9 @@ def test_moe_layers_have_no_post_norms_and_sparse_mlp_sites(tiny_vlm, family):
     b = batch_of(vlm, family)
     gaps, a = _decomposition_gaps(vlm, b)
     assert gaps == [(0.0, 0.0)] * vlm.n_layers
-    with pytest.raises(AttributeError):
-        type("SandwichMoe", (type(vlm.adapter),), {"block_sites": _GLM4_BLOCK_SITES})(vlm.hf).site(
-            "blocks.1.hook_attn_out") and _resolve(vlm.hf, vlm.adapter.decoder_layers + ".1.post_self_attn_layernorm")
+    sandwich = type("SandwichMoe", (type(vlm.adapter),), {"block_sites": _GLM4_BLOCK_SITES})(vlm.hf)
+    with pytest.raises(AttributeError):  # the dense declaration names a module the MoE layer does not have
+        _resolve(vlm.hf, sandwich.site("blocks.1.hook_attn_out")[1])
     kinds = [type(layer.mlp).__name__ for layer in layers]
     assert kinds[0] == "Glm4vMoeTextMLP" and all(k == "Glm4vMoeTextMoE" for k in kinds[1:]), kinds
     moe = layers[1].mlp
