@@ -262,6 +262,9 @@ def test_processor_without_torchvision_and_its_image_token(tiny_vlm, checkpoint,
     text = vlm.prompt("what color is it ?", n_images=2)
     assert text.startswith("[gMASK]<sop>") and text.count(vlm.image_placeholder) == 2
     assert text.endswith("<|assistant|>\n")
+    # the system text reaches the template as the string it prints (GLM-4.1V: {{ msg.content }}), not a parts list
+    with_system = vlm.prompt("what color is it ?", system="answer in one word")
+    assert "<|system|>\nanswer in one word<|user|>" in with_system and "'type'" not in with_system
     other = tiny_vlm(next(c for c in FM.REAL if c.startswith("zai-org/") and c != checkpoint))
     with pytest.raises(InputError, match="does not match"):
         vlm.adapter.check_processor(other.processor)
