@@ -60,6 +60,7 @@ class Glm4vAdapter(Adapter):
                        'processor_kwargs={"size": {...}}; the hub default longest_edge is 9633792)')
     vision_feature_layer_key = None  # the downsample conv + merger read the last vision block (after post_layernorm)
     rope = "mrope"  # position ids (3, batch, seq): temporal, height, width
+    system_content_is_text = True  # GLM-4.1V's template prints the system content as is (GLM-4.5V's takes both)
 
 
 class Glm4vMoeAdapter(Glm4vAdapter):
