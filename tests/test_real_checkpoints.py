@@ -210,8 +210,8 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
             assert torch.allclose(boxes[0], torch.tensor([0, 0, 64 * w / cw, 64 * h / ch], dtype=boxes.dtype))
             assert torch.allclose(boxes[-1], torch.tensor([w * 7 / 8, h * 7 / 8, w, h], dtype=boxes.dtype))
             continue
-        elif mt == "mistral3":  # Pixtral: no downscale below 1540 px, each side rounded UP to 28 px (14-px patches, 2 x 2
-            rows, cols = -(-h // 28), -(-w // 28)  # merge), one token per 28 x 28 cell, raster order
+        elif mt == "mistral3":  # Pixtral: no downscale below 1540 px, each side rounded UP to 28 px (14-px patches,
+            rows, cols = -(-h // 28), -(-w // 28)  # 2 x 2 merge), one token per 28 x 28 cell, raster order
             assert set(batch.tokens["kind"][sel].tolist()) == {0} and batch.grids[i] == {"rows": rows, "cols": cols,
                                                                                         "tiles": 1}
             want = [(c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows)
@@ -276,7 +276,8 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         rows, cols = -(-h // 28), -(-w // 28)  # the last one by [IMG_END] 13 (text tokens, not in the mask)
         assert ids[0] == 1 and 17 in ids[:3] and ids.count(10) == rows * cols
         s = ids.index(10)
-        assert ids[s - 1] == 3 and ids[s:s + rows * (cols + 1)] == ([10] * cols + [12]) * (rows - 1) + [10] * cols + [13]
+        layout = ([10] * cols + [12]) * (rows - 1) + [10] * cols + [13]
+        assert ids[s - 1] == 3 and ids[s:s + rows * (cols + 1)] == layout
     else:
         assert ids[0] == 151644
         tiles = _internvl_tiles(w, h)[2]
