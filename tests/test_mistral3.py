@@ -216,3 +216,27 @@ def test_chat_template_prompt_layout_with_two_images(tiny_vlm):
     ids = b.inputs["input_ids"][0].tolist()
     assert ids[0] == vlm.tokenizer.bos_token_id and ids[1] != vlm.tokenizer.bos_token_id  # one BOS
     assert ids.count(vlm.tokenizer.convert_tokens_to_ids("[IMG_END]")) == 2
+
+
+def test_llava_with_a_pixtral_tower_is_refused_at_load(tmp_path):
+    """LLaVA with a Pixtral tower (``mistral-community/pixtral-12b``: model_type llava, no patch merger) has its
+    vision blocks at ``vision_tower.transformer.layers``: the llava adapter's declaration does not fit, and the load
+    says so (InputError naming the path and the tower) instead of an AttributeError."""
+    from transformers import (LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralImageProcessorPil,
+                              PixtralVisionConfig)
+
+    from mech_vtokens.adapters.mistral3 import pixtral_processor_class
+
+    tok = T._tokenizer("mistral3")
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=16, image_size=112, patch_size=16)
+    text = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, vocab_size=len(tok))
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                         image_token_index=tok.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1,
+                         vision_feature_select_strategy="full")
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path)
+    pixtral_processor_class()(image_processor=PixtralImageProcessorPil(size={"longest_edge": 112}), tokenizer=tok,
+                              patch_size=16, spatial_merge_size=1).save_pretrained(tmp_path)
+    with pytest.raises(InputError, match=r"'pixtral'\) has no vision blocks at 'model.vision_tower.encoder.layers'"):
+        mv.load(str(tmp_path))
