@@ -202,6 +202,9 @@ def test_merge_size_from_the_config_and_a_wrong_patch_size_refused(tiny_dir, tmp
     vlm.processor.patch_size = 7  # 90 px -> 98 px = 7 patches of 14: not a whole number of 2 x 2 blocks
     with pytest.raises(InputError, match="spatial_merge_size"):
         vlm.prepare([_noise(90, 90)], [T.prompt("mistral3")])
+    vlm.processor.patch_size = 14
+    with pytest.raises(InputError, match="do_resize=True"):  # the input size kept: 90 px is no multiple of 28
+        vlm.prepare([_noise(90, 90)], [T.prompt("mistral3")], do_resize=False)
 
 
 def test_chat_template_prompt_layout_with_two_images(tiny_vlm):

@@ -31,8 +31,9 @@ the image + text path); :func:`pixtral_processor_class` imports HF's own class w
 image processor module (the same function, line for line) and pairs it with ``PixtralImageProcessorPil``.
 
 LLaVA with a Pixtral tower (``mistral-community/pixtral-12b``, model_type ``llava``) is a different layout (no patch
-merger: one token per 16-px patch, ``LlavaMultiModalProjector``) served by no adapter here: ``llava``'s
-``CLIPGridGeometry`` assumes a fixed square grid with a CLS row, which Pixtral has not.
+merger: one token per 16-px patch, ``LlavaMultiModalProjector``) served by no adapter here: adapters are chosen by
+``model_type``, and ``llava``'s declarations (``vision_tower.encoder.layers``, ``CLIPGridGeometry``'s fixed square
+grid with a CLS row) do not fit it; the load refuses it (``Adapter._require_declared_modules``).
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ class PixtralMergedGeometry(Geometry):
         for h, w in enc["image_sizes"].tolist():
             gh, gw = h // p, w // p
             if h % p or w % p or gh % m or gw % m:
-                raise InputError(f"an image was resized to {h} x {w} px, no multiple of patch_size x "
-                                 f"spatial_merge_size = {p * m} px: the model cannot merge its patches. The "
-                                 f"processor's patch_size / spatial_merge_size must be the model's ({p} and {m}): "
-                                 f"set vlm.processor.patch_size = {p}, vlm.processor.spatial_merge_size = {m}")
+                raise InputError(f"the processor gave an image of {h} x {w} px, no multiple of patch_size x "
+                                 f"spatial_merge_size = {p * m} px: the model cannot merge its patches. Keep "
+                                 f"do_resize=True (it rounds each side up to {p * m} px; with do_resize=False pass "
+                                 f"images whose sides are multiples of {p * m} px) and the processor's patch_size / "
+                                 f"spatial_merge_size equal to the model's: vlm.processor.patch_size = {p}, "
+                                 f"vlm.processor.spatial_merge_size = {m}")
             out.append((gh, gw, gh // m, gw // m))
         return out
 
