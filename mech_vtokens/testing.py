@@ -411,6 +411,8 @@ def _mistral3(seed: int):
     ip = PixtralImageProcessorPil(size={"longest_edge": 112}, patch_size={"height": 14, "width": 14})
     proc = pixtral_processor_class()(image_processor=ip, tokenizer=tok, patch_size=14, spatial_merge_size=2)
     return model, proc
+
+
 def _glm4v(seed: int, moe: bool):
     """GLM-4.1V (dense) / GLM-4.5V (MoE): 2 vision blocks (14-px patches, a 4 x 4 position table interpolated to
     each grid, 2 x 2 downsample conv + merger), a 3-layer decoder; head_dim 16 with partial rotary 0.5 (8 rotary
