@@ -21,6 +21,7 @@ FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl
             "llava_onevision",
             "idefics3", "smolvlm")
 FAMILIES += ("gemma3",)
+FAMILIES += ("qwen3_5", "qwen3_5_moe")
 
 # Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
 from .fixtures.real import REAL_CHECKPOINTS, real_model  # noqa: E402,F401
@@ -55,6 +56,8 @@ _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "
                 "llava_next": "<image>", "llava_onevision": "<image>"}
 _IMAGE_TOKEN["gemma3"] = "<start_of_image>"  # what a Gemma 3 prompt holds per image (the processor expands it)
 _IMAGE_TOKEN.update(idefics3="<image>", smolvlm="<image>")
+_SPECIALS["qwen3_5"] = _SPECIALS["qwen3_5_moe"] = _SPECIALS["qwen2_vl"]
+_IMAGE_TOKEN.update(qwen3_5="<|image_pad|>", qwen3_5_moe="<|image_pad|>")
 
 
 def image_span(family: str) -> str:
@@ -373,6 +376,55 @@ def _idefics3(seed: int, smol: bool):
     return model, proc
 
 
+def _qwen3_5(seed: int, moe: bool):
+    """Qwen3.5 (dense / MoE): 2 vision blocks (no DeepStack), a 3-layer hybrid decoder (linear, full, full: layer 0
+    has no attention pattern, layers 1-2 do, as the family tests' knockout layers expect); rotary on a quarter of the
+    32-d heads (8 dims, interleaved M-RoPE sections [2, 1, 1]); 14-px patches like the other Qwen fixtures. The
+    RMSNorms scale by (1 + w), w zero at init: randomised so every site carries a signal."""
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as P
+
+    from .adapters.components import videoless
+
+    tok = _tokenizer("qwen3_5")
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, head_dim=32,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                layer_types=["linear_attention", "full_attention", "full_attention"],
+                linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                 "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    if moe:
+        from transformers import Qwen3_5MoeConfig as C, Qwen3_5MoeForConditionalGeneration as M
+
+        text.pop("intermediate_size")
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                    num_experts_per_tok=2)
+        arch = "Qwen3_5MoeForConditionalGeneration"
+    else:
+        from transformers import Qwen3_5Config as C, Qwen3_5ForConditionalGeneration as M
+
+        arch = "Qwen3_5ForConditionalGeneration"
+    config = C(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = M(config).eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name, mod in model.named_modules():
+            if type(mod).__name__.endswith("RMSNorm") and "visual" not in name:
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.1)
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    return model, videoless(P)(image_processor=ip, tokenizer=tok)
+
+
 def build(family: str, seed: int = 0):
     """(model, processor) of a tiny random model of ``family``, in memory."""
     if family == "llava":
@@ -391,6 +443,8 @@ def build(family: str, seed: int = 0):
         return _gemma3(seed)
     if family in ("idefics3", "smolvlm"):
         return _idefics3(seed, family == "smolvlm")
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        return _qwen3_5(seed, family == "qwen3_5_moe")
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 
