@@ -74,7 +74,11 @@ def _hf_reference(vlm, inputs):
             hooks.append(layer.pre_feedforward_layernorm.register_forward_hook(
                 hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
             continue
-        hooks.append(layer.self_attn.register_forward_hook(hook(f"blocks.{i}.hook_attn_out", 0), with_kwargs=True))
+        if hasattr(layer, "linear_attn"):  # a linear-attention layer (Qwen3.5): its mixer returns a tensor
+            hooks.append(layer.linear_attn.register_forward_hook(hook(f"blocks.{i}.hook_attn_out"), with_kwargs=True))
+        else:
+            hooks.append(layer.self_attn.register_forward_hook(hook(f"blocks.{i}.hook_attn_out", 0),
+                                                               with_kwargs=True))
         hooks.append(layer.mlp.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"), with_kwargs=True))
         hooks.append(layer.post_attention_layernorm.register_forward_hook(
             hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
