@@ -74,6 +74,34 @@ def prompt(family: str, question: str = "what color is the object ?", n_images: 
     return "USER : " + image_span(family) * n_images + " " + question + " ASSISTANT :"
 
 
+def _word_bpe_tokenizer(family: str):
+    """A Qwen3.5 tokenizer (``Qwen3_5Tokenizer``: byte-level BPE with its own pre-tokenizer, which transformers loads
+    for model_type qwen3_5 whatever class a checkpoint names) whose BPE, trained on :data:`WORDS`, makes every word
+    ONE token, bare ("red") and after a space ("\u0120red"); the family's specials added after it."""
+    from tokenizers import Tokenizer
+    from tokenizers.trainers import BpeTrainer
+    from transformers import Qwen3_5Tokenizer
+
+    base = Qwen3_5Tokenizer()._tokenizer  # the class's normalizer / pre-tokenizer, an empty BPE
+    trainer = BpeTrainer(vocab_size=4000, show_progress=False,
+                         initial_alphabet=__import__("tokenizers").pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(WORDS), "\n".join(WORDS)] * 4
+    base.train_from_iterator(corpus, trainer)
+    model = json.loads(Tokenizer.to_str(base))["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    specials = _SPECIALS[family]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for t in sorted(model["vocab"], key=model["vocab"].get):
+        vocab.setdefault(t, len(vocab))
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token="<unk>", eos_token="<|endoftext|>",
+                           pad_token="<pad>", extra_special_tokens={
+                               "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    tok.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in ("<pad>", "<unk>")]})
+    tok.padding_side = "left"
+    return tok
+
+
 def _tokenizer(family: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -386,7 +414,7 @@ def _qwen3_5(seed: int, moe: bool):
 
     from .adapters.components import videoless
 
-    tok = _tokenizer("qwen3_5")
+    tok = _word_bpe_tokenizer("qwen3_5")
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, head_dim=32,
                 num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
                 layer_types=["linear_attention", "full_attention", "full_attention"],

@@ -45,6 +45,10 @@ def _boot(path):
 
     Qwen2_5_VLArchitectureAdapter.required_libraries = []
     Qwen3VLArchitectureAdapter.required_libraries = []  # the MoE adapter subclasses it
+    from transformer_lens.model_bridge.supported_architectures.qwen3_5_multimodal import (
+        Qwen3_5MultimodalArchitectureAdapter)
+
+    Qwen3_5MultimodalArchitectureAdapter.required_libraries = []  # (Qwen3.5; the MoE adapter subclasses it)
     _register_qwen2_vl()
     hf = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(path)
@@ -80,15 +84,17 @@ VISION = {"qwen2_vl": "vision_encoder.blocks.{i}.hook_resid_post",
           "llava_onevision": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "gemma3": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "idefics3": "vision_encoder.encoder_layers.{i}.hook_resid_post"}
+VISION.update(qwen3_5=VISION["qwen3_vl"], qwen3_5_moe=VISION["qwen3_vl"])
 
 
 # TL's RMSNorm bridge hooks `hook_normalized` BEFORE the weight; Gemma's norm scales by (1 + w): the module's output,
 # what lm_head reads, is its `hook_out`
 FINAL_OUT = {"gemma3"}
+FINAL_OUT |= {"qwen3_5", "qwen3_5_moe"}  # Qwen3.5's RMSNorm scales by (1 + w) too
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-                                 "idefics3", "gemma3"])
+                                 "idefics3", "gemma3", "qwen3_5", "qwen3_5_moe"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
