@@ -118,6 +118,8 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
             return cache["ln_final.hook_out"]
         if site.startswith("vision.blocks."):
             return cache[VISION[fam].format(i=site.split(".")[2])]
+        if site.endswith(".hook_attn_out") and site not in cache:  # a linear-attention layer (Qwen3.5): its mixer
+            return cache[site.replace("hook_attn_out", "linear_attn.hook_out")]
         if site.endswith(".hook_deepstack"):  # TL has no hook for it: what lies between layer i and i + 1
             i = int(site.split(".")[1])
             nxt = cache[f"blocks.{i + 1}.hook_resid_pre"] if i + 1 < n else cache["ln_final.hook_in"]
