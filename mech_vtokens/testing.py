@@ -404,20 +404,23 @@ def _idefics3(seed: int, smol: bool):
     return model, proc
 
 
-def _qwen3_5(seed: int, moe: bool):
+def _qwen3_5(seed: int, moe: bool, layer_types=("linear_attention", "full_attention", "full_attention")):
     """Qwen3.5 (dense / MoE): 2 vision blocks (no DeepStack), a 3-layer hybrid decoder (linear, full, full: layer 0
     has no attention pattern, layers 1-2 do, as the family tests' knockout layers expect); rotary on a quarter of the
     32-d heads (8 dims, interleaved M-RoPE sections [2, 1, 1]); 14-px patches like the other Qwen fixtures. The
-    RMSNorms scale by (1 + w), w zero at init: randomised so every site carries a signal."""
+    RMSNorms scale by (1 + w), w zero at init: randomised so every site carries a signal. The gated delta nets'
+    decay rates (``A_log``, init up to 16: the state forgets within one token) are drawn from 0.005-0.05 so the
+    recurrent state remembers a few dozen tokens, as trained layers do: a linear layer then depends on the image."""
     from transformers import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as P
 
     from .adapters.components import videoless
 
     tok = _word_bpe_tokenizer("qwen3_5")
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, head_dim=32,
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types), num_attention_heads=4,
+                head_dim=32,
                 num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
-                layer_types=["linear_attention", "full_attention", "full_attention"],
+                layer_types=list(layer_types),
                 linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                 linear_num_value_heads=4,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
@@ -448,6 +451,8 @@ def _qwen3_5(seed: int, moe: bool):
         for name, mod in model.named_modules():
             if type(mod).__name__.endswith("RMSNorm") and "visual" not in name:
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.1)
+            if hasattr(mod, "A_log"):
+                mod.A_log.copy_((torch.rand(mod.A_log.shape, generator=gen) * 0.045 + 0.005).log())
     ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                                   temporal_patch_size=2)
     return model, videoless(P)(image_processor=ip, tokenizer=tok)

@@ -18,8 +18,6 @@ tiny Qwen3.5 fixtures (layers: linear, full, full) and the real-file fixtures (l
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -126,27 +124,11 @@ _HYBRID = ["full_attention", "linear_attention", "full_attention", "linear_atten
 
 
 @pytest.fixture(scope="module")
-def hybrid(tiny_dir, tmp_path_factory):
+def hybrid(tmp_path_factory):
     """The tiny Qwen3.5 with 4 decoder layers: full, linear, full, linear (the shared fixture's only linear layer is
     layer 0, before any entry / exit): linear layers run on the changed sequence, at a prefill and on decode steps."""
-    from transformers import AutoConfig, Qwen3_5ForConditionalGeneration
-
-    src = tiny_dir("qwen3_5")
     out = tmp_path_factory.mktemp("qwen3_5_hybrid")
-    cfg = AutoConfig.from_pretrained(src)
-    cfg.text_config.num_hidden_layers = 4
-    cfg.text_config.layer_types = list(_HYBRID)
-    torch.manual_seed(0)
-    model = Qwen3_5ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for name, mod in model.named_modules():
-            if type(mod).__name__.endswith("RMSNorm") and "visual" not in name:
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.1)
-    model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
-        shutil.copyfile(f"{src}/{f}", out / f)
-    return mv.load(str(out))
+    return mv.load(T._save(*T._qwen3_5(0, False, layer_types=_HYBRID), out))
 
 
 def _reference_rows(vlm, clean, keep_cols, pos_of):
@@ -169,7 +151,7 @@ def test_prune_on_a_hybrid_stack_equals_the_lm_on_the_kept_tokens(hybrid):
     am, pos, vm = clean["attention_mask"], clean["position_ids"], b.visual_mask
     assert not am.bool().all()  # a left-padded row: the recurrent state must not see its padding
     drop = [0, 2, 5, 9]
-    logits, _ = nn_run(vlm, b, [Prune(Positions(drop))])
+    logits, _ = nn_run(vlm, b, [Prune(Positions.each_image(drop))])
     keep = []
     for r in range(vm.shape[0]):
         vis = vm[r].nonzero().flatten()
@@ -224,7 +206,7 @@ def test_cached_generate_on_a_hybrid_stack_equals_rerunning_the_forward(hybrid):
 # ---- geometry of the real fixture ----------------------------------------------------------------------------
 
 def test_real_boxes_follow_the_processors_resize(tiny_vlm):
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     vlm = tiny_vlm("Qwen/Qwen3.5-0.8B@float32")
     ip = vlm.processor.image_processor
