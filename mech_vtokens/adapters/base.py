@@ -205,7 +205,7 @@ class Adapter:
                 raise InputError(
                     f"site {name!r}: layer {layer} is out of range; this {self.family} model has {n} "
                     f"{'vision' if vision else 'decoder'} layers (use 0..{n - 1}, or a negative index from the end)")
-            if not vision and hook in self.block_site_names and 0 <= layer < n:  # another kind of layer has it
+            if not vision and self.layers_with(hook) and 0 <= layer < n:  # another kind of decoder layer has it
                 raise InputError(
                     f"site {name!r}: decoder layer {layer} of this {self.family} model is a "
                     f"{self.layer_kind(layer)!r} layer, which has no {hook!r}; the layers that have it: "
