@@ -91,10 +91,14 @@ VISION.update(qwen3_5=VISION["qwen3_vl"], qwen3_5_moe=VISION["qwen3_vl"])
 # what lm_head reads, is its `hook_out`
 FINAL_OUT = {"gemma3"}
 FINAL_OUT |= {"qwen3_5", "qwen3_5_moe"}  # Qwen3.5's RMSNorm scales by (1 + w) too
+# TL 4.3's Mistral 3 adapter delegates the Pixtral tower opaquely (one component, no per-block hooks: its 2-D RoPE
+# block-diagonal attention has no bridge), so the vision blocks are not cross-checked there; tests/test_mistral3.py
+# checks them against a plain-torch Pixtral forward instead
+OPAQUE_VISION = {"mistral3"}
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-                                 "idefics3", "gemma3", "qwen3_5", "qwen3_5_moe"])
+                                 "idefics3", "gemma3", "mistral3", "qwen3_5", "qwen3_5_moe"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
@@ -142,6 +146,8 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
                                                       "hook_mlp_out", "hook_resid_post")} | {
         f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)} | {
         f"blocks.{i}.{vlm.adapter.injection[0]}" for i in vlm.adapter.injection_layers()}
+    if fam in OPAQUE_VISION:
+        must -= {f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)}
     assert must <= set(checked), sorted(must - set(checked))
     torch.testing.assert_close(act["unembed.hook_out"], logits, atol=ATOL, rtol=0)
     # the lenses on the bridge's states give the same ids

@@ -12,6 +12,7 @@ from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .mistral3 import Mistral3Adapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
@@ -22,6 +23,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAda
                                       Idefics3Adapter, SmolVLMAdapter)
 ADAPTERS += (Gemma3Adapter,)
 ADAPTERS += (Qwen3_5Adapter, Qwen3_5MoeAdapter)
+ADAPTERS += (Mistral3Adapter,)
 
 
 def supported() -> str:
