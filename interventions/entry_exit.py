@@ -59,8 +59,8 @@ from mech_vtokens.compat import cache_position, kv_cache, past_length
 from mech_vtokens.component import Intervention, rows_for
 from mech_vtokens.errors import InputError
 from mech_vtokens.sequence import (attention_kinds, attention_mask, check_attention_kinds, default_positions,
-                                   extend_keys, image_blocks, layer_io, layer_mask, pack, refuse_single_pass,
-                                   reinjected, rotary, split_positions)
+                                   extend_keys, image_blocks, layer_io, layer_mask, pack, recurrent_mask,
+                                   refuse_single_pass, reinjected, rotary, split_positions)
 from mech_vtokens.token_sets import as_token_set, packed_layout, resolve
 
 from ._util import layer_list
@@ -89,11 +89,17 @@ def _masks(like, am, h, kwargs, ctx, blocks=None):
     keys). ``blocks``: the image blocks of the keys (a family whose images attend bidirectionally, at a prefill)."""
     mine = ctx["mine"]
     cache = kv_cache(kwargs)
-    if cache is None:
-        by_window = {w: attention_mask(like, am, h.shape[1], w, blocks) for w in set(mine["windows"].values())}
-        return {site: by_window[w] for site, w in mine["windows"].items()}
-    return {site: layer_mask(ctx["model"], h, am, cache, mine["layer_of"][site], w, blocks)
-            for site, w in mine["windows"].items()}
+    # linear-attention layers (a recurrent state, no attention pattern: Qwen3.5) take the 2-D padding mask of the
+    # queries (or None), as the LM builds it for them; the other layers' mask then comes from the config (the layer
+    # at k may be a linear one, whose mask says nothing of the attention implementation's format)
+    linear = {site: recurrent_mask(ctx["model"], h, am, cache) for site, kind in mine["kinds"].items()
+              if kind == "linear_attention"}
+    windows = {site: w for site, w in mine["windows"].items() if site not in linear}
+    if cache is None and not linear:
+        by_window = {w: attention_mask(like, am, h.shape[1], w, blocks) for w in set(windows.values())}
+        return {site: by_window[w] for site, w in windows.items()}
+    return dict(linear, **{site: layer_mask(ctx["model"], h, am, cache, mine["layer_of"][site], w, blocks)
+                           for site, w in windows.items()})
 
 
 def _rotaries(h, pos, ctx):

@@ -13,6 +13,7 @@ on the device of the value it works on).
   M-RoPE's split into the rotary module's and the layers' ids, the LM's own rotary module on new ids.
 - :func:`layer_mask`: one decoder layer's mask sized by its own KV cache layer (generation: a sliding layer's
   cache drops old keys), through ``masking_utils.create_causal_mask``.
+- :func:`recurrent_mask`: a linear-attention layer's 2-D padding mask (Qwen3.5), as transformers builds it.
 - :func:`layer_io` / :func:`pack`: a decoder layer's ``(args, kwargs)`` as ``(hidden, rest, kwargs, positional)``
   and back.
 - :func:`extend_keys`: the 2-D key mask followed by generated tokens; :func:`refuse_single_pass`: the refusal of a
@@ -39,10 +40,10 @@ def check_attention_kinds(vlm, who: str) -> None:
 
     cfg = vlm.hf.config.get_text_config()
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    other = kinds - {"full_attention", "sliding_attention"}
+    other = kinds - {"full_attention", "sliding_attention", "linear_attention"}
     if other or ("sliding_attention" in kinds and not getattr(cfg, "sliding_window", None)):
-        raise InputError(f"{who}: this model has {sorted(kinds)} layers; the rebuilt mask supports full and "
-                         f"sliding-window attention (with the config's sliding_window) only")
+        raise InputError(f"{who}: this model has {sorted(kinds)} layers; the rebuilt mask supports full, "
+                         f"sliding-window (with the config's sliding_window) and linear attention only")
 
 
 def attention_mask(like, keys, q: int, window=None, blocks=None):
@@ -140,6 +141,18 @@ def layer_mask(model, embeds, keys, cache, layer: int, window=None, blocks=None)
         extra["and_mask_function"] = sliding_window_overlay(int(window))
     return create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=keys, cache=cache, layer_idx=layer,
                               **extra)
+
+
+def recurrent_mask(model, embeds, keys, cache):
+    """The mask of a linear-attention layer (a recurrent state, no attention pattern: Qwen3.5's gated delta net) for
+    the queries ``embeds`` (batch, q, d) with the 2-D key mask ``keys``: what the LM builds for it
+    (``transformers.masking_utils.create_recurrent_attention_mask``: the padding mask of the last q keys, or None on
+    a decode step / with no padding)."""
+    from transformers.masking_utils import create_recurrent_attention_mask
+
+    cfg = getattr(model, "_module", model).config.get_text_config()
+    return create_recurrent_attention_mask(config=cfg, inputs_embeds=embeds, attention_mask=keys.to(embeds.device),
+                                           cache=cache)
 
 
 def default_positions(n: int, rows: int, mrope: bool, device):

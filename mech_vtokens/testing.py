@@ -21,6 +21,7 @@ FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl
             "llava_onevision",
             "idefics3", "smolvlm")
 FAMILIES += ("gemma3",)
+FAMILIES += ("qwen3_5", "qwen3_5_moe")
 FAMILIES += ("mistral3",)
 FAMILIES += ("glm4v", "glm4v_moe")
 
@@ -60,6 +61,8 @@ _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "
                 "llava_next": "<image>", "llava_onevision": "<image>"}
 _IMAGE_TOKEN["gemma3"] = "<start_of_image>"  # what a Gemma 3 prompt holds per image (the processor expands it)
 _IMAGE_TOKEN.update(idefics3="<image>", smolvlm="<image>")
+_SPECIALS["qwen3_5"] = _SPECIALS["qwen3_5_moe"] = _SPECIALS["qwen2_vl"]
+_IMAGE_TOKEN.update(qwen3_5="<|image_pad|>", qwen3_5_moe="<|image_pad|>")
 # Mistral 3: [IMG] (the processor expands it into rows of [IMG] ending in [IMG_BREAK] / [IMG_END], text tokens)
 _SPECIALS["mistral3"] = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 _IMAGE_TOKEN["mistral3"] = "[IMG]"
@@ -78,6 +81,34 @@ def prompt(family: str, question: str = "what color is the object ?", n_images: 
     """A prompt in the fixtures' own chat format (``USER : <spans> question ASSISTANT :``; first token ``USER``) with
     ``n_images`` image spans. On a loaded model use ``vlm.prompt``."""
     return "USER : " + image_span(family) * n_images + " " + question + " ASSISTANT :"
+
+
+def _word_bpe_tokenizer(family: str):
+    """A Qwen3.5 tokenizer (``Qwen3_5Tokenizer``: byte-level BPE with its own pre-tokenizer, which transformers loads
+    for model_type qwen3_5 whatever class a checkpoint names) whose BPE, trained on :data:`WORDS`, makes every word
+    ONE token, bare ("red") and after a space ("\u0120red"); the family's specials added after it."""
+    from tokenizers import Tokenizer
+    from tokenizers.trainers import BpeTrainer
+    from transformers import Qwen3_5Tokenizer
+
+    base = Qwen3_5Tokenizer()._tokenizer  # the class's normalizer / pre-tokenizer, an empty BPE
+    trainer = BpeTrainer(vocab_size=4000, show_progress=False,
+                         initial_alphabet=__import__("tokenizers").pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(WORDS), "\n".join(WORDS)] * 4
+    base.train_from_iterator(corpus, trainer)
+    model = json.loads(Tokenizer.to_str(base))["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    specials = _SPECIALS[family]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for t in sorted(model["vocab"], key=model["vocab"].get):
+        vocab.setdefault(t, len(vocab))
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token="<unk>", eos_token="<|endoftext|>",
+                           pad_token="<pad>", extra_special_tokens={
+                               "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    tok.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in ("<pad>", "<unk>")]})
+    tok.padding_side = "left"
+    return tok
 
 
 def _tokenizer(family: str):
@@ -387,6 +418,60 @@ def _idefics3(seed: int, smol: bool):
     return model, proc
 
 
+def _qwen3_5(seed: int, moe: bool, layer_types=("linear_attention", "full_attention", "full_attention")):
+    """Qwen3.5 (dense / MoE): 2 vision blocks (no DeepStack), a 3-layer hybrid decoder (linear, full, full: layer 0
+    has no attention pattern, layers 1-2 do, as the family tests' knockout layers expect); rotary on a quarter of the
+    32-d heads (8 dims, interleaved M-RoPE sections [2, 1, 1]); 14-px patches like the other Qwen fixtures. The
+    RMSNorms scale by (1 + w), w zero at init: randomised so every site carries a signal. The gated delta nets'
+    decay rates (``A_log``, init up to 16: the state forgets within one token) are drawn from 0.005-0.05 so the
+    recurrent state remembers a few dozen tokens, as trained layers do: a linear layer then depends on the image."""
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as P
+
+    from .adapters.components import videoless
+
+    tok = _word_bpe_tokenizer("qwen3_5")
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types), num_attention_heads=4,
+                head_dim=32,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                layer_types=list(layer_types),
+                linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                 "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    if moe:
+        from transformers import Qwen3_5MoeConfig as C, Qwen3_5MoeForConditionalGeneration as M
+
+        text.pop("intermediate_size")
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                    num_experts_per_tok=2)
+        arch = "Qwen3_5MoeForConditionalGeneration"
+    else:
+        from transformers import Qwen3_5Config as C, Qwen3_5ForConditionalGeneration as M
+
+        arch = "Qwen3_5ForConditionalGeneration"
+    config = C(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = M(config).eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name, mod in model.named_modules():
+            if type(mod).__name__.endswith("RMSNorm") and "visual" not in name:
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.1)
+            if hasattr(mod, "A_log"):
+                mod.A_log.copy_((torch.rand(mod.A_log.shape, generator=gen) * 0.045 + 0.005).log())
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    return model, videoless(P)(image_processor=ip, tokenizer=tok)
+
+
 def _mistral3(seed: int):
     """Mistral 3: a 2-block Pixtral tower (14-px patches, 2-D RoPE over up to 8 x 8 patches) over images resized to
     at most 112 px on the longest edge (sides rounded up to 28 px: 2 x 2 patches per token, so a square image is 4
@@ -483,6 +568,8 @@ def build(family: str, seed: int = 0):
         return _gemma3(seed)
     if family in ("idefics3", "smolvlm"):
         return _idefics3(seed, family == "smolvlm")
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        return _qwen3_5(seed, family == "qwen3_5_moe")
     if family == "mistral3":
         return _mistral3(seed)
     if family in ("glm4v", "glm4v_moe"):

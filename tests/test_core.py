@@ -35,6 +35,19 @@ def _batch(vlm, family, markers=None):
     return imgs, prompts
 
 
+def _plain_layer_modules(layer):
+    """(module whose output is what the attention sublayer adds to the residual, its output index, the same for the
+    MLP, the module whose input is resid_mid) of one decoder layer, read off the HF module names."""
+    if hasattr(layer, "pre_feedforward_layernorm"):  # sandwich norms (Gemma 3): what is added to the residual
+        return (layer.post_attention_layernorm, None, layer.post_feedforward_layernorm,
+                layer.pre_feedforward_layernorm)
+    if hasattr(layer, "post_self_attn_layernorm"):  # GLM-4 sandwich norms: post_attention_layernorm is pre-MLP
+        return layer.post_self_attn_layernorm, None, layer.post_mlp_layernorm, layer.post_attention_layernorm
+    if hasattr(layer, "linear_attn"):  # a linear-attention layer (Qwen3.5): its mixer returns a tensor
+        return layer.linear_attn, None, layer.mlp, layer.post_attention_layernorm
+    return layer.self_attn, 0, layer.mlp, layer.post_attention_layernorm
+
+
 def _hf_reference(vlm, inputs):
     """Every LM site by plain torch forward hooks + output_hidden_states, no nnsight."""
     hf, ad = vlm.hf, vlm.adapter
@@ -66,26 +79,10 @@ def _hf_reference(vlm, inputs):
     hooks.append(_resolve(hf, ad.language_model).register_forward_pre_hook(injected, with_kwargs=True))
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_pre_hook(pre(f"blocks.{i}.hook_resid_pre"), with_kwargs=True))
-        if hasattr(layer, "pre_feedforward_layernorm"):  # sandwich norms (Gemma 3): what is added to the residual
-            hooks.append(layer.post_attention_layernorm.register_forward_hook(hook(f"blocks.{i}.hook_attn_out"),
-                                                                              with_kwargs=True))
-            hooks.append(layer.post_feedforward_layernorm.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"),
-                                                                                with_kwargs=True))
-            hooks.append(layer.pre_feedforward_layernorm.register_forward_hook(
-                hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
-            continue
-        if hasattr(layer, "post_self_attn_layernorm"):  # GLM-4 sandwich norms: post_attention_layernorm is pre-MLP
-            hooks.append(layer.post_self_attn_layernorm.register_forward_hook(hook(f"blocks.{i}.hook_attn_out"),
-                                                                              with_kwargs=True))
-            hooks.append(layer.post_mlp_layernorm.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"),
-                                                                        with_kwargs=True))
-            hooks.append(layer.post_attention_layernorm.register_forward_hook(
-                hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
-            continue
-        hooks.append(layer.self_attn.register_forward_hook(hook(f"blocks.{i}.hook_attn_out", 0), with_kwargs=True))
-        hooks.append(layer.mlp.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"), with_kwargs=True))
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(
-            hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
+        attn_out, attn_index, mlp_out, mid = _plain_layer_modules(layer)
+        hooks.append(attn_out.register_forward_hook(hook(f"blocks.{i}.hook_attn_out", attn_index), with_kwargs=True))
+        hooks.append(mlp_out.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"), with_kwargs=True))
+        hooks.append(mid.register_forward_hook(hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
     for i, block in enumerate(_resolve(hf, ad.vision_layers)):
         hooks.append(block.register_forward_hook(hook(f"vision.blocks.{i}.hook_resid_post"), with_kwargs=True))
     hooks.append(_resolve(hf, ad.projector).register_forward_hook(hook("vision_projector.hook_out"), with_kwargs=True))

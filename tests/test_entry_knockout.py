@@ -80,6 +80,8 @@ def run_layers(vlm, x, pos, layers, add=None, visual=None):
         if kinds[i] == "sliding_attention":
             blocked = blocked | (k <= q - cfg.sliding_window)
         mask = torch.zeros(n, n, dtype=x.dtype).masked_fill(blocked, torch.finfo(x.dtype).min)[None, None]
+        if kinds[i] == "linear_attention":  # a recurrent layer (Qwen3.5): no mask on an unpadded row
+            mask = None
         x = lm.layers[i](x, attention_mask=mask, position_embeddings=pe)
         if add and i in add:
             x = x + add[i].to(x.dtype)
@@ -321,9 +323,10 @@ def test_entry_exit_on_sliding_window_layers_match_manual(tiny_dir, tmp_path, at
 
 def patched_eager(hf, monkeypatch, cut, layers):
     """Monkey-patch the family's eager attention function: plain torch, weights * (not cut) after the softmax."""
-    mod = sys.modules[type(lm_of(hf).layers[0].self_attn).__module__]
+    mod = sys.modules[type(lm_of(hf).layers[0]).__module__]  # (a hybrid LM's layer 0 may have no self_attn)
     orig = mod.eager_attention_forward
-    index = {id(layer.self_attn): i for i, layer in enumerate(lm_of(hf).layers)}  # Qwen's ViT uses it too
+    index = {id(layer.self_attn): i for i, layer in enumerate(lm_of(hf).layers)  # Qwen's ViT uses it too
+             if hasattr(layer, "self_attn")}
 
     def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         if index.get(id(module)) not in layers or query.shape[2] != cut.shape[1]:  # (decode steps: untouched)
@@ -367,9 +370,10 @@ def patched_eager_steps(hf, monkeypatch, vm, kind, layers, every_step):
     """The reference of AttentionKnockout in generation, plain torch: the family's eager attention patched so the
     prefill zeroes (queries of ``kind``) x (visual keys ``vm``) after the softmax and, with ``every_step``, each
     cached decode step zeroes its (text) query's weights on those keys; without it decode steps attend normally."""
-    mod = sys.modules[type(lm_of(hf).layers[0].self_attn).__module__]
+    mod = sys.modules[type(lm_of(hf).layers[0]).__module__]  # (a hybrid LM's layer 0 may have no self_attn)
     orig = mod.eager_attention_forward
-    index = {id(layer.self_attn): i for i, layer in enumerate(lm_of(hf).layers)}
+    index = {id(layer.self_attn): i for i, layer in enumerate(lm_of(hf).layers)
+             if hasattr(layer, "self_attn")}
     queries_prefill = vm if kind == "vv" else ~vm
 
     def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

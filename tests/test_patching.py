@@ -170,7 +170,7 @@ def _patched_eager(hf, monkeypatch, layer, edit):
     import sys
 
     lm = lm_of(hf)
-    mod = sys.modules[type(lm.layers[0].self_attn).__module__]
+    mod = sys.modules[type(lm.layers[0]).__module__]  # (a hybrid LM's layer 0 may have no self_attn)
     orig = mod.eager_attention_forward
     target = lm.layers[layer].self_attn
 

@@ -71,11 +71,13 @@ SPAN = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_e
         "llava_next": "<image>", "llava_onevision": "<image>"}
 SPAN["glm4v"] = SPAN["glm4v_moe"] = "<|begin_of_image|><|image|><|end_of_image|>"
 SPAN["gemma3"] = "<start_of_image>"  # the processor expands it to <start_of_image> + soft tokens + <end_of_image>
+SPAN.update(qwen3_5=SPAN["qwen3_vl"], qwen3_5_moe=SPAN["qwen3_vl"])
 # what flanks each run of image tokens in input_ids (InternVL: the processor's own <img> .. </img>)
 FLANKS = {"llava": (None, None), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
           "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "internvl": ("<img>", "</img>"),
           "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"),
           "llava_next": (None, None), "llava_onevision": (None, None)}
+FLANKS.update(qwen3_5=FLANKS["qwen3_vl"], qwen3_5_moe=FLANKS["qwen3_vl"])
 FLANKS["gemma3"] = ("<start_of_image>", "<end_of_image>")
 FLANKS["glm4v"] = FLANKS["glm4v_moe"] = ("<|begin_of_image|>", "<|end_of_image|>")
 # the template's turns: (what opens the assistant turn at the end, what opens the user turn)

@@ -183,7 +183,7 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
         elif mt in ("qwen2_vl", "qwen2_5_vl"):
             pp = hub_file(ck, "preprocessor_config.json")
             want = _qwen_boxes(w, h, pp["min_pixels"], pp["max_pixels"])
-        elif mt in ("qwen3_vl", "qwen3_vl_moe"):  # the same rule with 16-px patches (factor 32), bounds in "size"
+        elif mt in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):  # 16-px patches (factor 32), "size"
             pp = hub_file(ck, "preprocessor_config.json")
             want = _qwen_boxes(w, h, pp["size"]["shortest_edge"], pp["size"]["longest_edge"], f=32)
         elif mt in ("llava_next", "llava_onevision"):
@@ -256,6 +256,10 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         assert ids[0] == 151644  # <|im_start|>user: the Instruct template writes no default system turn
         s, e = ids.index(151652), ids.index(151653)
         assert ids[s + 1:e] == [151655] * len(_qwen_boxes(w, h, 65536, 16777216, f=32))
+    elif mt in ("qwen3_5", "qwen3_5_moe"):  # the Qwen3 specials after 248044 entries: <|im_start|> 248045
+        assert ids[0] == 248045
+        s, e = ids.index(248053), ids.index(248054)  # <|vision_start|> <|image_pad|> 248056 * n <|vision_end|>
+        assert ids[s + 1:e] == [248056] * len(_qwen_boxes(w, h, 65536, 16777216, f=32))
     elif mt in ("llava_next", "llava_onevision"):
         cfg = hub_file(ck, "config.json")
         side = cfg["vision_config"]["image_size"]

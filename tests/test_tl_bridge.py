@@ -54,6 +54,11 @@ def _boot(path):
     from transformer_lens.model_bridge.supported_architectures.glm4v import Glm4vArchitectureAdapter
 
     Glm4vArchitectureAdapter.required_libraries = []  # torchvision: GLM's video processor, unused here
+
+    from transformer_lens.model_bridge.supported_architectures.qwen3_5_multimodal import (
+        Qwen3_5MultimodalArchitectureAdapter)
+
+    Qwen3_5MultimodalArchitectureAdapter.required_libraries = []  # (Qwen3.5; the MoE adapter subclasses it)
     _register_qwen2_vl()
     hf = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(path)
@@ -89,11 +94,13 @@ VISION = {"qwen2_vl": "vision_encoder.blocks.{i}.hook_resid_post",
           "llava_onevision": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "gemma3": "vision_encoder.encoder_layers.{i}.hook_resid_post",
           "idefics3": "vision_encoder.encoder_layers.{i}.hook_resid_post"}
+VISION.update(qwen3_5=VISION["qwen3_vl"], qwen3_5_moe=VISION["qwen3_vl"])
 
 
 # TL's RMSNorm bridge hooks `hook_normalized` BEFORE the weight; Gemma's norm scales by (1 + w): the module's output,
 # what lm_head reads, is its `hook_out`
 FINAL_OUT = {"gemma3"}
+FINAL_OUT |= {"qwen3_5", "qwen3_5_moe"}  # Qwen3.5's RMSNorm scales by (1 + w) too
 # TL 4.3's Mistral 3 adapter delegates the Pixtral tower opaquely (one component, no per-block hooks: its 2-D RoPE
 # block-diagonal attention has no bridge), so the vision blocks are not cross-checked there; tests/test_mistral3.py
 # checks them against a plain-torch Pixtral forward instead
@@ -105,7 +112,7 @@ OPAQUE_VISION |= {"glm4v"}
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-                                 "idefics3", "gemma3", "mistral3", "glm4v"])
+                                 "idefics3", "gemma3", "mistral3", "glm4v", "qwen3_5", "qwen3_5_moe"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
@@ -129,6 +136,8 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
             return cache["ln_final.hook_out"]
         if site.startswith("vision.blocks."):
             return cache[VISION[fam].format(i=site.split(".")[2])]
+        if site.endswith(".hook_attn_out") and site not in cache:  # a linear-attention layer (Qwen3.5): its mixer
+            return cache[site.replace("hook_attn_out", "linear_attn.hook_out")]
         if site.endswith(".hook_deepstack"):  # TL has no hook for it: what lies between layer i and i + 1
             i = int(site.split(".")[1])
             nxt = cache[f"blocks.{i + 1}.hook_resid_pre"] if i + 1 < n else cache["ln_final.hook_in"]

@@ -17,11 +17,13 @@ from .mistral3 import Mistral3Adapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
+from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, InternVLAdapter,
                                       Qwen3VLAdapter, Qwen3VLMoeAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
                                       Idefics3Adapter, SmolVLMAdapter)
 ADAPTERS += (Gemma3Adapter,)
+ADAPTERS += (Qwen3_5Adapter, Qwen3_5MoeAdapter)
 ADAPTERS += (Mistral3Adapter,)
 ADAPTERS += (Glm4vAdapter, Glm4vMoeAdapter)
 

@@ -82,6 +82,11 @@ class Adapter:
     # The sites of one decoder layer, in forward order (suffix, module path relative to the layer with the
     # placeholders {attn} {mlp} {ln2} {pattern}, accessor kind, index): every layer of the family has these.
     block_sites: tuple = _BLOCK_SITES
+    # Decoder layers of another kind (the text config's ``layer_types`` entry of the layer): kind -> the sites of a
+    # layer of that kind, in the format of ``block_sites`` (Qwen3.5's "linear_attention" layers mix tokens with a gated
+    # delta net: no attention pattern, the mixer's output a tensor). A kind not listed has ``block_sites``. Default:
+    # every layer alike.
+    block_sites_by_kind: dict = {}
     # Vectors ADDED to the residual stream between decoder layers, outside any module (Qwen3-VL DeepStack:
     # ``hidden[visual_pos_masks] += deepstack_visual_embeds[i]`` after layer i, for the first few layers): None, or
     # (site suffix, the LM kwarg holding one packed (positions, d) tensor per layer, the LM kwarg holding the
@@ -156,7 +161,7 @@ class Adapter:
         rows.append(("lm.hook_inputs", self.language_model, "inputs", None))
         for i in range(self.n_layers):
             layer = f"{self.decoder_layers}.{i}"
-            for name, rel, kind, index in self.block_sites:
+            for name, rel, kind, index in self.block_sites_of(i):
                 rel = rel.format(attn=self.attn, ln2=self.ln2, mlp=self.mlp, pattern=self.attn_pattern)
                 rows.append((f"blocks.{i}.{name}", f"{layer}.{rel}" if rel else layer, kind, index))
             if i in self.injection_layers():
@@ -178,8 +183,25 @@ class Adapter:
 
     @property
     def block_site_names(self) -> tuple:
-        """Every block-site suffix of this family (intervention-only ones included), the injection's last."""
-        return tuple(s[0] for s in self.block_sites) + ((self.injection[0],) if self.injection else ())
+        """Every block-site suffix of this family (intervention-only ones included; of every layer kind), the
+        injection's last."""
+        names = [s[0] for s in self.block_sites]
+        names += [s[0] for sites in self.block_sites_by_kind.values() for s in sites if s[0] not in names]
+        return tuple(dict.fromkeys(names)) + ((self.injection[0],) if self.injection else ())
+
+    # ---- layer kinds (block_sites_by_kind) -------------------------------------------------------------------
+    def layer_kind(self, i: int) -> str:
+        """Decoder layer ``i``'s kind: the text config's ``layer_types[i]`` ("full_attention" where it has none)."""
+        kinds = getattr(self.config.get_text_config(), "layer_types", None)
+        return kinds[i] if kinds else "full_attention"
+
+    def block_sites_of(self, i: int) -> tuple:
+        """The sites of decoder layer ``i`` (``block_sites_by_kind`` of its kind, else ``block_sites``)."""
+        return self.block_sites_by_kind.get(self.layer_kind(i), self.block_sites)
+
+    def layers_with(self, hook: str) -> list[int]:
+        """The decoder layers that have the block site ``hook`` (e.g. "attn.hook_pattern")."""
+        return [i for i in range(self.n_layers) if any(s[0] == hook for s in self.block_sites_of(i))]
 
     @property
     def site_names(self) -> list[str]:
@@ -201,6 +223,11 @@ class Adapter:
                 raise InputError(
                     f"site {name!r}: layer {layer} is out of range; this {self.family} model has {n} "
                     f"{'vision' if vision else 'decoder'} layers (use 0..{n - 1}, or a negative index from the end)")
+            if not vision and self.layers_with(hook) and 0 <= layer < n:  # another kind of decoder layer has it
+                raise InputError(
+                    f"site {name!r}: decoder layer {layer} of this {self.family} model is a "
+                    f"{self.layer_kind(layer)!r} layer, which has no {hook!r}; the layers that have it: "
+                    f"{self.layers_with(hook)}")
             if not vision and self.injection and hook == self.injection[0]:
                 raise InputError(f"site {name!r}: the {self.family} model adds {hook!r} vectors only after decoder "
                                  f"layers {list(self.injection_layers())} (blocks.{{i}}.{hook} for those i)")
