@@ -132,6 +132,11 @@ class _Window(Intervention):
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
             raise InputError(f"{self.who}: layer must be one int, got {self.layer!r}")
         k = self._layer(vlm)
+        why = vlm.adapter.sequence_change_refusal  # a family whose layers hold per-token state of the full sequence
+        if why:
+            raise InputError(f"{self.who}: this {vlm.adapter.family} model cannot change the sequence between decoder "
+                             f"layers: {why}. Use Prune (removes the tokens before the language model, exact for "
+                             f"every layer) instead")
         self._check_layer(vlm, k)
         resolve(self.tokens, batch, self.who)
         check_attention_kinds(vlm, self.who)

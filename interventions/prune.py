@@ -71,7 +71,8 @@ class Prune(Intervention):
         att = batch.inputs.get("attention_mask")
         blocks = image_blocks(batch.visual_mask) if vlm.adapter.image_attention == "bidirectional" else None
         return dict(self.layout(vlm, batch), mrope=vlm.adapter.rope == "mrope",
-                    token_kwargs=vlm.adapter.lm_token_kwargs, keys=att, blocks=blocks)
+                    token_kwargs=vlm.adapter.lm_token_kwargs, keys=att, blocks=blocks,
+                    block_kinds=vlm.adapter.image_attention_kinds)
 
     def at(self, site, value, ctx, out):
         import torch
@@ -125,7 +126,8 @@ class Prune(Intervention):
                 if mine["blocks"] is not None:
                     blocks = rows_for(mine["blocks"], b).to(emb.device).gather(1, index)
                     blocks = blocks.masked_fill(~valid, -1)
-                kwargs["attention_mask"] = lm_masks(ctx["model"], kwargs["inputs_embeds"], new_am, cache, blocks)
+                kwargs["attention_mask"] = lm_masks(ctx["model"], kwargs["inputs_embeds"], new_am, cache, blocks,
+                                                    mine["block_kinds"])
             out["_state"] = {"am": new_am, "next": nxt, "width": index.shape[1]}
         else:  # a cached decode step: attend to the shortened cache, continue the positions
             st = out.get("_state")

@@ -7,6 +7,7 @@ Adding a family = one file with an ``Adapter`` subclass + its entry in ``ADAPTER
 from ..errors import InputError
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
+from .gemma4 import Gemma4Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
@@ -20,6 +21,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAda
                                       Qwen3VLAdapter, Qwen3VLMoeAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
                                       Idefics3Adapter, SmolVLMAdapter)
 ADAPTERS += (Gemma3Adapter,)
+ADAPTERS += (Gemma4Adapter,)
 
 
 def supported() -> str:
