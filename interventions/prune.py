@@ -102,6 +102,8 @@ class Prune(Intervention):
                 valid = torch.cat([valid, torch.ones_like(extra, dtype=torch.bool)], 1)
             if pos is None:  # what the LM builds when it gets none: 0..n-1 (on every M-RoPE axis)
                 pos = default_positions(n, b, mine["mrope"], emb.device)
+            elif pos.shape[-2] == 1 and b > 1:  # one row of ids for the whole batch (Gemma 4's wrapper): per row
+                pos = pos.expand(*pos.shape[:-2], b, pos.shape[-1])
             am_full = torch.ones(b, n, dtype=torch.long, device=emb.device) if am is None else am
             new_am = am_full.gather(1, index) * valid.to(am_full.dtype)
             if self.positions == "original":
