@@ -120,6 +120,15 @@ class Adapter:
     # Why this model cannot change the sequence BETWEEN decoder layers (VisualEntry / VisualExit refuse, naming it),
     # or None (they can).
     sequence_change_refusal: str | None = None
+    # HF ``generate`` kwargs ``mech_vtokens.generate`` sets (unless given) so its prefill runs every layer on the
+    # whole prompt, as the one traced forward its probes stand for: Gemma 4 {"logits_to_keep": 0} (with 1, HF's
+    # default, its KV-shared layers compute the last position only).
+    generate_defaults: dict = {}
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise a clear ``InputError`` for a config of this model type that the family cannot serve (e.g. a variant
+        without a vision encoder); ``mech_vtokens.load`` calls it before any weight is read. Default: every config."""
 
     def logit_softcap_value(self) -> float | None:
         """The logit cap of this model (``logit_softcap``), or None."""

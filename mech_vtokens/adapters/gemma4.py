@@ -107,6 +107,16 @@ class Gemma4Adapter(Adapter):
     lm_token_kwargs = {"per_layer_inputs": "seq"}  # PLE token embeddings (batch, seq, layers, d_ple)
     logit_softcap = "text_config.final_logit_softcapping"
     unembed_site = ("", "output", "logits")  # the capped logits, the root output's field
+    generate_defaults = {"logits_to_keep": 0}  # else the KV-shared layers see the prompt's last position only
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if getattr(config, "vision_config", None) is None:
+            from ..errors import InputError
+
+            raise InputError("this gemma4 checkpoint has no vision encoder (config.vision_config is null: a text-only "
+                             "Gemma 4), so it has no visual tokens to study; load a Gemma 4 checkpoint with a vision "
+                             "tower (e.g. google/gemma-4-E2B-it)")
 
     @property
     def image_attention(self):
