@@ -89,6 +89,11 @@ class Gemma4Geometry(Geometry):
     def grids(self, enc, image_sizes, call_kwargs=None):
         return [{"rows": rows, "cols": cols, "tiles": 1} for rows, cols, _, _ in self._grids(enc)]
 
+    def native_size(self):
+        """A square of n x n cells, n^2 within ``max_soft_tokens``: the processor's resize leaves it as it is."""
+        side = self.ip.pooling_kernel_size * self.ip.patch_size * int(self.ip.max_soft_tokens ** 0.5)
+        return side, side
+
 
 class Gemma4Adapter(Adapter):
     family = "gemma4"
