@@ -59,7 +59,7 @@ _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "
                 "llava_next": "<image>", "llava_onevision": "<image>"}
 _IMAGE_TOKEN["gemma3"] = "<start_of_image>"  # what a Gemma 3 prompt holds per image (the processor expands it)
 _IMAGE_TOKEN.update(idefics3="<image>", smolvlm="<image>")
-_IMAGE_TOKEN["gemma4"] = "<|image|>"  # the soft token; the processor expands one per image to <|image> + n x it + <image|>
+_IMAGE_TOKEN["gemma4"] = "<|image|>"  # the soft token; the processor expands it to <|image> + n x it + <image|>
 
 
 def image_span(family: str) -> str:
