@@ -219,3 +219,8 @@ def test_refusals(tiny_vlm, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(InputError, match="no vision encoder"):
         mv.load(str(tmp_path))
+    from transformers import Gemma4UnifiedConfig  # the encoder-free variant: refused, naming why
+
+    (tmp_path / "config.json").write_text(json.dumps(Gemma4UnifiedConfig().to_dict()))
+    with pytest.raises(InputError, match=r"gemma4_unified.*no vision encoder"):
+        mv.load(str(tmp_path))

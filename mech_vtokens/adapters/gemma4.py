@@ -34,7 +34,8 @@ What transformers 5.25's ``modeling_gemma4`` / ``processing_gemma4`` do, as far 
 - Embeddings: scaled by sqrt(d) like Gemma 3 (``embed_scale``). Audio and video inputs are not used.
 - Processor: ``Gemma4Processor.__init__`` needs an audio feature extractor and a video processor (torchvision),
   by keyword: :func:`gemma4_image_processor_class` builds it for images + text.
-- No vision tower (a text-only Gemma 4 config, ``vision_config`` null): ``mv.load`` refuses it (``check_model``).
+- Without a vision encoder: Gemma 4 unified (``gemma4_unified``: raw patches projected straight into the LM) and a
+  text-only config (``vision_config`` null) are refused by ``mv.load`` before any weight is read (``check_config``).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Gemma4Geometry(Geometry):
 
 class Gemma4Adapter(Adapter):
     family = "gemma4"
-    model_types = ("gemma4",)
+    model_types = ("gemma4", "gemma4_unified")  # the unified one only to refuse it clearly (check_config)
     vision_layers = "model.vision_tower.encoder.layers"
     projector = "model.embed_vision"
     ln2 = "pre_feedforward_layernorm"
@@ -116,9 +117,15 @@ class Gemma4Adapter(Adapter):
 
     @classmethod
     def check_config(cls, config) -> None:
-        if getattr(config, "vision_config", None) is None:
-            from ..errors import InputError
+        from ..errors import InputError
 
+        if config.model_type == "gemma4_unified":
+            raise InputError("Gemma 4 unified (model_type gemma4_unified, Gemma4UnifiedForConditionalGeneration) has "
+                             "no vision encoder: model.embed_vision projects raw pixel patches straight into the "
+                             "language model, so there are no vision blocks / pooled soft tokens this adapter maps; "
+                             "it is not supported. Use a Gemma 4 with a vision tower (google/gemma-4-E2B-it, -E4B-it, "
+                             "-31B-it, -26B-A4B-it)")
+        if getattr(config, "vision_config", None) is None:
             raise InputError("this gemma4 checkpoint has no vision encoder (config.vision_config is null: a text-only "
                              "Gemma 4), so it has no visual tokens to study; load a Gemma 4 checkpoint with a vision "
                              "tower (e.g. google/gemma-4-E2B-it)")
