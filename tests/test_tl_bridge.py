@@ -85,10 +85,16 @@ VISION = {"qwen2_vl": "vision_encoder.blocks.{i}.hook_resid_post",
 # TL's RMSNorm bridge hooks `hook_normalized` BEFORE the weight; Gemma's norm scales by (1 + w): the module's output,
 # what lm_head reads, is its `hook_out`
 FINAL_OUT = {"gemma3"}
+# Gemma 4: Gemma4RMSNorm scales by w (TL's final norm has hook_out only); TL bridges the vision tower as one component
+# (no per-block hooks: its pooled output only, checked against ours in tests/test_gemma4.py); its `unembed.hook_out`
+# is lm_head's output, our site the model's logits = final_logit_softcapping applied to it (written here); our
+# `hook_ple_out` is its `post_per_layer_input_norm.hook_out`
+FINAL_OUT.add("gemma4")
+SOFTCAP = {"gemma4"}
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-                                 "idefics3", "gemma3"])
+                                 "idefics3", "gemma3", "gemma4"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
@@ -112,6 +118,11 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
             return cache["ln_final.hook_out"]
         if site.startswith("vision.blocks."):
             return cache[VISION[fam].format(i=site.split(".")[2])]
+        if site == "unembed.hook_out" and fam in SOFTCAP:
+            cap = vlm.hf.config.get_text_config().final_logit_softcapping
+            return torch.tanh(cache["unembed.hook_out"] / cap) * cap
+        if site.endswith(".hook_ple_out"):
+            return cache[site.replace("hook_ple_out", "post_per_layer_input_norm.hook_out")]
         if site.endswith(".hook_deepstack"):  # TL has no hook for it: what lies between layer i and i + 1
             i = int(site.split(".")[1])
             nxt = cache[f"blocks.{i + 1}.hook_resid_pre"] if i + 1 < n else cache["ln_final.hook_in"]
@@ -132,8 +143,9 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     must = {"hook_embed", "vision_projector.hook_out", "unembed.hook_out"} | {
         f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid",
                                                       "hook_mlp_out", "hook_resid_post")} | {
-        f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)} | {
-        f"blocks.{i}.{vlm.adapter.injection[0]}" for i in vlm.adapter.injection_layers()}
+        f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers) if fam in VISION} | {
+        f"blocks.{i}.{vlm.adapter.injection[0]}" for i in vlm.adapter.injection_layers()} | {
+        f"blocks.{i}.hook_ple_out" for i in range(n) if "hook_ple_out" in vlm.adapter.block_site_names}
     assert must <= set(checked), sorted(must - set(checked))
     torch.testing.assert_close(act["unembed.hook_out"], logits, atol=ATOL, rtol=0)
     # the lenses on the bridge's states give the same ids
