@@ -6,7 +6,8 @@ decomposition with the per-layer-embedding step and the per-layer scalar (and th
 it), the capped logits (the site, LogitLens, logit_diff_of), Prune slicing the per-layer inputs (and what a missing
 declaration does), the per-image pooled geometry against the processor's own arithmetic on odd sizes, the pooled
 vision rows against the projector, the image-only processor's round trip, probes at KV-shared layers under
-mv.generate, and the refusals (VisualEntry / VisualExit, a Gemma 4 without a vision encoder).
+mv.generate, the refusals (VisualEntry / VisualExit, a Gemma 4 without a vision encoder, Gemma 4 unified), and Prune
+on a variant whose images attend bidirectionally in its sliding layers only, against HF's own mask code.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mech_vtokens.errors import InputError
 from mech_vtokens.interventions import Prune, VisualEntry, VisualExit
 from mech_vtokens.probes import LogitLens
 from mech_vtokens.probes.activations import Activations
-from mech_vtokens.token_sets import Positions
+from mech_vtokens.token_sets import Positions, resolve
 
 from intervention_refs import batch_of, clean_lm_kwargs, lm_of, nn_run
 
@@ -224,3 +225,40 @@ def test_refusals(tiny_vlm, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(Gemma4UnifiedConfig().to_dict()))
     with pytest.raises(InputError, match=r"gemma4_unified.*no vision encoder"):
         mv.load(str(tmp_path))
+
+
+def test_prune_on_a_bidirectional_vision_variant_matches_hf_masks():
+    """A Gemma 4 whose images attend bidirectionally (``use_bidirectional_attention="vision"``, the 31B / 26B-A4B
+    setting) does so in its SLIDING layers only: Prune rebuilds that (``image_attention_kinds``) == HF's own mask code
+    (``Gemma4Model`` given the kept embeddings, per-layer inputs and token types). Declaring both kinds (Gemma 3's
+    rule) or none gives other logits."""
+    model, proc = T.build("gemma4")
+    model.config.text_config.use_bidirectional_attention = "vision"
+    vlm = mv.load(model, proc)
+    assert vlm.adapter.image_attention == "bidirectional"
+    b = batch_of(vlm, "gemma4")
+    clean = clean_lm_kwargs(vlm, b)
+    ts = Positions(list(range(0, int(b.visual_mask[0].sum()), 2)))
+    sel = resolve(ts, b)
+    logits, _ = nn_run(vlm, b, [Prune(ts)])
+    pos = clean["position_ids"].expand(b.visual_mask.shape[0], -1)
+    for r in range(b.visual_mask.shape[0]):
+        kept = (~sel[r]).nonzero()[:, 0]
+        with torch.no_grad():
+            h = vlm.hf.model(inputs_embeds=clean["inputs_embeds"][r:r + 1, kept],
+                             attention_mask=b.inputs["attention_mask"][r:r + 1, kept], position_ids=pos[r:r + 1, kept],
+                             mm_token_type_ids=b.inputs["mm_token_type_ids"][r:r + 1, kept],
+                             per_layer_inputs=clean["per_layer_inputs"][r:r + 1, kept]).last_hidden_state
+            ref = _cap(vlm, vlm.hf.lm_head(h))[0]
+        real = b.inputs["attention_mask"][r, kept].bool()
+        got = logits[r, -len(kept):]
+        assert (got[real] - ref[real]).abs().max() < 1e-5, r
+    for kinds, attn in ((("full_attention", "sliding_attention"), "bidirectional"), ((), "causal")):
+        wrong = type("WrongKinds", (type(vlm.adapter),), {"image_attention_kinds": kinds,
+                                                          "image_attention": attn})(vlm.hf)
+        right, vlm.adapter = vlm.adapter, wrong
+        try:
+            bad, _ = nn_run(vlm, b, [Prune(ts)])
+        finally:
+            vlm.adapter = right
+        assert (bad - logits).abs().max() > 1e-4, kinds
