@@ -21,6 +21,7 @@ FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl
             "llava_onevision",
             "idefics3", "smolvlm")
 FAMILIES += ("gemma3",)
+FAMILIES += ("mistral3",)
 FAMILIES += ("gemma4",)
 
 # Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
@@ -59,6 +60,9 @@ _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "
                 "llava_next": "<image>", "llava_onevision": "<image>"}
 _IMAGE_TOKEN["gemma3"] = "<start_of_image>"  # what a Gemma 3 prompt holds per image (the processor expands it)
 _IMAGE_TOKEN.update(idefics3="<image>", smolvlm="<image>")
+# Mistral 3: [IMG] (the processor expands it into rows of [IMG] ending in [IMG_BREAK] / [IMG_END], text tokens)
+_SPECIALS["mistral3"] = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+_IMAGE_TOKEN["mistral3"] = "[IMG]"
 _IMAGE_TOKEN["gemma4"] = "<|image|>"  # the soft token; the processor expands it to <|image> + n x it + <image|>
 
 
@@ -101,6 +105,8 @@ def _tokenizer(family: str):
         kwargs.update(bos_token="<|im_start|>", eos_token="<end_of_utterance>", extra_special_tokens={
             "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
             "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
+    elif family == "mistral3":
+        kwargs.update(bos_token="<s>", eos_token="</s>")
     elif family == "internvl":
         kwargs.update(bos_token="<s>", eos_token="</s>", extra_special_tokens={
             "start_image_token": "<img>", "end_image_token": "</img>",
@@ -434,6 +440,32 @@ def _idefics3(seed: int, smol: bool):
     return model, proc
 
 
+def _mistral3(seed: int):
+    """Mistral 3: a 2-block Pixtral tower (14-px patches, 2-D RoPE over up to 8 x 8 patches) over images resized to
+    at most 112 px on the longest edge (sides rounded up to 28 px: 2 x 2 patches per token, so a square image is 4
+    x 4 tokens and a 112 x 56 one 2 x 4), the 2 x 2 patch merger, a 3-layer Mistral decoder."""
+    from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig,
+                              PixtralImageProcessorPil, PixtralVisionConfig)
+
+    from .adapters.mistral3 import pixtral_processor_class
+
+    tok = _tokenizer("mistral3")
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 head_dim=16, image_size=112, patch_size=14)
+    text = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                            image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+                            vision_feature_layer=-1, tie_word_embeddings=False)
+    config.architectures = ["Mistral3ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    ip = PixtralImageProcessorPil(size={"longest_edge": 112}, patch_size={"height": 14, "width": 14})
+    proc = pixtral_processor_class()(image_processor=ip, tokenizer=tok, patch_size=14, spatial_merge_size=2)
+    return model, proc
+
+
 def build(family: str, seed: int = 0):
     """(model, processor) of a tiny random model of ``family``, in memory."""
     if family == "llava":
@@ -452,6 +484,8 @@ def build(family: str, seed: int = 0):
         return _gemma3(seed)
     if family in ("idefics3", "smolvlm"):
         return _idefics3(seed, family == "smolvlm")
+    if family == "mistral3":
+        return _mistral3(seed)
     if family == "gemma4":
         return _gemma4(seed)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")

@@ -105,8 +105,9 @@ def _runs(mask_row):
 
 
 # Idefics3 / SmolVLM: an image is several runs of image tokens (one per tile + the global image), each flanked by
-# text tokens: tests/test_idefics3.py checks that layout through the real chat template
-@pytest.mark.parametrize("family", [f for f in T.FAMILIES if f not in ("idefics3", "smolvlm")])
+# text tokens: tests/test_idefics3.py checks that layout through the real chat template. Mistral 3 likewise (one run of
+# [IMG] per token row, split by the [IMG_BREAK] text token): tests/test_mistral3.py
+@pytest.mark.parametrize("family", [f for f in T.FAMILIES if f not in ("idefics3", "smolvlm", "mistral3")])
 def test_prompt_through_the_chat_template(tiny_dir, family):
     vlm = _fresh(tiny_dir, family)
     vlm.processor.chat_template = TEMPLATES["qwen" if family.startswith("qwen") else family]

@@ -215,6 +215,12 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
             assert torch.allclose(boxes[0], torch.tensor([0, 0, 64 * w / cw, 64 * h / ch], dtype=boxes.dtype))
             assert torch.allclose(boxes[-1], torch.tensor([w * 7 / 8, h * 7 / 8, w, h], dtype=boxes.dtype))
             continue
+        elif mt == "mistral3":  # Pixtral: no downscale below 1540 px, each side rounded UP to 28 px (14-px patches,
+            rows, cols = -(-h // 28), -(-w // 28)  # 2 x 2 merge), one token per 28 x 28 cell, raster order
+            assert set(batch.tokens["kind"][sel].tolist()) == {0} and batch.grids[i] == {"rows": rows, "cols": cols,
+                                                                                        "tiles": 1}
+            want = [(c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows)
+                    for r in range(rows) for c in range(cols)]
         else:
             cols, rows, tiles = _internvl_tiles(w, h)
             assert n_in_ids == 256 * tiles == int(sel.sum())
@@ -287,6 +293,12 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         assert ids[s - 2:s] == [49189, 49153] and ids[s:s + 64] == [49190] * 64
         g = ids.index(49152)  # <global-img>: the global image's 64 tokens, closed by <fake_token_around_image>
         assert ids[g - 1] == 49189 and ids[g + 1:g + 65] == [49190] * 64 and ids[g + 65] == 49189
+    elif mt == "mistral3":  # <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]: rows of [IMG] 10 closed by [IMG_BREAK] 12,
+        rows, cols = -(-h // 28), -(-w // 28)  # the last one by [IMG_END] 13 (text tokens, not in the mask)
+        assert ids[0] == 1 and 17 in ids[:3] and ids.count(10) == rows * cols
+        s = ids.index(10)
+        layout = ([10] * cols + [12]) * (rows - 1) + [10] * cols + [13]
+        assert ids[s - 1] == 3 and ids[s:s + rows * (cols + 1)] == layout
     else:
         assert ids[0] == 151644
         tiles = _internvl_tiles(w, h)[2]

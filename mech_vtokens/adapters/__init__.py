@@ -13,6 +13,7 @@ from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .mistral3 import Mistral3Adapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
@@ -21,6 +22,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAda
                                       Qwen3VLAdapter, Qwen3VLMoeAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
                                       Idefics3Adapter, SmolVLMAdapter)
 ADAPTERS += (Gemma3Adapter,)
+ADAPTERS += (Mistral3Adapter,)
 ADAPTERS += (Gemma4Adapter,)
 
 

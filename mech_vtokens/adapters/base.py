@@ -136,11 +136,26 @@ class Adapter:
 
     def __init__(self, hf_model: torch.nn.Module):
         self.config = hf_model.config
+        self._require_declared_modules(hf_model)
         self.n_layers = len(_resolve(hf_model, self.decoder_layers))
         self.n_vision_layers = len(_resolve(hf_model, self.vision_layers))
         self.d_model = _resolve(hf_model, self.lm_head).in_features
         self.image_token_id = int(self.image_token_id_of(self.config))
         self._sites = self._site_table()
+
+    def _require_declared_modules(self, hf_model) -> None:
+        """InputError, before any work, when a module the adapter counts or reads is not where it declares it: a
+        checkpoint of a served model_type with another layout (LLaVA with a Pixtral tower keeps its blocks at
+        ``vision_tower.transformer.layers``, not CLIP's ``encoder.layers``), or a module transformers moved."""
+        for what, path in (("vision blocks", self.vision_layers), ("decoder layers", self.decoder_layers),
+                           ("projector", self.projector), ("unembedding", self.lm_head)):
+            if _resolve_or_none(hf_model, path) is None:
+                vision = getattr(getattr(self.config, "vision_config", None), "model_type", None)
+                raise InputError(
+                    f"this {type(hf_model).__name__} (model_type {self.config.model_type!r}, vision tower "
+                    f"{vision!r}) has no {what} at {path!r}, where the {self.family} adapter declares them: a layout "
+                    f"no adapter serves (or a module transformers moved: then update "
+                    f"mech_vtokens/adapters/{self.family}.py)")
 
     def injection_layers(self) -> range:
         """The decoder layers after which ``injection`` adds its vectors (none by default)."""
