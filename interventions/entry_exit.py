@@ -172,7 +172,8 @@ class _Window(Intervention):
                     k_site=a.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"), windows=windows, layer_of=later,
                     kinds={site: types[i] for site, i in later.items()}, rotary_kind=a.rotary_takes_kind,
                     rotary=a.rotary_emb, blocks=blocks, keys=batch.inputs.get("attention_mask"),  # (Prune's too)
-                    injection=a.injection, inject_at=_injection_sites(vlm), token_kwargs=a.lm_token_kwargs)
+                    injection=a.injection, inject_at=_injection_sites(vlm), token_kwargs=a.lm_token_kwargs,
+                    block_kinds=a.image_attention_kinds)  # (Prune's too)
 
     def _take_injection(self, value, ctx, out):
         """At the prefill's ``lm.hook_inputs``: keep the vectors the model adds between layers (DeepStack) and take
