@@ -49,7 +49,7 @@ def _probes(vlm):
     from mech_vtokens.probes import (Activations, AnswerLogProb, ChoiceProb, EmbedLens, KLToClean, LabelMatching,
                                      LogitDiff, LogitLens, NormTracker, SinkChannels, ViTSinks)
 
-    label = next(w for w in ("red", "circle", "image") if len(vlm.tokenizer.encode(w, add_special_tokens=False)) == 1)
+    label = "red"  # rule="first": its first token (byte-level BPE vocabularies have no single-token "red")
     a, b = 5, 6  # two token ids: the answer metrics take ids as well as single-token words
     return [Activations(["hook_embed", "blocks.0.hook_resid_post"]), EmbedLens(k=3), LogitLens(k=3),
             NormTracker(), SinkChannels(threshold=3.0), ViTSinks(threshold=1.0),

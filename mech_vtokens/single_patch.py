@@ -51,7 +51,8 @@ def _canvas_size(vlm) -> tuple[int, int]:
     vc = vlm.hf.config.vision_config
     side = vc.image_size[0] if isinstance(getattr(vc, "image_size", None), (list, tuple)) else getattr(
         vc, "image_size", None)
-    if side:  # a processor that resizes the longest edge to a multiple of the tile (Idefics3): that size, unresized
+    # a processor that resizes the longest edge to a multiple of the tile (Idefics3): that size, unresized
+    if side and not vlm.adapter.geometry.variable_resolution:  # GLM-4V: image_size is its position table
         longest = dict(getattr(vlm.processor.image_processor, "size", None) or {}).get("longest_edge")
         if longest and longest % int(side) == 0:
             return int(longest), int(longest)

@@ -22,6 +22,7 @@ FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl
             "idefics3", "smolvlm")
 FAMILIES += ("gemma3",)
 FAMILIES += ("mistral3",)
+FAMILIES += ("glm4v", "glm4v_moe")
 FAMILIES += ("gemma4",)
 
 # Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
@@ -53,6 +54,9 @@ _SPECIALS["gemma4"] = ["<pad>", "<unk>", "<bos>", "<eos>", "<|image>", "<image|>
 _SPECIALS["idefics3"] = _SPECIALS["smolvlm"] = (
     ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
     + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
+_SPECIALS["glm4v"] = _SPECIALS["glm4v_moe"] = [
+    "<pad>", "<unk>", "<|endoftext|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+    "<|end_of_video|>", "<|image|>", "<|video|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # The image token of each fixture's tokenizer (the adapters declare the span around it).
 _IMAGE_TOKEN = {"llava": "<image>", "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>",
@@ -63,6 +67,7 @@ _IMAGE_TOKEN.update(idefics3="<image>", smolvlm="<image>")
 # Mistral 3: [IMG] (the processor expands it into rows of [IMG] ending in [IMG_BREAK] / [IMG_END], text tokens)
 _SPECIALS["mistral3"] = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 _IMAGE_TOKEN["mistral3"] = "[IMG]"
+_IMAGE_TOKEN.update(glm4v="<|image|>", glm4v_moe="<|image|>")
 _IMAGE_TOKEN["gemma4"] = "<|image|>"  # the soft token; the processor expands it to <|image> + n x it + <image|>
 
 
@@ -107,6 +112,9 @@ def _tokenizer(family: str):
             "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
     elif family == "mistral3":
         kwargs.update(bos_token="<s>", eos_token="</s>")
+    elif family in ("glm4v", "glm4v_moe"):
+        kwargs.update(eos_token="<|endoftext|>", extra_special_tokens={"image_token": "<|image|>",
+                                                                      "video_token": "<|video|>"})
     elif family == "internvl":
         kwargs.update(bos_token="<s>", eos_token="</s>", extra_special_tokens={
             "start_image_token": "<img>", "end_image_token": "</img>",
@@ -466,6 +474,58 @@ def _mistral3(seed: int):
     return model, proc
 
 
+def _glm4v(seed: int, moe: bool):
+    """GLM-4.1V (dense) / GLM-4.5V (MoE): 2 vision blocks (14-px patches, a 4 x 4 position table interpolated to
+    each grid, 2 x 2 downsample conv + merger), a 3-layer decoder; head_dim 16 with partial rotary 0.5 (8 rotary
+    dims = 4 frequencies, M-RoPE sections [2, 1, 1]). Dense: sandwich norms, whose weights (ones at init) are
+    randomised so a wrong post-norm site shows. MoE: layer 0 dense (first_k_dense_replace), 1-2 sparse (4 routed
+    experts, top-2, one shared)."""
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
+
+    from .adapters.components import videoless
+
+    tok = _tokenizer("glm4v_moe" if moe else "glm4v")
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5}, pad_token_id=tok.pad_token_id)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, image_size=56)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video|>"),
+               image_start_token_id=tok.convert_tokens_to_ids("<|begin_of_image|>"),
+               image_end_token_id=tok.convert_tokens_to_ids("<|end_of_image|>"),
+               video_start_token_id=tok.convert_tokens_to_ids("<|begin_of_video|>"),
+               video_end_token_id=tok.convert_tokens_to_ids("<|end_of_video|>"))
+    if moe:
+        from transformers import Glm4vMoeConfig as C, Glm4vMoeForConditionalGeneration as M
+
+        text.update(head_dim=16, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                    n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True)
+        arch = "Glm4vMoeForConditionalGeneration"
+    else:
+        from transformers import Glm4vConfig as C, Glm4vForConditionalGeneration as M
+
+        arch = "Glm4vForConditionalGeneration"
+    config = C(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = M(config).eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():  # norms are ones and the MoE router zero at init
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.2)
+            elif p.ndim == 2 and not bool(p.any()):
+                p.normal_(0.0, 0.02, generator=gen)
+    # smart_resize counts both temporal copies of a still image (t = 2): 56*56 .. 112*112 pixels per frame, so an
+    # image becomes at most 8x8 patches = 4x4 merged visual tokens, as in the Qwen fixtures
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": 2 * 56 * 56, "longest_edge": 2 * 112 * 112}, patch_size=14,
+                                merge_size=2, temporal_patch_size=2)
+    return model, videoless(Glm4vProcessor)(image_processor=ip, tokenizer=tok)
+
+
 def build(family: str, seed: int = 0):
     """(model, processor) of a tiny random model of ``family``, in memory."""
     if family == "llava":
@@ -486,6 +546,8 @@ def build(family: str, seed: int = 0):
         return _idefics3(seed, family == "smolvlm")
     if family == "mistral3":
         return _mistral3(seed)
+    if family in ("glm4v", "glm4v_moe"):
+        return _glm4v(seed, family == "glm4v_moe")
     if family == "gemma4":
         return _gemma4(seed)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")

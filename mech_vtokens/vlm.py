@@ -185,7 +185,8 @@ class VLM:
         if system is not None and not isinstance(system, str):
             raise InputError(f"system={system!r}: give the system text as a string (or None for none)")
         if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+            parts = system if self.adapter.system_content_is_text else [{"type": "text", "text": system}]
+            messages = [{"role": "system", "content": parts}] if system else []
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
             messages.append({"role": "user", "content": content})
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -74,6 +74,14 @@ def _hf_reference(vlm, inputs):
             hooks.append(layer.pre_feedforward_layernorm.register_forward_hook(
                 hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
             continue
+        if hasattr(layer, "post_self_attn_layernorm"):  # GLM-4 sandwich norms: post_attention_layernorm is pre-MLP
+            hooks.append(layer.post_self_attn_layernorm.register_forward_hook(hook(f"blocks.{i}.hook_attn_out"),
+                                                                              with_kwargs=True))
+            hooks.append(layer.post_mlp_layernorm.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"),
+                                                                        with_kwargs=True))
+            hooks.append(layer.post_attention_layernorm.register_forward_hook(
+                hook(f"blocks.{i}.hook_resid_mid", use_input=True), with_kwargs=True))
+            continue
         hooks.append(layer.self_attn.register_forward_hook(hook(f"blocks.{i}.hook_attn_out", 0), with_kwargs=True))
         hooks.append(layer.mlp.register_forward_hook(hook(f"blocks.{i}.hook_mlp_out"), with_kwargs=True))
         hooks.append(layer.post_attention_layernorm.register_forward_hook(

@@ -138,6 +138,9 @@ def test_zero_sublayer_exact_and_matches_hooks(tiny_vlm, family):
     attn, mlp = L1.self_attn, L1.mlp
     if hasattr(L1, "pre_feedforward_layernorm"):  # sandwich norms (Gemma 3): the sublayer outputs after their norms
         attn, mlp = L1.post_attention_layernorm, L1.post_feedforward_layernorm
+    if hasattr(L1, "post_self_attn_layernorm"):  # GLM-4 sandwich norms
+        attn, mlp = L1.post_self_attn_layernorm, L1.post_mlp_layernorm
+    if attn is not L1.self_attn:
         zero_attn_t, rec_attn_t = zero_attn, rec_attn
         zero_attn = lambda mod, args, out: zero_attn_t(mod, args, (out,))[0]  # noqa: E731
         rec_attn = lambda mod, args, out: rec_attn_t(mod, args, (out,))  # noqa: E731

@@ -57,6 +57,13 @@ TEMPLATES["gemma3"] = (
     "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}{% elif item['type'] == 'text' %}{{ item['text'] | trim }}"
     "{% endif %}{% endfor %}{{ '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+# GLM-4.1V-9B-Thinking / GLM-4.5V: "[gMASK]<sop>", then "<|role|>\n" turns, the image span per image item in content
+# order, "<|assistant|>\n" opening the answer (trimmed: no tools, no thinking blocks)
+TEMPLATES["glm4v"] = TEMPLATES["glm4v_moe"] = (
+    "[gMASK]<sop>{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for item in m['content'] %}{% if item['type'] == 'image' %}"
+    "<|begin_of_image|><|image|><|end_of_image|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 # gemma-4-*-it: <|turn>role ... <turn|> (the system prompt its own turn), "<|image|>" per image item, in content order
 TEMPLATES["gemma4"] = (
     "{{ bos_token }}{% for message in messages %}{{ '<|turn>' + ('model' if message['role'] == 'assistant' "
@@ -69,6 +76,7 @@ SPAN = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_e
         "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
         "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
         "llava_next": "<image>", "llava_onevision": "<image>"}
+SPAN["glm4v"] = SPAN["glm4v_moe"] = "<|begin_of_image|><|image|><|end_of_image|>"
 SPAN["gemma3"] = "<start_of_image>"  # the processor expands it to <start_of_image> + soft tokens + <end_of_image>
 # what flanks each run of image tokens in input_ids (InternVL: the processor's own <img> .. </img>)
 FLANKS = {"llava": (None, None), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
@@ -76,10 +84,12 @@ FLANKS = {"llava": (None, None), "qwen2_vl": ("<|vision_start|>", "<|vision_end|
           "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"),
           "llava_next": (None, None), "llava_onevision": (None, None)}
 FLANKS["gemma3"] = ("<start_of_image>", "<end_of_image>")
-SPAN["gemma4"], FLANKS["gemma4"] = "<|image|>", ("<|image>", "<image|>")  # the processor adds the begin / end
+FLANKS["glm4v"] = FLANKS["glm4v_moe"] = ("<|begin_of_image|>", "<|end_of_image|>")
 # the template's turns: (what opens the assistant turn at the end, what opens the user turn)
 TURNS = {"llava": ("ASSISTANT:", "USER: "), "llava_next": ("[/INST]", "[INST] ")}
 TURNS["gemma3"] = ("<start_of_turn>model\n", "<start_of_turn>user\n")
+TURNS["glm4v"] = TURNS["glm4v_moe"] = ("<|assistant|>\n", "<|user|>\n")
+SPAN["gemma4"], FLANKS["gemma4"] = "<|image|>", ("<|image>", "<image|>")  # the processor adds the begin / end
 TURNS["gemma4"] = ("<|turn>model\n", "<|turn>user\n")
 # visual tokens of one 112-px image in a two-image prompt, by hand: LLaVA 6x6; LLaVA-NeXT base 4x4 + the 2x2-tile
 # canvas 8x8 with a newline per row (16 + 8 * 9); OneVision does not tile multi-image prompts: base 4x4 + 1 newline;

@@ -62,17 +62,18 @@ def _llava_boxes(w, h, side=336, p=14):
     return out
 
 
-def _qwen_boxes(w, h, min_pixels, max_pixels, f=28):
+def _qwen_boxes(w, h, min_pixels, max_pixels, f=28, t=1):
     """Qwen2-VL smart_resize: round each side to a multiple of 28, keep the area within [min, max] pixels; then
-    (h/28) x (w/28) merged tokens of 28 x 28 resized pixels."""
+    (h/28) x (w/28) merged tokens of 28 x 28 resized pixels. ``t``: frames counted against the bounds (GLM-4V counts
+    both temporal copies of a still image: t = 2)."""
     import math
 
     hb, wb = max(f, round(h / f) * f), max(f, round(w / f) * f)
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
+    if t * hb * wb > max_pixels:
+        beta = math.sqrt(t * h * w / max_pixels)
         hb, wb = math.floor(h / beta / f) * f, math.floor(w / beta / f) * f
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
+    elif t * hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (t * h * w))
         hb, wb = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
     return [(c * f * w / wb, r * f * h / hb, (c + 1) * f * w / wb, (r + 1) * f * h / hb)
             for r in range(hb // f) for c in range(wb // f)]
@@ -198,6 +199,9 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
             got = batch.tokens["box"][sel]
             assert torch.allclose(got[~torch.isnan(got).any(1)], torch.tensor(boxed, dtype=torch.float64), atol=1e-9)
             continue
+        elif mt in ("glm4v", "glm4v_moe"):  # the Qwen rule, both temporal copies counted against the bounds
+            pp = hub_file(ck, "preprocessor_config.json")
+            want = _qwen_boxes(w, h, pp["size"]["shortest_edge"], pp["size"]["longest_edge"], t=2)
         elif mt == "gemma3":  # stretched to 896 x 896 (no aspect kept): 16 x 16 cells of the original image
             want = [(c * w / 16, r * h / 16, (c + 1) * w / 16, (r + 1) * h / 16) for r in range(16) for c in range(16)]
         elif mt == "gemma4":  # aspect kept: 3 x 3 pooled cells of the ORIGINAL image (_gemma4_grid)
@@ -280,6 +284,12 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         assert ids[0] == 2  # 256 x <image_soft_token> 262144, <end_of_image>
         s = ids.index(255999)
         assert ids[s + 1:s + 257] == [262144] * 256 and ids[s + 257] == 256000 and ids.count(262144) == 256
+    elif mt in ("glm4v", "glm4v_moe"):  # [gMASK] <sop> <|user|>; <|begin_of_image|> <|image|>* <|end_of_image|>
+        image_id = hub_file(ck, "config.json")["image_token_id"]
+        assert ids[:3] == [151331, 151333, 151336]
+        s, e = ids.index(151339), ids.index(151340)
+        assert ids[s + 1:e] == [image_id] * len(_qwen_boxes(w, h, 12544, 9633792, t=2)) == [image_id] * ids.count(
+            image_id)
     elif mt == "gemma4":  # the template's <bos> (the processor adds one more), <|turn> 105; <|image> 255999, one
         rows, cols = _gemma4_grid(w, h)  # <|image|> 258880 per pooled cell, <image|> 258882
         n = rows * cols

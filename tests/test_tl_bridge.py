@@ -19,6 +19,12 @@ factory, nor in ``MULTIMODAL_ARCHITECTURES``), and no adapter of its maps Intern
 residual add (no TL vision block wrapper has them) and a pixel-shuffle projector. Writing that adapter here would
 make the oracle our own reading of InternVL, which is what the test exists to check; InternVL's sites are checked
 against plain HF forwards in tests/test_sites.py instead.
+
+GLM-4.1V: TL 4.3's ``Glm4vArchitectureAdapter`` maps the GLM-4 decoder (its sandwich norms as ``ln1_post`` /
+``ln2_post``, so the bridge's ``hook_attn_out`` / ``hook_mlp_out`` are the post-norm outputs) and the merger, but
+delegates the vision tower opaquely (no per-block hooks): the vision blocks are not cross-checked there (they are
+against plain HF in tests/test_core.py and tests/test_glm4v.py). GLM-4.5V (``Glm4vMoeForConditionalGeneration``) has
+no TL adapter.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ def _boot(path):
 
     Qwen2_5_VLArchitectureAdapter.required_libraries = []
     Qwen3VLArchitectureAdapter.required_libraries = []  # the MoE adapter subclasses it
+    from transformer_lens.model_bridge.supported_architectures.glm4v import Glm4vArchitectureAdapter
+
+    Glm4vArchitectureAdapter.required_libraries = []  # torchvision: GLM's video processor, unused here
     _register_qwen2_vl()
     hf = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(path)
@@ -89,6 +98,10 @@ FINAL_OUT = {"gemma3"}
 # block-diagonal attention has no bridge), so the vision blocks are not cross-checked there; tests/test_mistral3.py
 # checks them against a plain-torch Pixtral forward instead
 OPAQUE_VISION = {"mistral3"}
+# (the tiny GLM-4.1V's final norm has a random weight, not ones: its output is not TL's pre-weight hook_normalized)
+FINAL_OUT |= {"glm4v"}
+# TL's GLM-4V adapter delegates the GLM vision tower opaquely too
+OPAQUE_VISION |= {"glm4v"}
 # Gemma 4: Gemma4RMSNorm scales by w (TL's final norm has hook_out only); TL bridges the vision tower as one component
 # (no per-block hooks: OPAQUE_VISION; its pooled output is checked against ours in tests/test_gemma4.py); its
 # `unembed.hook_out` is lm_head's output, our site the model's logits = final_logit_softcapping applied to it
@@ -99,7 +112,7 @@ OPAQUE_VISION.add("gemma4")
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-                                 "idefics3", "gemma3", "mistral3", "gemma4"])
+                                 "idefics3", "gemma3", "mistral3", "glm4v", "gemma4"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 

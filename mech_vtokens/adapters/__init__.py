@@ -7,6 +7,7 @@ Adding a family = one file with an ``Adapter`` subclass + its entry in ``ADAPTER
 from ..errors import InputError
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
+from .glm4v import Glm4vAdapter, Glm4vMoeAdapter
 from .gemma4 import Gemma4Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
@@ -23,6 +24,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAda
                                       Idefics3Adapter, SmolVLMAdapter)
 ADAPTERS += (Gemma3Adapter,)
 ADAPTERS += (Mistral3Adapter,)
+ADAPTERS += (Glm4vAdapter, Glm4vMoeAdapter)
 ADAPTERS += (Gemma4Adapter,)
 
 

@@ -106,6 +106,9 @@ class Adapter:
     # Path (from the root) of the factor the input embedding module multiplies its rows by (Gemma: sqrt(d)), or
     # None: ``vlm.embedding_scale`` / ``vlm.input_embedding_norms()`` (norm comparisons with the LM's text inputs).
     embed_scale: str | None = None
+    # The chat template prints a system message's content as is (GLM-4.1V: ``{{ msg.content }}``), so ``vlm.prompt``
+    # hands it the system text as a string; False: as a list of content parts (what most templates index into).
+    system_content_is_text: bool = False
     # ---- Gemma 4 declarations (defaults: what every other family does) ----------------------------------------
     # Config path of a cap the model applies to its logits after ``lm_head`` (``cap * tanh(logits / cap)``, outside
     # any module: Gemma 4's ``final_logit_softcapping``), or None. Every computation of logits from a hidden state

@@ -39,6 +39,11 @@ class Geometry:
     ``grids(enc, image_sizes)`` gives per image the token-grid shape: a list of dicts (rows, cols, tiles).
     """
 
+    # The processor resizes any image into a pixel range (``size`` = {shortest_edge, longest_edge} in pixels, an
+    # AREA) and the grid follows the image (Qwen-style packed ViTs): a vision config's ``image_size`` (GLM-4V: the
+    # position-embedding table it interpolates) is then no input size. False: a fixed input size / tile.
+    variable_resolution: bool = False
+
     def __init__(self, adapter, hf_model, processor):
         self.adapter = adapter
         self.model = hf_model
@@ -215,6 +220,8 @@ class QwenMergedGeometry(Geometry):
     (merge-block order). Qwen2.5-VL's vision blocks and merger work in WINDOW order: ``window_order`` returns the
     permutation (for Qwen2-VL the identity), so a token's vision/projector rows are looked up through it.
     """
+
+    variable_resolution = True
 
     def window_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """For each merged unit in processing order, the token (raster) index it holds."""
