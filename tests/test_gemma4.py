@@ -236,6 +236,7 @@ def test_prune_on_a_bidirectional_vision_variant_matches_hf_masks():
     model.config.text_config.use_bidirectional_attention = "vision"
     vlm = mv.load(model, proc)
     assert vlm.adapter.image_attention == "bidirectional"
+    assert "sliding layers only" in vlm.adapter.sequence_change_refusal  # VisualEntry / VisualExit refuse it too
     b = batch_of(vlm, "gemma4")
     clean = clean_lm_kwargs(vlm, b)
     ts = Positions(list(range(0, int(b.visual_mask[0].sum()), 2)))

@@ -146,6 +146,9 @@ class Gemma4Adapter(Adapter):
         if cfg.num_kv_shared_layers:
             why.append(f"its last {cfg.num_kv_shared_layers} layers reuse the keys / values of earlier layers "
                        f"(computed on the sequence those layers saw)")
+        if cfg.use_bidirectional_attention:  # the window's rebuilt masks would make FULL layers bidirectional too
+            why.append("its images attend bidirectionally in the sliding layers only, which the masks rebuilt between "
+                       "layers do not model")
         return "; ".join(why) or None
 
     @classmethod
