@@ -138,6 +138,11 @@ class _Window(Intervention):
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
             raise InputError(f"{self.who}: layer must be one int, got {self.layer!r}")
         k = self._layer(vlm)
+        why = vlm.adapter.sequence_change_refusal  # a family whose layers hold per-token state of the full sequence
+        if why:
+            raise InputError(f"{self.who}: this {vlm.adapter.family} model cannot change the sequence between decoder "
+                             f"layers: {why}. Use Prune (removes the tokens before the language model, exact for "
+                             f"every layer) instead")
         self._check_layer(vlm, k)
         resolve(self.tokens, batch, self.who)
         check_attention_kinds(vlm, self.who)
@@ -173,7 +178,8 @@ class _Window(Intervention):
                     k_site=a.canonical(f"blocks.{self._layer(vlm)}.hook_inputs"), windows=windows, layer_of=later,
                     kinds={site: types[i] for site, i in later.items()}, rotary_kind=a.rotary_takes_kind,
                     rotary=a.rotary_emb, blocks=blocks, keys=batch.inputs.get("attention_mask"),  # (Prune's too)
-                    injection=a.injection, inject_at=_injection_sites(vlm), token_kwargs=a.lm_token_kwargs)
+                    injection=a.injection, inject_at=_injection_sites(vlm), token_kwargs=a.lm_token_kwargs,
+                    block_kinds=a.image_attention_kinds)  # (Prune's too)
 
     def _take_injection(self, value, ctx, out):
         """At the prefill's ``lm.hook_inputs``: keep the vectors the model adds between layers (DeepStack) and take

@@ -71,7 +71,8 @@ class Prune(Intervention):
         att = batch.inputs.get("attention_mask")
         blocks = image_blocks(batch.visual_mask) if vlm.adapter.image_attention == "bidirectional" else None
         return dict(self.layout(vlm, batch), mrope=vlm.adapter.rope == "mrope",
-                    token_kwargs=vlm.adapter.lm_token_kwargs, keys=att, blocks=blocks)
+                    token_kwargs=vlm.adapter.lm_token_kwargs, keys=att, blocks=blocks,
+                    block_kinds=vlm.adapter.image_attention_kinds)
 
     def at(self, site, value, ctx, out):
         import torch
@@ -101,6 +102,8 @@ class Prune(Intervention):
                 valid = torch.cat([valid, torch.ones_like(extra, dtype=torch.bool)], 1)
             if pos is None:  # what the LM builds when it gets none: 0..n-1 (on every M-RoPE axis)
                 pos = default_positions(n, b, mine["mrope"], emb.device)
+            elif pos.shape[-2] == 1 and b > 1:  # one row of ids for the whole batch (Gemma 4's wrapper): per row
+                pos = pos.expand(*pos.shape[:-2], b, pos.shape[-1])
             am_full = torch.ones(b, n, dtype=torch.long, device=emb.device) if am is None else am
             new_am = am_full.gather(1, index) * valid.to(am_full.dtype)
             if self.positions == "original":
@@ -125,7 +128,8 @@ class Prune(Intervention):
                 if mine["blocks"] is not None:
                     blocks = rows_for(mine["blocks"], b).to(emb.device).gather(1, index)
                     blocks = blocks.masked_fill(~valid, -1)
-                kwargs["attention_mask"] = lm_masks(ctx["model"], kwargs["inputs_embeds"], new_am, cache, blocks)
+                kwargs["attention_mask"] = lm_masks(ctx["model"], kwargs["inputs_embeds"], new_am, cache, blocks,
+                                                    mine["block_kinds"])
             out["_state"] = {"am": new_am, "next": nxt, "width": index.shape[1]}
         else:  # a cached decode step: attend to the shortened cache, continue the positions
             st = out.get("_state")

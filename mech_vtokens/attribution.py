@@ -55,6 +55,9 @@ def logit_diff_of(vlm, resid, a: int, b: int):
     with torch.no_grad():
         h = norm(resid.to(device=w.device, dtype=w.dtype))
         logits = unembed(h).float()
+        cap = vlm.adapter.logit_softcap_value()  # the model's logit cap after lm_head (Gemma 4), else None
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
     return (logits[:, a] - logits[:, b]).cpu()
 
 

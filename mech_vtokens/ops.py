@@ -22,13 +22,19 @@ import torch
 
 # C901: the cheap chunked pass and the exact fp32 rerank share their state; kept in one place for the numerics
 def topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=None, normalize=False,  # noqa: C901
-                 want_lse=False):
+                 want_lse=False, softcap=None):
     """Top-k over ``(h @ weight.T + bias) * row_scale + penalty`` with ids equal to an fp32 computation.
 
     h: (n, d); weight: (V, d) in the model dtype; row_scale: (V,) fp32 or None; penalty: (V,) fp32 with 0 / -inf or
     None. Returns fp32 scores (n, k) (divided by ||h|| when ``normalize``) and int64 ids (n, k); with ``want_lse``
-    also the (n,) fp32 log-sum-exp of the cheap pass's scores (exact for fp32 models).
+    also the (n,) fp32 log-sum-exp of the cheap pass's scores (exact for fp32 models). ``softcap``: a float ``c``
+    (a model's logit cap, ``Adapter.logit_softcap``): the scores are ``c * tanh((h @ weight.T + bias) / c)`` before
+    ``row_scale`` / ``penalty`` (monotonic: the same ids, the model's capped values and log-sum-exp).
     """
+
+    def cap(x):
+        return x if softcap is None else torch.tanh(x.float() / softcap) * softcap
+
     n, vocab = h.shape[0], weight.shape[0]
     n_cand = min(n_cand, vocab)
     dev = weight.device  # a split model: the matrix may sit on another device than the hidden state
@@ -41,6 +47,7 @@ def topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=
         sc = hw @ weight[s:e].T
         if bias is not None:
             sc = sc + bias[s:e].to(sc.dtype)
+        sc = cap(sc)
         if row_scale is not None:
             sc = sc * row_scale[s:e].to(sc.dtype)
         if penalty is not None:
@@ -67,6 +74,7 @@ def topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=
                 out[t:t + step, c0:c0 + 4096] = torch.bmm(rows, hrows[t:t + step, :, None])[..., 0]
         if bias is not None:
             out += bias.float()[ids]
+        out = cap(out)
         if row_scale is not None:
             out *= row_scale[ids]
         if penalty is not None:
@@ -111,6 +119,7 @@ def topk_rerank(h, weight, k, n_cand, chunk, row_scale=None, penalty=None, bias=
                 full = hw[rows] @ weight.T  # (m, V) in the model dtype: a few MB
                 if bias is not None:
                     full = full + bias.to(full.dtype)
+                full = cap(full)
                 if row_scale is not None:
                     full = full * row_scale.to(full.dtype)
                 for m, r in enumerate(rows.tolist()):

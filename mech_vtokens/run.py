@@ -94,6 +94,8 @@ def generate(vlm, images, prompts, *, probes=(), interventions=(), max_new_token
     exp = vlm.experiment(batch, probes, interventions) if (probes or interventions) else None
     model = vlm.model
     generate_kwargs.setdefault("do_sample", False)
+    for key, value in vlm.adapter.generate_defaults.items():  # what the family needs so the prefill is a whole forward
+        generate_kwargs.setdefault(key, value)
     with warnings.catch_warnings():
         # an early stop (EOS before max_new_tokens) leaves the per-step loop waiting for a step that never comes:
         # nnsight warns and keeps what was saved, which is what we want

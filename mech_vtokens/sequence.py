@@ -88,14 +88,16 @@ def image_blocks(visual):
     return torch.where(visual, ids, torch.full_like(ids, -1))
 
 
-def lm_masks(model, embeds, keys, cache, blocks=None):
+def lm_masks(model, embeds, keys, cache, blocks=None, block_kinds=("full_attention", "sliding_attention")):
     """The masks a language model receives keyed by attention kind (``{"full_attention": ..., "sliding_attention":
     ...}``: transformers' mask mapping, which Gemma 3's wrapper builds and hands the LM) for the sequence ``embeds``
     (batch, q, d) with the 2-D key mask ``keys`` (batch, past + q) and the LM's ``cache`` (None, or the cache the
     call carries: it sizes a sliding layer's keys). Built as transformers builds them (``masking_utils``): with
     ``blocks`` (:func:`image_blocks` of the sequence, a prefill) full layers get ``OR(causal, same image)``, sliding
     layers ``AND(OR(causal, same image), window)``; without (a decode step: the query is text)
-    ``create_masks_for_generate``. ``model``: the root module (nnsight envoy or HF model), for its config."""
+    ``create_masks_for_generate``. ``model``: the root module (nnsight envoy or HF model), for its config.
+    ``block_kinds``: the kinds that get the image blocks (``Adapter.image_attention_kinds``; Gemma 4: sliding only,
+    its full layers stay causal)."""
     from transformers.masking_utils import (blockwise_overlay, create_causal_mask, create_masks_for_generate,
                                             maybe_pad_block_sequence_ids, sliding_window_overlay)
 
@@ -108,8 +110,9 @@ def lm_masks(model, embeds, keys, cache, blocks=None):
     kinds = set(cfg.layer_types)
     out = {}
     if "full_attention" in kinds:
+        full_blocks = {"block_sequence_ids": blocks} if "full_attention" in block_kinds else {}
         out["full_attention"] = create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=keys, cache=cache,
-                                                   block_sequence_ids=blocks)
+                                                   **full_blocks)
     if "sliding_attention" in kinds:
         sliding = getattr(cache, "is_sliding", None)
         layer = sliding.index(True) if sliding and True in sliding else 0

@@ -45,6 +45,9 @@ class SinglePatchSample:
 def _canvas_size(vlm) -> tuple[int, int]:
     """An image size the model takes without cropping: the vision config's square side (CLIP, InternVL tile), or a
     Qwen size inside the processor's pixel range."""
+    native = vlm.geometry.native_size()  # the family's geometry knows one (Gemma 4: resized only off the grid)
+    if native is not None:
+        return native
     vc = vlm.hf.config.vision_config
     side = vc.image_size[0] if isinstance(getattr(vc, "image_size", None), (list, tuple)) else getattr(
         vc, "image_size", None)

@@ -76,6 +76,10 @@ def write(env, kind, index, value, taps=None):
     elif kind == "output":
         if index is None:
             env.output = value
+        elif isinstance(index, str):  # a field of a ModelOutput (Adapter.unembed_site: the root's "logits")
+            old = env.output
+            old[index] = value
+            env.output = old
         else:
             old = env.output
             env.output = tuple(old[:index]) + (value,) + tuple(old[index + 1:])

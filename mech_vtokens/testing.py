@@ -24,6 +24,7 @@ FAMILIES += ("gemma3",)
 FAMILIES += ("qwen3_5", "qwen3_5_moe")
 FAMILIES += ("mistral3",)
 FAMILIES += ("glm4v", "glm4v_moe")
+FAMILIES += ("gemma4",)
 
 # Fixtures from the real checkpoints' hub files (mech_vtokens/fixtures/real.py).
 from .fixtures.real import REAL_CHECKPOINTS, real_model  # noqa: E402,F401
@@ -47,6 +48,9 @@ _SPECIALS["qwen2_5_vl"] = _SPECIALS["qwen3_vl"] = _SPECIALS["qwen3_vl_moe"] = _S
 _SPECIALS["llava_next"] = _SPECIALS["llava"]
 _SPECIALS["llava_onevision"] = ["<pad>", "<unk>", "<|endoftext|>", "<image>", "<video>"]
 _SPECIALS["gemma3"] = ["<pad>", "<unk>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+# Gemma 4: the image token, its begin / end, and the audio begin / end the processor requires to exist
+_SPECIALS["gemma4"] = ["<pad>", "<unk>", "<bos>", "<eos>", "<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>",
+                       "<|audio|>", "<|video|>"]
 # Idefics3 / SmolVLM: the image token, the fake-around / global / row-col text tokens, the end of an utterance
 _SPECIALS["idefics3"] = _SPECIALS["smolvlm"] = (
     ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
@@ -67,6 +71,7 @@ _IMAGE_TOKEN.update(qwen3_5="<|image_pad|>", qwen3_5_moe="<|image_pad|>")
 _SPECIALS["mistral3"] = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 _IMAGE_TOKEN["mistral3"] = "[IMG]"
 _IMAGE_TOKEN.update(glm4v="<|image|>", glm4v_moe="<|image|>")
+_IMAGE_TOKEN["gemma4"] = "<|image|>"  # the soft token; the processor expands it to <|image> + n x it + <image|>
 
 
 def image_span(family: str) -> str:
@@ -128,6 +133,10 @@ def _tokenizer(family: str):
     elif family == "gemma3":
         kwargs.update(bos_token="<bos>", eos_token="<eos>", extra_special_tokens={
             "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    elif family == "gemma4":
+        kwargs.update(bos_token="<bos>", eos_token="<eos>", extra_special_tokens={
+            "boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>", "boa_token": "<|audio>",
+            "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
     elif family in ("idefics3", "smolvlm"):
         kwargs.update(bos_token="<|im_start|>", eos_token="<end_of_utterance>", extra_special_tokens={
             "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
@@ -388,6 +397,58 @@ def _gemma3(seed: int):
     return model, proc
 
 
+def _gemma4(seed: int):
+    """Gemma 4 (E2B-shaped): a 2-layer vision tower over 4-px patches, 3 x 3 average-pooled, at most 70 soft tokens
+    per image (the smallest budget the processor allows) with the count following the aspect ratio; a 4-layer text
+    model (sliding, sliding, full, full; window 6) whose last layer reuses layer 2's keys / values
+    (``num_kv_shared_layers=1``), with per-layer embeddings (PLE, 8 dims per layer), a per-layer scalar and a final
+    logit softcap of 1.0 (small, so it matters at these logit sizes). Gemma's RMSNorm scales by w (ones at init) and
+    ``layer_scalar`` is one at init: both are randomised so every site carries a signal and the scalar shows."""
+    from transformers import (Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil, Gemma4TextConfig,
+                              Gemma4VisionConfig)
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    from .adapters.gemma4 import gemma4_image_processor_class
+
+    tok = _tokenizer("gemma4")
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                                position_embedding_size=64)
+    text = Gemma4TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, global_head_dim=32, vocab_size=len(tok),
+                            vocab_size_per_layer_input=len(tok), hidden_size_per_layer_input=8,
+                            max_position_embeddings=512, sliding_window=6, num_kv_shared_layers=1,
+                            final_logit_softcapping=1.0,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id)
+    ids = {t: tok.convert_tokens_to_ids(s) for t, s in (("boi_token_id", "<|image>"), ("eoi_token_id", "<image|>"),
+                                                        ("image_token_id", "<|image|>"), ("boa_token_id", "<|audio>"),
+                                                        ("eoa_token_index", "<audio|>"),
+                                                        ("audio_token_id", "<|audio|>"))}
+    config = Gemma4Config(vision_config=vision, text_config=text, audio_config=None,
+                          video_token_id=tok.convert_tokens_to_ids("<|video|>"), **ids)
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for mod in model.modules():
+            if isinstance(mod, Gemma4RMSNorm) and getattr(mod, "with_scale", True) and hasattr(mod, "weight"):
+                mod.weight.copy_(1 + torch.randn(mod.weight.shape, generator=gen) * 0.1)
+        for layer in model.model.language_model.layers:
+            layer.layer_scalar.copy_(0.5 + torch.rand(1, generator=gen))
+        table = model.model.vision_tower.patch_embedder.position_embedding_table
+        table.copy_(torch.randn(table.shape, generator=gen) * 0.5)
+        # quieter ViT attention keeps the random tower local (the single-patch benchmark's premise), as for Gemma 3;
+        # the sandwich norm after the attention would undo a smaller o_proj: its scale is reduced instead
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.post_attention_layernorm.weight.mul_(0.1)
+    ip = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    proc = gemma4_image_processor_class()(image_processor=ip, tokenizer=tok, image_seq_length=70)
+    return model, proc
+
+
 def _idefics3(seed: int, smol: bool):
     """Idefics3 / SmolVLM: 56-px tiles of 8 x 8 patches (7 px), pixel shuffle 2 -> 16 tokens per frame; the longest
     edge resized to 112 px, so an image becomes up to 2 x 2 tiles + the global image."""
@@ -574,6 +635,8 @@ def build(family: str, seed: int = 0):
         return _mistral3(seed)
     if family in ("glm4v", "glm4v_moe"):
         return _glm4v(seed, family == "glm4v_moe")
+    if family == "gemma4":
+        return _gemma4(seed)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 

@@ -386,6 +386,7 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
         kwargs["attn_implementation"] = attn_implementation
     if isinstance(model, PreTrainedModel):
         adapter_cls = adapter_class_for(model.config)
+        adapter_cls.check_config(model.config)
         check_processor_arg(processor)
         if processor is None:
             raise InputError("an in-memory model needs its processor: mech_vtokens.load(model, processor)")
@@ -401,6 +402,7 @@ def load(model: Any, processor: Any = None, *, dtype: Any = None, device_map: An
             raise InputError(f"cannot load a config from {source!r}: give a hub id that is reachable or a local "
                              f"directory written by save_pretrained ({err})") from None
         adapter_cls = adapter_class_for(config)
+        adapter_cls.check_config(config)  # a variant the family cannot serve: refused before any weight is read
         check_processor_arg(processor)
         check_hf_kwargs(hf_kwargs, config)
         if processor is None:

@@ -12,7 +12,9 @@ spent), so it does not collide with the module's real place in the forward: read
 in the same forward still gets the real value (tested). The module's own forward is the math, so any norm type
 (RMSNorm, Gemma's 1+w, LayerNorm) is right without re-implementing it. The unembedding is NOT called as a module:
 its weight (and bias, if any) are read and the same chunked top-k + exact fp32 re-ranking as EmbedLens runs, so
-top-k ids equal an fp32 computation ``normed.float() @ W.float().T``.
+top-k ids equal an fp32 computation ``normed.float() @ W.float().T``. A model that caps its logits after
+``lm_head`` (Gemma 4's ``final_logit_softcapping``: ``c * tanh(logits / c)``, ``Adapter.logit_softcap``) gets the
+same cap here, so the lens at the last layer equals the model's own logits.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class LogitLens(_Lens):
         mine["final_norm"] = vlm.adapter.final_norm
         mine["lm_head"] = vlm.adapter.lm_head
         mine["logprobs"] = self.logprobs
+        mine["softcap"] = vlm.adapter.logit_softcap_value()  # the model's logit cap after lm_head (Gemma 4)
         return mine
 
     def at(self, site, value, ctx, out):
@@ -72,7 +75,7 @@ class LogitLens(_Lens):
 
             def lens(h):
                 res = topk_rerank(norm(h), weight, mine["k"], mine["n_cand"], mine["chunk"], bias=bias,
-                                  penalty=penalty, want_lse=mine["logprobs"])
+                                  penalty=penalty, want_lse=mine["logprobs"], softcap=mine["softcap"])
                 if mine["logprobs"]:
                     return res[0] - res[3][:, None], res[1], res[2]
                 return res[:3]

@@ -38,7 +38,7 @@ def clean_lm_kwargs(vlm, batch):
     got = {}
 
     def grab(mod, args, kwargs):
-        for k in ("inputs_embeds", "attention_mask", "position_ids", "visual_pos_masks"):
+        for k in ("inputs_embeds", "attention_mask", "position_ids", "visual_pos_masks", "per_layer_inputs"):
             if isinstance(kwargs.get(k), dict):  # Gemma 3's per-kind masks: replaced below
                 got[k] = kwargs[k]
                 continue
@@ -59,7 +59,8 @@ def clean_lm_kwargs(vlm, batch):
     if isinstance(got["attention_mask"], dict):  # the LM got Gemma 3's mask dict: keep the wrapper's 2-D mask and
         got["lm_mask_mapping"] = got["attention_mask"]  # token types, so references rebuild it through the wrapper
         got["attention_mask"] = batch.inputs["attention_mask"].clone()
-        got["token_type_ids"] = batch.inputs["token_type_ids"].clone()
+        if "token_type_ids" in batch.inputs:  # Gemma 3 (Gemma 4 E2B-like: causal, the LM builds its own masks)
+            got["token_type_ids"] = batch.inputs["token_type_ids"].clone()
     return got
 
 

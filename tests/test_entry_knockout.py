@@ -21,6 +21,8 @@ from intervention_refs import batch_of, clean_lm_kwargs, eager_weights, injectio
 from mech_vtokens.probes.activations import Activations
 
 FAMILIES = T.FAMILIES
+# Gemma 4 refuses VisualEntry / VisualExit (per-layer embeddings, shared KV: tests/test_gemma4.py checks the refusal)
+WINDOW_FAMILIES = tuple(f for f in FAMILIES if f != "gemma4")
 TOL = 1e-5
 
 
@@ -152,7 +154,7 @@ def exit_reference(vlm, clean, sel, k):
 
 # ---- VisualEntry -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WINDOW_FAMILIES)
 def test_entry_matches_manual_and_layers_before_never_see_visual(tiny_vlm, family):
     vlm = tiny_vlm(family)
     b = batch_of(vlm, family)
@@ -241,7 +243,7 @@ def test_entry_options_harness_remote_and_eager(tiny_vlm, eager_vlm, family):
 
 # ---- VisualExit ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WINDOW_FAMILIES)
 def test_exit_matches_manual(tiny_vlm, family):
     vlm = tiny_vlm(family)
     b = batch_of(vlm, family)

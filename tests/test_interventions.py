@@ -30,7 +30,9 @@ def lm_logits(vlm, embeds, am, pos, **injected):
     """The LM on given inputs; ``injected``: Qwen3-VL's DeepStack kwargs (visual_pos_masks, deepstack_visual_embeds)
     for these positions; Gemma 3's token_type_ids (through the HF wrapper, which builds its masks from them)."""
     with torch.no_grad():
-        return vlm.hf.lm_head(lm_hidden(vlm, embeds, am, pos, **injected))
+        logits = vlm.hf.lm_head(lm_hidden(vlm, embeds, am, pos, **injected))
+    cap = vlm.hf.config.get_text_config().final_logit_softcapping if vlm.family == "gemma4" else None
+    return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 4 caps its logits after lm_head
 
 
 def kept_injections(clean, r, keep):
@@ -181,6 +183,8 @@ def test_rescale_norm_ratio_and_matches_edited_embeds(tiny_vlm, family):
 def prune_reference(vlm, b, sel, clean, positions="original"):
     """Row by row, by hand: drop the selected columns, keep the original position ids (or 0..n-1), run the LM."""
     emb, am, pos = clean["inputs_embeds"], clean["attention_mask"], clean["position_ids"]
+    if pos is not None and pos.shape[-2] == 1:  # one row of ids for the whole batch (Gemma 4's wrapper)
+        pos = pos.expand(*pos.shape[:-2], emb.shape[0], pos.shape[-1])
     L = emb.shape[1]
     rows = []
     for r in range(emb.shape[0]):
@@ -192,6 +196,8 @@ def prune_reference(vlm, b, sel, clean, positions="original"):
             p = (a.cumsum(1) - 1).clamp(min=0)
             p = p if pos is None or pos.ndim == 2 else p[None].expand(pos.shape[0], -1, -1)
         tt = {} if clean.get("token_type_ids") is None else {"token_type_ids": clean["token_type_ids"][r:r + 1, keep]}
+        if clean.get("per_layer_inputs") is not None:  # Gemma 4's per-layer token embeddings, kept columns only
+            tt["per_layer_inputs"] = clean["per_layer_inputs"][r:r + 1, keep]
         rows.append((lm_logits(vlm, emb[r:r + 1, keep], a, p, **kept_injections(clean, r, keep), **tt)[0],
                      a[0].bool(), p))
     return rows

@@ -101,6 +101,9 @@ def test_logit_lens_equals_lm_head_of_norm(lens_runs, fam):
     for site, h in states.items():
         with torch.no_grad():  # fp32 product of the model-dtype normed state (bf16 logits tie too often)
             ref = vlm.final_norm(h[batch.visual_mask]).float() @ W.T
+        if vlm.family == "gemma4":  # Gemma 4 caps its logits after lm_head: c * tanh(logits / c)
+            cap = vlm.hf.config.get_text_config().final_logit_softcapping
+            ref = torch.tanh(ref / cap) * cap
         v, i = ref.topk(4, dim=1)
         assert torch.equal(ll.ids[site], i), site
         torch.testing.assert_close(ll.scores[site], v, atol=ATOL, rtol=0)

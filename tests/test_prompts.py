@@ -64,6 +64,13 @@ TEMPLATES["glm4v"] = TEMPLATES["glm4v_moe"] = (
     "{{ m['content'] }}{% else %}{% for item in m['content'] %}{% if item['type'] == 'image' %}"
     "<|begin_of_image|><|image|><|end_of_image|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+# gemma-4-*-it: <|turn>role ... <turn|> (the system prompt its own turn), "<|image|>" per image item, in content order
+TEMPLATES["gemma4"] = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|turn>' + ('model' if message['role'] == 'assistant' "
+    "else message['role']) + '\n' }}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|image|>' }}{% elif item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% endif %}{% endfor %}{{ '<turn|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}")
 SPAN = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
         "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>",
         "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
@@ -84,10 +91,13 @@ FLANKS["glm4v"] = FLANKS["glm4v_moe"] = ("<|begin_of_image|>", "<|end_of_image|>
 TURNS = {"llava": ("ASSISTANT:", "USER: "), "llava_next": ("[/INST]", "[INST] ")}
 TURNS["gemma3"] = ("<start_of_turn>model\n", "<start_of_turn>user\n")
 TURNS["glm4v"] = TURNS["glm4v_moe"] = ("<|assistant|>\n", "<|user|>\n")
+SPAN["gemma4"], FLANKS["gemma4"] = "<|image|>", ("<|image>", "<image|>")  # the processor adds the begin / end
+TURNS["gemma4"] = ("<|turn>model\n", "<|turn>user\n")
 # visual tokens of one 112-px image in a two-image prompt, by hand: LLaVA 6x6; LLaVA-NeXT base 4x4 + the 2x2-tile
 # canvas 8x8 with a newline per row (16 + 8 * 9); OneVision does not tile multi-image prompts: base 4x4 + 1 newline;
 # the rest 4x4
 PER_IMAGE = {"llava": 36, "llava_next": 16 + 8 * 9, "llava_onevision": 16 + 1}
+PER_IMAGE["gemma4"] = 64  # 112 px -> 96 px (multiples of 3 x 4 px within 70 x 9 patches) -> 8 x 8 pooled cells
 
 
 def _fresh(tiny_dir, family):

@@ -204,6 +204,11 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
             want = _qwen_boxes(w, h, pp["size"]["shortest_edge"], pp["size"]["longest_edge"], t=2)
         elif mt == "gemma3":  # stretched to 896 x 896 (no aspect kept): 16 x 16 cells of the original image
             want = [(c * w / 16, r * h / 16, (c + 1) * w / 16, (r + 1) * h / 16) for r in range(16) for c in range(16)]
+        elif mt == "gemma4":  # aspect kept: 3 x 3 pooled cells of the ORIGINAL image (_gemma4_grid)
+            rows, cols = _gemma4_grid(w, h)
+            want = [(c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows) for r in range(rows)
+                    for c in range(cols)]
+            assert (batch.grids[i]["rows"], batch.grids[i]["cols"]) == (rows, cols)
         elif mt in ("idefics3", "smolvlm"):  # 8 x 8 tokens per 512-px frame (patch 16, pixel shuffle 4)
             rows, cols, cw, ch = _idefics3_tiles(w, h)
             frames = rows * cols + 1
@@ -231,6 +236,16 @@ def test_visual_tokens_and_boxes_on_non_square_images(real_vlm, ck):
             continue
         assert n_in_ids == len(want) == int(sel.sum())
         assert torch.allclose(batch.tokens["box"][sel], torch.tensor(want, dtype=torch.float64), atol=1e-9)
+
+
+def _gemma4_grid(w, h, patch=16, k=3, budget=280):
+    """Gemma 4's pooled grid (rows, cols) of a w x h image, by hand from the processor's documented rule: resized to
+    the largest (H, W), multiples of k * patch px, aspect kept (floored), within budget * k^2 patches."""
+    import math
+
+    f = math.sqrt(budget * k * k * patch * patch / (w * h))
+    side = k * patch
+    return int(math.floor(f * h / side)), int(math.floor(f * w / side))
 
 
 @pytest.mark.parametrize("ck", CKS)
@@ -279,6 +294,12 @@ def test_chat_template_survives_save_load_and_gives_the_real_layout(real_vlm, ck
         s, e = ids.index(151339), ids.index(151340)
         assert ids[s + 1:e] == [image_id] * len(_qwen_boxes(w, h, 12544, 9633792, t=2)) == [image_id] * ids.count(
             image_id)
+    elif mt == "gemma4":  # the template's <bos> (the processor adds one more), <|turn> 105; <|image> 255999, one
+        rows, cols = _gemma4_grid(w, h)  # <|image|> 258880 per pooled cell, <image|> 258882
+        n = rows * cols
+        assert ids[0] == 2 and 105 in ids[:3]
+        s = ids.index(255999)
+        assert ids[s + 1:s + 1 + n] == [258880] * n and ids[s + 1 + n] == 258882 and ids.count(258880) == n
     elif mt in ("idefics3", "smolvlm"):  # <|im_start|>User:, then per tile <fake><row_i_col_j> + 64 <image>
         rows, cols, _, _ = _idefics3_tiles(w, h)
         assert ids[0] == 1 and ids.count(49190) == 64 * (rows * cols + 1)

@@ -74,8 +74,8 @@ def test_vit_sinks_default_layer_is_the_one_the_lm_receives(tiny_vlm, family):
     if cfg_layer is None and not family.startswith("qwen"):
         cfg_layer = -1  # Gemma 3: no key, its projector reads the last block (through SigLIP's post-layernorm)
     n = vlm.n_vision_layers
-    # Qwen's merger / Idefics3's connector / GLM-4V's downsample + merger: the last block
-    last = family.startswith(("qwen", "idefics3", "smolvlm", "glm4v"))
+    # Qwen's merger / Idefics3's connector / GLM-4V's downsample + merger / Gemma 4's pooler: the last block
+    last = family.startswith(("qwen", "idefics3", "smolvlm", "glm4v", "gemma4"))
     want = n - 1 if last else cfg_layer % n
     assert last or cfg_layer in (-1, -2)
     batch = vlm.prepare([T.image(112, 0)], [T.prompt(family)])

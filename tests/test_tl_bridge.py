@@ -109,10 +109,17 @@ OPAQUE_VISION = {"mistral3"}
 FINAL_OUT |= {"glm4v"}
 # TL's GLM-4V adapter delegates the GLM vision tower opaquely too
 OPAQUE_VISION |= {"glm4v"}
+# Gemma 4: Gemma4RMSNorm scales by w (TL's final norm has hook_out only); TL bridges the vision tower as one component
+# (no per-block hooks: OPAQUE_VISION; its pooled output is checked against ours in tests/test_gemma4.py); its
+# `unembed.hook_out` is lm_head's output, our site the model's logits = final_logit_softcapping applied to it
+# (written here); our `hook_ple_out` is its `post_per_layer_input_norm.hook_out`
+FINAL_OUT.add("gemma4")
+SOFTCAP = {"gemma4"}
+OPAQUE_VISION.add("gemma4")
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-                                 "idefics3", "gemma3", "mistral3", "glm4v", "qwen3_5", "qwen3_5_moe"])
+                                 "idefics3", "gemma3", "mistral3", "glm4v", "qwen3_5", "qwen3_5_moe", "gemma4"])
 def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
     from mech_vtokens.probes import Activations, EmbedLens, LogitLens
 
@@ -138,6 +145,11 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
             return cache[VISION[fam].format(i=site.split(".")[2])]
         if site.endswith(".hook_attn_out") and site not in cache:  # a linear-attention layer (Qwen3.5): its mixer
             return cache[site.replace("hook_attn_out", "linear_attn.hook_out")]
+        if site == "unembed.hook_out" and fam in SOFTCAP:
+            cap = vlm.hf.config.get_text_config().final_logit_softcapping
+            return torch.tanh(cache["unembed.hook_out"] / cap) * cap
+        if site.endswith(".hook_ple_out"):
+            return cache[site.replace("hook_ple_out", "post_per_layer_input_norm.hook_out")]
         if site.endswith(".hook_deepstack"):  # TL has no hook for it: what lies between layer i and i + 1
             i = int(site.split(".")[1])
             nxt = cache[f"blocks.{i + 1}.hook_resid_pre"] if i + 1 < n else cache["ln_final.hook_in"]
@@ -159,7 +171,8 @@ def test_sites_equal_transformer_bridge_hooks(tiny_dir, fam):
         f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid",
                                                       "hook_mlp_out", "hook_resid_post")} | {
         f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)} | {
-        f"blocks.{i}.{vlm.adapter.injection[0]}" for i in vlm.adapter.injection_layers()}
+        f"blocks.{i}.{vlm.adapter.injection[0]}" for i in vlm.adapter.injection_layers()} | {
+        f"blocks.{i}.hook_ple_out" for i in range(n) if "hook_ple_out" in vlm.adapter.block_site_names}
     if fam in OPAQUE_VISION:
         must -= {f"vision.blocks.{i}.hook_resid_post" for i in range(vlm.n_vision_layers)}
     assert must <= set(checked), sorted(must - set(checked))

@@ -8,6 +8,7 @@ from ..errors import InputError
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
 from .glm4v import Glm4vAdapter, Glm4vMoeAdapter
+from .gemma4 import Gemma4Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
@@ -26,6 +27,7 @@ ADAPTERS += (Gemma3Adapter,)
 ADAPTERS += (Qwen3_5Adapter, Qwen3_5MoeAdapter)
 ADAPTERS += (Mistral3Adapter,)
 ADAPTERS += (Glm4vAdapter, Glm4vMoeAdapter)
+ADAPTERS += (Gemma4Adapter,)
 
 
 def supported() -> str:

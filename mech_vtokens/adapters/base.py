@@ -114,6 +114,33 @@ class Adapter:
     # The chat template prints a system message's content as is (GLM-4.1V: ``{{ msg.content }}``), so ``vlm.prompt``
     # hands it the system text as a string; False: as a list of content parts (what most templates index into).
     system_content_is_text: bool = False
+    # ---- Gemma 4 declarations (defaults: what every other family does) ----------------------------------------
+    # Config path of a cap the model applies to its logits after ``lm_head`` (``cap * tanh(logits / cap)``, outside
+    # any module: Gemma 4's ``final_logit_softcapping``), or None. Every computation of logits from a hidden state
+    # (LogitLens, ``attribution.logit_diff_of``) applies it: ``logit_softcap_value()``.
+    logit_softcap: str | None = None
+    # Where ``unembed.hook_out`` is read: (module path, accessor kind, index); None = the ``lm_head`` output. Gemma 4:
+    # the root output's ``logits`` (after the cap), so the site IS the model's logits.
+    unembed_site: tuple | None = None
+    # The attention kinds whose mask is bidirectional within an image when ``image_attention == "bidirectional"``
+    # (Gemma 3: both; Gemma 4: sliding layers only).
+    image_attention_kinds: tuple = ("full_attention", "sliding_attention")
+    # Why this model cannot change the sequence BETWEEN decoder layers (VisualEntry / VisualExit refuse, naming it),
+    # or None (they can).
+    sequence_change_refusal: str | None = None
+    # HF ``generate`` kwargs ``mech_vtokens.generate`` sets (unless given) so its prefill runs every layer on the
+    # whole prompt, as the one traced forward its probes stand for: Gemma 4 {"logits_to_keep": 0} (with 1, HF's
+    # default, its KV-shared layers compute the last position only).
+    generate_defaults: dict = {}
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise a clear ``InputError`` for a config of this model type that the family cannot serve (e.g. a variant
+        without a vision encoder); ``mech_vtokens.load`` calls it before any weight is read. Default: every config."""
+
+    def logit_softcap_value(self) -> float | None:
+        """The logit cap of this model (``logit_softcap``), or None."""
+        return None if self.logit_softcap is None else _resolve_or_none(self.config, self.logit_softcap)
 
     def __init__(self, hf_model: torch.nn.Module):
         self.config = hf_model.config
@@ -167,7 +194,7 @@ class Adapter:
             if i in self.injection_layers():
                 rows.append(self._injection_row(i))
         rows.append(("ln_final.hook_normalized", self.final_norm, "output", None))
-        rows.append(("unembed.hook_out", self.lm_head, "output", None))
+        rows.append(("unembed.hook_out", *(self.unembed_site or (self.lm_head, "output", None))))
         return {name: (order, path, kind, index) for order, (name, path, kind, index) in enumerate(rows)}
 
     def _injection_row(self, i: int) -> tuple:

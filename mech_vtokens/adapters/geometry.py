@@ -61,6 +61,11 @@ class Geometry:
                                               **(call_kwargs or {}))["images_kwargs"]
         return merged[name] if name in merged else getattr(self.ip, name, None)
 
+    def native_size(self):
+        """(w, h) of an image this processor takes unresized and uncropped, for benchmarks that draw on a canvas
+        (``single_patch``); None: derived from the vision config there."""
+        return None
+
     def empty(self) -> dict:
         """The token table of a batch without images (no visual token)."""
         return self._pack([])
